@@ -1,0 +1,12 @@
+import { defineConfig } from "vitest/config";
+
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    testTimeout: 30_000,
+    hookTimeout: 60_000,
+    // Integration tests start servers and external tools; keep the 2-core machine calm.
+    maxWorkers: 2,
+    minWorkers: 1,
+  },
+});
