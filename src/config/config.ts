@@ -1,0 +1,96 @@
+import { z } from "zod";
+
+/**
+ * Every setting, with its environment variable, flag, default and meaning.
+ * This table is the schema: `loadConfig` parses it, the README's configuration
+ * table documents it, and test/config.test.ts checks that the two agree.
+ */
+export const SETTINGS = {
+  host: { env: "LATCHKEY_HOST", default: "127.0.0.1", doc: "Address the API port binds (0.0.0.0 in the container image)." },
+  port: { env: "LATCHKEY_PORT", default: "8080", doc: "API port: gRPC, gRPC-Web and Connect over HTTP/2 (h2c or TLS) and HTTP/1.1." },
+  metricsPort: { env: "LATCHKEY_METRICS_PORT", default: "9464", doc: "Prometheus `/metrics` port, bound on LATCHKEY_HOST; 0 turns it off." },
+  store: { env: "LATCHKEY_STORE", default: "", doc: "`embedded` or `mongodb`. Default: `mongodb` when MONGODB_URI is set, else `embedded`." },
+  dataDir: { env: "LATCHKEY_DATA_DIR", default: "./data", doc: "Directory of the embedded store's SQLite database." },
+  mongodbUri: { env: "MONGODB_URI", default: "", doc: "MongoDB connection string; required for the mongodb store." },
+  mongodbDatabase: { env: "LATCHKEY_MONGODB_DATABASE", default: "latchkey", doc: "MongoDB database name." },
+  tlsCert: { env: "LATCHKEY_TLS_CERT", default: "", doc: "PEM certificate file; with LATCHKEY_TLS_KEY the port serves TLS (HTTP/2 by ALPN, HTTP/1.1)." },
+  tlsKey: { env: "LATCHKEY_TLS_KEY", default: "", doc: "PEM private key file for LATCHKEY_TLS_CERT." },
+  logLevel: { env: "LATCHKEY_LOG_LEVEL", default: "info", doc: "`debug`, `info`, `warn`, `error` or `silent`. Logs are JSON lines on stdout." },
+  shutdownGraceMs: { env: "LATCHKEY_SHUTDOWN_GRACE_MS", default: "10000", doc: "On SIGTERM/SIGINT: how long in-flight calls may take before connections are closed." },
+  rootKeyCacheMs: { env: "LATCHKEY_ROOT_KEY_CACHE_MS", default: "5000", doc: "How long a checked root key is remembered; a revoked root key stops working within this time." },
+  healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
+} as const;
+
+export type SettingName = keyof typeof SETTINGS;
+
+const port = (name: string) =>
+  z.coerce
+    .number({ invalid_type_error: `${name} must be a number` })
+    .int(`${name} must be a whole number`)
+    .min(0, `${name} must be 0-65535`)
+    .max(65535, `${name} must be 0-65535`);
+const positiveMs = (name: string, min: number) =>
+  z.coerce.number().int(`${name} must be a whole number of milliseconds`).min(min, `${name} must be at least ${min}`);
+
+const schema = z
+  .object({
+    host: z.string().min(1, "LATCHKEY_HOST must not be empty"),
+    port: port("LATCHKEY_PORT"),
+    metricsPort: port("LATCHKEY_METRICS_PORT"),
+    store: z.enum(["", "embedded", "mongodb"], { message: "LATCHKEY_STORE must be `embedded` or `mongodb`" }),
+    dataDir: z.string().min(1, "LATCHKEY_DATA_DIR must not be empty"),
+    mongodbUri: z.string().refine((v) => v === "" || /^mongodb(\+srv)?:\/\//.test(v), "MONGODB_URI must start with mongodb:// or mongodb+srv://"),
+    mongodbDatabase: z.string().regex(/^[A-Za-z0-9_-]{1,63}$/, "LATCHKEY_MONGODB_DATABASE must be 1-63 letters, digits, _ or -"),
+    tlsCert: z.string(),
+    tlsKey: z.string(),
+    logLevel: z.enum(["debug", "info", "warn", "error", "silent"], { message: "LATCHKEY_LOG_LEVEL must be debug, info, warn, error or silent" }),
+    shutdownGraceMs: positiveMs("LATCHKEY_SHUTDOWN_GRACE_MS", 0),
+    rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
+    healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
+  })
+  .superRefine((c, ctx) => {
+    if ((c.tlsCert === "") !== (c.tlsKey === "")) {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_TLS_CERT and LATCHKEY_TLS_KEY must be set together" });
+    }
+    if (c.store === "mongodb" && c.mongodbUri === "") {
+      ctx.addIssue({ code: "custom", message: "MONGODB_URI is required when LATCHKEY_STORE=mongodb" });
+    }
+  })
+  .transform((c) => ({
+    ...c,
+    store: (c.store || (c.mongodbUri ? "mongodb" : "embedded")) as "embedded" | "mongodb",
+    mongodbUri: c.mongodbUri || null,
+    tls: c.tlsCert ? { certFile: c.tlsCert, keyFile: c.tlsKey } : null,
+  }));
+
+export type Config = Readonly<z.infer<typeof schema>>;
+
+export class ConfigError extends Error {}
+
+function flagName(name: string): string {
+  return "--" + name.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
+}
+
+/**
+ * Parses flags (`--metrics-port=9000` or `--metrics-port 9000`) over environment
+ * variables over defaults into a frozen config. Throws ConfigError naming every
+ * bad variable.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: string[] = []): Config {
+  const raw: Record<string, string> = {};
+  for (const [name, s] of Object.entries(SETTINGS)) raw[name] = env[s.env] ?? s.default;
+  const flags = new Map(Object.keys(SETTINGS).map((n) => [flagName(n), n]));
+  for (let i = 0; i < argv.length; i++) {
+    const [flag, inline] = argv[i].split(/=(.*)/s, 2);
+    const name = flags.get(flag);
+    if (!name) throw new ConfigError(`unknown flag ${flag}; known flags: ${[...flags.keys()].join(" ")}`);
+    const value = inline ?? argv[++i];
+    if (value === undefined) throw new ConfigError(`flag ${flag} needs a value`);
+    raw[name] = value;
+  }
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) {
+    throw new ConfigError("invalid configuration: " + parsed.error.issues.map((i) => i.message).join("; "));
+  }
+  return Object.freeze(parsed.data);
+}

@@ -1,0 +1,28 @@
+/**
+ * Typed domain errors. The RPC layer maps each to one status code (see
+ * src/rpc/error-interceptor.ts); anything else becomes INTERNAL.
+ */
+export class DomainError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+
+/** Bad input. `field` names the offending request field (dotted path). */
+export class InvalidArgumentError extends DomainError {
+  constructor(
+    readonly field: string,
+    readonly reason: string,
+  ) {
+    super(`${field}: ${reason}`);
+  }
+}
+
+export class NotFoundError extends DomainError {}
+export class AlreadyExistsError extends DomainError {}
+export class FailedPreconditionError extends DomainError {}
+export class UnauthenticatedError extends DomainError {}
+export class PermissionDeniedError extends DomainError {}
+/** The store (or another dependency) cannot be reached; retrying may help. */
+export class UnavailableError extends DomainError {}

@@ -1,0 +1,82 @@
+import { createHash, randomBytes } from "node:crypto";
+
+const ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+const INDEX = new Int8Array(128).fill(-1);
+for (let i = 0; i < ALPHABET.length; i++) INDEX[ALPHABET.charCodeAt(i)] = i;
+
+const CHECKSUM_BYTES = 4;
+export const MIN_KEY_BYTES = 16;
+export const MAX_KEY_BYTES = 64;
+/** Characters of the body shown in `start`. */
+const START_CHARS = 4;
+
+export function base58Encode(buf: Uint8Array): string {
+  let zeros = 0;
+  while (zeros < buf.length && buf[zeros] === 0) zeros++;
+  let n = 0n;
+  for (const b of buf) n = (n << 8n) | BigInt(b);
+  let out = "";
+  while (n > 0n) {
+    out = ALPHABET[Number(n % 58n)] + out;
+    n /= 58n;
+  }
+  return "1".repeat(zeros) + out;
+}
+
+export function base58Decode(s: string): Uint8Array | null {
+  let zeros = 0;
+  while (zeros < s.length && s[zeros] === "1") zeros++;
+  let n = 0n;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    const v = c < 128 ? INDEX[c] : -1;
+    if (v < 0) return null;
+    n = n * 58n + BigInt(v);
+  }
+  const bytes: number[] = [];
+  while (n > 0n) {
+    bytes.unshift(Number(n & 255n));
+    n >>= 8n;
+  }
+  return Uint8Array.from([...new Array(zeros).fill(0), ...bytes]);
+}
+
+function checksum(random: Uint8Array): Buffer {
+  return createHash("sha256").update(random).digest().subarray(0, CHECKSUM_BYTES);
+}
+
+export function hashKey(plaintext: string): string {
+  return createHash("sha256").update(plaintext).digest("hex");
+}
+
+export interface GeneratedKey {
+  plaintext: string;
+  hash: string;
+  start: string;
+}
+
+/**
+ * A new key: `prefix_` + base58(random bytes ‖ first 4 bytes of their SHA-256).
+ * The checksum lets VerifyKey reject a mistyped or made-up key without a store lookup.
+ */
+export function generateKey(prefix: string, byteLength: number): GeneratedKey {
+  const random = randomBytes(byteLength);
+  const body = base58Encode(Buffer.concat([random, checksum(random)]));
+  const plaintext = prefix ? `${prefix}_${body}` : body;
+  return { plaintext, hash: hashKey(plaintext), start: plaintext.slice(0, (prefix ? prefix.length + 1 : 0) + START_CHARS) };
+}
+
+/** Longest plaintext a key can have: prefix (16) + "_" + base58 of 68 bytes (93). */
+export const MAX_KEY_LENGTH = 512;
+
+/** True when the key is well-formed and its checksum matches. Cheap; no I/O. */
+export function hasValidChecksum(plaintext: string): boolean {
+  if (plaintext.length === 0 || plaintext.length > MAX_KEY_LENGTH) return false;
+  const sep = plaintext.lastIndexOf("_");
+  const body = sep >= 0 ? plaintext.slice(sep + 1) : plaintext;
+  const bytes = base58Decode(body);
+  if (!bytes || bytes.length < MIN_KEY_BYTES + CHECKSUM_BYTES || bytes.length > MAX_KEY_BYTES + CHECKSUM_BYTES) return false;
+  const random = bytes.subarray(0, bytes.length - CHECKSUM_BYTES);
+  const sum = bytes.subarray(bytes.length - CHECKSUM_BYTES);
+  return Buffer.from(sum).equals(checksum(random));
+}

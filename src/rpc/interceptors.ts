@@ -1,0 +1,76 @@
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { randomUUID } from "node:crypto";
+import {
+  AlreadyExistsError,
+  DomainError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  NotFoundError,
+  PermissionDeniedError,
+  UnauthenticatedError,
+  UnavailableError,
+} from "../domain/errors.js";
+import type { RootKeyAuthenticator } from "../domain/root-keys.js";
+import type { Logger } from "../server/logger.js";
+import type { Metrics } from "../server/metrics.js";
+import { principalKey, requestIdKey } from "./context.js";
+
+/** Services that answer without a root key. */
+const PUBLIC_SERVICES = new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
+
+const CODES: [new (...args: never[]) => DomainError, Code][] = [
+  [InvalidArgumentError, Code.InvalidArgument],
+  [NotFoundError, Code.NotFound],
+  [AlreadyExistsError, Code.AlreadyExists],
+  [FailedPreconditionError, Code.FailedPrecondition],
+  [UnauthenticatedError, Code.Unauthenticated],
+  [PermissionDeniedError, Code.PermissionDenied],
+  [UnavailableError, Code.Unavailable],
+];
+
+/** Maps an error to the ConnectError the client sees. Unknown errors leak nothing. */
+export function toConnectError(err: unknown): { error: ConnectError; internal: boolean } {
+  if (err instanceof ConnectError) return { error: err, internal: err.code === Code.Internal || err.code === Code.Unknown };
+  for (const [type, code] of CODES) {
+    if (err instanceof type) return { error: new ConnectError(err.message, code), internal: false };
+  }
+  return { error: new ConnectError("internal error", Code.Internal), internal: true };
+}
+
+/**
+ * Outermost: request id, domain-error mapping, logging and metrics. Unknown
+ * errors become INTERNAL with a generic message and are logged with the request id.
+ */
+export function createObservabilityInterceptor(deps: { logger: Logger; metrics: Metrics }): Interceptor {
+  return (next) => async (req) => {
+    const started = process.hrtime.bigint();
+    const method = `${req.service.typeName}/${req.method.name}`;
+    const requestId = req.header.get("x-request-id")?.slice(0, 128) || randomUUID();
+    req.contextValues.set(requestIdKey, requestId);
+    let code = "ok";
+    try {
+      return await next(req);
+    } catch (err) {
+      const { error, internal } = toConnectError(err);
+      code = Code[error.code];
+      if (internal) deps.logger.error({ requestId, method, err }, "internal error");
+      else if (error.code === Code.Unavailable) deps.logger.warn({ requestId, method, reason: error.rawMessage }, "unavailable");
+      throw error;
+    } finally {
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      deps.metrics.rpcRequests.inc({ method, code });
+      deps.metrics.rpcDuration.observe({ method, code }, seconds);
+      if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId, method, code, ms: seconds * 1000 }, "rpc");
+    }
+  };
+}
+
+/** Authenticates the root key of every call to a Latchkey service. */
+export function createAuthInterceptor(authenticate: RootKeyAuthenticator): Interceptor {
+  return (next) => async (req) => {
+    if (!PUBLIC_SERVICES.has(req.service.typeName)) {
+      req.contextValues.set(principalKey, await authenticate(req.header.get("authorization")));
+    }
+    return next(req);
+  };
+}

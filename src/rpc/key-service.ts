@@ -1,0 +1,130 @@
+import type { ServiceImpl } from "@connectrpc/connect";
+import { ConnectError, Code } from "@connectrpc/connect";
+import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
+import { InvalidArgumentError } from "../domain/errors.js";
+import type { IdentityRef, KeyManager } from "../domain/keys.js";
+import type { CreditsOp, KeyPatch } from "../domain/types.js";
+import { principalOf } from "./context.js";
+import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
+
+const UPDATE_PATHS = [
+  "name",
+  "meta",
+  "enabled",
+  "expires_at",
+  "credits",
+  "ratelimits",
+  "permissions",
+  "identity_id",
+  "external_id",
+] as const;
+
+/** KeyService: translates protobuf to domain calls and back. */
+export function createKeyService(deps: { keys: KeyManager; now?: () => number }): Partial<ServiceImpl<typeof KeyService>> {
+  const { keys } = deps;
+  const now = deps.now ?? Date.now;
+  return {
+    async createKey(req, ctx) {
+      const identity: IdentityRef =
+        req.identity.case === "identityId"
+          ? { identityId: req.identity.value }
+          : req.identity.case === "externalId"
+            ? { externalId: req.identity.value }
+            : null;
+      const res = await keys.create(principalOf(ctx), {
+        apiId: req.apiId,
+        prefix: req.prefix,
+        byteLength: req.byteLength,
+        name: req.name,
+        meta: toMeta(req.meta),
+        expiresAt: toMs("expires_at", req.expiresAt),
+        enabled: req.enabled ?? true,
+        credits: toCredits("credits", req.credits, now()),
+        ratelimits: toRatelimits("ratelimits", req.ratelimits),
+        permissions: req.permissions,
+        identity,
+      });
+      return { plaintext: res.plaintext, key: keyToProto(res.key) };
+    },
+
+    async getKey(req, ctx) {
+      return { key: keyToProto(await keys.get(principalOf(ctx), req.id)) };
+    },
+
+    async listKeys(req, ctx) {
+      const res = await keys.list(principalOf(ctx), {
+        apiId: req.apiId,
+        identityId: req.identityId,
+        externalId: req.externalId,
+        pageSize: req.pageSize,
+        pageToken: req.pageToken,
+      });
+      return { keys: res.keys.map(keyToProto), nextPageToken: res.nextPageToken };
+    },
+
+    async updateKey(req, ctx) {
+      const paths = maskPaths(req.updateMask?.paths, UPDATE_PATHS);
+      const src = req.key;
+      if (!src) throw new InvalidArgumentError("key", "is required");
+      if (paths.has("identity_id") && paths.has("external_id")) {
+        throw new InvalidArgumentError("update_mask", "name identity_id or external_id, not both");
+      }
+      const patch: KeyPatch = {};
+      if (paths.has("name")) patch.name = src.name;
+      if (paths.has("meta")) patch.meta = toMeta(src.meta);
+      if (paths.has("enabled")) patch.enabled = src.enabled;
+      if (paths.has("expires_at")) patch.expiresAt = toMs("key.expires_at", src.expiresAt);
+      if (paths.has("credits")) patch.credits = toCredits("key.credits", src.credits, now());
+      if (paths.has("ratelimits")) patch.ratelimits = toRatelimits("key.ratelimits", src.ratelimits);
+      if (paths.has("permissions")) patch.permissions = src.permissions;
+      let identity: IdentityRef | undefined;
+      if (paths.has("identity_id")) identity = src.identityId ? { identityId: src.identityId } : null;
+      if (paths.has("external_id")) identity = src.externalId ? { externalId: src.externalId } : null;
+      return { key: keyToProto(await keys.update(principalOf(ctx), src.id, patch, identity)) };
+    },
+
+    async deleteKey(req, ctx) {
+      await keys.delete(principalOf(ctx), req.id);
+      return {};
+    },
+
+    async rerollKey(req, ctx) {
+      const res = await keys.reroll(principalOf(ctx), req.id, durationToMs("grace_period", req.gracePeriod));
+      return { plaintext: res.plaintext, key: keyToProto(res.key), oldKeyExpiresAt: ms(res.oldExpiresAt) };
+    },
+
+    async updateCredits(req, ctx) {
+      const target =
+        req.target.case === "keyId"
+          ? { keyId: req.target.value }
+          : req.target.case === "identityId"
+            ? { identityId: req.target.value }
+            : null;
+      if (!target) throw new InvalidArgumentError("key_id", "one of key_id or identity_id is required");
+      const value = req.value === undefined ? null : toNumber("value", req.value);
+      let op: CreditsOp;
+      switch (req.operation) {
+        case CreditsOperation.SET:
+          op = { op: "set", value };
+          break;
+        case CreditsOperation.INCREMENT:
+        case CreditsOperation.DECREMENT:
+          if (value === null) throw new InvalidArgumentError("value", "is required for INCREMENT and DECREMENT");
+          op = { op: req.operation === CreditsOperation.INCREMENT ? "increment" : "decrement", value };
+          break;
+        default:
+          throw new InvalidArgumentError("operation", "must be SET, INCREMENT or DECREMENT");
+      }
+      const credits = await keys.updateCredits(principalOf(ctx), target, op);
+      return { credits: creditsToProto(credits) };
+    },
+
+    async verifyKey() {
+      throw new ConnectError("VerifyKey is not implemented yet", Code.Unimplemented);
+    },
+
+    async getKeyUsage() {
+      throw new ConnectError("GetKeyUsage is not implemented yet", Code.Unimplemented);
+    },
+  };
+}

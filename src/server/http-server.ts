@@ -1,0 +1,116 @@
+import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { readFileSync } from "node:fs";
+import http from "node:http";
+import http2 from "node:http2";
+import net from "node:net";
+
+export interface ServerOptions {
+  routes: (router: ConnectRouter) => void;
+  interceptors: Interceptor[];
+  tls?: { certFile: string; keyFile: string } | null;
+}
+
+export interface LatchkeyServer {
+  /** Starts listening; resolves with the bound port. */
+  listen(port: number, host: string): Promise<number>;
+  /**
+   * Stops accepting connections, lets in-flight calls finish for up to
+   * `graceMs`, then closes whatever is left.
+   */
+  close(graceMs: number): Promise<void>;
+}
+
+const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
+
+/**
+ * One port for every protocol: gRPC, gRPC-Web and Connect, over HTTP/2 and
+ * HTTP/1.1. Without TLS, the first bytes of a connection decide: the HTTP/2
+ * preface goes to the h2c server, anything else to the HTTP/1.1 server. With
+ * TLS, ALPN decides. Returns an un-started server.
+ */
+export function createServer(opts: ServerOptions): LatchkeyServer {
+  const handler = connectNodeAdapter({ routes: opts.routes, interceptors: opts.interceptors });
+  const sessions = new Set<http2.Http2Session>();
+  const sockets = new Set<net.Socket>();
+  let h2: http2.Http2Server | http2.Http2SecureServer;
+  let h1: http.Server | null = null;
+  let front: net.Server;
+
+  if (opts.tls) {
+    h2 = http2.createSecureServer(
+      { cert: readFileSync(opts.tls.certFile), key: readFileSync(opts.tls.keyFile), allowHTTP1: true },
+      handler,
+    );
+    front = h2;
+  } else {
+    h2 = http2.createServer({}, handler);
+    h1 = http.createServer(handler);
+    h1.keepAliveTimeout = 65_000;
+    front = net.createServer((socket) => {
+      let head = Buffer.alloc(0);
+      const onData = (chunk: Buffer) => {
+        head = Buffer.concat([head, chunk]);
+        const n = Math.min(head.length, H2_PREFACE.length);
+        const isH2 = head.subarray(0, n).equals(H2_PREFACE.subarray(0, n));
+        if (isH2 && head.length < H2_PREFACE.length) return; // need more bytes to be sure
+        socket.off("data", onData);
+        socket.pause();
+        socket.unshift(head);
+        if (isH2) {
+          // The HTTP/2 session reads the unshifted preface on its next tick; resuming
+          // here would drop it.
+          h2.emit("connection", socket);
+        } else {
+          h1!.emit("connection", socket);
+          socket.resume();
+        }
+      };
+      socket.on("data", onData);
+      socket.on("error", () => socket.destroy());
+    });
+  }
+  front.on("connection", (s: net.Socket) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  h2.on("session", (s) => {
+    sessions.add(s);
+    s.on("close", () => sessions.delete(s));
+  });
+
+  return {
+    listen(port, host) {
+      return new Promise((resolve, reject) => {
+        front.once("error", reject);
+        front.listen(port, host, () => {
+          front.off("error", reject);
+          resolve((front.address() as net.AddressInfo).port);
+        });
+      });
+    },
+    async close(graceMs) {
+      const closed = new Promise<void>((resolve) => front.close(() => resolve()));
+      // GOAWAY: clients stop sending new calls here; open streams run to completion.
+      for (const s of sessions) s.close();
+      h1?.closeIdleConnections();
+      const drained = new Promise<void>((resolve) => {
+        const tick = setInterval(() => {
+          h1?.closeIdleConnections();
+          if (sessions.size === 0 && sockets.size === 0) {
+            clearInterval(tick);
+            resolve();
+          }
+        }, 20);
+        setTimeout(() => {
+          clearInterval(tick);
+          resolve();
+        }, graceMs).unref();
+      });
+      await drained;
+      for (const s of sessions) s.destroy();
+      for (const s of sockets) s.destroy();
+      await closed;
+    },
+  };
+}

@@ -1,0 +1,293 @@
+import Database from "better-sqlite3";
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { AlreadyExistsError, UnavailableError } from "../../domain/errors.js";
+import type {
+  Credits,
+  CreditsOp,
+  CreditsTarget,
+  IdentityPatch,
+  IdentityRecord,
+  KeyPatch,
+  KeyRecord,
+  RootKeyRecord,
+} from "../../domain/types.js";
+import { applyCreditsOp } from "../credits-op.js";
+import type { KeyFilter, PageQuery, Store } from "../store.js";
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS identities (
+  id TEXT PRIMARY KEY,
+  external_id TEXT NOT NULL UNIQUE,
+  doc TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+  id TEXT PRIMARY KEY,
+  api_id TEXT NOT NULL,
+  identity_id TEXT,
+  hash TEXT NOT NULL UNIQUE,
+  doc TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_api ON keys (api_id, id);
+CREATE INDEX IF NOT EXISTS keys_identity ON keys (identity_id, id);
+CREATE TABLE IF NOT EXISTS root_keys (
+  id TEXT PRIMARY KEY,
+  hash TEXT NOT NULL UNIQUE,
+  doc TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+) WITHOUT ROWID;
+`;
+
+type Row = { doc: string };
+
+function isUniqueViolation(err: unknown): boolean {
+  return typeof err === "object" && err !== null && (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE";
+}
+
+function wrap<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    if (isUniqueViolation(err)) {
+      const msg = String((err as Error).message);
+      throw new AlreadyExistsError(msg.includes("external_id") ? "an identity with this external_id already exists" : "already exists");
+    }
+    const code = (err as { code?: string }).code ?? "";
+    if (code === "SQLITE_BUSY" || code === "SQLITE_IOERR" || code === "SQLITE_FULL" || code.startsWith("SQLITE_CANTOPEN")) {
+      throw new UnavailableError(`embedded store: ${code}`);
+    }
+    throw err;
+  }
+}
+
+/**
+ * The embedded default store: SQLite (better-sqlite3) in WAL mode with
+ * synchronous=FULL, so a write is on disk before it is acknowledged and a
+ * kill -9 loses nothing. Records are JSON documents beside the indexed columns.
+ * better-sqlite3 is synchronous: each method runs in one IMMEDIATE transaction
+ * and cannot interleave with another call of this process; other processes
+ * (the CLI) are serialised by SQLite's lock.
+ */
+export class SqliteStore implements Store {
+  readonly kind = "embedded" as const;
+  private db!: Database.Database;
+
+  constructor(private readonly path: string) {}
+
+  async init(): Promise<void> {
+    if (this.path !== ":memory:") mkdirSync(dirname(this.path), { recursive: true });
+    this.db = new Database(this.path);
+    this.db.pragma("journal_mode = WAL");
+    this.db.pragma("synchronous = FULL");
+    this.db.pragma("busy_timeout = 5000");
+    this.db.exec(SCHEMA);
+  }
+
+  async ping(): Promise<void> {
+    wrap(() => this.stmt("SELECT 1").get());
+  }
+
+  async close(): Promise<void> {
+    this.statements.clear();
+    if (this.db?.open) this.db.close();
+  }
+
+  private readonly statements = new Map<string, Database.Statement>();
+
+  /** Prepared statements are cached: preparing is most of the cost of a point read. */
+  private stmt(sql: string): Database.Statement {
+    let s = this.statements.get(sql);
+    if (!s) {
+      s = this.db.prepare(sql);
+      this.statements.set(sql, s);
+    }
+    return s;
+  }
+
+  private tx<T>(fn: () => T): T {
+    return wrap(() => this.db.transaction(fn).immediate());
+  }
+
+  private getDoc<T>(sql: string, ...params: unknown[]): T | null {
+    const row = this.stmt(sql).get(...params) as Row | undefined;
+    return row ? (JSON.parse(row.doc) as T) : null;
+  }
+
+  private allDocs<T>(sql: string, ...params: unknown[]): T[] {
+    return (this.stmt(sql).all(...params) as Row[]).map((r) => JSON.parse(r.doc) as T);
+  }
+
+  private putIdentity(rec: IdentityRecord, insert: boolean): void {
+    const sql = insert
+      ? "INSERT INTO identities (id, external_id, doc) VALUES (?, ?, ?)"
+      : "UPDATE identities SET external_id = ?2, doc = ?3 WHERE id = ?1";
+    this.stmt(sql).run(rec.id, rec.externalId, JSON.stringify(rec));
+  }
+
+  private putKey(rec: KeyRecord, insert: boolean): void {
+    const sql = insert
+      ? "INSERT INTO keys (id, api_id, identity_id, hash, doc) VALUES (?, ?, ?, ?, ?)"
+      : "UPDATE keys SET api_id = ?2, identity_id = ?3, hash = ?4, doc = ?5 WHERE id = ?1";
+    this.stmt(sql).run(rec.id, rec.apiId, rec.identityId, rec.hash, JSON.stringify(rec));
+  }
+
+  async createIdentity(rec: IdentityRecord): Promise<void> {
+    this.tx(() => this.putIdentity(rec, true));
+  }
+
+  async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
+    return this.tx(() => {
+      const existing = this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE external_id = ?", rec.externalId);
+      if (existing) return { identity: existing, created: false };
+      this.putIdentity(rec, true);
+      return { identity: rec, created: true };
+    });
+  }
+
+  async getIdentity(id: string): Promise<IdentityRecord | null> {
+    return wrap(() => this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", id));
+  }
+
+  async getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
+    return wrap(() => this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE external_id = ?", externalId));
+  }
+
+  async getIdentities(ids: string[]): Promise<IdentityRecord[]> {
+    if (ids.length === 0) return [];
+    return wrap(() =>
+      this.allDocs<IdentityRecord>(`SELECT doc FROM identities WHERE id IN (SELECT value FROM json_each(?))`, JSON.stringify(ids)),
+    );
+  }
+
+  async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
+    return wrap(() =>
+      this.allDocs<IdentityRecord>(
+        `SELECT doc FROM identities WHERE id > ? AND (?2 IS NULL OR instr(lower(external_id), lower(?2)) > 0) ORDER BY id LIMIT ?3`,
+        page.afterId ?? "",
+        search,
+        page.limit,
+      ),
+    );
+  }
+
+  async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
+    return this.tx(() => {
+      const cur = this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", id);
+      if (!cur) return null;
+      const next: IdentityRecord = { ...cur, ...patch, updatedAt: now };
+      this.putIdentity(next, false);
+      return next;
+    });
+  }
+
+  async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    return this.tx(() => {
+      const exists = this.stmt("SELECT 1 FROM identities WHERE id = ?").get(id);
+      if (!exists) return null;
+      let deletedKeys = 0;
+      let unlinkedKeys = 0;
+      if (deleteKeys) {
+        deletedKeys = this.stmt("DELETE FROM keys WHERE identity_id = ?").run(id).changes;
+      } else {
+        const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
+        for (const k of keys) this.putKey({ ...k, identityId: null }, false);
+        unlinkedKeys = keys.length;
+      }
+      this.stmt("DELETE FROM identities WHERE id = ?").run(id);
+      return { deletedKeys, unlinkedKeys };
+    });
+  }
+
+  async createKey(rec: KeyRecord): Promise<void> {
+    this.tx(() => this.putKey(rec, true));
+  }
+
+  async getKey(id: string): Promise<KeyRecord | null> {
+    return wrap(() => this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id));
+  }
+
+  async getKeyByHash(hash: string): Promise<KeyRecord | null> {
+    return wrap(() => this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE hash = ?", hash));
+  }
+
+  async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
+    return wrap(() =>
+      this.allDocs<KeyRecord>(
+        `SELECT doc FROM keys WHERE id > ?1 AND (?2 IS NULL OR api_id = ?2) AND (?3 IS NULL OR identity_id = ?3) ORDER BY id LIMIT ?4`,
+        page.afterId ?? "",
+        filter.apiId ?? null,
+        filter.identityId ?? null,
+        page.limit,
+      ),
+    );
+  }
+
+  async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
+    return this.tx(() => {
+      const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id);
+      if (!cur) return null;
+      const next: KeyRecord = { ...cur, ...patch, updatedAt: now };
+      this.putKey(next, false);
+      return next;
+    });
+  }
+
+  async deleteKey(id: string): Promise<boolean> {
+    return this.tx(() => this.stmt("DELETE FROM keys WHERE id = ?").run(id).changes > 0);
+  }
+
+  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
+    return this.tx(() => {
+      const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", oldId);
+      if (!cur) return false;
+      this.putKey(next, true);
+      this.putKey({ ...cur, expiresAt: oldExpiresAt, updatedAt: now }, false);
+      return true;
+    });
+  }
+
+  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
+    return this.tx(() => {
+      if ("keyId" in target) {
+        const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", target.keyId);
+        if (!cur) return undefined;
+        const credits = applyCreditsOp(cur.credits, op);
+        this.putKey({ ...cur, credits, updatedAt: now }, false);
+        return credits;
+      }
+      const cur = this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId);
+      if (!cur) return undefined;
+      const credits = applyCreditsOp(cur.credits, op);
+      this.putIdentity({ ...cur, credits, updatedAt: now }, false);
+      return credits;
+    });
+  }
+
+  async createRootKey(rec: RootKeyRecord): Promise<void> {
+    this.tx(() => this.stmt("INSERT INTO root_keys (id, hash, doc) VALUES (?, ?, ?)").run(rec.id, rec.hash, JSON.stringify(rec)));
+  }
+
+  async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
+    return wrap(() => this.getDoc<RootKeyRecord>("SELECT doc FROM root_keys WHERE hash = ?", hash));
+  }
+
+  async listRootKeys(): Promise<RootKeyRecord[]> {
+    return wrap(() => this.allDocs<RootKeyRecord>("SELECT doc FROM root_keys ORDER BY id"));
+  }
+
+  async deleteRootKey(id: string): Promise<boolean> {
+    return this.tx(() => this.stmt("DELETE FROM root_keys WHERE id = ?").run(id).changes > 0);
+  }
+
+  async createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
+    return this.tx(() => {
+      const marked = this.stmt("INSERT OR IGNORE INTO settings (name, value) VALUES ('bootstrapped', ?)").run(String(rec.createdAt));
+      if (marked.changes === 0) return false;
+      this.stmt("INSERT INTO root_keys (id, hash, doc) VALUES (?, ?, ?)").run(rec.id, rec.hash, JSON.stringify(rec));
+      return true;
+    });
+  }
+}

@@ -1,0 +1,332 @@
+import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import type {
+  Credits,
+  CreditsOp,
+  CreditsTarget,
+  IdentityPatch,
+  IdentityRecord,
+  JsonObject,
+  KeyPatch,
+  KeyRecord,
+  RootKeyRecord,
+} from "../../domain/types.js";
+import type { KeyFilter, PageQuery, Store } from "../store.js";
+
+/*
+ * Documents mirror the domain records with `_id` for the id. `meta` is stored
+ * as a JSON string: it is never queried, and a string cannot carry `$` or dotted
+ * field names into the database. Every filter below is built from typed values
+ * (strings checked against the input patterns, numbers), never from a caller's
+ * object, so no request can inject a query operator.
+ */
+type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string };
+type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
+type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
+type SettingDoc = { _id: string; value: string };
+
+function toIdentityDoc(r: IdentityRecord): IdentityDoc {
+  const { id, meta, ...rest } = r;
+  return { _id: id, meta: JSON.stringify(meta), ...rest };
+}
+function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
+  const { _id, meta, ...rest } = d;
+  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+function toKeyDoc(r: KeyRecord): KeyDoc {
+  const { id, meta, ...rest } = r;
+  return { _id: id, meta: JSON.stringify(meta), ...rest };
+}
+function fromKeyDoc(d: KeyDoc): KeyRecord {
+  const { _id, meta, ...rest } = d;
+  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
+  const { _id, ...rest } = d;
+  return { id: _id, ...rest };
+}
+
+/** `$set` for a patch: meta as a JSON string, other fields as they are. */
+function setOf(patch: IdentityPatch | KeyPatch, now: number): Record<string, unknown> {
+  const set: Record<string, unknown> = { updatedAt: now };
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === undefined) continue;
+    set[k] = k === "meta" ? JSON.stringify(v) : v;
+  }
+  return set;
+}
+
+const UNAVAILABLE = new Set([
+  "MongoNetworkError",
+  "MongoNetworkTimeoutError",
+  "MongoServerSelectionError",
+  "MongoNotConnectedError",
+  "MongoTopologyClosedError",
+  "MongoPoolClearedError",
+]);
+
+function escapeRegex(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
+}
+
+export interface MongoStoreOptions {
+  uri: string;
+  database: string;
+  serverSelectionTimeoutMs?: number;
+}
+
+/**
+ * The production store on MongoDB (tested on MongoDB-compatible FerretDB as
+ * well). No multi-document transactions are used, so it runs on FerretDB and
+ * standalone servers: each method is one atomic single-document operation, or
+ * a short sequence ordered so that a failure leaves nothing half-visible (and
+ * compensated where it could).
+ */
+export class MongoStore implements Store {
+  readonly kind = "mongodb" as const;
+  private readonly client: MongoClient;
+  private db!: Db;
+  private identities!: Collection<IdentityDoc>;
+  private keys!: Collection<KeyDoc>;
+  private rootKeys!: Collection<RootKeyDoc>;
+  private settings!: Collection<SettingDoc>;
+
+  constructor(private readonly opts: MongoStoreOptions) {
+    this.client = new MongoClient(opts.uri, {
+      serverSelectionTimeoutMS: opts.serverSelectionTimeoutMs ?? 5000,
+      appName: "latchkey",
+    });
+  }
+
+  /** Runs a driver call, turning driver errors into domain errors. */
+  private async run<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof MongoServerError && err.code === 11000) {
+        const msg = String(err.message);
+        throw new AlreadyExistsError(msg.includes("externalId") ? "an identity with this external_id already exists" : "already exists");
+      }
+      if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new UnavailableError(`mongodb: ${err.name}`);
+      throw err;
+    }
+  }
+
+  async init(): Promise<void> {
+    await this.run(async () => {
+      await this.client.connect();
+      this.db = this.client.db(this.opts.database);
+      this.identities = this.db.collection<IdentityDoc>("identities");
+      this.keys = this.db.collection<KeyDoc>("keys");
+      this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
+      this.settings = this.db.collection<SettingDoc>("settings");
+      await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
+      await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
+      await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
+      await this.keys.createIndex({ identityId: 1, _id: 1 }, { name: "identity_id" });
+      await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
+    });
+  }
+
+  async ping(): Promise<void> {
+    await this.run(() => this.db.command({ ping: 1 }));
+  }
+
+  async close(): Promise<void> {
+    await this.client.close();
+  }
+
+  async createIdentity(rec: IdentityRecord): Promise<void> {
+    await this.run(() => this.identities.insertOne(toIdentityDoc(rec)));
+  }
+
+  async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const existing = await this.getIdentityByExternalId(rec.externalId);
+      if (existing) return { identity: existing, created: false };
+      try {
+        await this.createIdentity(rec);
+        return { identity: rec, created: true };
+      } catch (err) {
+        // Lost a race with a concurrent create: read the winner.
+        if (!(err instanceof AlreadyExistsError)) throw err;
+      }
+    }
+    throw new UnavailableError("could not create or read the identity; retry");
+  }
+
+  async getIdentity(id: string): Promise<IdentityRecord | null> {
+    const d = await this.run(() => this.identities.findOne({ _id: id }));
+    return d ? fromIdentityDoc(d) : null;
+  }
+
+  async getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
+    const d = await this.run(() => this.identities.findOne({ externalId }));
+    return d ? fromIdentityDoc(d) : null;
+  }
+
+  async getIdentities(ids: string[]): Promise<IdentityRecord[]> {
+    if (ids.length === 0) return [];
+    const docs = await this.run(() => this.identities.find({ _id: { $in: ids } }).toArray());
+    return docs.map(fromIdentityDoc);
+  }
+
+  async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
+    const filter: Record<string, unknown> = { _id: { $gt: page.afterId ?? "" } };
+    if (search !== null) filter.externalId = { $regex: escapeRegex(search), $options: "i" };
+    const docs = await this.run(() => this.identities.find(filter).sort({ _id: 1 }).limit(page.limit).toArray());
+    return docs.map(fromIdentityDoc);
+  }
+
+  async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
+    const d = await this.run(() =>
+      this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }),
+    );
+    return d ? fromIdentityDoc(d) : null;
+  }
+
+  async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    return this.run(async () => {
+      if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
+      // Keys first: a failure half-way leaves an identity with fewer keys, never keys
+      // pointing at a deleted identity.
+      let deletedKeys = 0;
+      let unlinkedKeys = 0;
+      if (deleteKeys) {
+        deletedKeys = (await this.keys.deleteMany({ identityId: id })).deletedCount;
+      } else {
+        unlinkedKeys = (await this.keys.updateMany({ identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } })).modifiedCount;
+      }
+      const res = await this.identities.deleteOne({ _id: id });
+      return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
+    });
+  }
+
+  async createKey(rec: KeyRecord): Promise<void> {
+    await this.run(() => this.keys.insertOne(toKeyDoc(rec)));
+  }
+
+  async getKey(id: string): Promise<KeyRecord | null> {
+    const d = await this.run(() => this.keys.findOne({ _id: id }));
+    return d ? fromKeyDoc(d) : null;
+  }
+
+  async getKeyByHash(hash: string): Promise<KeyRecord | null> {
+    const d = await this.run(() => this.keys.findOne({ hash }));
+    return d ? fromKeyDoc(d) : null;
+  }
+
+  async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
+    const q: Record<string, unknown> = { _id: { $gt: page.afterId ?? "" } };
+    if (filter.apiId !== undefined) q.apiId = filter.apiId;
+    if (filter.identityId !== undefined) q.identityId = filter.identityId;
+    const docs = await this.run(() => this.keys.find(q).sort({ _id: 1 }).limit(page.limit).toArray());
+    return docs.map(fromKeyDoc);
+  }
+
+  async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
+    const d = await this.run(() => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }));
+    return d ? fromKeyDoc(d) : null;
+  }
+
+  async deleteKey(id: string): Promise<boolean> {
+    const res = await this.run(() => this.keys.deleteOne({ _id: id }));
+    return res.deletedCount === 1;
+  }
+
+  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
+    if (!(await this.getKey(oldId))) return false;
+    await this.createKey(next);
+    try {
+      const res = await this.run(() => this.keys.updateOne({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }));
+      if (res.matchedCount === 1) return true;
+      await this.deleteKey(next.id); // the old key vanished meanwhile
+      return false;
+    } catch (err) {
+      await this.keys.deleteOne({ _id: next.id }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
+    const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; updatedAt: number }>;
+    const id = "keyId" in target ? target.keyId : target.identityId;
+    const after = { returnDocument: "after" as const, projection: { credits: 1 } };
+    return this.run(async () => {
+      // Each attempt is one conditional single-document update; a miss means the
+      // balance changed shape under us (or the target is gone), so look and retry.
+      for (let attempt = 0; attempt < 10; attempt++) {
+        let d: { credits: Credits | null } | null = null;
+        if (op.op === "set" && op.value === null) {
+          d = await coll.findOneAndUpdate({ _id: id }, { $set: { credits: null, updatedAt: now } }, after);
+        } else if (op.op === "set") {
+          d =
+            (await coll.findOneAndUpdate({ _id: id, credits: { $ne: null } }, { $set: { "credits.remaining": op.value!, updatedAt: now } }, after)) ??
+            (await coll.findOneAndUpdate({ _id: id, credits: null }, { $set: { credits: { remaining: op.value!, refill: null }, updatedAt: now } }, after));
+        } else if (op.op === "increment") {
+          d = await coll.findOneAndUpdate(
+            { _id: id, credits: { $ne: null }, "credits.remaining": { $lte: Number.MAX_SAFE_INTEGER - op.value } },
+            { $inc: { "credits.remaining": op.value }, $set: { updatedAt: now } },
+            after,
+          );
+        } else {
+          d =
+            (await coll.findOneAndUpdate(
+              { _id: id, "credits.remaining": { $gte: op.value } },
+              { $inc: { "credits.remaining": -op.value }, $set: { updatedAt: now } },
+              after,
+            )) ??
+            (await coll.findOneAndUpdate(
+              { _id: id, credits: { $ne: null }, "credits.remaining": { $lt: op.value } },
+              { $set: { "credits.remaining": 0, updatedAt: now } },
+              after,
+            ));
+        }
+        if (d) return d.credits;
+        const cur = await coll.findOne({ _id: id }, { projection: { credits: 1 } });
+        if (!cur) return undefined;
+        if (cur.credits === null && op.op !== "set") throw new FailedPreconditionError("credits are unlimited; SET a balance first");
+        if (op.op === "increment" && cur.credits && cur.credits.remaining > Number.MAX_SAFE_INTEGER - op.value) {
+          throw new FailedPreconditionError("the balance would overflow");
+        }
+      }
+      throw new UnavailableError("credits changed concurrently too often; retry");
+    });
+  }
+
+  async createRootKey(rec: RootKeyRecord): Promise<void> {
+    const { id, ...rest } = rec;
+    await this.run(() => this.rootKeys.insertOne({ _id: id, ...rest }));
+  }
+
+  async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
+    const d = await this.run(() => this.rootKeys.findOne({ hash }));
+    return d ? fromRootKeyDoc(d) : null;
+  }
+
+  async listRootKeys(): Promise<RootKeyRecord[]> {
+    const docs = await this.run(() => this.rootKeys.find({}).sort({ _id: 1 }).toArray());
+    return docs.map(fromRootKeyDoc);
+  }
+
+  async deleteRootKey(id: string): Promise<boolean> {
+    const res = await this.run(() => this.rootKeys.deleteOne({ _id: id }));
+    return res.deletedCount === 1;
+  }
+
+  async createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
+    try {
+      await this.run(() => this.settings.insertOne({ _id: "bootstrapped", value: String(rec.createdAt) }));
+    } catch (err) {
+      if (err instanceof AlreadyExistsError) return false;
+      throw err;
+    }
+    try {
+      await this.createRootKey(rec);
+      return true;
+    } catch (err) {
+      await this.settings.deleteOne({ _id: "bootstrapped" }).catch(() => undefined);
+      throw err;
+    }
+  }
+}

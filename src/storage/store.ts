@@ -1,0 +1,79 @@
+import type {
+  CreditsOp,
+  CreditsTarget,
+  Credits,
+  IdentityPatch,
+  IdentityRecord,
+  KeyPatch,
+  KeyRecord,
+  RootKeyRecord,
+} from "../domain/types.js";
+
+/** A page request over records sorted by id (ids sort by creation time). */
+export interface PageQuery {
+  limit: number;
+  /** Return records with an id greater than this. */
+  afterId: string | null;
+}
+
+export interface KeyFilter {
+  apiId?: string;
+  identityId?: string;
+}
+
+/**
+ * The one storage port. Each method is atomic on its own: it either applies
+ * completely or not at all, and read-modify-write happens inside the store
+ * (a transaction or a single conditional update), never in the caller.
+ *
+ * Errors: a duplicate external_id or key hash throws AlreadyExistsError; an
+ * unreachable database throws UnavailableError.
+ */
+export interface Store {
+  readonly kind: "embedded" | "mongodb";
+
+  /** Creates tables / collections and indexes. Called once at start. */
+  init(): Promise<void>;
+  /** Resolves when the store answers; throws UnavailableError otherwise. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+
+  createIdentity(rec: IdentityRecord): Promise<void>;
+  /**
+   * Returns the identity with `rec.externalId`, creating it from `rec` when
+   * absent. Safe under concurrent calls: exactly one identity results.
+   */
+  ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }>;
+  getIdentity(id: string): Promise<IdentityRecord | null>;
+  getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null>;
+  getIdentities(ids: string[]): Promise<IdentityRecord[]>;
+  listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]>;
+  /** Applies `patch`; returns the updated identity, or null when it does not exist. */
+  updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null>;
+  /** Deletes the identity and either deletes or unlinks its keys; null when it does not exist. */
+  deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null>;
+
+  createKey(rec: KeyRecord): Promise<void>;
+  getKey(id: string): Promise<KeyRecord | null>;
+  getKeyByHash(hash: string): Promise<KeyRecord | null>;
+  listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]>;
+  updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null>;
+  deleteKey(id: string): Promise<boolean>;
+  /**
+   * Stores `next` and sets the old key's expiry to `oldExpiresAt`, both or
+   * neither. Returns false when the old key does not exist.
+   */
+  rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean>;
+  /** Atomically changes a balance; returns the new credits (null = unlimited) or undefined when the target does not exist. */
+  updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined>;
+
+  createRootKey(rec: RootKeyRecord): Promise<void>;
+  getRootKeyByHash(hash: string): Promise<RootKeyRecord | null>;
+  listRootKeys(): Promise<RootKeyRecord[]>;
+  deleteRootKey(id: string): Promise<boolean>;
+  /**
+   * Creates `rec` only when no root key exists yet (the bootstrap key of a
+   * fresh install). Returns true when it was created.
+   */
+  createFirstRootKey(rec: RootKeyRecord): Promise<boolean>;
+}
