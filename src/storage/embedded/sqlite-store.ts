@@ -122,16 +122,17 @@ export class SqliteStore implements Store {
 
   private putIdentity(rec: IdentityRecord, insert: boolean): void {
     const sql = insert
-      ? "INSERT INTO identities (id, external_id, doc) VALUES (?, ?, ?)"
-      : "UPDATE identities SET external_id = ?2, doc = ?3 WHERE id = ?1";
-    this.stmt(sql).run(rec.id, rec.externalId, JSON.stringify(rec));
+      ? "INSERT INTO identities (id, external_id, doc) VALUES (@id, @externalId, @doc)"
+      : "UPDATE identities SET external_id = @externalId, doc = @doc WHERE id = @id";
+    // Named parameters: better-sqlite3 refuses positional values for `?NNN`.
+    this.stmt(sql).run({ id: rec.id, externalId: rec.externalId, doc: JSON.stringify(rec) });
   }
 
   private putKey(rec: KeyRecord, insert: boolean): void {
     const sql = insert
-      ? "INSERT INTO keys (id, api_id, identity_id, hash, doc) VALUES (?, ?, ?, ?, ?)"
-      : "UPDATE keys SET api_id = ?2, identity_id = ?3, hash = ?4, doc = ?5 WHERE id = ?1";
-    this.stmt(sql).run(rec.id, rec.apiId, rec.identityId, rec.hash, JSON.stringify(rec));
+      ? "INSERT INTO keys (id, api_id, identity_id, hash, doc) VALUES (@id, @apiId, @identityId, @hash, @doc)"
+      : "UPDATE keys SET api_id = @apiId, identity_id = @identityId, hash = @hash, doc = @doc WHERE id = @id";
+    this.stmt(sql).run({ id: rec.id, apiId: rec.apiId, identityId: rec.identityId, hash: rec.hash, doc: JSON.stringify(rec) });
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -165,10 +166,8 @@ export class SqliteStore implements Store {
   async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
     return wrap(() =>
       this.allDocs<IdentityRecord>(
-        `SELECT doc FROM identities WHERE id > ? AND (?2 IS NULL OR instr(lower(external_id), lower(?2)) > 0) ORDER BY id LIMIT ?3`,
-        page.afterId ?? "",
-        search,
-        page.limit,
+        `SELECT doc FROM identities WHERE id > @afterId AND (@search IS NULL OR instr(lower(external_id), lower(@search)) > 0) ORDER BY id LIMIT @limit`,
+        { afterId: page.afterId ?? "", search, limit: page.limit },
       ),
     );
   }
@@ -216,11 +215,8 @@ export class SqliteStore implements Store {
   async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
     return wrap(() =>
       this.allDocs<KeyRecord>(
-        `SELECT doc FROM keys WHERE id > ?1 AND (?2 IS NULL OR api_id = ?2) AND (?3 IS NULL OR identity_id = ?3) ORDER BY id LIMIT ?4`,
-        page.afterId ?? "",
-        filter.apiId ?? null,
-        filter.identityId ?? null,
-        page.limit,
+        `SELECT doc FROM keys WHERE id > @afterId AND (@apiId IS NULL OR api_id = @apiId) AND (@identityId IS NULL OR identity_id = @identityId) ORDER BY id LIMIT @limit`,
+        { afterId: page.afterId ?? "", apiId: filter.apiId ?? null, identityId: filter.identityId ?? null, limit: page.limit },
       ),
     );
   }
