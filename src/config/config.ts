@@ -18,6 +18,11 @@ export const SETTINGS = {
   logLevel: { env: "LATCHKEY_LOG_LEVEL", default: "info", doc: "`debug`, `info`, `warn`, `error` or `silent`. Logs are JSON lines on stdout." },
   shutdownGraceMs: { env: "LATCHKEY_SHUTDOWN_GRACE_MS", default: "10000", doc: "On SIGTERM/SIGINT: how long in-flight calls may take before connections are closed." },
   rootKeyCacheMs: { env: "LATCHKEY_ROOT_KEY_CACHE_MS", default: "5000", doc: "How long a checked root key is remembered; a revoked root key stops working within this time." },
+  cacheMaxEntries: { env: "LATCHKEY_CACHE_MAX_ENTRIES", default: "100000", doc: "Most keys (and as many identities) kept in the verification cache of each instance." },
+  cacheTtlMs: { env: "LATCHKEY_CACHE_TTL_MS", default: "60000", doc: "Longest time a cached key or identity is used without a change event (a safety net; changes arrive through the change feed)." },
+  invalidationPollMs: { env: "LATCHKEY_INVALIDATION_POLL_MS", default: "250", doc: "How often each instance reads the change feed; revocation reaches every instance within this time plus a store round trip." },
+  ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on the mongodb store, else `memory`. Several instances need a shared backend." },
+  redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend." },
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
 } as const;
 
@@ -47,10 +52,21 @@ const schema = z
     shutdownGraceMs: positiveMs("LATCHKEY_SHUTDOWN_GRACE_MS", 0),
     rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
     healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
+    cacheMaxEntries: z.coerce.number().int("LATCHKEY_CACHE_MAX_ENTRIES must be a whole number").min(1, "LATCHKEY_CACHE_MAX_ENTRIES must be at least 1"),
+    cacheTtlMs: positiveMs("LATCHKEY_CACHE_TTL_MS", 0),
+    invalidationPollMs: positiveMs("LATCHKEY_INVALIDATION_POLL_MS", 10).max(1000, "LATCHKEY_INVALIDATION_POLL_MS must be at most 1000 (revocation within 1 s)"),
+    ratelimitBackend: z.enum(["", "memory", "mongodb", "redis"], { message: "LATCHKEY_RATELIMIT_BACKEND must be memory, mongodb or redis" }),
+    redisUrl: z.string().refine((v) => v === "" || /^rediss?:\/\//.test(v), "LATCHKEY_REDIS_URL must start with redis:// or rediss://"),
   })
   .superRefine((c, ctx) => {
     if ((c.tlsCert === "") !== (c.tlsKey === "")) {
       ctx.addIssue({ code: "custom", message: "LATCHKEY_TLS_CERT and LATCHKEY_TLS_KEY must be set together" });
+    }
+    if (c.ratelimitBackend === "redis" && c.redisUrl === "") {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_REDIS_URL is required when LATCHKEY_RATELIMIT_BACKEND=redis" });
+    }
+    if (c.ratelimitBackend === "mongodb" && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) !== "mongodb") {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_RATELIMIT_BACKEND=mongodb needs the mongodb store (MONGODB_URI)" });
     }
     if (c.store === "mongodb" && c.mongodbUri === "") {
       ctx.addIssue({ code: "custom", message: "MONGODB_URI is required when LATCHKEY_STORE=mongodb" });
@@ -61,6 +77,12 @@ const schema = z
     store: (c.store || (c.mongodbUri ? "mongodb" : "embedded")) as "embedded" | "mongodb",
     mongodbUri: c.mongodbUri || null,
     tls: c.tlsCert ? { certFile: c.tlsCert, keyFile: c.tlsKey } : null,
+    redisUrl: c.redisUrl || null,
+    ratelimitBackend: (c.ratelimitBackend ||
+      (c.redisUrl ? "redis" : (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "mongodb" : "memory")) as
+      | "memory"
+      | "mongodb"
+      | "redis",
   }));
 
 export type Config = Readonly<z.infer<typeof schema>>;

@@ -16,9 +16,11 @@ export interface CreateIdentityInput {
 export type IdentityLookup = { id: string } | { externalId: string };
 
 /** Identity use cases. Identities are global: every call needs a global permission. */
-export function createIdentityManager(deps: { store: Store; now?: () => number }) {
+export function createIdentityManager(deps: { store: Store; now?: () => number; afterWrite?: () => Promise<void> }) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
+  // Lets this instance's verification cache see the write before the RPC returns.
+  const afterWrite = deps.afterWrite ?? (async () => undefined);
 
   async function find(lookup: IdentityLookup): Promise<IdentityRecord> {
     const rec =
@@ -75,6 +77,7 @@ export function createIdentityManager(deps: { store: Store; now?: () => number }
       if (patch.credits !== undefined) checkCredits("identity.credits", patch.credits);
       const rec = await store.updateIdentity(id, patch, now());
       if (!rec) throw new NotFoundError("identity not found");
+      await afterWrite();
       return rec;
     },
 
@@ -83,6 +86,7 @@ export function createIdentityManager(deps: { store: Store; now?: () => number }
       const rec = await find(lookup);
       const res = await store.deleteIdentity(rec.id, deleteKeys);
       if (!res) throw new NotFoundError("identity not found");
+      await afterWrite();
       return res;
     },
   };

@@ -41,9 +41,11 @@ export interface CreateKeyInput {
 export type KeyView = KeyRecord & { externalId: string | null };
 
 /** Key-management use cases (verification lives in verify.ts). */
-export function createKeyManager(deps: { store: Store; now?: () => number }) {
+export function createKeyManager(deps: { store: Store; now?: () => number; afterWrite?: () => Promise<void> }) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
+  // Lets this instance's verification cache see the write before the RPC returns.
+  const afterWrite = deps.afterWrite ?? (async () => undefined);
 
   async function view(k: KeyRecord): Promise<KeyView> {
     const identity = k.identityId ? await store.getIdentity(k.identityId) : null;
@@ -127,6 +129,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number }) {
         if (created && identity) await store.deleteIdentity(identity.id, false).catch(() => undefined);
         throw err;
       }
+      await afterWrite();
       return { plaintext: secret.plaintext, key: { ...rec, externalId: identity?.externalId ?? null } };
     },
 
@@ -185,6 +188,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number }) {
       try {
         const rec = await store.updateKey(cur.id, patch, now());
         if (!rec) throw new NotFoundError("key not found");
+        await afterWrite();
         return await view(rec);
       } catch (err) {
         if (created) await store.deleteIdentity(created.id, false).catch(() => undefined);
@@ -195,6 +199,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number }) {
     async delete(principal: Principal, id: string): Promise<void> {
       const k = await visibleKey(principal, "write", "id", id);
       if (!(await store.deleteKey(k.id))) throw new NotFoundError("key not found");
+      await afterWrite();
     },
 
     async reroll(principal: Principal, id: string, graceMs: number): Promise<{ plaintext: string; key: KeyView; oldExpiresAt: number }> {
@@ -217,6 +222,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number }) {
       };
       const oldExpiresAt = old.expiresAt === null ? t + graceMs : Math.min(old.expiresAt, t + graceMs);
       if (!(await store.rerollKey(old.id, next, oldExpiresAt, t))) throw new NotFoundError("key not found");
+      await afterWrite();
       return { plaintext: secret.plaintext, key: await view(next), oldExpiresAt };
     },
 
@@ -234,6 +240,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number }) {
       }
       const res = await store.updateCredits(target, op, now());
       if (res === undefined) throw new NotFoundError("keyId" in target ? "key not found" : "identity not found");
+      await afterWrite();
       return res;
     },
   };

@@ -1,6 +1,11 @@
 import type { ServiceImpl } from "@connectrpc/connect";
 import { ConnectError, Code } from "@connectrpc/connect";
 import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
+import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
+import type { Verification, Verifier } from "../domain/verify.js";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
@@ -19,9 +24,45 @@ const UPDATE_PATHS = [
   "external_id",
 ] as const;
 
+const CODES: Record<Verification["code"], VerificationCode> = {
+  VALID: VerificationCode.VALID,
+  NOT_FOUND: VerificationCode.NOT_FOUND,
+  DISABLED: VerificationCode.DISABLED,
+  EXPIRED: VerificationCode.EXPIRED,
+  INSUFFICIENT_PERMISSIONS: VerificationCode.INSUFFICIENT_PERMISSIONS,
+  RATE_LIMITED: VerificationCode.RATE_LIMITED,
+  USAGE_EXCEEDED: VerificationCode.USAGE_EXCEEDED,
+};
+
+/** The response of a verification: key data only for a found key. */
+export function verificationToProto(v: Verification): MessageInitShape<typeof VerifyKeyResponseSchema> {
+  const k = v.key;
+  if (!k) return { valid: false, code: VerificationCode.NOT_FOUND };
+  return {
+    valid: v.code === "VALID",
+    code: CODES[v.code],
+    keyId: k.id,
+    apiId: k.apiId,
+    name: k.name,
+    meta: k.meta,
+    expiresAt: ms(k.expiresAt),
+    enabled: k.enabled,
+    creditsRemaining: v.creditsRemaining === null ? undefined : BigInt(v.creditsRemaining),
+    permissions: k.permissions,
+    identity: v.identity ? { id: v.identity.id, externalId: v.identity.externalId, meta: v.identity.meta } : undefined,
+    ratelimits: v.ratelimits.map((r) => ({
+      name: r.name,
+      limit: BigInt(r.limit),
+      remaining: BigInt(r.remaining),
+      resetAt: timestampFromMs(r.resetAt),
+      exceeded: r.exceeded,
+    })),
+  };
+}
+
 /** KeyService: translates protobuf to domain calls and back. */
-export function createKeyService(deps: { keys: KeyManager; now?: () => number }): Partial<ServiceImpl<typeof KeyService>> {
-  const { keys } = deps;
+export function createKeyService(deps: { keys: KeyManager; verify: Verifier; now?: () => number }): Partial<ServiceImpl<typeof KeyService>> {
+  const { keys, verify } = deps;
   const now = deps.now ?? Date.now;
   return {
     async createKey(req, ctx) {
@@ -119,8 +160,19 @@ export function createKeyService(deps: { keys: KeyManager; now?: () => number })
       return { credits: creditsToProto(credits) };
     },
 
-    async verifyKey() {
-      throw new ConnectError("VerifyKey is not implemented yet", Code.Unimplemented);
+    async verifyKey(req, ctx): Promise<MessageInitShape<typeof VerifyKeyResponseSchema>> {
+      const v = await verify(principalOf(ctx), {
+        key: req.key,
+        apiId: req.apiId,
+        permissions: req.permissions,
+        ratelimits: req.ratelimits.map((r, i) => ({
+          name: r.name,
+          cost: r.cost === undefined ? null : toNumber(`ratelimits[${i}].cost`, r.cost),
+        })),
+        cost: req.cost === undefined ? null : toNumber("cost", req.cost),
+        tags: req.tags,
+      });
+      return verificationToProto(v);
     },
 
     async getKeyUsage() {

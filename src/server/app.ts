@@ -1,8 +1,13 @@
 import http from "node:http";
+import { createInvalidationFeed } from "../cache/invalidation.js";
+import { createVerificationCache } from "../cache/verification-cache.js";
 import type { Config } from "../config/config.js";
 import { createIdentityManager } from "../domain/identities.js";
 import { createKeyManager } from "../domain/keys.js";
 import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.js";
+import { createVerifier, type VerificationListener } from "../domain/verify.js";
+import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
+import { createCounter } from "../ratelimit/create-counter.js";
 import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import type { Store } from "../storage/store.js";
@@ -10,6 +15,62 @@ import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
 import { createMetrics, type Metrics } from "./metrics.js";
 import { createRoutes } from "./routes.js";
+
+export type CoreOptions = Pick<Config, "rootKeyCacheMs" | "cacheMaxEntries" | "cacheTtlMs" | "invalidationPollMs">;
+
+export const DEFAULT_CORE_OPTIONS: CoreOptions = { rootKeyCacheMs: 5000, cacheMaxEntries: 100_000, cacheTtlMs: 60_000, invalidationPollMs: 250 };
+
+export interface CoreDeps {
+  store: Store;
+  logger: Logger;
+  options?: CoreOptions;
+  metrics?: Metrics;
+  counter?: RateLimitCounter;
+  onVerification?: VerificationListener;
+}
+
+/**
+ * Everything behind the port, wired: use cases, verification cache and its
+ * change feed, routes and interceptors. Servers (createApp) and tests
+ * (createRouterTransport over `routes` and `interceptors`) build on this.
+ */
+export function createCore(deps: CoreDeps) {
+  const { store, logger } = deps;
+  const options = deps.options ?? DEFAULT_CORE_OPTIONS;
+  const metrics = deps.metrics ?? createMetrics();
+  const cache = createVerificationCache({ store, metrics, options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs } });
+  const feed = createInvalidationFeed({ store, cache, logger, options: { pollMs: options.invalidationPollMs } });
+  const identities = createIdentityManager({ store, afterWrite: feed.sync });
+  const keys = createKeyManager({ store, afterWrite: feed.sync });
+  const verify = createVerifier({
+    store,
+    cache,
+    counter: deps.counter ?? createMemoryCounter(),
+    onVerification: (v, input, at) => {
+      metrics.verifications.inc({ code: v.code });
+      deps.onVerification?.(v, input, at);
+    },
+  });
+  const health = new HealthState(store, logger);
+  const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
+  return {
+    store,
+    metrics,
+    cache,
+    feed,
+    identities,
+    keys,
+    verify,
+    health,
+    routes: createRoutes({ identities, keys, verify, health }),
+    interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
+    /** Starts following the change feed (call once the store is initialised). */
+    start: () => feed.start(),
+    stop: () => feed.stop(),
+  };
+}
+
+export type Core = ReturnType<typeof createCore>;
 
 export interface AppDeps {
   config: Config;
@@ -19,10 +80,11 @@ export interface AppDeps {
 }
 
 export interface App {
+  core: Core;
   server: LatchkeyServer;
   health: HealthState;
   metrics: Metrics;
-  /** Binds the API port (and the metrics port unless 0); returns the API port. */
+  /** Binds the API port (and the metrics port unless 0). */
   start(): Promise<{ port: number; metricsPort: number | null }>;
   /** Graceful stop: NOT_SERVING, in-flight calls finish, then the store closes. */
   stop(): Promise<void>;
@@ -31,23 +93,19 @@ export interface App {
 /** Wires one server from its dependencies. The store must be initialised. */
 export function createApp(deps: AppDeps): App {
   const { config, store, logger } = deps;
-  const metrics = deps.metrics ?? createMetrics();
-  const health = new HealthState(store, logger);
-  const identities = createIdentityManager({ store });
-  const keys = createKeyManager({ store });
-  const authenticate = createRootKeyAuthenticator({ store, cacheMs: config.rootKeyCacheMs });
-  const server = createServer({
-    routes: createRoutes({ identities, keys, health }),
-    interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
-    tls: config.tls,
-  });
+  const counter = createCounter(config, store);
+  const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
+  const { metrics, health } = core;
+  const server = createServer({ routes: core.routes, interceptors: core.interceptors, tls: config.tls });
   let metricsServer: http.Server | null = null;
 
   return {
+    core,
     server,
     health,
     metrics,
     async start() {
+      await core.start();
       await health.start(config.healthCheckIntervalMs);
       const port = await server.listen(config.port, config.host);
       let metricsPort: number | null = null;
@@ -69,7 +127,9 @@ export function createApp(deps: AppDeps): App {
     async stop() {
       health.drain();
       await server.close(config.shutdownGraceMs);
+      core.stop();
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.close(() => resolve()) : resolve()));
+      await counter.close();
       await store.close();
     },
   };
@@ -77,6 +137,11 @@ export function createApp(deps: AppDeps): App {
 
 /** On a fresh install, creates the bootstrap root key and returns its plaintext (once, ever). */
 export async function bootstrapRootKey(store: Store): Promise<string | null> {
-  const res = await createRootKey(store, "bootstrap", [{ action: "read", apiId: null }, { action: "write", apiId: null }, { action: "verify", apiId: null }, { action: "usage", apiId: null }], { first: true });
+  const res = await createRootKey(
+    store,
+    "bootstrap",
+    (["read", "write", "verify", "usage"] as const).map((action) => ({ action, apiId: null })),
+    { first: true },
+  );
   return res?.plaintext ?? null;
 }

@@ -7,6 +7,7 @@ import { KeyService, file_latchkey_v1_key_service } from "../../gen/latchkey/v1/
 import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb.js";
 import type { IdentityManager } from "../domain/identities.js";
 import type { KeyManager } from "../domain/keys.js";
+import type { Verifier } from "../domain/verify.js";
 import { createHealthService, type HealthState } from "../rpc/health.js";
 import { createIdentityService } from "../rpc/identity-service.js";
 import { createKeyService } from "../rpc/key-service.js";
@@ -15,6 +16,7 @@ import { createReflectionServices } from "../rpc/reflection.js";
 export interface RouteDeps {
   identities: IdentityManager;
   keys: KeyManager;
+  verify: Verifier;
   health: HealthState;
 }
 
@@ -26,7 +28,7 @@ export function createRoutes(deps: RouteDeps) {
   );
   return (router: ConnectRouter) => {
     router.service(IdentityService, createIdentityService({ identities: deps.identities }));
-    router.service(KeyService, createKeyService({ keys: deps.keys }));
+    router.service(KeyService, createKeyService({ keys: deps.keys, verify: deps.verify }));
     router.service(Health, createHealthService(deps.health));
     router.service(reflectionV1.ServerReflection, reflection.v1);
     router.service(reflectionV1alpha.ServerReflection, reflection.v1alpha);

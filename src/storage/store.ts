@@ -9,6 +9,13 @@ import type {
   RootKeyRecord,
 } from "../domain/types.js";
 
+/** A change to a key or identity, for cache invalidation across instances. */
+export type Change = { seq: number; kind: "key"; id: string; hash: string } | { seq: number; kind: "identity"; id: string };
+
+export type RefillDue = { periodStart: number; amount: number };
+
+export type SpendResult = { ok: boolean; remaining: number } | { ok: true; remaining: null };
+
 /** A page request over records sorted by id (ids sort by creation time). */
 export interface PageQuery {
   limit: number;
@@ -66,6 +73,26 @@ export interface Store {
   rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean>;
   /** Atomically changes a balance; returns the new credits (null = unlimited) or undefined when the target does not exist. */
   updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined>;
+
+  /**
+   * Spends `cost` credits from the target's balance if it holds that many, all
+   * or nothing. With `refill`, a balance last refilled before
+   * `refill.periodStart` is first set to `refill.amount` — a compare-and-set on
+   * the refill time, so each period's refill happens exactly once however many
+   * instances race. An unlimited (or vanished) balance spends nothing and
+   * answers `{ ok: true, remaining: null }`.
+   */
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult>;
+
+  /**
+   * Every write of a key or identity (by any instance) is recorded as a change
+   * with an increasing `seq`. Returns changes after `afterSeq`, oldest first.
+   */
+  changesSince(afterSeq: number, limit: number): Promise<Change[]>;
+  /** The newest change's seq (0 when none): where a new instance starts reading. */
+  lastChangeSeq(): Promise<number>;
+  /** Forgets changes older than `olderThanMs` epoch ms. */
+  pruneChanges(olderThanMs: number): Promise<void>;
 
   createRootKey(rec: RootKeyRecord): Promise<void>;
   getRootKeyByHash(hash: string): Promise<RootKeyRecord | null>;

@@ -13,7 +13,7 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import { applyCreditsOp } from "../credits-op.js";
-import type { KeyFilter, PageQuery, Store } from "../store.js";
+import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS identities (
@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS root_keys (
   hash TEXT NOT NULL UNIQUE,
   doc TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  at INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  id TEXT NOT NULL,
+  hash TEXT
+);
 CREATE TABLE IF NOT EXISTS settings (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
@@ -126,6 +133,12 @@ export class SqliteStore implements Store {
       : "UPDATE identities SET external_id = @externalId, doc = @doc WHERE id = @id";
     // Named parameters: better-sqlite3 refuses positional values for `?NNN`.
     this.stmt(sql).run({ id: rec.id, externalId: rec.externalId, doc: JSON.stringify(rec) });
+    this.recordChange("identity", rec.id, null);
+  }
+
+  /** Called inside the writing transaction, so a change is visible with its data. */
+  private recordChange(kind: "key" | "identity", id: string, hash: string | null): void {
+    this.stmt("INSERT INTO changes (at, kind, id, hash) VALUES (?, ?, ?, ?)").run(Date.now(), kind, id, hash);
   }
 
   private putKey(rec: KeyRecord, insert: boolean): void {
@@ -133,6 +146,7 @@ export class SqliteStore implements Store {
       ? "INSERT INTO keys (id, api_id, identity_id, hash, doc) VALUES (@id, @apiId, @identityId, @hash, @doc)"
       : "UPDATE keys SET api_id = @apiId, identity_id = @identityId, hash = @hash, doc = @doc WHERE id = @id";
     this.stmt(sql).run({ id: rec.id, apiId: rec.apiId, identityId: rec.identityId, hash: rec.hash, doc: JSON.stringify(rec) });
+    this.recordChange("key", rec.id, rec.hash);
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -189,13 +203,16 @@ export class SqliteStore implements Store {
       let deletedKeys = 0;
       let unlinkedKeys = 0;
       if (deleteKeys) {
+        const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
         deletedKeys = this.stmt("DELETE FROM keys WHERE identity_id = ?").run(id).changes;
+        for (const k of keys) this.recordChange("key", k.id, k.hash);
       } else {
         const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
         for (const k of keys) this.putKey({ ...k, identityId: null }, false);
         unlinkedKeys = keys.length;
       }
       this.stmt("DELETE FROM identities WHERE id = ?").run(id);
+      this.recordChange("identity", id, null);
       return { deletedKeys, unlinkedKeys };
     });
   }
@@ -232,7 +249,13 @@ export class SqliteStore implements Store {
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    return this.tx(() => this.stmt("DELETE FROM keys WHERE id = ?").run(id).changes > 0);
+    return this.tx(() => {
+      const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id);
+      if (!cur) return false;
+      this.stmt("DELETE FROM keys WHERE id = ?").run(id);
+      this.recordChange("key", id, cur.hash);
+      return true;
+    });
   }
 
   async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
@@ -260,6 +283,53 @@ export class SqliteStore implements Store {
       this.putIdentity({ ...cur, credits, updatedAt: now }, false);
       return credits;
     });
+  }
+
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult> {
+    return this.tx(() => {
+      const isKey = "keyId" in target;
+      const rec = isKey
+        ? this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", target.keyId)
+        : this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId);
+      if (!rec || !rec.credits) return { ok: true as const, remaining: null };
+      let credits = rec.credits;
+      let changed = false;
+      if (refill && credits.refill && credits.refill.lastRefillAt < refill.periodStart) {
+        credits = { remaining: refill.amount, refill: { ...credits.refill, lastRefillAt: refill.periodStart } };
+        changed = true;
+      }
+      const ok = credits.remaining >= cost;
+      if (ok && cost > 0) {
+        credits = { ...credits, remaining: credits.remaining - cost };
+        changed = true;
+      }
+      if (changed) {
+        // Balance-only writes skip the change feed: cached records never decide on the balance.
+        const doc = JSON.stringify({ ...rec, credits });
+        if (isKey) this.stmt("UPDATE keys SET doc = ? WHERE id = ?").run(doc, rec.id);
+        else this.stmt("UPDATE identities SET doc = ? WHERE id = ?").run(doc, rec.id);
+      }
+      return { ok, remaining: credits.remaining };
+    });
+  }
+
+  async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
+    return wrap(() =>
+      (this.stmt("SELECT seq, kind, id, hash FROM changes WHERE seq > ? ORDER BY seq LIMIT ?").all(afterSeq, limit) as {
+        seq: number;
+        kind: "key" | "identity";
+        id: string;
+        hash: string | null;
+      }[]).map((r) => (r.kind === "key" ? { seq: r.seq, kind: "key", id: r.id, hash: r.hash! } : { seq: r.seq, kind: "identity", id: r.id })),
+    );
+  }
+
+  async lastChangeSeq(): Promise<number> {
+    return wrap(() => (this.stmt("SELECT coalesce(max(seq), 0) AS seq FROM changes").get() as { seq: number }).seq);
+  }
+
+  async pruneChanges(olderThanMs: number): Promise<void> {
+    this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {

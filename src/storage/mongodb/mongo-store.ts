@@ -11,7 +11,7 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
-import type { KeyFilter, PageQuery, Store } from "../store.js";
+import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 /*
  * Documents mirror the domain records with `_id` for the id. `meta` is stored
@@ -24,6 +24,8 @@ type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: st
 type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
+type CounterDoc = { _id: string; seq: number };
+type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
 
 function toIdentityDoc(r: IdentityRecord): IdentityDoc {
   const { id, meta, ...rest } = r;
@@ -84,12 +86,15 @@ export interface MongoStoreOptions {
  */
 export class MongoStore implements Store {
   readonly kind = "mongodb" as const;
-  private readonly client: MongoClient;
+  /** Shared with the MongoDB rate-limit counter, so one deployment holds one connection pool. */
+  readonly client: MongoClient;
   private db!: Db;
   private identities!: Collection<IdentityDoc>;
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
   private settings!: Collection<SettingDoc>;
+  private counters!: Collection<CounterDoc>;
+  private changes!: Collection<ChangeDoc>;
 
   constructor(private readonly opts: MongoStoreOptions) {
     this.client = new MongoClient(opts.uri, {
@@ -120,6 +125,9 @@ export class MongoStore implements Store {
       this.keys = this.db.collection<KeyDoc>("keys");
       this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
       this.settings = this.db.collection<SettingDoc>("settings");
+      this.counters = this.db.collection<CounterDoc>("counters");
+      this.changes = this.db.collection<ChangeDoc>("changes");
+      await this.changes.createIndex({ at: 1 }, { name: "at" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
@@ -134,6 +142,16 @@ export class MongoStore implements Store {
 
   async close(): Promise<void> {
     await this.client.close();
+  }
+
+  /**
+   * Appends to the change feed after the write it describes. The seq comes from
+   * one atomic counter, so it increases across instances; a reader tolerates the
+   * short gaps that concurrent writers leave (src/cache/invalidation.ts).
+   */
+  private async recordChange(kind: "key" | "identity", id: string, hash: string | null): Promise<void> {
+    const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
+    await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -182,7 +200,9 @@ export class MongoStore implements Store {
     const d = await this.run(() =>
       this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }),
     );
-    return d ? fromIdentityDoc(d) : null;
+    if (!d) return null;
+    await this.run(() => this.recordChange("identity", id, null));
+    return fromIdentityDoc(d);
   }
 
   async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
@@ -192,18 +212,23 @@ export class MongoStore implements Store {
       // pointing at a deleted identity.
       let deletedKeys = 0;
       let unlinkedKeys = 0;
+      const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
       if (deleteKeys) {
         deletedKeys = (await this.keys.deleteMany({ identityId: id })).deletedCount;
       } else {
         unlinkedKeys = (await this.keys.updateMany({ identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } })).modifiedCount;
       }
       const res = await this.identities.deleteOne({ _id: id });
+      for (const k of affected) await this.recordChange("key", k._id, k.hash);
+      await this.recordChange("identity", id, null);
       return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
     });
   }
 
   async createKey(rec: KeyRecord): Promise<void> {
     await this.run(() => this.keys.insertOne(toKeyDoc(rec)));
+    // Clears negative cache entries for this hash on every instance.
+    await this.run(() => this.recordChange("key", rec.id, rec.hash));
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
@@ -226,20 +251,29 @@ export class MongoStore implements Store {
 
   async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
     const d = await this.run(() => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }));
-    return d ? fromKeyDoc(d) : null;
+    if (!d) return null;
+    await this.run(() => this.recordChange("key", id, d.hash));
+    return fromKeyDoc(d);
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const res = await this.run(() => this.keys.deleteOne({ _id: id }));
-    return res.deletedCount === 1;
+    const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }, { projection: { hash: 1 } }));
+    if (!d) return false;
+    await this.run(() => this.recordChange("key", id, d.hash));
+    return true;
   }
 
   async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
     if (!(await this.getKey(oldId))) return false;
     await this.createKey(next);
     try {
-      const res = await this.run(() => this.keys.updateOne({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }));
-      if (res.matchedCount === 1) return true;
+      const res = await this.run(() =>
+        this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }, { projection: { hash: 1 } }),
+      );
+      if (res) {
+        await this.run(() => this.recordChange("key", oldId, res.hash));
+        return true;
+      }
       await this.deleteKey(next.id); // the old key vanished meanwhile
       return false;
     } catch (err) {
@@ -251,7 +285,7 @@ export class MongoStore implements Store {
   async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
     const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; updatedAt: number }>;
     const id = "keyId" in target ? target.keyId : target.identityId;
-    const after = { returnDocument: "after" as const, projection: { credits: 1 } };
+    const after = { returnDocument: "after" as const, projection: { credits: 1, hash: 1 } };
     return this.run(async () => {
       // Each attempt is one conditional single-document update; a miss means the
       // balance changed shape under us (or the target is gone), so look and retry.
@@ -282,7 +316,10 @@ export class MongoStore implements Store {
               after,
             ));
         }
-        if (d) return d.credits;
+        if (d) {
+          await this.recordChange("keyId" in target ? "key" : "identity", id, (d as { hash?: string }).hash ?? null);
+          return d.credits;
+        }
         const cur = await coll.findOne({ _id: id }, { projection: { credits: 1 } });
         if (!cur) return undefined;
         if (cur.credits === null && op.op !== "set") throw new FailedPreconditionError("credits are unlimited; SET a balance first");
@@ -292,6 +329,46 @@ export class MongoStore implements Store {
       }
       throw new UnavailableError("credits changed concurrently too often; retry");
     });
+  }
+
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult> {
+    const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null }>;
+    const id = "keyId" in target ? target.keyId : target.identityId;
+    return this.run(async () => {
+      if (refill) {
+        // Compare-and-set on the refill time: of all racing instances, one wins.
+        await coll.updateOne(
+          { _id: id, credits: { $ne: null }, "credits.refill": { $ne: null }, "credits.refill.lastRefillAt": { $lt: refill.periodStart } },
+          { $set: { "credits.remaining": refill.amount, "credits.refill.lastRefillAt": refill.periodStart } },
+        );
+      }
+      if (cost > 0) {
+        const d = await coll.findOneAndUpdate(
+          { _id: id, "credits.remaining": { $gte: cost } },
+          { $inc: { "credits.remaining": -cost } },
+          { returnDocument: "after", projection: { credits: 1 } },
+        );
+        if (d?.credits) return { ok: true, remaining: d.credits.remaining };
+      }
+      const cur = await coll.findOne({ _id: id }, { projection: { credits: 1 } });
+      if (!cur?.credits) return { ok: true as const, remaining: null };
+      // With cost 0 this is a check; otherwise the conditional spend above missed.
+      return { ok: cost === 0, remaining: cur.credits.remaining };
+    });
+  }
+
+  async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
+    const docs = await this.run(() => this.changes.find({ _id: { $gt: afterSeq } }).sort({ _id: 1 }).limit(limit).toArray());
+    return docs.map((d) => (d.kind === "key" ? { seq: d._id, kind: "key", id: d.id, hash: d.hash! } : { seq: d._id, kind: "identity", id: d.id }));
+  }
+
+  async lastChangeSeq(): Promise<number> {
+    const c = await this.run(() => this.counters.findOne({ _id: "changes" }));
+    return c?.seq ?? 0;
+  }
+
+  async pruneChanges(olderThanMs: number): Promise<void> {
+    await this.run(() => this.changes.deleteMany({ at: { $lt: olderThanMs } }));
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {

@@ -1,0 +1,38 @@
+/** A bounded map with per-entry expiry, evicting the least recently used entry. */
+export class LruCache<K, V> {
+  private readonly map = new Map<K, { value: V; expires: number }>();
+
+  constructor(readonly max: number) {}
+
+  get size(): number {
+    return this.map.size;
+  }
+
+  /** The entry, or undefined when absent or expired. */
+  get(key: K, now: number): { value: V } | undefined {
+    const e = this.map.get(key);
+    if (!e) return undefined;
+    if (e.expires <= now) {
+      this.map.delete(key);
+      return undefined;
+    }
+    // Re-insert to mark as most recently used (Map keeps insertion order).
+    this.map.delete(key);
+    this.map.set(key, e);
+    return e;
+  }
+
+  set(key: K, value: V, expires: number): void {
+    this.map.delete(key);
+    if (this.map.size >= this.max) this.map.delete(this.map.keys().next().value as K);
+    this.map.set(key, { value, expires });
+  }
+
+  delete(key: K): void {
+    this.map.delete(key);
+  }
+
+  clear(): void {
+    this.map.clear();
+  }
+}
