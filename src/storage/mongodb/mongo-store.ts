@@ -67,6 +67,14 @@ const UNAVAILABLE = new Set([
   "MongoPoolClearedError",
 ]);
 
+/**
+ * A unique index refused the write. FerretDB (SQLite backend) reports a
+ * violation by an update as code 1 with SQLite's message instead of 11000.
+ */
+function isDuplicateKey(err: unknown): err is MongoServerError {
+  return err instanceof MongoServerError && (err.code === 11000 || (err.code === 1 && /UNIQUE constraint failed/.test(err.message)));
+}
+
 function escapeRegex(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
 }
@@ -108,9 +116,9 @@ export class MongoStore implements Store {
     try {
       return await fn();
     } catch (err) {
-      if (err instanceof MongoServerError && err.code === 11000) {
+      if (isDuplicateKey(err)) {
         const msg = String(err.message);
-        throw new AlreadyExistsError(msg.includes("externalId") ? "an identity with this external_id already exists" : "already exists");
+        throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
       }
       if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new UnavailableError(`mongodb: ${err.name}`);
       throw err;
@@ -150,8 +158,17 @@ export class MongoStore implements Store {
    * short gaps that concurrent writers leave (src/cache/invalidation.ts).
    */
   private async recordChange(kind: "key" | "identity", id: string, hash: string | null): Promise<void> {
-    const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
-    await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
+    // A duplicate seq (racing first upserts; servers such as FerretDB that do not
+    // apply $inc atomically) takes the next one instead of failing the write.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
+        await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
+        return;
+      } catch (err) {
+        if (!isDuplicateKey(err) || attempt >= 100) throw err;
+      }
+    }
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -257,7 +274,7 @@ export class MongoStore implements Store {
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }, { projection: { hash: 1 } }));
+    const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }));
     if (!d) return false;
     await this.run(() => this.recordChange("key", id, d.hash));
     return true;
@@ -268,7 +285,7 @@ export class MongoStore implements Store {
     await this.createKey(next);
     try {
       const res = await this.run(() =>
-        this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }, { projection: { hash: 1 } }),
+        this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }),
       );
       if (res) {
         await this.run(() => this.recordChange("key", oldId, res.hash));
@@ -285,7 +302,8 @@ export class MongoStore implements Store {
   async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
     const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; updatedAt: number }>;
     const id = "keyId" in target ? target.keyId : target.identityId;
-    const after = { returnDocument: "after" as const, projection: { credits: 1, hash: 1 } };
+    // No projection: FerretDB does not implement `fields` in findAndModify.
+    const after = { returnDocument: "after" as const };
     return this.run(async () => {
       // Each attempt is one conditional single-document update; a miss means the
       // balance changed shape under us (or the target is gone), so look and retry.
@@ -346,7 +364,7 @@ export class MongoStore implements Store {
         const d = await coll.findOneAndUpdate(
           { _id: id, "credits.remaining": { $gte: cost } },
           { $inc: { "credits.remaining": -cost } },
-          { returnDocument: "after", projection: { credits: 1 } },
+          { returnDocument: "after" },
         );
         if (d?.credits) return { ok: true, remaining: d.credits.remaining };
       }
