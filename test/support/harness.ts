@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import { MongoClient } from "mongodb";
-import { afterEach, beforeEach } from "vitest";
+import { afterEach, beforeEach, expect } from "vitest";
 import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
@@ -257,4 +257,17 @@ export async function rpcError(call: Promise<unknown>): Promise<ConnectError> {
 /** Shorthand: the status code a call failed with, by name ("InvalidArgument"). */
 export async function codeOf(call: Promise<unknown>): Promise<keyof typeof Code> {
   return Code[(await rpcError(call)).code] as keyof typeof Code;
+}
+
+/**
+ * Runs `call` and expects it to fail with `code` — for INVALID_ARGUMENT with a
+ * message that starts with the offending `field` — having written nothing.
+ */
+export async function expectRefused(h: Harness, call: () => Promise<unknown>, code: Code, field?: string): Promise<ConnectError> {
+  const before = await h.snapshot();
+  const err = await rpcError(call());
+  expect(Code[err.code]).toBe(Code[code]);
+  if (field !== undefined) expect(err.rawMessage.startsWith(`${field}: `), `"${err.rawMessage}" should name ${field}`).toBe(true);
+  expect(await h.snapshot()).toEqual(before);
+  return err;
 }
