@@ -2,7 +2,7 @@ import type { Store } from "../storage/store.js";
 import type { Principal } from "./access.js";
 import { InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ID_PATTERNS, newId } from "./ids.js";
-import { generateKey } from "./key-format.js";
+import { MIN_KEY_BYTES, generateKey } from "./key-format.js";
 import { decodePageToken, encodePageToken } from "./page-token.js";
 import type { Credits, CreditsOp, IdentityRecord, JsonObject, KeyPatch, KeyRecord, Ratelimit } from "./types.js";
 import {
@@ -111,6 +111,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
         identityId: identity?.id ?? null,
         hash: secret.hash,
         start: secret.start,
+        byteLength,
         name,
         meta,
         enabled: input.enabled,
@@ -210,7 +211,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
       const t = now();
       const prefixEnd = old.start.lastIndexOf("_");
       const prefix = prefixEnd >= 0 ? old.start.slice(0, prefixEnd) : "";
-      const secret = generateKey(prefix, 16);
+      const secret = generateKey(prefix, old.byteLength ?? MIN_KEY_BYTES);
       const next: KeyRecord = {
         ...old,
         id: newId("key", t),

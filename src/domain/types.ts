@@ -44,6 +44,8 @@ export interface KeyRecord {
   /** Hex SHA-256 of the plaintext key. */
   hash: string;
   start: string;
+  /** Random bytes of the secret, kept by a reroll; absent on records from before it was stored (16). */
+  byteLength?: number;
   name: string;
   meta: JsonObject;
   enabled: boolean;
