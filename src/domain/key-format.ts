@@ -24,21 +24,26 @@ export function base58Encode(buf: Uint8Array): string {
 }
 
 export function base58Decode(s: string): Uint8Array | null {
+  // Byte-array arithmetic (no BigInt): this runs on every verification.
+  const bytes = new Uint8Array(Math.ceil((s.length * 733) / 1000) + 1); // log(58)/log(256)
+  let length = 0;
   let zeros = 0;
-  while (zeros < s.length && s[zeros] === "1") zeros++;
-  let n = 0n;
-  for (let i = 0; i < s.length; i++) {
+  while (zeros < s.length && s.charCodeAt(zeros) === 49 /* "1" */) zeros++;
+  for (let i = zeros; i < s.length; i++) {
     const c = s.charCodeAt(i);
-    const v = c < 128 ? INDEX[c] : -1;
-    if (v < 0) return null;
-    n = n * 58n + BigInt(v);
+    let carry = c < 128 ? INDEX[c] : -1;
+    if (carry < 0) return null;
+    let j = 0;
+    for (let k = bytes.length - 1; (carry !== 0 || j < length) && k >= 0; k--, j++) {
+      carry += 58 * bytes[k];
+      bytes[k] = carry & 255;
+      carry >>= 8;
+    }
+    length = j;
   }
-  const bytes: number[] = [];
-  while (n > 0n) {
-    bytes.unshift(Number(n & 255n));
-    n >>= 8n;
-  }
-  return Uint8Array.from([...new Array(zeros).fill(0), ...bytes]);
+  const out = new Uint8Array(zeros + length);
+  out.set(bytes.subarray(bytes.length - length), zeros);
+  return out;
 }
 
 function checksum(random: Uint8Array): Buffer {

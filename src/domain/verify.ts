@@ -144,9 +144,11 @@ export function createVerifier(deps: {
     if (failure !== null || !ok) {
       await refund(applied, added.map((r) => r.status === "fulfilled"));
       if (failure !== null) throw failure;
-      // Report what is left once this refused call has been taken back.
+      // Report what is left once this refused call has been taken back, also for
+      // the limit that refused it (a cost of 3 with 1 left leaves 1, not 0).
       results.forEach((r, i) => {
-        if (!r.exceeded) r.remaining = Math.min(r.limit, r.remaining + applied[i].cost);
+        const total = (added[i] as PromiseFulfilledResult<{ total: number }>).value.total - applied[i].cost;
+        r.remaining = Math.min(r.limit, Math.max(0, r.limit - total));
       });
     }
     return { ok, results };

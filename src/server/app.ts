@@ -14,7 +14,7 @@ import type { Store } from "../storage/store.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
 import { createMetrics, type Metrics } from "./metrics.js";
-import { createRoutes } from "./routes.js";
+import { createServiceRegistrations, routesOf } from "./routes.js";
 
 export type CoreOptions = Pick<Config, "rootKeyCacheMs" | "cacheMaxEntries" | "cacheTtlMs" | "invalidationPollMs">;
 
@@ -53,6 +53,7 @@ export function createCore(deps: CoreDeps) {
   });
   const health = new HealthState(store, logger);
   const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
+  const services = createServiceRegistrations({ identities, keys, verify, health });
   return {
     store,
     metrics,
@@ -62,7 +63,8 @@ export function createCore(deps: CoreDeps) {
     keys,
     verify,
     health,
-    routes: createRoutes({ identities, keys, verify, health }),
+    services,
+    routes: routesOf(services),
     interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
     /** Starts following the change feed (call once the store is initialised). */
     start: () => feed.start(),
@@ -96,7 +98,7 @@ export function createApp(deps: AppDeps): App {
   const counter = createCounter(config, store);
   const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
   const { metrics, health } = core;
-  const server = createServer({ routes: core.routes, interceptors: core.interceptors, tls: config.tls });
+  const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });
   let metricsServer: http.Server | null = null;
 
   return {

@@ -4,9 +4,13 @@ import { readFileSync } from "node:fs";
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
+import tls from "node:tls";
+import { createGrpcUnaryHandler, type ServiceRegistration } from "./grpc-unary.js";
 
 export interface ServerOptions {
   routes: (router: ConnectRouter) => void;
+  /** When given, unary gRPC calls to these services take the lean path (grpc-unary.ts). */
+  services?: ServiceRegistration[];
   interceptors: Interceptor[];
   tls?: { certFile: string; keyFile: string } | null;
 }
@@ -26,27 +30,43 @@ const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
 /**
  * One port for every protocol: gRPC, gRPC-Web and Connect, over HTTP/2 and
  * HTTP/1.1. Without TLS, the first bytes of a connection decide: the HTTP/2
- * preface goes to the h2c server, anything else to the HTTP/1.1 server. With
- * TLS, ALPN decides. Returns an un-started server.
+ * preface goes to the HTTP/2 server, anything else to the HTTP/1.1 server. With
+ * TLS, ALPN decides the same way. HTTP/2 streams are taken from the `stream`
+ * event: unary gRPC calls go to the lean handler (grpc-unary.ts) when it
+ * accepts them, every other stream gets Node's compatibility request/response
+ * and goes to Connect-Node. Returns an un-started server.
  */
 export function createServer(opts: ServerOptions): LatchkeyServer {
-  const handler = connectNodeAdapter({ routes: opts.routes, interceptors: opts.interceptors });
+  const connect = connectNodeAdapter({ routes: opts.routes, interceptors: opts.interceptors });
+  const fast = opts.services ? createGrpcUnaryHandler(opts.services, opts.interceptors) : null;
   const sessions = new Set<http2.Http2Session>();
   const sockets = new Set<net.Socket>();
-  let h2: http2.Http2Server | http2.Http2SecureServer;
-  let h1: http.Server | null = null;
-  let front: net.Server;
+  // No 'request' listener on this server: it would make Node build compatibility
+  // objects for every stream, including those the lean handler serves.
+  const h2 = http2.createServer({});
+  h2.on("stream", (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, _flags: number, rawHeaders: string[]) => {
+    if (fast?.(stream, headers)) return;
+    connect(new http2.Http2ServerRequest(stream, headers, {}, rawHeaders), new http2.Http2ServerResponse(stream));
+  });
+  const h1 = http.createServer(connect);
+  h1.keepAliveTimeout = 65_000;
 
+  const dispatch = (socket: net.Socket, isH2: boolean) => {
+    if (isH2) h2.emit("connection", socket);
+    else h1.emit("connection", socket);
+  };
+  let front: net.Server;
   if (opts.tls) {
-    h2 = http2.createSecureServer(
-      { cert: readFileSync(opts.tls.certFile), key: readFileSync(opts.tls.keyFile), allowHTTP1: true },
-      handler,
+    front = tls.createServer(
+      { cert: readFileSync(opts.tls.certFile), key: readFileSync(opts.tls.keyFile), ALPNProtocols: ["h2", "http/1.1"] },
+      (socket) => {
+        sockets.add(socket);
+        socket.on("close", () => sockets.delete(socket));
+        dispatch(socket, socket.alpnProtocol === "h2");
+      },
     );
-    front = h2;
+    front.on("tlsClientError", (_err, socket) => socket.destroy());
   } else {
-    h2 = http2.createServer({}, handler);
-    h1 = http.createServer(handler);
-    h1.keepAliveTimeout = 65_000;
     front = net.createServer((socket) => {
       let head = Buffer.alloc(0);
       const onData = (chunk: Buffer) => {
@@ -57,20 +77,20 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
         socket.off("data", onData);
         socket.pause();
         socket.unshift(head);
-        if (isH2) {
-          // The HTTP/2 session reads the unshifted preface on its next tick; resuming
-          // here would drop it.
-          h2.emit("connection", socket);
-        } else {
-          h1!.emit("connection", socket);
-          socket.resume();
-        }
+        dispatch(socket, isH2);
+        // The HTTP/2 session reads the unshifted preface on its next tick; resuming
+        // here would drop it. HTTP/1.1 needs the socket flowing again.
+        if (!isH2) socket.resume();
       };
       socket.on("data", onData);
       socket.on("error", () => socket.destroy());
     });
   }
   front.on("connection", (s: net.Socket) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  h1.on("connection", (s: net.Socket) => {
     sockets.add(s);
     s.on("close", () => sockets.delete(s));
   });
@@ -93,10 +113,10 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       const closed = new Promise<void>((resolve) => front.close(() => resolve()));
       // GOAWAY: clients stop sending new calls here; open streams run to completion.
       for (const s of sessions) s.close();
-      h1?.closeIdleConnections();
+      h1.closeIdleConnections();
       const drained = new Promise<void>((resolve) => {
         const tick = setInterval(() => {
-          h1?.closeIdleConnections();
+          h1.closeIdleConnections();
           if (sessions.size === 0 && sockets.size === 0) {
             clearInterval(tick);
             resolve();

@@ -12,6 +12,7 @@ import { createHealthService, type HealthState } from "../rpc/health.js";
 import { createIdentityService } from "../rpc/identity-service.js";
 import { createKeyService } from "../rpc/key-service.js";
 import { createReflectionServices } from "../rpc/reflection.js";
+import type { ServiceRegistration } from "./grpc-unary.js";
 
 export interface RouteDeps {
   identities: IdentityManager;
@@ -20,17 +21,33 @@ export interface RouteDeps {
   health: HealthState;
 }
 
-/** Every service the server answers, on one router. */
-export function createRoutes(deps: RouteDeps) {
+/**
+ * Every service the server answers, with its implementation. The same
+ * registrations feed the Connect router (every protocol) and the unary gRPC
+ * fast path (src/server/grpc-unary.ts).
+ */
+export function createServiceRegistrations(deps: RouteDeps): ServiceRegistration[] {
   const reflection = createReflectionServices(
     [file_latchkey_v1_identity_service, file_latchkey_v1_key_service, file_grpc_health_v1_health, reflectionV1.file_grpc_reflection_v1_reflection, reflectionV1alpha.file_grpc_reflection_v1alpha_reflection],
     [IdentityService.typeName, KeyService.typeName, Health.typeName, reflectionV1.ServerReflection.typeName, reflectionV1alpha.ServerReflection.typeName],
   );
+  return [
+    { service: IdentityService, impl: createIdentityService({ identities: deps.identities }) },
+    { service: KeyService, impl: createKeyService({ keys: deps.keys, verify: deps.verify }) },
+    { service: Health, impl: createHealthService(deps.health) },
+    { service: reflectionV1.ServerReflection, impl: reflection.v1 },
+    { service: reflectionV1alpha.ServerReflection, impl: reflection.v1alpha },
+  ] as ServiceRegistration[];
+}
+
+/** The Connect routes function over the registrations. */
+export function routesOf(registrations: ServiceRegistration[]) {
   return (router: ConnectRouter) => {
-    router.service(IdentityService, createIdentityService({ identities: deps.identities }));
-    router.service(KeyService, createKeyService({ keys: deps.keys, verify: deps.verify }));
-    router.service(Health, createHealthService(deps.health));
-    router.service(reflectionV1.ServerReflection, reflection.v1);
-    router.service(reflectionV1alpha.ServerReflection, reflection.v1alpha);
+    for (const r of registrations) router.service(r.service, r.impl);
   };
+}
+
+/** Every service, on one router. */
+export function createRoutes(deps: RouteDeps) {
+  return routesOf(createServiceRegistrations(deps));
 }

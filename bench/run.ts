@@ -1,0 +1,250 @@
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { newId } from "../src/domain/ids.js";
+import { generateKey } from "../src/domain/key-format.js";
+import { createRootKey } from "../src/domain/root-keys.js";
+import type { KeyRecord } from "../src/domain/types.js";
+import { SqliteStore } from "../src/storage/embedded/sqlite-store.js";
+import { MongoStore } from "../src/storage/mongodb/mongo-store.js";
+import type { Store } from "../src/storage/store.js";
+
+/*
+ * npm run bench: VerifyKey over native gRPC against two baselines, with ghz.
+ * Settings come from the environment (defaults in brackets):
+ *   BENCH_DURATION [10s], BENCH_CONCURRENCY [50], BENCH_CONNECTIONS [1],
+ *   BENCH_IDENTITIES [1000], BENCH_KEYS [10000], MONGODB_URI and REDIS_URL for
+ *   the MongoDB run (skipped without MONGODB_URI).
+ */
+const DURATION = process.env.BENCH_DURATION ?? "10s";
+const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 50);
+const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 1);
+const IDENTITIES = Number(process.env.BENCH_IDENTITIES ?? 1000);
+const KEYS = Number(process.env.BENCH_KEYS ?? 10_000);
+const ROOT = new URL("../..", import.meta.url).pathname;
+
+function findTool(name: string): string {
+  const found = spawnSync("sh", ["-c", `command -v ${name}`], { encoding: "utf8" }).stdout.trim();
+  if (found) return found;
+  const fallback = join(process.env.HOME ?? "/root", "go", "bin", name);
+  if (existsSync(fallback)) return fallback;
+  throw new Error(`${name} not found: install it with \`go install github.com/bojand/ghz/cmd/ghz@v0.120.0\``);
+}
+
+const children = new Set<ChildProcess>();
+process.on("exit", () => children.forEach((c) => c.kill("SIGKILL")));
+
+/** Starts a process and resolves with the port from its first JSON line that has one. */
+function start(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; port: number }> {
+  const proc = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "inherit"] });
+  children.add(proc);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${args.join(" ")} did not start`)), 30_000);
+    proc.once("exit", (code) => reject(new Error(`${args.join(" ")} exited with ${code}`)));
+    createInterface({ input: proc.stdout! }).on("line", (line) => {
+      try {
+        const j = JSON.parse(line) as { port?: number };
+        if (typeof j.port === "number") {
+          clearTimeout(timer);
+          resolve({ proc, port: j.port });
+        }
+      } catch {
+        /* not JSON (the bootstrap banner) */
+      }
+    });
+  });
+}
+
+async function stop(proc: ChildProcess): Promise<void> {
+  const exited = new Promise((r) => proc.once("exit", r));
+  proc.kill("SIGTERM");
+  await exited;
+  children.delete(proc);
+}
+
+interface Result {
+  rps: number;
+  p50: number;
+  p99: number;
+  ok: number;
+  errors: number;
+}
+
+function ghz(port: number, call: string, proto: string, dataFile: string, opts: { metadata?: Record<string, string>; duration?: string; rps?: number } = {}): Result {
+  const args = [
+    "--insecure",
+    "--proto", join(ROOT, "proto", proto),
+    "--import-paths", join(ROOT, "proto"),
+    "--call", call,
+    "--data-file", dataFile,
+    "-c", String(CONCURRENCY),
+    "--connections", String(CONNECTIONS),
+    "-z", opts.duration ?? DURATION,
+    "--format", "json",
+  ];
+  if (opts.metadata) args.push("--metadata", JSON.stringify(opts.metadata));
+  if (opts.rps) args.push("--rps", String(Math.round(opts.rps)));
+  args.push(`127.0.0.1:${port}`);
+  const out = spawnSync(findTool("ghz"), args, { encoding: "utf8", maxBuffer: 256 * 1024 * 1024 });
+  if (out.status !== 0 && !out.stdout) throw new Error(`ghz failed: ${out.stderr}`);
+  const r = JSON.parse(out.stdout) as {
+    rps: number;
+    latencyDistribution: { percentage: number; latency: number }[] | null;
+    statusCodeDistribution: Record<string, number>;
+  };
+  const pct = (p: number) => (r.latencyDistribution?.find((d) => d.percentage === p)?.latency ?? NaN) / 1e6;
+  const ok = r.statusCodeDistribution?.OK ?? 0;
+  const errors = Object.entries(r.statusCodeDistribution ?? {}).reduce((n, [k, v]) => (k === "OK" ? n : n + v), 0);
+  return { rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
+}
+
+/** 1,000 identities with an auto-applied limit, 10,000 keys; returns the plaintexts and a root key. */
+async function seed(store: Store): Promise<{ keys: string[]; hashes: string[]; rootKey: string }> {
+  const now = Date.now();
+  const keys: string[] = [];
+  const hashes: string[] = [];
+  for (let i = 0; i < IDENTITIES; i++) {
+    const identityId = newId("id", now);
+    await store.createIdentity({
+      id: identityId,
+      externalId: `bench_user_${i}`,
+      meta: { plan: "pro", i },
+      ratelimits: [{ name: "requests", limit: 1_000_000_000, durationMs: 60_000, autoApply: true }],
+      credits: null,
+      createdAt: now,
+      updatedAt: now,
+    });
+    for (let j = 0; j < KEYS / IDENTITIES; j++) {
+      const secret = generateKey("sk", 16);
+      const rec: KeyRecord = {
+        id: newId("key", now),
+        apiId: "bench",
+        identityId,
+        hash: secret.hash,
+        start: secret.start,
+        name: `key ${i}.${j}`,
+        meta: { j },
+        enabled: true,
+        expiresAt: null,
+        credits: null,
+        ratelimits: [],
+        permissions: ["read"],
+        createdAt: now,
+        updatedAt: now,
+        lastUsedAt: null,
+      };
+      await store.createKey(rec);
+      keys.push(secret.plaintext);
+      hashes.push(secret.hash);
+    }
+  }
+  const root = await createRootKey(store, "bench", [{ action: "verify", apiId: null }]);
+  return { keys, hashes, rootKey: root!.plaintext };
+}
+
+function row(name: string, r: Result, base?: Result): string {
+  const ratio = base ? (r.rps / base.rps).toFixed(2) : "";
+  return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${r.errors} | ${ratio} |`;
+}
+
+async function main() {
+  const work = mkdtempSync(join(tmpdir(), "latchkey-bench-"));
+  const lines: string[] = [];
+  try {
+    const healthData = join(work, "health.json");
+    writeFileSync(healthData, JSON.stringify({ service: "" }));
+
+    // Baselines.
+    const connect = await start(["dist/bench/baseline-connect.js"]);
+    ghz(connect.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    const connectBase = ghz(connect.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+    await stop(connect.proc);
+    const grpcjs = await start(["dist/bench/baseline-grpcjs.js"]);
+    ghz(grpcjs.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    const grpcjsBase = ghz(grpcjs.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+    await stop(grpcjs.proc);
+
+    // VerifyKey on the embedded store.
+    const dataDir = join(work, "data");
+    const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
+    await sqlite.init();
+    const t0 = Date.now();
+    const seeded = await seed(sqlite);
+    await sqlite.close();
+    const seedMs = Date.now() - t0;
+    const verifyData = join(work, "verify.json");
+    writeFileSync(verifyData, JSON.stringify(seeded.keys.map((key) => ({ key, api_id: "bench" }))));
+    const hashesFile = join(work, "hashes.json");
+    writeFileSync(hashesFile, JSON.stringify(seeded.hashes));
+    const md = { authorization: `Bearer ${seeded.rootKey}` };
+    const serverEnv = { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "warn" };
+
+    const latchkeyArgs = ["dist/src/cli.js", "serve"];
+    const runVerify = async (env: Record<string, string>) => {
+      const srv = await start(latchkeyArgs, { ...serverEnv, ...env, LATCHKEY_LOG_LEVEL: "info" });
+      ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, duration: "3s" });
+      const peak = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
+      const half = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, rps: peak.rps / 2 });
+      await stop(srv.proc);
+      return { peak, half };
+    };
+    const embedded = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+
+    const mem = spawnSync(process.execPath, ["--expose-gc", "dist/bench/memory.js", join(dataDir, "latchkey.db"), hashesFile], { cwd: ROOT, encoding: "utf8" });
+    const memory = JSON.parse(mem.stdout || "{}") as { bytesPerKey?: number; keys?: number; identities?: number };
+
+    let mongo: { peak: Result; half: Result } | null = null;
+    let mongoNote = "skipped: MONGODB_URI not set";
+    if (process.env.MONGODB_URI) {
+      const database = `latchkey_bench_${Date.now()}`;
+      const ms = new MongoStore({ uri: process.env.MONGODB_URI, database });
+      await ms.init();
+      const mseeded = await seed(ms);
+      const mdata = join(work, "verify-mongo.json");
+      writeFileSync(mdata, JSON.stringify(mseeded.keys.map((key) => ({ key, api_id: "bench" }))));
+      const env: Record<string, string> = { LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database };
+      if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
+      const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
+      const mmd = { authorization: `Bearer ${mseeded.rootKey}` };
+      ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, duration: "3s" });
+      const peak = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd });
+      const half = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, rps: peak.rps / 2 });
+      await stop(srv.proc);
+      await ms.close();
+      mongo = { peak, half };
+      mongoNote = `MongoDB store (${process.env.MONGODB_URI.replace(/\/\/[^@]*@/, "//")}), rate-limit counters: ${process.env.REDIS_URL ? "redis" : "mongodb"}`;
+    }
+
+    lines.push(
+      `ghz ${DURATION}, concurrency ${CONCURRENCY}, connections ${CONNECTIONS}; ${IDENTITIES} identities, ${KEYS} keys (seeded in ${seedMs} ms)`,
+      "",
+      "| run | calls/s | p50 ms | p99 ms | errors | ÷ grpc-js |",
+      "|---|---|---|---|---|---|",
+      row("grpc-js baseline (Health/Check)", grpcjsBase, grpcjsBase),
+      row("Connect-Node baseline (Health/Check)", connectBase, grpcjsBase),
+      row("VerifyKey, embedded store, peak", embedded.peak, grpcjsBase),
+      row(`VerifyKey, embedded store, at ${Math.round(embedded.peak.rps / 2)}/s`, embedded.half),
+    );
+    if (mongo) {
+      lines.push(row("VerifyKey, MongoDB store, peak", mongo.peak, grpcjsBase), row(`VerifyKey, MongoDB store, at ${Math.round(mongo.peak.rps / 2)}/s`, mongo.half));
+    }
+    lines.push(
+      "",
+      `MongoDB run: ${mongoNote}${mongo ? `; MongoDB ÷ embedded = ${(mongo.peak.rps / embedded.peak.rps).toFixed(2)}` : ""}`,
+      `Cache memory: ${memory.bytesPerKey ?? "?"} bytes of heap per cached key (${memory.keys} keys, ${memory.identities} identities)`,
+    );
+    process.stdout.write(lines.join("\n") + "\n");
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    process.stderr.write(`bench failed: ${(err as Error).stack}\n`);
+    process.exit(1);
+  },
+);
