@@ -1,5 +1,6 @@
 import { Code, ConnectError, createClient, createRouterTransport, type Client, type Interceptor } from "@connectrpc/connect";
 import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -19,6 +20,9 @@ import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
 
 export type StoreKind = "embedded" | "mongodb";
+
+/** Embedded stores live in memory-backed /dev/shm when there is one: fsync there costs nothing. */
+const TEST_TMP = existsSync("/dev/shm") ? "/dev/shm" : tmpdir();
 
 /** A store on its own storage (temp dir or random database) that can be reopened and destroyed. */
 export interface TestStore {
@@ -40,7 +44,7 @@ export function mongoUri(): string | null {
  */
 export async function openTestStore(kind: StoreKind, opts: { database?: string } = {}): Promise<TestStore> {
   if (kind === "embedded") {
-    const dir = await mkdtemp(join(tmpdir(), "latchkey-test-"));
+    const dir = await mkdtemp(join(TEST_TMP, "latchkey-test-"));
     const path = join(dir, "latchkey.db");
     let store = new SqliteStore(path);
     await store.init();
@@ -219,7 +223,7 @@ export async function createHarness(opts: HarnessOptions = {}): Promise<Harness>
       };
     },
     close: async () => {
-      core.stop();
+      await core.stop();
       await testStore.destroy();
     },
   };
