@@ -23,6 +23,9 @@ export const SETTINGS = {
   invalidationPollMs: { env: "LATCHKEY_INVALIDATION_POLL_MS", default: "250", doc: "How often each instance reads the change feed; revocation reaches every instance within this time plus a store round trip." },
   ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on the mongodb store, else `memory`. Several instances need a shared backend." },
   redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend." },
+  usageFlushMs: { env: "LATCHKEY_USAGE_FLUSH_MS", default: "1000", doc: "How often counted verifications are written. A crash loses at most this much usage; a graceful stop loses none." },
+  usageMinuteRetentionHours: { env: "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS", default: "48", doc: "How long minute buckets are kept (hour buckets: LATCHKEY_USAGE_HOUR_RETENTION_DAYS; day buckets are kept)." },
+  usageHourRetentionDays: { env: "LATCHKEY_USAGE_HOUR_RETENTION_DAYS", default: "90", doc: "How long hour buckets are kept." },
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
 } as const;
 
@@ -52,6 +55,9 @@ const schema = z
     shutdownGraceMs: positiveMs("LATCHKEY_SHUTDOWN_GRACE_MS", 0),
     rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
     healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
+    usageFlushMs: positiveMs("LATCHKEY_USAGE_FLUSH_MS", 50).max(60_000, "LATCHKEY_USAGE_FLUSH_MS must be at most 60000"),
+    usageMinuteRetentionHours: z.coerce.number().int("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be a whole number").min(1, "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be at least 1"),
+    usageHourRetentionDays: z.coerce.number().int("LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be a whole number").min(1, "LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be at least 1"),
     cacheMaxEntries: z.coerce.number().int("LATCHKEY_CACHE_MAX_ENTRIES must be a whole number").min(1, "LATCHKEY_CACHE_MAX_ENTRIES must be at least 1"),
     cacheTtlMs: positiveMs("LATCHKEY_CACHE_TTL_MS", 0),
     invalidationPollMs: positiveMs("LATCHKEY_INVALIDATION_POLL_MS", 10).max(1000, "LATCHKEY_INVALIDATION_POLL_MS must be at most 1000 (revocation within 1 s)"),

@@ -187,9 +187,9 @@ export function createVerifier(deps: {
 
     if (input.key.length > MAX_KEY_LENGTH || !hasValidChecksum(input.key)) return answer("NOT_FOUND", null, null);
     const key = await cache.getKeyByHash(hashKey(input.key));
-    if (!key || (input.apiId !== "" && key.apiId !== input.apiId) || !principal.can("verify", key.apiId)) {
-      return answer("NOT_FOUND", null, null);
-    }
+    if (!key || !principal.can("verify", key.apiId)) return answer("NOT_FOUND", null, null);
+    // A key of another api is NOT_FOUND to the caller, but still counted in the key's usage.
+    if (input.apiId !== "" && key.apiId !== input.apiId) return answer("NOT_FOUND", key, null);
     const identity = key.identityId ? await cache.getIdentity(key.identityId) : null;
     const applied = selectLimits(key, identity, input);
 

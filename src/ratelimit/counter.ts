@@ -43,8 +43,12 @@ function fromLimiter(kind: RateLimitCounter["kind"], limiter: RateLimiterAbstrac
     },
     async subtract(key, cost, durationMs) {
       if (cost <= 0) return;
+      const opts = { customDuration: durationMs / 1000 };
       try {
-        await limiter.reward(key, cost, { customDuration: durationMs / 1000 });
+        const res = await limiter.reward(key, cost, opts);
+        // The window this cost was added to may have ended since: a refund must not
+        // start the next window below zero (that would admit extra calls in it).
+        if (res.consumedPoints < 0) await limiter.penalty(key, -res.consumedPoints, opts);
       } catch (err) {
         wrapErr(err);
       }
@@ -58,10 +62,22 @@ export function createMemoryCounter(): RateLimitCounter {
 
 /** Counts in MongoDB (collection `ratelimits` of `dbName`), shared by every instance. */
 export function createMongoCounter(client: MongoClient, dbName: string): RateLimitCounter {
-  return fromLimiter(
-    "mongodb",
-    new RateLimiterMongo({ storeClient: client, dbName, tableName: "ratelimits", points: BUDGET, duration: 60, keyPrefix: "lk" }),
-  );
+  const limiter = new RateLimiterMongo({
+    storeClient: client,
+    dbName,
+    tableName: "ratelimits",
+    points: BUDGET,
+    duration: 60,
+    keyPrefix: "lk",
+    disableIndexesCreation: true,
+  });
+  // Created here, each on its own: the limiter stops at its first failing index, and
+  // FerretDB has no TTL indexes. The unique index is the one counting relies on
+  // (expired windows are then replaced in place); the TTL index only tidies up.
+  const coll = client.db(dbName).collection("ratelimits");
+  coll.createIndex({ key: 1 }, { unique: true }).catch((err: Error) => process.emitWarning(`ratelimits unique index: ${err.message}`));
+  coll.createIndex({ expire: -1 }, { expireAfterSeconds: 0 }).catch(() => undefined);
+  return fromLimiter("mongodb", limiter);
 }
 
 /** Counts in Redis, shared by every instance. */

@@ -1,10 +1,11 @@
 import type { ServiceImpl } from "@connectrpc/connect";
-import { ConnectError, Code } from "@connectrpc/connect";
 import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import type { IdentityLookup, IdentityManager } from "../domain/identities.js";
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityPatch } from "../domain/types.js";
+import type { UsageReader } from "../usage/reader.js";
 import { principalOf } from "./context.js";
+import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { identityToProto, maskPaths, toCredits, toMeta, toRatelimits } from "./convert.js";
 
 const UPDATE_PATHS = ["external_id", "meta", "ratelimits", "credits"] as const;
@@ -16,8 +17,12 @@ function lookupOf(l: { case: "id" | "externalId"; value: string } | { case: unde
 }
 
 /** IdentityService: translates protobuf to domain calls and back. */
-export function createIdentityService(deps: { identities: IdentityManager; now?: () => number }): Partial<ServiceImpl<typeof IdentityService>> {
-  const { identities } = deps;
+export function createIdentityService(deps: {
+  identities: IdentityManager;
+  usage: UsageReader;
+  now?: () => number;
+}): Partial<ServiceImpl<typeof IdentityService>> {
+  const { identities, usage } = deps;
   const now = deps.now ?? Date.now;
   return {
     async createIdentity(req, ctx) {
@@ -56,8 +61,8 @@ export function createIdentityService(deps: { identities: IdentityManager; now?:
       return { deletedKeys: BigInt(res.deletedKeys), unlinkedKeys: BigInt(res.unlinkedKeys) };
     },
 
-    async getIdentityUsage() {
-      throw new ConnectError("GetIdentityUsage is not implemented yet", Code.Unimplemented);
+    async getIdentityUsage(req, ctx) {
+      return usageReportToProto(await usage.identityUsage(principalOf(ctx), lookupOf(req.lookup), usageRequestOf(req)));
     },
   };
 }

@@ -1,5 +1,4 @@
 import type { ServiceImpl } from "@connectrpc/connect";
-import { ConnectError, Code } from "@connectrpc/connect";
 import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Verification, Verifier } from "../domain/verify.js";
@@ -9,7 +8,9 @@ import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
+import type { UsageReader } from "../usage/reader.js";
 import { principalOf } from "./context.js";
+import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
 
 const UPDATE_PATHS = [
@@ -37,7 +38,7 @@ const CODES: Record<Verification["code"], VerificationCode> = {
 /** The response of a verification: key data only for a found key. */
 export function verificationToProto(v: Verification): MessageInitShape<typeof VerifyKeyResponseSchema> {
   const k = v.key;
-  if (!k) return { valid: false, code: VerificationCode.NOT_FOUND };
+  if (!k || v.code === "NOT_FOUND") return { valid: false, code: VerificationCode.NOT_FOUND };
   return {
     valid: v.code === "VALID",
     code: CODES[v.code],
@@ -61,8 +62,13 @@ export function verificationToProto(v: Verification): MessageInitShape<typeof Ve
 }
 
 /** KeyService: translates protobuf to domain calls and back. */
-export function createKeyService(deps: { keys: KeyManager; verify: Verifier; now?: () => number }): Partial<ServiceImpl<typeof KeyService>> {
-  const { keys, verify } = deps;
+export function createKeyService(deps: {
+  keys: KeyManager;
+  verify: Verifier;
+  usage: UsageReader;
+  now?: () => number;
+}): Partial<ServiceImpl<typeof KeyService>> {
+  const { keys, verify, usage } = deps;
   const now = deps.now ?? Date.now;
   return {
     async createKey(req, ctx) {
@@ -175,8 +181,8 @@ export function createKeyService(deps: { keys: KeyManager; verify: Verifier; now
       return verificationToProto(v);
     },
 
-    async getKeyUsage() {
-      throw new ConnectError("GetKeyUsage is not implemented yet", Code.Unimplemented);
+    async getKeyUsage(req, ctx) {
+      return usageReportToProto(await usage.keyUsage(principalOf(ctx), req.id, usageRequestOf(req)));
     },
   };
 }

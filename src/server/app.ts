@@ -15,10 +15,29 @@ import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
 import { createMetrics, type Metrics } from "./metrics.js";
 import { createServiceRegistrations, routesOf } from "./routes.js";
+import { createUsageReader } from "../usage/reader.js";
+import { createUsageRecorder } from "../usage/recorder.js";
 
-export type CoreOptions = Pick<Config, "rootKeyCacheMs" | "cacheMaxEntries" | "cacheTtlMs" | "invalidationPollMs">;
+export type CoreOptions = Pick<
+  Config,
+  | "rootKeyCacheMs"
+  | "cacheMaxEntries"
+  | "cacheTtlMs"
+  | "invalidationPollMs"
+  | "usageFlushMs"
+  | "usageMinuteRetentionHours"
+  | "usageHourRetentionDays"
+>;
 
-export const DEFAULT_CORE_OPTIONS: CoreOptions = { rootKeyCacheMs: 5000, cacheMaxEntries: 100_000, cacheTtlMs: 60_000, invalidationPollMs: 250 };
+export const DEFAULT_CORE_OPTIONS: CoreOptions = {
+  rootKeyCacheMs: 5000,
+  cacheMaxEntries: 100_000,
+  cacheTtlMs: 60_000,
+  invalidationPollMs: 250,
+  usageFlushMs: 1000,
+  usageMinuteRetentionHours: 48,
+  usageHourRetentionDays: 90,
+};
 
 export interface CoreDeps {
   store: Store;
@@ -42,18 +61,27 @@ export function createCore(deps: CoreDeps) {
   const feed = createInvalidationFeed({ store, cache, logger, options: { pollMs: options.invalidationPollMs } });
   const identities = createIdentityManager({ store, afterWrite: feed.sync });
   const keys = createKeyManager({ store, afterWrite: feed.sync });
+  const minuteRetentionMs = options.usageMinuteRetentionHours * 3_600_000;
+  const recorder = createUsageRecorder({
+    store,
+    logger,
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs: options.usageHourRetentionDays * 86_400_000 },
+    onDrop: (n) => metrics.usageDropped.inc(n),
+  });
+  const usage = createUsageReader({ store, minuteRetentionMs });
   const verify = createVerifier({
     store,
     cache,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
       metrics.verifications.inc({ code: v.code });
+      recorder.record(v, input, at);
       deps.onVerification?.(v, input, at);
     },
   });
   const health = new HealthState(store, logger);
   const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
-  const services = createServiceRegistrations({ identities, keys, verify, health });
+  const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
     store,
     metrics,
@@ -62,13 +90,22 @@ export function createCore(deps: CoreDeps) {
     identities,
     keys,
     verify,
+    recorder,
+    usage,
     health,
     services,
     routes: routesOf(services),
     interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
-    /** Starts following the change feed (call once the store is initialised). */
-    start: () => feed.start(),
-    stop: () => feed.stop(),
+    /** Starts following the change feed and counting usage (call once the store is initialised). */
+    async start() {
+      await feed.start();
+      recorder.start();
+    },
+    /** Stops background work and writes pending usage counts. */
+    async stop() {
+      feed.stop();
+      await recorder.stop();
+    },
   };
 }
 
@@ -129,7 +166,11 @@ export function createApp(deps: AppDeps): App {
     async stop() {
       health.drain();
       await server.close(config.shutdownGraceMs);
-      core.stop();
+      try {
+        await core.stop();
+      } catch (err) {
+        logger.error({ err: (err as Error).message }, "could not write the last usage counts");
+      }
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.close(() => resolve()) : resolve()));
       await counter.close();
       await store.close();

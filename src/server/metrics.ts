@@ -31,6 +31,11 @@ export function createMetrics() {
       labelNames: ["cache", "result"] as const,
       registers: [registry],
     }),
+    usageDropped: new Counter({
+      name: "latchkey_usage_dropped_total",
+      help: "Verification counts dropped because too many were pending while the store could not be written.",
+      registers: [registry],
+    }),
     storeDuration: new Histogram({
       name: "latchkey_store_duration_seconds",
       help: "Store operation time, by operation and result.",

@@ -8,6 +8,7 @@ import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb.j
 import type { IdentityManager } from "../domain/identities.js";
 import type { KeyManager } from "../domain/keys.js";
 import type { Verifier } from "../domain/verify.js";
+import type { UsageReader } from "../usage/reader.js";
 import { createHealthService, type HealthState } from "../rpc/health.js";
 import { createIdentityService } from "../rpc/identity-service.js";
 import { createKeyService } from "../rpc/key-service.js";
@@ -18,6 +19,7 @@ export interface RouteDeps {
   identities: IdentityManager;
   keys: KeyManager;
   verify: Verifier;
+  usage: UsageReader;
   health: HealthState;
 }
 
@@ -32,8 +34,8 @@ export function createServiceRegistrations(deps: RouteDeps): ServiceRegistration
     [IdentityService.typeName, KeyService.typeName, Health.typeName, reflectionV1.ServerReflection.typeName, reflectionV1alpha.ServerReflection.typeName],
   );
   return [
-    { service: IdentityService, impl: createIdentityService({ identities: deps.identities }) },
-    { service: KeyService, impl: createKeyService({ keys: deps.keys, verify: deps.verify }) },
+    { service: IdentityService, impl: createIdentityService({ identities: deps.identities, usage: deps.usage }) },
+    { service: KeyService, impl: createKeyService({ keys: deps.keys, verify: deps.verify, usage: deps.usage }) },
     { service: Health, impl: createHealthService(deps.health) },
     { service: reflectionV1.ServerReflection, impl: reflection.v1 },
     { service: reflectionV1alpha.ServerReflection, impl: reflection.v1alpha },

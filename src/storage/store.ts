@@ -1,3 +1,4 @@
+import type { UsageQuery, UsageRow } from "../usage/types.js";
 import type {
   CreditsOp,
   CreditsTarget,
@@ -93,6 +94,19 @@ export interface Store {
   lastChangeSeq(): Promise<number>;
   /** Forgets changes older than `olderThanMs` epoch ms. */
   pruneChanges(olderThanMs: number): Promise<void>;
+
+  /**
+   * Adds usage rows to the stored counts (an atomic increment per row). A row
+   * already incremented by the same `batch` (writer and seq) is not incremented
+   * again, so a retried batch is never counted twice.
+   */
+  writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void>;
+  /** Rows of one identity or key in a range; throws InvalidArgumentError past `maxRows`. */
+  queryUsage(q: UsageQuery): Promise<UsageRow[]>;
+  /** Raises keys' last_used_at to the given times (never lowers it). No change event. */
+  touchLastUsed(times: Map<string, number>): Promise<void>;
+  /** Deletes rows of a granularity with a bucket before `before`. */
+  pruneUsage(granularity: "minute" | "hour", before: number): Promise<void>;
 
   createRootKey(rec: RootKeyRecord): Promise<void>;
   getRootKeyByHash(hash: string): Promise<RootKeyRecord | null>;

@@ -13,6 +13,8 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import { applyCreditsOp } from "../credits-op.js";
+import { InvalidArgumentError } from "../../domain/errors.js";
+import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 const SCHEMA = `
@@ -42,6 +44,25 @@ CREATE TABLE IF NOT EXISTS changes (
   id TEXT NOT NULL,
   hash TEXT
 );
+CREATE TABLE IF NOT EXISTS usage (
+  g TEXT NOT NULL,
+  bucket INTEGER NOT NULL,
+  key_id TEXT NOT NULL,
+  identity_id TEXT NOT NULL,
+  tag TEXT NOT NULL,
+  total INTEGER NOT NULL,
+  valid INTEGER NOT NULL,
+  not_found INTEGER NOT NULL,
+  disabled INTEGER NOT NULL,
+  expired INTEGER NOT NULL,
+  insufficient_permissions INTEGER NOT NULL,
+  rate_limited INTEGER NOT NULL,
+  usage_exceeded INTEGER NOT NULL,
+  credits_spent INTEGER NOT NULL,
+  PRIMARY KEY (g, bucket, key_id, identity_id, tag)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_identity ON usage (identity_id, g, bucket);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, g, bucket);
 CREATE TABLE IF NOT EXISTS settings (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
@@ -330,6 +351,66 @@ export class SqliteStore implements Store {
 
   async pruneChanges(olderThanMs: number): Promise<void> {
     this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
+  }
+
+  async writeUsage(rows: UsageRow[]): Promise<void> {
+    // One transaction: the batch is applied whole or not at all, so the batch id
+    // the interface offers for idempotency is not needed here.
+    const sql = `INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+      ON CONFLICT (g, bucket, key_id, identity_id, tag) DO UPDATE SET
+        total = total + excluded.total, valid = valid + excluded.valid, not_found = not_found + excluded.not_found,
+        disabled = disabled + excluded.disabled, expired = expired + excluded.expired,
+        insufficient_permissions = insufficient_permissions + excluded.insufficient_permissions,
+        rate_limited = rate_limited + excluded.rate_limited, usage_exceeded = usage_exceeded + excluded.usage_exceeded,
+        credits_spent = credits_spent + excluded.credits_spent`;
+    this.tx(() => {
+      const st = this.stmt(sql);
+      for (const r of rows) {
+        const c = r.counts;
+        st.run(r.granularity, r.bucket, r.keyId, r.identityId ?? "", r.tag, c.total, c.valid, c.notFound, c.disabled, c.expired, c.insufficientPermissions, c.rateLimited, c.usageExceeded, c.creditsSpent);
+      }
+    });
+  }
+
+  async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
+    const byIdentity = "identityId" in q.by;
+    const sql = `SELECT * FROM usage WHERE ${byIdentity ? "identity_id" : "key_id"} = ? AND g = ? AND bucket >= ? AND bucket < ? AND ${
+      q.tagged ? "tag <> ''" : "tag = ''"
+    } LIMIT ?`;
+    const id = "identityId" in q.by ? q.by.identityId : q.by.keyId;
+    const raw = wrap(() => this.stmt(sql).all(id, q.granularity, q.start, q.end, q.maxRows + 1)) as Record<string, number | string>[];
+    if (raw.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
+    return raw.map((r) => ({
+      granularity: r.g as UsageRow["granularity"],
+      bucket: r.bucket as number,
+      keyId: r.key_id as string,
+      identityId: (r.identity_id as string) || null,
+      tag: r.tag as string,
+      counts: {
+        total: r.total,
+        valid: r.valid,
+        notFound: r.not_found,
+        disabled: r.disabled,
+        expired: r.expired,
+        insufficientPermissions: r.insufficient_permissions,
+        rateLimited: r.rate_limited,
+        usageExceeded: r.usage_exceeded,
+        creditsSpent: r.credits_spent,
+      } as Counts,
+    }));
+  }
+
+  async touchLastUsed(times: Map<string, number>): Promise<void> {
+    this.tx(() => {
+      const st = this.stmt(
+        "UPDATE keys SET doc = json_set(doc, '$.lastUsedAt', @t) WHERE id = @id AND coalesce(json_extract(doc, '$.lastUsedAt'), 0) < @t",
+      );
+      for (const [id, t] of times) st.run({ t, id });
+    });
+  }
+
+  async pruneUsage(granularity: "minute" | "hour", before: number): Promise<void> {
+    this.tx(() => this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, before));
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {

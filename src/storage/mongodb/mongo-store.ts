@@ -11,6 +11,8 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
+import { InvalidArgumentError } from "../../domain/errors.js";
+import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 /*
@@ -25,6 +27,8 @@ type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
 type CounterDoc = { _id: string; seq: number };
+/** A usage row; `f` maps writer → last batch seq applied, for idempotent retries. */
+type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; f?: Record<string, number> } & Counts;
 type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
 
 function toIdentityDoc(r: IdentityRecord): IdentityDoc {
@@ -72,7 +76,11 @@ const UNAVAILABLE = new Set([
  * violation by an update as code 1 with SQLite's message instead of 11000.
  */
 function isDuplicateKey(err: unknown): err is MongoServerError {
-  return err instanceof MongoServerError && (err.code === 11000 || (err.code === 1 && /UNIQUE constraint failed/.test(err.message)));
+  return err instanceof MongoServerError && isDuplicateCode(err.code, err.message);
+}
+
+function isDuplicateCode(code: unknown, message: string | undefined): boolean {
+  return code === 11000 || (code === 1 && /UNIQUE constraint failed/.test(message ?? ""));
 }
 
 function escapeRegex(s: string): string {
@@ -103,6 +111,7 @@ export class MongoStore implements Store {
   private settings!: Collection<SettingDoc>;
   private counters!: Collection<CounterDoc>;
   private changes!: Collection<ChangeDoc>;
+  private usage!: Collection<UsageDoc>;
 
   constructor(private readonly opts: MongoStoreOptions) {
     this.client = new MongoClient(opts.uri, {
@@ -136,6 +145,9 @@ export class MongoStore implements Store {
       this.counters = this.db.collection<CounterDoc>("counters");
       this.changes = this.db.collection<ChangeDoc>("changes");
       await this.changes.createIndex({ at: 1 }, { name: "at" });
+      this.usage = this.db.collection<UsageDoc>("usage");
+      await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
+      await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
@@ -387,6 +399,83 @@ export class MongoStore implements Store {
 
   async pruneChanges(olderThanMs: number): Promise<void> {
     await this.run(() => this.changes.deleteMany({ at: { $lt: olderThanMs } }));
+  }
+
+  async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    if (rows.length === 0) return;
+    const mark = `f.${batch.writer}`;
+    // Matches a row this batch has not been applied to yet (or no row at all).
+    const pendingFilter = (id: string) => ({ _id: id, $or: [{ [mark]: { $exists: false } }, { [mark]: { $lt: batch.seq } }] });
+    const ops = rows.map((r) => {
+      const id = `${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
+      const inc: Record<string, number> = {};
+      for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
+      return {
+        id,
+        update: {
+          $inc: inc,
+          $set: { [mark]: batch.seq },
+          $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag },
+        },
+      };
+    });
+    await this.run(async () => {
+      for (let i = 0; i < ops.length; i += 500) {
+        const chunk = ops.slice(i, i + 500);
+        let failed: number[] = [];
+        try {
+          await this.usage.bulkWrite(
+            chunk.map((o) => ({ updateOne: { filter: pendingFilter(o.id), update: o.update as never, upsert: true } })),
+            { ordered: false },
+          );
+        } catch (err) {
+          const writeErrors = (err as { writeErrors?: { index: number; code?: number; errmsg?: string }[] | { index: number } }).writeErrors;
+          const list = Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null;
+          if (!list) throw err;
+          // A duplicate _id on upsert means the row exists but did not match: either
+          // this batch was applied already (nothing to do) or another writer created
+          // the row in the meantime (apply without upsert).
+          if (list.some((e) => !isDuplicateCode((e as { code?: number }).code, (e as { errmsg?: string }).errmsg))) throw err;
+          failed = list.map((e) => e.index);
+        }
+        for (const idx of failed) {
+          const o = chunk[idx];
+          await this.usage.updateOne(pendingFilter(o.id), o.update as never);
+        }
+      }
+    });
+  }
+
+  async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
+    const filter: Record<string, unknown> = {
+      ...("identityId" in q.by ? { i: q.by.identityId } : { k: q.by.keyId }),
+      g: q.granularity,
+      b: { $gte: q.start, $lt: q.end },
+      tag: q.tagged ? { $ne: "" } : "",
+    };
+    const docs = await this.run(() => this.usage.find(filter, { projection: { f: 0 } }).limit(q.maxRows + 1).toArray());
+    if (docs.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
+    return docs.map((d) => {
+      const counts = {} as Counts;
+      for (const c of COUNTERS) counts[c] = d[c] ?? 0;
+      return { granularity: d.g as UsageRow["granularity"], bucket: d.b, keyId: d.k, identityId: d.i, tag: d.tag, counts };
+    });
+  }
+
+  async touchLastUsed(times: Map<string, number>): Promise<void> {
+    if (times.size === 0) return;
+    await this.run(() =>
+      this.keys.bulkWrite(
+        [...times].map(([id, t]) => ({
+          updateOne: { filter: { _id: id, $or: [{ lastUsedAt: null }, { lastUsedAt: { $lt: t } }] }, update: { $set: { lastUsedAt: t } } },
+        })),
+        { ordered: false },
+      ),
+    );
+  }
+
+  async pruneUsage(granularity: "minute" | "hour", before: number): Promise<void> {
+    await this.run(() => this.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {

@@ -1,0 +1,184 @@
+import { randomBytes } from "node:crypto";
+import type { Verification, VerificationCode, VerifyInput } from "../domain/verify.js";
+import type { Logger } from "../server/logger.js";
+import type { Store } from "../storage/store.js";
+import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./types.js";
+
+const OUTCOME: Record<VerificationCode, CounterName> = {
+  VALID: "valid",
+  NOT_FOUND: "notFound",
+  DISABLED: "disabled",
+  EXPIRED: "expired",
+  INSUFFICIENT_PERMISSIONS: "insufficientPermissions",
+  RATE_LIMITED: "rateLimited",
+  USAGE_EXCEEDED: "usageExceeded",
+};
+
+export interface RecorderOptions {
+  /** Pending counts are written this often. A crash loses at most this much. */
+  flushMs: number;
+  /** Distinct pending (minute, key, tag) entries that trigger an early flush. */
+  flushAt?: number;
+  /** Most pending entries kept while the store cannot be written; beyond, new counts are dropped and counted. */
+  maxPending?: number;
+  /** Minute rows older than this are deleted (hour rows: `hourRetentionMs`; day rows are kept). */
+  minuteRetentionMs: number;
+  hourRetentionMs: number;
+}
+
+interface Pending {
+  minute: number;
+  keyId: string;
+  identityId: string | null;
+  tag: string;
+  counts: Counts;
+}
+
+/**
+ * Counts verifications off the hot path. Each verification adds to an
+ * in-memory entry per (minute, key, identity, tag); every `flushMs` the entries
+ * are rolled up into minute, hour and day rows and written in one batch
+ * (src/storage: an atomic, idempotent increment per row), together with the
+ * keys' last-used times. A failed flush keeps its counts for the next one.
+ */
+export function createUsageRecorder(deps: { store: Store; logger: Logger; options: RecorderOptions; onDrop?: (n: number) => void }) {
+  const { store, logger, options } = deps;
+  const flushAt = options.flushAt ?? 20_000;
+  const maxPending = options.maxPending ?? 500_000;
+  let pending = new Map<string, Pending>();
+  let lastUsed = new Map<string, number>();
+  let timer: NodeJS.Timeout | null = null;
+  let pruneTimer: NodeJS.Timeout | null = null;
+  let flushing: Promise<void> | null = null;
+  let failing = false;
+  let stopped = false;
+  // A batch whose write failed is retried as it was, under the same id, before
+  // anything newer: the store applies a batch id at most once per row, so a
+  // write that failed half-way (or whose answer was lost) is not counted twice.
+  const writer = randomBytes(8).toString("hex");
+  let seq = 0;
+  let unsent: { rows: UsageRow[]; seq: number } | null = null;
+
+  function add(minute: number, keyId: string, identityId: string | null, tag: string, outcome: CounterName, credits: number) {
+    const id = `${minute}|${keyId}|${identityId ?? ""}|${tag}`;
+    let e = pending.get(id);
+    if (!e) {
+      if (pending.size >= maxPending) {
+        deps.onDrop?.(1);
+        return;
+      }
+      e = { minute, keyId, identityId, tag, counts: emptyCounts() };
+      pending.set(id, e);
+    }
+    e.counts.total++;
+    e.counts[outcome]++;
+    e.counts.creditsSpent += credits;
+  }
+
+  function record(v: Verification, input: VerifyInput, at: number): void {
+    const key = v.key;
+    if (!key) return; // an unknown key belongs to no one
+    const minute = at - (at % 60_000);
+    const outcome = OUTCOME[v.code];
+    const identityId = v.identity?.id ?? key.identityId;
+    add(minute, key.id, identityId, "", outcome, v.spent);
+    for (const tag of input.tags) add(minute, key.id, identityId, tag, outcome, v.spent);
+    if (at > (lastUsed.get(key.id) ?? 0)) lastUsed.set(key.id, at);
+    if (pending.size >= flushAt && !flushing) void flush();
+  }
+
+  /** Rolls minute entries up into minute, hour and day rows. */
+  function rows(entries: Iterable<Pending>): UsageRow[] {
+    const out = new Map<string, UsageRow>();
+    for (const e of entries) {
+      for (const g of ["minute", "hour", "day"] as Granularity[]) {
+        const bucket = e.minute - (e.minute % BUCKET_MS[g]);
+        const id = `${g}|${bucket}|${e.keyId}|${e.identityId ?? ""}|${e.tag}`;
+        let r = out.get(id);
+        if (!r) {
+          r = { granularity: g, bucket, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: emptyCounts() };
+          out.set(id, r);
+        }
+        for (const c of COUNTERS) r.counts[c] += e.counts[c];
+      }
+    }
+    return [...out.values()];
+  }
+
+  async function flushOnce(): Promise<void> {
+    try {
+      if (unsent) {
+        await store.writeUsage(unsent.rows, { writer, seq: unsent.seq });
+        unsent = null;
+      }
+      if (pending.size > 0) {
+        const batch = { rows: rows(pending.values()), seq: ++seq };
+        pending = new Map();
+        unsent = batch;
+        await store.writeUsage(batch.rows, { writer, seq: batch.seq });
+        unsent = null;
+      }
+      if (lastUsed.size > 0) {
+        const used = lastUsed;
+        lastUsed = new Map();
+        try {
+          await store.touchLastUsed(used);
+        } catch (err) {
+          for (const [id, t] of used) if (t > (lastUsed.get(id) ?? 0)) lastUsed.set(id, t);
+          throw err;
+        }
+      }
+      if (failing) logger.info("usage counts written again");
+      failing = false;
+    } catch (err) {
+      if (!failing) logger.warn({ err: (err as Error).message, pending: pending.size }, "cannot write usage counts; will retry");
+      failing = true;
+      throw err;
+    }
+  }
+
+  /** Writes everything pending now (joins a flush in progress, then runs another). */
+  async function flush(): Promise<void> {
+    while (flushing) await flushing.catch(() => undefined);
+    flushing = flushOnce().finally(() => {
+      flushing = null;
+    });
+    return flushing;
+  }
+
+  return {
+    record,
+    flush,
+    pendingEntries: () => pending.size + (unsent?.rows.length ?? 0),
+    start() {
+      const tick = () => {
+        if (stopped) return;
+        timer = setTimeout(() => void flush().catch(() => undefined).finally(tick), options.flushMs);
+        timer.unref();
+      };
+      tick();
+      const prune = async () => {
+        const t = Date.now();
+        try {
+          await store.pruneUsage("minute", t - options.minuteRetentionMs);
+          await store.pruneUsage("hour", t - options.hourRetentionMs);
+        } catch (err) {
+          logger.warn({ err: (err as Error).message }, "cannot prune old usage rows");
+        }
+      };
+      pruneTimer = setInterval(() => void prune(), 10 * 60_000);
+      pruneTimer.unref();
+      void prune();
+    },
+    /** Stops the timer and writes what is pending; called on graceful shutdown. */
+    async stop() {
+      stopped = true;
+      if (timer) clearTimeout(timer);
+      if (pruneTimer) clearInterval(pruneTimer);
+      timer = null;
+      await flush();
+    },
+  };
+}
+
+export type UsageRecorder = ReturnType<typeof createUsageRecorder>;
