@@ -31,14 +31,15 @@ export const SETTINGS = {
 
 export type SettingName = keyof typeof SETTINGS;
 
+/** A number from the environment; text that is not one is refused naming the variable. */
+const num = (name: string) => z.coerce.number({ invalid_type_error: `${name} must be a number` });
 const port = (name: string) =>
-  z.coerce
-    .number({ invalid_type_error: `${name} must be a number` })
+  num(name)
     .int(`${name} must be a whole number`)
     .min(0, `${name} must be 0-65535`)
     .max(65535, `${name} must be 0-65535`);
 const positiveMs = (name: string, min: number) =>
-  z.coerce.number().int(`${name} must be a whole number of milliseconds`).min(min, `${name} must be at least ${min}`);
+  num(name).int(`${name} must be a whole number of milliseconds`).min(min, `${name} must be at least ${min}`);
 
 const schema = z
   .object({
@@ -56,9 +57,9 @@ const schema = z
     rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
     healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
     usageFlushMs: positiveMs("LATCHKEY_USAGE_FLUSH_MS", 50).max(60_000, "LATCHKEY_USAGE_FLUSH_MS must be at most 60000"),
-    usageMinuteRetentionHours: z.coerce.number().int("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be a whole number").min(1, "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be at least 1"),
-    usageHourRetentionDays: z.coerce.number().int("LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be a whole number").min(1, "LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be at least 1"),
-    cacheMaxEntries: z.coerce.number().int("LATCHKEY_CACHE_MAX_ENTRIES must be a whole number").min(1, "LATCHKEY_CACHE_MAX_ENTRIES must be at least 1"),
+    usageMinuteRetentionHours: num("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS").int("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be a whole number").min(1, "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be at least 1"),
+    usageHourRetentionDays: num("LATCHKEY_USAGE_HOUR_RETENTION_DAYS").int("LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be a whole number").min(1, "LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be at least 1"),
+    cacheMaxEntries: num("LATCHKEY_CACHE_MAX_ENTRIES").int("LATCHKEY_CACHE_MAX_ENTRIES must be a whole number").min(1, "LATCHKEY_CACHE_MAX_ENTRIES must be at least 1"),
     cacheTtlMs: positiveMs("LATCHKEY_CACHE_TTL_MS", 0),
     invalidationPollMs: positiveMs("LATCHKEY_INVALIDATION_POLL_MS", 10).max(1000, "LATCHKEY_INVALIDATION_POLL_MS must be at most 1000 (revocation within 1 s)"),
     ratelimitBackend: z.enum(["", "memory", "mongodb", "redis"], { message: "LATCHKEY_RATELIMIT_BACKEND must be memory, mongodb or redis" }),
@@ -116,6 +117,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, argv: string[] 
     if (value === undefined) throw new ConfigError(`flag ${flag} needs a value`);
     raw[name] = value;
   }
+  // Empty is not 0: a variable left blank in a compose file must not bind a random port.
+  for (const [name, s] of Object.entries(SETTINGS)) if (/^\d+$/.test(s.default) && raw[name].trim() === "") raw[name] = "NaN";
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {
     throw new ConfigError("invalid configuration: " + parsed.error.issues.map((i) => i.message).join("; "));
