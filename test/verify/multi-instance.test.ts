@@ -1,0 +1,179 @@
+/**
+ * Scale-out: two real server processes (`node dist/src/cli.js serve`) on one
+ * MongoDB database, driven concurrently by @grpc/grpc-js. Shared identity
+ * limits (counted in Redis, and in MongoDB), credits, and revocation, key
+ * disabling and identity changes reaching the other process within 1 second.
+ *
+ * Each test gets its own database and its own two processes, stopped in
+ * afterEach (also when the test fails). Needs MONGODB_URI, and REDIS_URL for
+ * the Redis backend: skipped locally without them, failing in CI.
+ */
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import {
+  dropMongoDatabase,
+  grpcClients,
+  runCli,
+  startServer,
+  uniqueName,
+  type GrpcClients,
+  type Msg,
+  type ServerProcess,
+} from "../integration/support.js";
+import { count, describeWith, mongodbUri, redisUrl, within } from "./support.js";
+
+const VALID = "VERIFICATION_CODE_VALID";
+
+interface Pair {
+  rootKey: string;
+  servers: ServerProcess[];
+  clients: GrpcClients[];
+  /** One unary call on process `i` (0 = A, 1 = B). */
+  call(i: number, service: "keys" | "identities", method: string, req: Msg): Promise<Msg>;
+  verify(i: number, key: string): Promise<Msg>;
+}
+
+/**
+ * Registers, for every test of the enclosing suite, two server processes on a
+ * new database with the given rate-limit backend, and a root key made with the
+ * CLI against the same database.
+ */
+function usePair(backend: "redis" | "mongodb"): () => Pair {
+  let pair: Pair | undefined;
+  let database = "";
+  const servers: ServerProcess[] = [];
+  const clients: GrpcClients[] = [];
+
+  beforeEach(async () => {
+    database = uniqueName("lk_verify");
+    const env: Record<string, string> = {
+      MONGODB_URI: mongodbUri()!,
+      LATCHKEY_MONGODB_DATABASE: database,
+      LATCHKEY_RATELIMIT_BACKEND: backend,
+      LATCHKEY_METRICS_PORT: "0",
+    };
+    if (backend === "redis") env.LATCHKEY_REDIS_URL = redisUrl()!;
+    const created = await runCli(["root-keys", "create", "--name", "t", "--permission", "*"], env);
+    expect(created.code, created.stderr).toBe(0);
+    const rootKey = (JSON.parse(created.stdout.trim().split("\n").pop()!) as { key: string }).key;
+    expect(rootKey).toMatch(/^lkroot_/);
+    // Started one by one, each pushed as soon as it runs, so afterEach stops whatever started.
+    for (let i = 0; i < 2; i++) {
+      servers.push(await startServer({ env }));
+      clients.push(grpcClients(servers[i].address));
+    }
+    const call = (i: number, service: "keys" | "identities", method: string, req: Msg) =>
+      clients[i].call(clients[i][service], method, req, rootKey);
+    pair = { rootKey, servers, clients, call, verify: (i, key) => call(i, "keys", "VerifyKey", { key }) };
+  });
+
+  afterEach(async () => {
+    for (const c of clients.splice(0)) c.close();
+    await Promise.all(servers.splice(0).map((s) => s.kill("SIGKILL")));
+    if (database) await dropMongoDatabase(database).catch(() => undefined);
+    pair = undefined;
+  });
+
+  return () => {
+    if (!pair) throw new Error("pair used outside a test");
+    return pair;
+  };
+}
+
+/** An identity with `n` keys, made through process A. */
+async function identityWithKeys(p: Pair, n: number, identity: Msg): Promise<{ id: string; keys: string[]; keyIds: string[] }> {
+  const { identity: created } = await p.call(0, "identities", "CreateIdentity", { external_id: uniqueName("org"), ...identity });
+  const keys: string[] = [];
+  const keyIds: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const res = await p.call(0, "keys", "CreateKey", { api_id: "api_multi", identity_id: created.id });
+    keys.push(res.plaintext);
+    keyIds.push(res.key.id);
+  }
+  return { id: created.id, keys, keyIds };
+}
+
+/** `n` verifications at once, alternating between the two processes and over `keys`. */
+async function verifyAcross(p: Pair, keys: string[], n: number): Promise<string[]> {
+  const res = await Promise.all(Array.from({ length: n }, (_, i) => p.verify(i % 2, keys[i % keys.length])));
+  return res.map((r) => r.code as string);
+}
+
+function sharedLimitSuite(backend: "redis" | "mongodb"): void {
+  const pair = usePair(backend);
+
+  it("admits exactly 20 of 60 concurrent verifications split over both processes against an identity's 20-per-minute limit", async () => {
+    const p = pair();
+    const { keys } = await identityWithKeys(p, 3, {
+      ratelimits: [{ name: "requests", limit: "20", duration: { seconds: "60" }, auto_apply: true }],
+    });
+    const codes = await verifyAcross(p, keys, 60);
+    expect(count(codes, VALID)).toBe(20);
+    expect(count(codes, "VERIFICATION_CODE_RATE_LIMITED")).toBe(40);
+  }, 60_000);
+}
+
+describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB database", () => {
+  describeWith("REDIS_URL", redisUrl(), "with the redis rate-limit backend", () => sharedLimitSuite("redis"));
+
+  describe("with the mongodb rate-limit backend", () => sharedLimitSuite("mongodb"));
+
+  describe("credits", () => {
+    const pair = usePair("mongodb");
+
+    it("admits exactly 50 of 120 concurrent verifications split over both processes against 50 shared credits", async () => {
+      const p = pair();
+      const { id, keys } = await identityWithKeys(p, 3, { credits: { remaining: "50" } });
+      const codes = await verifyAcross(p, keys, 120);
+      expect(count(codes, VALID)).toBe(50);
+      expect(count(codes, "VERIFICATION_CODE_USAGE_EXCEEDED")).toBe(70);
+      const { identity } = await p.call(1, "identities", "GetIdentity", { id });
+      expect(identity.credits.remaining).toBe("0");
+    }, 60_000);
+  });
+
+  describe("caching and revocation", () => {
+    const pair = usePair("mongodb");
+
+    /** Verifies on both processes, so that both hold the key in their caches. */
+    async function cachedOnBoth(p: Pair): Promise<{ key: string; id: string; identityId: string }> {
+      const { id, keys, keyIds } = await identityWithKeys(p, 1, { meta: { fields: { plan: { stringValue: "free" } } } });
+      for (const i of [0, 1]) expect((await p.verify(i, keys[0])).code).toBe(VALID);
+      return { key: keys[0], id: keyIds[0], identityId: id };
+    }
+
+    it("answers NOT_FOUND on process B within 1 second of a DeleteKey on process A", async () => {
+      const p = pair();
+      const { key, id } = await cachedOnBoth(p);
+      await p.call(0, "keys", "DeleteKey", { id });
+      expect((await p.verify(0, key)).code, "at once on the writing process").toBe("VERIFICATION_CODE_NOT_FOUND");
+      await within(1000, 50, async () => {
+        const r = await p.verify(1, key);
+        return { ok: r.code === "VERIFICATION_CODE_NOT_FOUND", seen: r.code };
+      });
+    });
+
+    it("answers DISABLED on process B within 1 second of disabling the key on process A", async () => {
+      const p = pair();
+      const { key, id } = await cachedOnBoth(p);
+      await p.call(0, "keys", "UpdateKey", { key: { id, enabled: false }, update_mask: { paths: ["enabled"] } });
+      await within(1000, 50, async () => {
+        const r = await p.verify(1, key);
+        return { ok: r.code === "VERIFICATION_CODE_DISABLED", seen: r.code };
+      });
+    });
+
+    it("shows an identity's new meta on process B within 1 second of the change on process A", async () => {
+      const p = pair();
+      const { key, identityId } = await cachedOnBoth(p);
+      await p.call(0, "identities", "UpdateIdentity", {
+        identity: { id: identityId, meta: { fields: { plan: { stringValue: "pro" } } } },
+        update_mask: { paths: ["meta"] },
+      });
+      await within(1000, 50, async () => {
+        const r = await p.verify(1, key);
+        const plan = r.identity?.meta?.fields?.plan?.stringValue;
+        return { ok: plan === "pro", seen: plan };
+      });
+    });
+  });
+});
