@@ -92,6 +92,18 @@ describe("KeyService (happy paths)", () => {
       expect((await h().snapshot()).identities).toHaveLength(1);
     });
 
+    it("creates exactly one identity when 20 keys for a new external_id are created at once", async () => {
+      const externalId = unique("burst");
+      const results = await Promise.all(
+        Array.from({ length: 20 }, () => h().admin.keys.createKey({ apiId: "api1", identity: { case: "externalId", value: externalId } })),
+      );
+      const identityIds = new Set(results.map((r) => r.key!.identityId));
+      expect(identityIds.size).toBe(1);
+      const snap = await h().snapshot();
+      expect(snap.identities.map((i) => i.id)).toEqual([...identityIds]);
+      expect(snap.keys).toHaveLength(20);
+    });
+
     it("links the key to an identity given by id", async () => {
       const { identity } = await h().admin.identities.createIdentity({ externalId: unique("org") });
       const { key } = await h().admin.keys.createKey({ apiId: "api1", identity: { case: "identityId", value: identity!.id } });
