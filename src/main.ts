@@ -32,7 +32,15 @@ export async function main(argv: string[]): Promise<void> {
         `Use it as \`authorization: Bearer <key>\`; create narrower keys with \`latchkey root-keys create\`.\n\n`,
     );
   }
-  const app = createApp({ config, store, logger });
+  let app;
+  try {
+    app = createApp({ config, store, logger });
+  } catch (err) {
+    logger.fatal({ err: (err as Error).message }, "invalid configuration");
+    logger.flush();
+    process.stderr.write(`latchkey: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
   const { port, metricsPort } = await app.start();
   logger.info({ port, metricsPort, host: config.host, store: store.kind, tls: !!config.tls }, "latchkey listening");
 

@@ -21,7 +21,7 @@ export const SETTINGS = {
   cacheMaxEntries: { env: "LATCHKEY_CACHE_MAX_ENTRIES", default: "100000", doc: "Most keys (and as many identities) kept in the verification cache of each instance." },
   cacheTtlMs: { env: "LATCHKEY_CACHE_TTL_MS", default: "60000", doc: "Longest time a cached key or identity is used without a change event (a safety net; changes arrive through the change feed)." },
   invalidationPollMs: { env: "LATCHKEY_INVALIDATION_POLL_MS", default: "250", doc: "How often each instance reads the change feed; revocation reaches every instance within this time plus a store round trip." },
-  ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on the mongodb store, else `memory`. Several instances need a shared backend." },
+  ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on a MongoDB server, else `memory` (embedded store, or FerretDB, whose updates are not atomic). Several instances need a shared backend." },
   redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend." },
   usageFlushMs: { env: "LATCHKEY_USAGE_FLUSH_MS", default: "1000", doc: "How often counted verifications are written. A crash loses at most this much usage; a graceful stop loses none." },
   usageMinuteRetentionHours: { env: "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS", default: "48", doc: "How long minute buckets are kept (hour buckets: LATCHKEY_USAGE_HOUR_RETENTION_DAYS; day buckets are kept)." },
@@ -85,11 +85,8 @@ const schema = z
     mongodbUri: c.mongodbUri || null,
     tls: c.tlsCert ? { certFile: c.tlsCert, keyFile: c.tlsKey } : null,
     redisUrl: c.redisUrl || null,
-    ratelimitBackend: (c.ratelimitBackend ||
-      (c.redisUrl ? "redis" : (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "mongodb" : "memory")) as
-      | "memory"
-      | "mongodb"
-      | "redis",
+    /** "auto": chosen at start by src/ratelimit/create-counter.ts. */
+    ratelimitBackend: (c.ratelimitBackend || "auto") as "auto" | "memory" | "mongodb" | "redis",
   }));
 
 export type Config = Readonly<z.infer<typeof schema>>;

@@ -98,8 +98,9 @@ export function checkRatelimits(field: string, list: Ratelimit[]): Ratelimit[] {
     if (seen.has(r.name)) throw new InvalidArgumentError(`${f}.name`, `duplicate name "${r.name}"`);
     seen.add(r.name);
     if (!Number.isSafeInteger(r.limit) || r.limit < 1) throw new InvalidArgumentError(`${f}.limit`, "must be at least 1");
-    if (!Number.isInteger(r.durationMs) || r.durationMs < 1000 || r.durationMs > LIMITS.maxDurationMs) {
-      throw new InvalidArgumentError(`${f}.duration`, "must be between 1s and 30 days, in whole milliseconds");
+    // Whole seconds: the Redis counter keeps windows in seconds, and every backend must agree.
+    if (!Number.isInteger(r.durationMs) || r.durationMs % 1000 !== 0 || r.durationMs < 1000 || r.durationMs > LIMITS.maxDurationMs) {
+      throw new InvalidArgumentError(`${f}.duration`, "must be whole seconds, between 1s and 30 days");
     }
   });
   return list;

@@ -132,7 +132,7 @@ export interface App {
 /** Wires one server from its dependencies. The store must be initialised. */
 export function createApp(deps: AppDeps): App {
   const { config, store, logger } = deps;
-  const counter = createCounter(config, store);
+  const counter = createCounter(config, store, logger);
   const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
   const { metrics, health } = core;
   const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });

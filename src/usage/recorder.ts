@@ -82,7 +82,8 @@ export function createUsageRecorder(deps: { store: Store; logger: Logger; option
     const outcome = OUTCOME[v.code];
     const identityId = v.identity?.id ?? key.identityId;
     add(minute, key.id, identityId, "", outcome, v.spent);
-    for (const tag of input.tags) add(minute, key.id, identityId, tag, outcome, v.spent);
+    // A tag named twice in one request is still one verification carrying it.
+    for (const tag of new Set(input.tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
     if (at > (lastUsed.get(key.id) ?? 0)) lastUsed.set(key.id, at);
     if (pending.size >= flushAt && !flushing) void flush();
   }

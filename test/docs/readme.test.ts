@@ -19,7 +19,7 @@ describe("README configuration table", () => {
   });
 
   it("documents no variable the schema does not know", () => {
-    const known = new Set(Object.values(SETTINGS).map((s) => s.env));
+    const known = new Set<string>(Object.values(SETTINGS).map((s) => s.env));
     expect([...rows.keys()].filter((env) => !known.has(env))).toEqual([]);
   });
 });

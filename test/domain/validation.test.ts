@@ -142,6 +142,7 @@ describe("ratelimits", () => {
     ["a limit of 0", [rl({ limit: 0 })], "ratelimits[0].limit"],
     ["a fractional limit", [rl({ limit: 1.5 })], "ratelimits[0].limit"],
     ["a duration of 999ms", [rl({ durationMs: 999 })], "ratelimits[0].duration"],
+    ["a duration that is not whole seconds", [rl({ durationMs: 1500 })], "ratelimits[0].duration"],
     ["a fractional duration", [rl({ durationMs: 1000.5 })], "ratelimits[0].duration"],
     ["a duration over 30 days", [rl({ durationMs: LIMITS.maxDurationMs + 1 })], "ratelimits[0].duration"],
   ])("refuse %s, naming the entry", (_what, list, field) => {

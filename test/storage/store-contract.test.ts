@@ -5,7 +5,7 @@ import { newId } from "../../src/domain/ids.js";
 import { hashKey } from "../../src/domain/key-format.js";
 import type { IdentityRecord, KeyRecord, RootKeyRecord } from "../../src/domain/types.js";
 import type { Store } from "../../src/storage/store.js";
-import { ferretDbVersion, mongoUri, openTestStore, unique, type StoreKind, type TestStore } from "../support/harness.js";
+import { mongoUri, openTestStore, unique, type StoreKind, type TestStore } from "../support/harness.js";
 
 /*
  * One contract, every store. Each suite shares one store (one temp dir, or one
@@ -79,14 +79,9 @@ describe.each(KINDS)("%s store contract", (kind) => {
 
   let ts: TestStore;
   const store = (): Store => ts.store;
-  /** Set when the "MongoDB" is FerretDB, which does not apply single-document updates atomically. */
-  let ferretdb: string | null = null;
   beforeAll(async () => {
     ts = await openTestStore(kind);
-    if (kind === "mongodb") ferretdb = await ferretDbVersion(mongoUri()!);
   });
-  const FERRETDB_RACE =
-    "FerretDB applies findAndModify/update without isolation (FerretDB#3040) and loses concurrent updates; run against MongoDB to check atomicity";
   afterAll(async () => {
     await ts?.destroy();
   });
@@ -382,8 +377,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
     ];
 
     describe.each(targets)("of a $name", ({ make }) => {
-      it("applies 50 concurrent decrements exactly once each", async (ctx) => {
-        ctx.skip(ferretdb !== null, FERRETDB_RACE);
+      it("applies 50 concurrent decrements exactly once each", async () => {
         const { target, read } = await make({ remaining: 100, refill: null });
         const results = await Promise.all(
           Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now())),
@@ -394,8 +388,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
         expect(seen).toEqual(Array.from({ length: 50 }, (_, i) => 50 + i));
       });
 
-      it("never goes below zero under 50 concurrent decrements", async (ctx) => {
-        ctx.skip(ferretdb !== null, FERRETDB_RACE);
+      it("never goes below zero under 50 concurrent decrements", async () => {
         const { target, read } = await make({ remaining: 30, refill: null });
         const results = await Promise.all(
           Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now())),

@@ -19,7 +19,7 @@ import {
   type Msg,
   type ServerProcess,
 } from "../integration/support.js";
-import { count, describeWith, mongodbUri, redisUrl, within } from "./support.js";
+import { count, describeWith, isFerretDb, mongodbUri, redisUrl, within } from "./support.js";
 
 const VALID = "VERIFICATION_CODE_VALID";
 
@@ -115,10 +115,26 @@ function sharedLimitSuite(backend: "redis" | "mongodb"): void {
 describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB database", () => {
   describeWith("REDIS_URL", redisUrl(), "with the redis rate-limit backend", () => sharedLimitSuite("redis"));
 
-  describe("with the mongodb rate-limit backend", () => sharedLimitSuite("mongodb"));
+  // rate-limiter-flexible's MongoDB limiter needs atomic $inc, which FerretDB lacks:
+  // there the server must refuse the backend; on MongoDB it must hold the pool.
+  describe("with the mongodb rate-limit backend", () => {
+    if (isFerretDb()) {
+      it("refuses to start on FerretDB, naming the variable and the way out", async () => {
+        const env = { MONGODB_URI: mongodbUri()!, LATCHKEY_MONGODB_DATABASE: uniqueName("lk_verify"), LATCHKEY_RATELIMIT_BACKEND: "mongodb" };
+        const run = await runCli(["serve"], { ...env, LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0" });
+        expect(run.code).toBe(2);
+        expect(run.stderr).toMatch(/LATCHKEY_RATELIMIT_BACKEND=mongodb needs MongoDB/);
+        expect(run.stderr).toMatch(/LATCHKEY_REDIS_URL/);
+      });
+    } else {
+      sharedLimitSuite("mongodb");
+    }
+  });
+});
 
+describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB database and Redis", () => {
   describe("credits", () => {
-    const pair = usePair("mongodb");
+    const pair = usePair("redis");
 
     it("admits exactly 50 of 120 concurrent verifications split over both processes against 50 shared credits", async () => {
       const p = pair();
@@ -132,7 +148,7 @@ describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB d
   });
 
   describe("caching and revocation", () => {
-    const pair = usePair("mongodb");
+    const pair = usePair("redis");
 
     /** Verifies on both processes, so that both hold the key in their caches. */
     async function cachedOnBoth(p: Pair): Promise<{ key: string; id: string; identityId: string }> {

@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 /**
  * Helpers for the VerifyKey behaviour tests: request shorthands over the
  * in-process harness (../support/harness.ts), a store wrapper that counts
@@ -167,4 +168,17 @@ export async function within(deadlineMs: number, everyMs: number, probe: () => P
     if (Date.now() - started >= deadlineMs) throw new Error(`not within ${deadlineMs} ms; last seen: ${JSON.stringify(last)}`);
     await sleep(everyMs);
   }
+}
+
+/**
+ * Whether MONGODB_URI is FerretDB, which applies updates as a read and a write
+ * (no atomic $inc). Asked once, synchronously, so suites can choose at collection time.
+ */
+let ferret: boolean | undefined;
+export function isFerretDb(): boolean {
+  const uri = mongodbUri();
+  if (!uri) return false;
+  const script = `const {MongoClient}=require("mongodb");const c=new MongoClient(process.argv[1]);c.db("admin").command({buildInfo:1}).then(i=>{process.stdout.write(String("ferretdbVersion" in i));return c.close()})`;
+  ferret ??= execFileSync(process.execPath, ["-e", script, uri], { encoding: "utf8" }).trim() === "true";
+  return ferret;
 }

@@ -38,7 +38,7 @@ export type Ratelimit = Message<"latchkey.v1.Ratelimit"> & {
   limit: bigint;
 
   /**
-   * Length of the window. At least 1 second, at most 30 days, whole milliseconds.
+   * Length of the window: whole seconds, at least 1 second, at most 30 days.
    *
    * @generated from field: google.protobuf.Duration duration = 3;
    */

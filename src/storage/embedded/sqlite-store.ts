@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS usage (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_identity ON usage (identity_id, g, bucket);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, g, bucket);
+CREATE TABLE IF NOT EXISTS usage_writers (
+  writer TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settings (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
@@ -353,9 +357,10 @@ export class SqliteStore implements Store {
     this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
   }
 
-  async writeUsage(rows: UsageRow[]): Promise<void> {
-    // One transaction: the batch is applied whole or not at all, so the batch id
-    // the interface offers for idempotency is not needed here.
+  async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    // One transaction: the batch is applied whole or not at all, and the last
+    // batch applied per writer is recorded with it, so a retried batch (one
+    // whose answer was lost) is skipped instead of counted twice.
     const sql = `INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
       ON CONFLICT (g, bucket, key_id, identity_id, tag) DO UPDATE SET
         total = total + excluded.total, valid = valid + excluded.valid, not_found = not_found + excluded.not_found,
@@ -364,6 +369,9 @@ export class SqliteStore implements Store {
         rate_limited = rate_limited + excluded.rate_limited, usage_exceeded = usage_exceeded + excluded.usage_exceeded,
         credits_spent = credits_spent + excluded.credits_spent`;
     this.tx(() => {
+      const last = this.stmt("SELECT seq FROM usage_writers WHERE writer = ?").get(batch.writer) as { seq: number } | undefined;
+      if (last && last.seq >= batch.seq) return;
+      this.stmt("INSERT INTO usage_writers (writer, seq) VALUES (?, ?) ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq").run(batch.writer, batch.seq);
       const st = this.stmt(sql);
       for (const r of rows) {
         const c = r.counts;

@@ -1,5 +1,6 @@
+import { randomBytes } from "node:crypto";
 import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import { AlreadyExistsError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -13,6 +14,7 @@ import type {
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
+import { applyCreditsOp } from "../credits-op.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 /*
@@ -27,8 +29,15 @@ type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
 type CounterDoc = { _id: string; seq: number };
-/** A usage row; `f` maps writer → last batch seq applied, for idempotent retries. */
-type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; f?: Record<string, number> } & Counts;
+/** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
+type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
+type LockDoc = { _id: string; token: string; until: number };
+type ActivityDoc = { _id: string; lastUsedAt: number };
+
+/** How long a lock is held at most before another writer may take it over. */
+const LOCK_LEASE_MS = 10_000;
+/** How long a writer waits for a lock before answering UNAVAILABLE. */
+const LOCK_WAIT_MS = 5_000;
 type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
 
 function toIdentityDoc(r: IdentityRecord): IdentityDoc {
@@ -95,7 +104,12 @@ export interface MongoStoreOptions {
 
 /**
  * The production store on MongoDB (tested on MongoDB-compatible FerretDB as
- * well). No multi-document transactions are used, so it runs on FerretDB and
+ * well). It relies on one atomic primitive only: inserting a document with a
+ * unique `_id` or unique index. FerretDB 1.x applies every update as a read
+ * followed by a whole-document write, so two concurrent updates of one
+ * document can lose one; therefore every read-modify-write of a key or
+ * identity runs under a per-document lease lock (`locked`), usage rows are
+ * written by one writer each, and last-used times live in their own collection. No multi-document transactions are used, so it runs on FerretDB and
  * standalone servers: each method is one atomic single-document operation, or
  * a short sequence ordered so that a failure leaves nothing half-visible (and
  * compensated where it could).
@@ -112,6 +126,12 @@ export class MongoStore implements Store {
   private counters!: Collection<CounterDoc>;
   private changes!: Collection<ChangeDoc>;
   private usage!: Collection<UsageDoc>;
+  private locks!: Collection<LockDoc>;
+  private activity!: Collection<ActivityDoc>;
+  /** In-process queue per lock name, so this process never races itself for a lock. */
+  private readonly localLocks = new Map<string, Promise<void>>();
+  /** "ferretdb" when the server is FerretDB (see `init`). */
+  flavor: "mongodb" | "ferretdb" = "mongodb";
 
   constructor(private readonly opts: MongoStoreOptions) {
     this.client = new MongoClient(opts.uri, {
@@ -145,6 +165,10 @@ export class MongoStore implements Store {
       this.counters = this.db.collection<CounterDoc>("counters");
       this.changes = this.db.collection<ChangeDoc>("changes");
       await this.changes.createIndex({ at: 1 }, { name: "at" });
+      this.locks = this.db.collection<LockDoc>("locks");
+      this.activity = this.db.collection<ActivityDoc>("key_activity");
+      const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
+      this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
       this.usage = this.db.collection<UsageDoc>("usage");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
@@ -162,6 +186,45 @@ export class MongoStore implements Store {
 
   async close(): Promise<void> {
     await this.client.close();
+  }
+
+  /**
+   * Runs `fn` holding the lock `name`: first in this process (a promise queue),
+   * then across processes (a lock document taken by a unique insert, with a
+   * lease after which a crashed holder's lock is taken over).
+   */
+  private async locked<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.localLocks.get(name) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    const tail = prev.then(() => mine);
+    this.localLocks.set(name, tail);
+    await prev;
+    try {
+      const token = randomBytes(8).toString("hex");
+      const deadline = Date.now() + LOCK_WAIT_MS;
+      for (let attempt = 0; ; attempt++) {
+        const now = Date.now();
+        try {
+          await this.locks.insertOne({ _id: name, token, until: now + LOCK_LEASE_MS });
+          break;
+        } catch (err) {
+          if (!isDuplicateKey(err)) throw err;
+          const holder = await this.locks.findOne({ _id: name });
+          if (holder && holder.until < now) await this.locks.deleteOne({ _id: name, token: holder.token });
+          if (now > deadline) throw new UnavailableError(`busy: ${name} stayed locked`);
+          await new Promise((r) => setTimeout(r, Math.min(25, 1 + attempt * 2) * Math.random()));
+        }
+      }
+      try {
+        return await fn();
+      } finally {
+        await this.locks.deleteOne({ _id: name, token }).catch(() => undefined);
+      }
+    } finally {
+      release();
+      if (this.localLocks.get(name) === tail) this.localLocks.delete(name);
+    }
   }
 
   /**
@@ -227,7 +290,7 @@ export class MongoStore implements Store {
 
   async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
     const d = await this.run(() =>
-      this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }),
+      this.locked(`identity:${id}`, () => this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
     );
     if (!d) return null;
     await this.run(() => this.recordChange("identity", id, null));
@@ -245,7 +308,12 @@ export class MongoStore implements Store {
       if (deleteKeys) {
         deletedKeys = (await this.keys.deleteMany({ identityId: id })).deletedCount;
       } else {
-        unlinkedKeys = (await this.keys.updateMany({ identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } })).modifiedCount;
+        for (const k of affected) {
+          const res = await this.locked(`key:${k._id}`, () =>
+            this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } }),
+          );
+          unlinkedKeys += res.modifiedCount;
+        }
       }
       const res = await this.identities.deleteOne({ _id: id });
       for (const k of affected) await this.recordChange("key", k._id, k.hash);
@@ -262,7 +330,15 @@ export class MongoStore implements Store {
 
   async getKey(id: string): Promise<KeyRecord | null> {
     const d = await this.run(() => this.keys.findOne({ _id: id }));
-    return d ? fromKeyDoc(d) : null;
+    return d ? (await this.withLastUsed([fromKeyDoc(d)]))[0] : null;
+  }
+
+  /** Adds last-used times, kept apart from key documents (see the class comment). */
+  private async withLastUsed(keys: KeyRecord[]): Promise<KeyRecord[]> {
+    if (keys.length === 0) return keys;
+    const docs = await this.run(() => this.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray());
+    const at = new Map(docs.map((d) => [d._id, d.lastUsedAt]));
+    return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
   }
 
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
@@ -275,20 +351,23 @@ export class MongoStore implements Store {
     if (filter.apiId !== undefined) q.apiId = filter.apiId;
     if (filter.identityId !== undefined) q.identityId = filter.identityId;
     const docs = await this.run(() => this.keys.find(q).sort({ _id: 1 }).limit(page.limit).toArray());
-    return docs.map(fromKeyDoc);
+    return this.withLastUsed(docs.map(fromKeyDoc));
   }
 
   async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
-    const d = await this.run(() => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" }));
+    const d = await this.run(() =>
+      this.locked(`key:${id}`, () => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
+    );
     if (!d) return null;
     await this.run(() => this.recordChange("key", id, d.hash));
-    return fromKeyDoc(d);
+    return (await this.withLastUsed([fromKeyDoc(d)]))[0];
   }
 
   async deleteKey(id: string): Promise<boolean> {
     const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }));
     if (!d) return false;
     await this.run(() => this.recordChange("key", id, d.hash));
+    await this.run(() => this.activity.deleteOne({ _id: id }));
     return true;
   }
 
@@ -297,7 +376,7 @@ export class MongoStore implements Store {
     await this.createKey(next);
     try {
       const res = await this.run(() =>
-        this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } }),
+        this.locked(`key:${oldId}`, () => this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } })),
       );
       if (res) {
         await this.run(() => this.recordChange("key", oldId, res.hash));
@@ -311,80 +390,52 @@ export class MongoStore implements Store {
     }
   }
 
+  private creditsColl(target: CreditsTarget) {
+    return {
+      coll: ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; hash?: string }>,
+      id: "keyId" in target ? target.keyId : target.identityId,
+      lock: "keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`,
+    };
+  }
+
   async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
-    const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; updatedAt: number }>;
-    const id = "keyId" in target ? target.keyId : target.identityId;
-    // No projection: FerretDB does not implement `fields` in findAndModify.
-    const after = { returnDocument: "after" as const };
+    const { coll, id, lock } = this.creditsColl(target);
     return this.run(async () => {
-      // Each attempt is one conditional single-document update; a miss means the
-      // balance changed shape under us (or the target is gone), so look and retry.
-      for (let attempt = 0; attempt < 10; attempt++) {
-        let d: { credits: Credits | null } | null = null;
-        if (op.op === "set" && op.value === null) {
-          d = await coll.findOneAndUpdate({ _id: id }, { $set: { credits: null, updatedAt: now } }, after);
-        } else if (op.op === "set") {
-          d =
-            (await coll.findOneAndUpdate({ _id: id, credits: { $ne: null } }, { $set: { "credits.remaining": op.value!, updatedAt: now } }, after)) ??
-            (await coll.findOneAndUpdate({ _id: id, credits: null }, { $set: { credits: { remaining: op.value!, refill: null }, updatedAt: now } }, after));
-        } else if (op.op === "increment") {
-          d = await coll.findOneAndUpdate(
-            { _id: id, credits: { $ne: null }, "credits.remaining": { $lte: Number.MAX_SAFE_INTEGER - op.value } },
-            { $inc: { "credits.remaining": op.value }, $set: { updatedAt: now } },
-            after,
-          );
-        } else {
-          d =
-            (await coll.findOneAndUpdate(
-              { _id: id, "credits.remaining": { $gte: op.value } },
-              { $inc: { "credits.remaining": -op.value }, $set: { updatedAt: now } },
-              after,
-            )) ??
-            (await coll.findOneAndUpdate(
-              { _id: id, credits: { $ne: null }, "credits.remaining": { $lt: op.value } },
-              { $set: { "credits.remaining": 0, updatedAt: now } },
-              after,
-            ));
-        }
-        if (d) {
-          await this.recordChange("keyId" in target ? "key" : "identity", id, (d as { hash?: string }).hash ?? null);
-          return d.credits;
-        }
-        const cur = await coll.findOne({ _id: id }, { projection: { credits: 1 } });
+      const res = await this.locked(lock, async () => {
+        const cur = await coll.findOne({ _id: id });
         if (!cur) return undefined;
-        if (cur.credits === null && op.op !== "set") throw new FailedPreconditionError("credits are unlimited; SET a balance first");
-        if (op.op === "increment" && cur.credits && cur.credits.remaining > Number.MAX_SAFE_INTEGER - op.value) {
-          throw new FailedPreconditionError("the balance would overflow");
-        }
-      }
-      throw new UnavailableError("credits changed concurrently too often; retry");
+        const credits = applyCreditsOp(cur.credits, op);
+        await coll.updateOne({ _id: id }, { $set: { credits, updatedAt: now } });
+        return { credits, hash: cur.hash ?? null };
+      });
+      if (!res) return undefined;
+      await this.recordChange("keyId" in target ? "key" : "identity", id, res.hash);
+      return res.credits;
     });
   }
 
   async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult> {
-    const coll = ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null }>;
-    const id = "keyId" in target ? target.keyId : target.identityId;
-    return this.run(async () => {
-      if (refill) {
-        // Compare-and-set on the refill time: of all racing instances, one wins.
-        await coll.updateOne(
-          { _id: id, credits: { $ne: null }, "credits.refill": { $ne: null }, "credits.refill.lastRefillAt": { $lt: refill.periodStart } },
-          { $set: { "credits.remaining": refill.amount, "credits.refill.lastRefillAt": refill.periodStart } },
-        );
-      }
-      if (cost > 0) {
-        const d = await coll.findOneAndUpdate(
-          { _id: id, "credits.remaining": { $gte: cost } },
-          { $inc: { "credits.remaining": -cost } },
-          { returnDocument: "after" },
-        );
-        if (d?.credits) return { ok: true, remaining: d.credits.remaining };
-      }
-      const cur = await coll.findOne({ _id: id }, { projection: { credits: 1 } });
-      if (!cur?.credits) return { ok: true as const, remaining: null };
-      // With cost 0 this is a check; otherwise the conditional spend above missed.
-      return { ok: cost === 0, remaining: cur.credits.remaining };
-    });
+    const { coll, id, lock } = this.creditsColl(target);
+    return this.run(() =>
+      this.locked(lock, async (): Promise<SpendResult> => {
+        const cur = await coll.findOne({ _id: id });
+        if (!cur?.credits) return { ok: true, remaining: null };
+        let credits = cur.credits;
+        let changed = false;
+        // Under the lock, the refill time is a plain check: each period refills once.
+        if (refill && credits.refill && credits.refill.lastRefillAt < refill.periodStart) {
+          credits = { remaining: refill.amount, refill: { ...credits.refill, lastRefillAt: refill.periodStart } };
+          changed = true;
+        }
+        const ok = credits.remaining >= cost;
+        if (ok && cost > 0) {
+          credits = { ...credits, remaining: credits.remaining - cost };
+          changed = true;
+        }
+        if (changed) await coll.updateOne({ _id: id }, { $set: { credits } });
+        return { ok, remaining: credits.remaining };
+      }),
+    );
   }
 
   async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
@@ -403,44 +454,32 @@ export class MongoStore implements Store {
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
-    const mark = `f.${batch.writer}`;
-    // Matches a row this batch has not been applied to yet (or no row at all).
-    const pendingFilter = (id: string) => ({ _id: id, $or: [{ [mark]: { $exists: false } }, { [mark]: { $lt: batch.seq } }] });
+    // Rows are per writer (one server process writes one batch at a time), so no
+    // two writers ever update one document. A row already carrying this batch's
+    // seq does not match the filter; its upsert then hits the unique _id and is
+    // skipped: a retried batch is applied once.
     const ops = rows.map((r) => {
-      const id = `${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
       const inc: Record<string, number> = {};
       for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
+      const _id = `${batch.writer}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
       return {
-        id,
-        update: {
-          $inc: inc,
-          $set: { [mark]: batch.seq },
-          $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag },
+        updateOne: {
+          filter: { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: batch.seq } }] },
+          update: { $inc: inc, $set: { seq: batch.seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
+          upsert: true,
         },
       };
     });
     await this.run(async () => {
       for (let i = 0; i < ops.length; i += 500) {
-        const chunk = ops.slice(i, i + 500);
-        let failed: number[] = [];
         try {
-          await this.usage.bulkWrite(
-            chunk.map((o) => ({ updateOne: { filter: pendingFilter(o.id), update: o.update as never, upsert: true } })),
-            { ordered: false },
-          );
+          await this.usage.bulkWrite(ops.slice(i, i + 500) as never, { ordered: false });
         } catch (err) {
-          const writeErrors = (err as { writeErrors?: { index: number; code?: number; errmsg?: string }[] | { index: number } }).writeErrors;
-          const list = Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null;
-          if (!list) throw err;
-          // A duplicate _id on upsert means the row exists but did not match: either
-          // this batch was applied already (nothing to do) or another writer created
-          // the row in the meantime (apply without upsert).
-          if (list.some((e) => !isDuplicateCode((e as { code?: number }).code, (e as { errmsg?: string }).errmsg))) throw err;
-          failed = list.map((e) => e.index);
-        }
-        for (const idx of failed) {
-          const o = chunk[idx];
-          await this.usage.updateOne(pendingFilter(o.id), o.update as never);
+          const writeErrors = (err as { writeErrors?: unknown }).writeErrors;
+          const list = (Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null) as
+            | { code?: number; errmsg?: string }[]
+            | null;
+          if (!list || list.some((e) => !isDuplicateCode(e.code, e.errmsg))) throw err;
         }
       }
     });
@@ -453,7 +492,7 @@ export class MongoStore implements Store {
       b: { $gte: q.start, $lt: q.end },
       tag: q.tagged ? { $ne: "" } : "",
     };
-    const docs = await this.run(() => this.usage.find(filter, { projection: { f: 0 } }).limit(q.maxRows + 1).toArray());
+    const docs = await this.run(() => this.usage.find(filter).limit(q.maxRows + 1).toArray());
     if (docs.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
     return docs.map((d) => {
       const counts = {} as Counts;
@@ -464,11 +503,10 @@ export class MongoStore implements Store {
 
   async touchLastUsed(times: Map<string, number>): Promise<void> {
     if (times.size === 0) return;
+    // Its own collection: a write here can never clobber a concurrent key update.
     await this.run(() =>
-      this.keys.bulkWrite(
-        [...times].map(([id, t]) => ({
-          updateOne: { filter: { _id: id, $or: [{ lastUsedAt: null }, { lastUsedAt: { $lt: t } }] }, update: { $set: { lastUsedAt: t } } },
-        })),
+      this.activity.bulkWrite(
+        [...times].map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } }, upsert: true } })),
         { ordered: false },
       ),
     );
