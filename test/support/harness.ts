@@ -10,7 +10,7 @@ import { afterEach, beforeEach, expect } from "vitest";
 import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
-import { DEFAULT_CORE_OPTIONS, createCore } from "../../src/server/app.js";
+import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/server/app.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import type { IdentityRecord, KeyRecord } from "../../src/domain/types.js";
 import { createLogger } from "../../src/server/logger.js";
@@ -130,11 +130,15 @@ export interface HarnessOptions {
   rootKeyCacheMs?: number;
   /** Wraps the store the services see (the harness keeps the real one), e.g. to inject failures. */
   wrapStore?: (store: Store) => Store;
+  /** Core options over DEFAULT_CORE_OPTIONS, e.g. a long `usageFlushMs` so only explicit flushes write usage. */
+  coreOptions?: Partial<CoreOptions>;
 }
 
 export interface Harness {
   /** The real store, for arranging data and checking what was (not) written. */
   readonly store: Store;
+  /** The wired core the clients talk to (e.g. `core.recorder.flush()` writes pending usage). */
+  readonly core: Core;
   /** Plaintext of a root key with every permission on every api. */
   readonly rootKey: string;
   /** Clients authenticated with `rootKey`. */
@@ -182,7 +186,7 @@ export async function createHarness(opts: HarnessOptions = {}): Promise<Harness>
     store: served,
     logger,
     metrics: sharedMetrics,
-    options: { ...DEFAULT_CORE_OPTIONS, rootKeyCacheMs: opts.rootKeyCacheMs ?? 0 },
+    options: { ...DEFAULT_CORE_OPTIONS, ...opts.coreOptions, rootKeyCacheMs: opts.rootKeyCacheMs ?? 0 },
   });
   await core.start();
   const routes = core.routes;
@@ -209,6 +213,7 @@ export async function createHarness(opts: HarnessOptions = {}): Promise<Harness>
 
   return {
     store,
+    core,
     rootKey,
     admin: clients(rootKey),
     clients,
