@@ -191,6 +191,7 @@ async function main() {
       return { peak, half };
     };
     const embedded = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+    const uncounted = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir, LATCHKEY_USAGE_COUNTING: "off" });
 
     const mem = spawnSync(process.execPath, ["--expose-gc", "dist/bench/memory.js", join(dataDir, "latchkey.db"), hashesFile], { cwd: ROOT, encoding: "utf8" });
     const memory = JSON.parse(mem.stdout || "{}") as { bytesPerKey?: number; keys?: number; identities?: number };
@@ -226,12 +227,14 @@ async function main() {
       row("Connect-Node baseline (Health/Check)", connectBase, grpcjsBase),
       row("VerifyKey, embedded store, peak", embedded.peak, grpcjsBase),
       row(`VerifyKey, embedded store, at ${Math.round(embedded.peak.rps / 2)}/s`, embedded.half),
+      row("VerifyKey, embedded store, usage counting off, peak", uncounted.peak, grpcjsBase),
     );
     if (mongo) {
       lines.push(row("VerifyKey, MongoDB store, peak", mongo.peak, grpcjsBase), row(`VerifyKey, MongoDB store, at ${Math.round(mongo.peak.rps / 2)}/s`, mongo.half));
     }
     lines.push(
       "",
+      `Usage counting costs ${(100 * (1 - embedded.peak.rps / uncounted.peak.rps)).toFixed(1)}% of peak VerifyKey throughput (embedded store).`,
       `MongoDB run: ${mongoNote}${mongo ? `; MongoDB ÷ embedded = ${(mongo.peak.rps / embedded.peak.rps).toFixed(2)}` : ""}`,
       `Cache memory: ${memory.bytesPerKey ?? "?"} bytes of heap per cached key (${memory.keys} keys, ${memory.identities} identities)`,
     );

@@ -24,6 +24,7 @@ export type CoreOptions = Pick<
   | "cacheMaxEntries"
   | "cacheTtlMs"
   | "invalidationPollMs"
+  | "usageCounting"
   | "usageFlushMs"
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
@@ -34,6 +35,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   cacheMaxEntries: 100_000,
   cacheTtlMs: 60_000,
   invalidationPollMs: 250,
+  usageCounting: "on",
   usageFlushMs: 1000,
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
@@ -69,13 +71,14 @@ export function createCore(deps: CoreDeps) {
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
   const usage = createUsageReader({ store, minuteRetentionMs });
+  const counting = options.usageCounting === "on";
   const verify = createVerifier({
     store,
     cache,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
       metrics.verifications.inc({ code: v.code });
-      recorder.record(v, input, at);
+      if (counting) recorder.record(v, input, at);
       deps.onVerification?.(v, input, at);
     },
   });
