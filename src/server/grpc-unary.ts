@@ -29,7 +29,11 @@ export interface ServiceRegistration {
   impl: Partial<ServiceImpl<DescService>>;
 }
 
+/** A hand-written encoder for a response type, taking the handler's (init-shaped) result. */
+export type ResponseEncoder = (message: object) => Uint8Array;
+
 interface Method {
+  encode: (message: object) => Uint8Array;
   service: DescService;
   input: DescMessage;
   output: DescMessage;
@@ -70,7 +74,12 @@ function headersOf(raw: http2.IncomingHttpHeaders): Headers {
  * Returns a request handler that serves unary gRPC calls of the given services
  * and returns false for any request it leaves to Connect-Node.
  */
-export function createGrpcUnaryHandler(services: ServiceRegistration[], interceptors: Interceptor[]) {
+export function createGrpcUnaryHandler(
+  services: ServiceRegistration[],
+  interceptors: Interceptor[],
+  /** By response type name. Results of such methods reach interceptors as returned (init shape). */
+  encoders: Map<string, ResponseEncoder> = new Map(),
+) {
   const methods = new Map<string, Method>();
   for (const { service, impl } of services) {
     const spec = createServiceImplSpec(service, impl as ServiceImpl<DescService>);
@@ -78,6 +87,7 @@ export function createGrpcUnaryHandler(services: ServiceRegistration[], intercep
       if (m.methodKind !== "unary") continue;
       const s = spec.methods[m.localName];
       if (s.kind !== "unary") continue;
+      const custom = encoders.get(m.output.typeName);
       const base = async (req: UnaryRequest): Promise<UnaryResponse> => {
         // The context is per call: take over what interceptors may have replaced.
         const ctx = (req as unknown as { ctx: HandlerContext & { requestHeader: Headers; values: unknown } }).ctx;
@@ -90,11 +100,12 @@ export function createGrpcUnaryHandler(services: ServiceRegistration[], intercep
           method: m,
           header: ctx.responseHeader,
           trailer: ctx.responseTrailer,
-          message: isMessage(out, m.output) ? out : create(m.output, out as never),
+          message: custom || isMessage(out, m.output) ? out : create(m.output, out as never),
         } as UnaryResponse;
       };
       const run = interceptors.reduceRight<(r: UnaryRequest) => Promise<UnaryResponse>>((next, i) => i(next as never) as never, base);
-      methods.set(`/${service.typeName}/${m.name}`, { service, input: m.input, output: m.output, run, methodDesc: m });
+      const encode: (message: object) => Uint8Array = custom ?? ((msg) => toBinary(m.output, msg as never));
+      methods.set(`/${service.typeName}/${m.name}`, { encode, service, input: m.input, output: m.output, run, methodDesc: m });
     }
   }
 
@@ -196,7 +207,7 @@ export function createGrpcUnaryHandler(services: ServiceRegistration[], intercep
       method.run(req).then(
         (res) => {
           if (stream.destroyed) return;
-          const bytes = toBinary(method.output, res.message as never);
+          const bytes = method.encode(res.message);
           const out = Buffer.allocUnsafe(5 + bytes.length);
           out[0] = 0;
           out.writeUInt32BE(bytes.length, 1);

@@ -5,7 +5,9 @@ import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import tls from "node:tls";
-import { createGrpcUnaryHandler, type ServiceRegistration } from "./grpc-unary.js";
+import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
+import { createGrpcUnaryHandler, type ResponseEncoder, type ServiceRegistration } from "./grpc-unary.js";
+import { encodeVerifyKeyResponse } from "./verify-response-encoder.js";
 
 export interface ServerOptions {
   routes: (router: ConnectRouter) => void;
@@ -38,7 +40,9 @@ const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
  */
 export function createServer(opts: ServerOptions): LatchkeyServer {
   const connect = connectNodeAdapter({ routes: opts.routes, interceptors: opts.interceptors });
-  const fast = opts.services ? createGrpcUnaryHandler(opts.services, opts.interceptors) : null;
+  const fast = opts.services
+    ? createGrpcUnaryHandler(opts.services, opts.interceptors, new Map([[VerifyKeyResponseSchema.typeName, encodeVerifyKeyResponse as ResponseEncoder]]))
+    : null;
   const sessions = new Set<http2.Http2Session>();
   const sockets = new Set<net.Socket>();
   // No 'request' listener on this server: it would make Node build compatibility

@@ -1,0 +1,85 @@
+import { create, equals, fromBinary, toBinary, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { describe, expect, it } from "vitest";
+import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
+import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
+import { encodeVerifyKeyResponse } from "../../src/server/verify-response-encoder.js";
+
+/** A small deterministic PRNG, so a failure reproduces. */
+function rng(seed: number) {
+  return () => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed / 0x7fffffff;
+  };
+}
+
+function randomJson(r: () => number, depth: number): JsonValue {
+  const k = Math.floor(r() * (depth > 3 ? 4 : 6));
+  switch (k) {
+    case 0:
+      return null;
+    case 1:
+      return [0, -1, 1.5, 1e300, -(2 ** 53), r() * 1e6][Math.floor(r() * 6)];
+    case 2:
+      return ["", "plain", "ünïcødé ✓", "dotted.key", "$where", "🔑".repeat(3)][Math.floor(r() * 6)];
+    case 3:
+      return r() < 0.5;
+    case 4:
+      return Array.from({ length: Math.floor(r() * 4) }, () => randomJson(r, depth + 1));
+    default:
+      return randomObject(r, depth + 1);
+  }
+}
+
+function randomObject(r: () => number, depth: number): JsonObject {
+  const o: JsonObject = {};
+  const n = Math.floor(r() * 5);
+  for (let i = 0; i < n; i++) o[["a", "plan", "x.y", "$gt", "", "ключ"][Math.floor(r() * 6)] + i] = randomJson(r, depth);
+  return o;
+}
+
+describe("hand-written VerifyKeyResponse encoder", () => {
+  it("produces bytes that decode to the same message as toBinary, over 500 random responses", () => {
+    const r = rng(42);
+    for (let i = 0; i < 500; i++) {
+      const init = {
+        valid: r() < 0.5,
+        code: Math.floor(r() * 8) as VerificationCode,
+        keyId: r() < 0.9 ? `key_${i}` : "",
+        name: r() < 0.5 ? `name ${i}` : "",
+        meta: r() < 0.8 ? randomObject(r, 0) : undefined,
+        expiresAt: r() < 0.3 ? timestampFromMs(Math.floor(r() * 4e12)) : undefined,
+        enabled: r() < 0.7,
+        creditsRemaining: r() < 0.5 ? BigInt(Math.floor(r() * 1000)) : undefined,
+        permissions: Array.from({ length: Math.floor(r() * 3) }, (_, j) => `perm.${j}`),
+        identity: r() < 0.6 ? { id: `id_${i}`, externalId: `ext|${i}`, meta: randomObject(r, 0) } : undefined,
+        ratelimits: Array.from({ length: Math.floor(r() * 3) }, (_, j) => ({
+          name: `rl${j}`,
+          limit: BigInt(Math.floor(r() * 1e9)),
+          remaining: BigInt(Math.floor(r() * 10)),
+          resetAt: timestampFromMs(Date.now() + j),
+          exceeded: r() < 0.3,
+        })),
+        apiId: r() < 0.9 ? "api_main" : "",
+      };
+      const expected = create(VerifyKeyResponseSchema, init);
+      const decoded = fromBinary(VerifyKeyResponseSchema, encodeVerifyKeyResponse(init));
+      expect(equals(VerifyKeyResponseSchema, decoded, expected), `case ${i}`).toBe(true);
+      // And the reverse: what toBinary writes decodes to the same.
+      expect(equals(VerifyKeyResponseSchema, fromBinary(VerifyKeyResponseSchema, toBinary(VerifyKeyResponseSchema, expected)), decoded)).toBe(true);
+    }
+  });
+
+  it("writes a credits balance of zero (the field has presence)", () => {
+    const decoded = fromBinary(VerifyKeyResponseSchema, encodeVerifyKeyResponse({ code: VerificationCode.USAGE_EXCEEDED, creditsRemaining: 0n }));
+    expect(decoded.creditsRemaining).toBe(0n);
+  });
+
+  it("re-encodes a meta object that was changed in place only when it is a new object", () => {
+    const meta: JsonObject = { plan: "free" };
+    const first = fromBinary(VerifyKeyResponseSchema, encodeVerifyKeyResponse({ meta }));
+    const second = fromBinary(VerifyKeyResponseSchema, encodeVerifyKeyResponse({ meta: { ...meta, plan: "pro" } }));
+    expect(first.meta).toEqual({ plan: "free" });
+    expect(second.meta).toEqual({ plan: "pro" });
+  });
+});
