@@ -472,14 +472,25 @@ export class MongoStore implements Store {
     });
     await this.run(async () => {
       for (let i = 0; i < ops.length; i += 500) {
+        const chunk = ops.slice(i, i + 500);
         try {
-          await this.usage.bulkWrite(ops.slice(i, i + 500) as never, { ordered: false });
+          await this.usage.bulkWrite(chunk as never, { ordered: false });
         } catch (err) {
           const writeErrors = (err as { writeErrors?: unknown }).writeErrors;
           const list = (Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null) as
             | { code?: number; errmsg?: string }[]
             | null;
           if (!list || list.some((e) => !isDuplicateCode(e.code, e.errmsg))) throw err;
+          // FerretDB ends even an unordered batch at its first error, without
+          // applying or reporting the rest: apply the chunk again row by row
+          // (each op is idempotent: a row already at this seq is skipped).
+          for (const op of chunk) {
+            try {
+              await this.usage.updateOne(op.updateOne.filter, op.updateOne.update, { upsert: true });
+            } catch (e) {
+              if (!isDuplicateKey(e)) throw e;
+            }
+          }
         }
       }
     });
@@ -497,7 +508,8 @@ export class MongoStore implements Store {
     return docs.map((d) => {
       const counts = {} as Counts;
       for (const c of COUNTERS) counts[c] = d[c] ?? 0;
-      return { granularity: d.g as UsageRow["granularity"], bucket: d.b, keyId: d.k, identityId: d.i, tag: d.tag, counts };
+      // `i ?? null`: FerretDB leaves a null out of $setOnInsert.
+      return { granularity: d.g as UsageRow["granularity"], bucket: d.b, keyId: d.k, identityId: d.i ?? null, tag: d.tag, counts };
     });
   }
 
