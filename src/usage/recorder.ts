@@ -85,7 +85,8 @@ export function createUsageRecorder(deps: { store: Store; logger: Logger; option
     // A tag named twice in one request is still one verification carrying it.
     for (const tag of new Set(input.tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
     if (at > (lastUsed.get(key.id) ?? 0)) lastUsed.set(key.id, at);
-    if (pending.size >= flushAt && !flushing) void flush();
+    // Failures are logged by flushOnce and retried by the next flush; unhandled, one would end the process.
+    if (pending.size >= flushAt && !flushing) void flush().catch(() => undefined);
   }
 
   /** Rolls minute entries up into minute, hour and day rows. */

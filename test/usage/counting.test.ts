@@ -7,7 +7,7 @@
  * moves backwards. In process (test/support/harness.ts), on both stores.
  */
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Clients, Harness } from "../support/harness.js";
 import { createHarness, unique } from "../support/harness.js";
@@ -309,3 +309,49 @@ describeEachStore("usage counting", (kind) => {
     }
   }
 });
+
+describe("usage counting under load while the store is down", () => {
+  it("survives a failing early flush (many pending entries) without an unhandled rejection, and writes everything once the store is back", async () => {
+    let failing: ReturnType<typeof failingStore> | undefined;
+    const h = await createHarness({
+      store: "embedded",
+      coreOptions: { usageFlushMs: HOUR },
+      wrapStore: (s) => {
+        failing = failingStore(s, "writeUsage", { times: Number.MAX_SAFE_INTEGER });
+        return failing.store;
+      },
+    });
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const c = h.admin;
+      const key = await newKey(c, null);
+      // Ten fresh tags per verification: 2,000 verifications make 22,000 pending
+      // entries, past the 20,000 that start a flush before the timer does.
+      const n = 2000;
+      for (let i = 0; i < n; i++) {
+        const tags = Array.from({ length: 10 }, (_, j) => `t${i}-${j}`);
+        expect(await verifyCode(c, key.plaintext, { tags })).toBe("VALID");
+      }
+      expect(failing!.calls()).toBeGreaterThan(0);
+      // Let the failed early flush settle, then the event loop report any unhandled rejection.
+      await h.core.recorder.flush().catch(() => undefined);
+      await new Promise((r) => setImmediate(r));
+      await new Promise((r) => setTimeout(r, 10));
+      expect(unhandled.map(String)).toEqual([]);
+
+      failing!.heal();
+      await h.core.recorder.flush();
+      expect((await keyUsage(c, key.id)).totals).toEqual(counts({ total: n, valid: n }));
+      const tagged = await h.store.queryUsage({ by: { keyId: key.id }, granularity: "day", start: 0, end: Date.now() + DAY, tagged: true, maxRows: 100_000 });
+      expect(tagged).toHaveLength(10 * n);
+      expect(tagged.every((r) => r.counts.total === 1)).toBe(true);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      failing?.heal();
+      await h.close();
+    }
+  }, 120_000);
+});
+

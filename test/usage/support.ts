@@ -139,15 +139,15 @@ export async function recordAt(h: Harness, keyId: string, at: number, n = 1, cod
 }
 
 /**
- * Wraps a store so that `method` fails the next `times` calls. With
- * `afterWriting`, the real method runs first and then the call fails, as when a
- * write lands but its answer is lost.
+ * Wraps a store so that `method` fails the next `times` calls (until `heal()`).
+ * With `afterWriting`, the real method runs first and then the call fails, as
+ * when a write lands but its answer is lost.
  */
 export function failingStore(
   store: Store,
   method: keyof Store,
   opts: { times?: number; afterWriting?: boolean } = {},
-): { store: Store; failures: () => number; calls: () => number } {
+): { store: Store; failures: () => number; calls: () => number; heal: () => void } {
   let left = opts.times ?? 1;
   let failures = 0;
   let calls = 0;
@@ -167,7 +167,7 @@ export function failingStore(
       };
     },
   });
-  return { store: wrapped, failures: () => failures, calls: () => calls };
+  return { store: wrapped, failures: () => failures, calls: () => calls, heal: () => (left = 0) };
 }
 
 /**
