@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -65,6 +65,8 @@ async function stop(proc: ChildProcess): Promise<void> {
 }
 
 interface Result {
+  /** Server CPU time (user + system) per completed call, microseconds. */
+  cpuUs: number;
   rps: number;
   p50: number;
   p99: number;
@@ -72,7 +74,21 @@ interface Result {
   errors: number;
 }
 
-function ghz(port: number, call: string, proto: string, dataFile: string, opts: { metadata?: Record<string, string>; duration?: string; rps?: number } = {}): Result {
+/** CPU seconds (user + system) a process has used so far, from /proc. */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks
+}
+
+function ghz(
+  server: { port: number; proc: ChildProcess },
+  call: string,
+  proto: string,
+  dataFile: string,
+  opts: { metadata?: Record<string, string>; duration?: string; rps?: number } = {},
+): Result {
+  const port = server.port;
+  const cpuBefore = cpuSeconds(server.proc.pid!);
   const args = [
     "--insecure",
     "--proto", join(ROOT, "proto", proto),
@@ -96,8 +112,10 @@ function ghz(port: number, call: string, proto: string, dataFile: string, opts: 
   };
   const pct = (p: number) => (r.latencyDistribution?.find((d) => d.percentage === p)?.latency ?? NaN) / 1e6;
   const ok = r.statusCodeDistribution?.OK ?? 0;
-  const errors = Object.entries(r.statusCodeDistribution ?? {}).reduce((n, [k, v]) => (k === "OK" ? n : n + v), 0);
-  return { rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
+  // Calls cut off by the end of the run come back as Canceled / Unavailable; they are not errors.
+  const errors = Object.entries(r.statusCodeDistribution ?? {}).reduce((n, [k, v]) => (["OK", "Canceled", "Unavailable"].includes(k) ? n : n + v), 0);
+  const cpuUs = ((cpuSeconds(server.proc.pid!) - cpuBefore) * 1e6) / Math.max(1, ok);
+  return { cpuUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
 }
 
 /** 1,000 identities with an auto-applied limit, 10,000 keys; returns the plaintexts and a root key. */
@@ -146,7 +164,7 @@ async function seed(store: Store): Promise<{ keys: string[]; hashes: string[]; r
 
 function row(name: string, r: Result, base?: Result): string {
   const ratio = base ? (r.rps / base.rps).toFixed(2) : "";
-  return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${r.errors} | ${ratio} |`;
+  return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} | ${r.errors} | ${ratio} |`;
 }
 
 async function main() {
@@ -158,12 +176,12 @@ async function main() {
 
     // Baselines.
     const connect = await start(["dist/bench/baseline-connect.js"]);
-    ghz(connect.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
-    const connectBase = ghz(connect.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+    ghz(connect, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    const connectBase = ghz(connect, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
     await stop(connect.proc);
     const grpcjs = await start(["dist/bench/baseline-grpcjs.js"]);
-    ghz(grpcjs.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
-    const grpcjsBase = ghz(grpcjs.port, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+    ghz(grpcjs, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    const grpcjsBase = ghz(grpcjs, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
     await stop(grpcjs.proc);
 
     // VerifyKey on the embedded store.
@@ -184,9 +202,9 @@ async function main() {
     const latchkeyArgs = ["dist/src/cli.js", "serve"];
     const runVerify = async (env: Record<string, string>) => {
       const srv = await start(latchkeyArgs, { ...serverEnv, ...env, LATCHKEY_LOG_LEVEL: "info" });
-      ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, duration: "3s" });
-      const peak = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
-      const half = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, rps: peak.rps / 2 });
+      ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, duration: "3s" });
+      const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
+      const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, rps: peak.rps / 2 });
       await stop(srv.proc);
       return { peak, half };
     };
@@ -209,9 +227,9 @@ async function main() {
       if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
       const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
       const mmd = { authorization: `Bearer ${mseeded.rootKey}` };
-      ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, duration: "3s" });
-      const peak = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd });
-      const half = ghz(srv.port, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, rps: peak.rps / 2 });
+      ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, duration: "3s" });
+      const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd });
+      const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mdata, { metadata: mmd, rps: peak.rps / 2 });
       await stop(srv.proc);
       await ms.close();
       mongo = { peak, half };
@@ -221,8 +239,8 @@ async function main() {
     lines.push(
       `ghz ${DURATION}, concurrency ${CONCURRENCY}, connections ${CONNECTIONS}; ${IDENTITIES} identities, ${KEYS} keys (seeded in ${seedMs} ms)`,
       "",
-      "| run | calls/s | p50 ms | p99 ms | errors | ÷ grpc-js |",
-      "|---|---|---|---|---|---|",
+      "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | errors | ÷ grpc-js |",
+      "|---|---|---|---|---|---|---|",
       row("grpc-js baseline (Health/Check)", grpcjsBase, grpcjsBase),
       row("Connect-Node baseline (Health/Check)", connectBase, grpcjsBase),
       row("VerifyKey, embedded store, peak", embedded.peak, grpcjsBase),
