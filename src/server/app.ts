@@ -64,13 +64,14 @@ export function createCore(deps: CoreDeps) {
   const identities = createIdentityManager({ store, afterWrite: feed.sync });
   const keys = createKeyManager({ store, afterWrite: feed.sync });
   const minuteRetentionMs = options.usageMinuteRetentionHours * 3_600_000;
+  const hourRetentionMs = options.usageHourRetentionDays * 86_400_000;
   const recorder = createUsageRecorder({
     store,
     logger,
-    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs: options.usageHourRetentionDays * 86_400_000 },
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs },
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
-  const usage = createUsageReader({ store, minuteRetentionMs });
+  const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs });
   const counting = options.usageCounting === "on";
   const verify = createVerifier({
     store,

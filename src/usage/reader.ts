@@ -45,7 +45,7 @@ const OUTCOMES: [string, CounterName][] = [
 ];
 
 /** GetIdentityUsage and GetKeyUsage: range checks, reading rows, series with empty buckets filled. */
-export function createUsageReader(deps: { store: Store; minuteRetentionMs: number; now?: () => number }) {
+export function createUsageReader(deps: { store: Store; minuteRetentionMs: number; hourRetentionMs?: number; now?: () => number }) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
 
@@ -65,6 +65,9 @@ export function createUsageReader(deps: { store: Store; minuteRetentionMs: numbe
     }
     if (g === "minute" && start < t - deps.minuteRetentionMs) {
       throw new InvalidArgumentError("start_time", `minute buckets are kept for ${Math.round(deps.minuteRetentionMs / 3_600_000)} hours; use HOUR or DAY for older ranges`);
+    }
+    if (g === "hour" && deps.hourRetentionMs !== undefined && start < t - deps.hourRetentionMs) {
+      throw new InvalidArgumentError("start_time", `hour buckets are kept for ${Math.round(deps.hourRetentionMs / 86_400_000)} days; use DAY for older ranges`);
     }
     return { start, end, granularity: g };
   }

@@ -86,7 +86,9 @@ export function createUsageRecorder(deps: { store: Store; logger: Logger; option
     for (const tag of new Set(input.tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
     if (at > (lastUsed.get(key.id) ?? 0)) lastUsed.set(key.id, at);
     // Failures are logged by flushOnce and retried by the next flush; unhandled, one would end the process.
-    if (pending.size >= flushAt && !flushing) void flush().catch(() => undefined);
+    // Early flush when many entries are pending — but not while the store is failing:
+    // then the timer's retries are enough, and each call would start another attempt.
+    if (pending.size >= flushAt && !flushing && !failing) void flush().catch(() => undefined);
   }
 
   /** Rolls minute entries up into minute, hour and day rows. */

@@ -81,6 +81,14 @@ describe("usage query errors", () => {
       await expect(call(c, { granularity: "HOUR", start, end: start + HOUR })).resolves.toBeDefined();
     });
 
+    it("refuses an HOUR range older than the hour retention (90 days), naming start_time", async () => {
+      const c = await arrange();
+      const start = Date.now() - 95 * 24 * HOUR;
+      await expectInvalid(call(c, { granularity: "HOUR", start, end: start + HOUR }), "start_time");
+      // The same range by day is answered.
+      await expect(call(c, { granularity: "DAY", start, end: start + 24 * HOUR })).resolves.toBeDefined();
+    });
+
     it("refuses malformed timestamps, naming the field", async () => {
       const c = await arrange();
       const fields = rawUsageFields({ granularity: "HOUR", start: Date.now() - HOUR });

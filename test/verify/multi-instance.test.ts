@@ -132,7 +132,8 @@ describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB d
   });
 });
 
-describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB database and Redis", () => {
+describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB database and Redis", () =>
+  describeWith("REDIS_URL", redisUrl(), "with Redis counters", () => {
   describe("credits", () => {
     const pair = usePair("redis");
 
@@ -192,4 +193,4 @@ describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB d
       });
     });
   });
-});
+}));
