@@ -86,6 +86,23 @@ describeEachStore("store usage methods", (kind) => {
     });
   }
 
+  if (kind === "embedded") {
+    it("applies a large batch whole and once, and the next batch of the writer whole", async () => {
+      const identityId = `id_${unique("i")}`;
+      const now = Date.now();
+      const keyIds = Array.from({ length: 600 }, (_, i) => `key_${unique(`k${i}`)}`);
+      const batch = keyIds.map((k, i) => row("minute", floorTo(now, MINUTE), k, identityId, "", { total: 1, valid: 1, creditsSpent: i }));
+      const w1 = writer("1");
+      await store().writeUsage(batch, { writer: w1, seq: 3 });
+      await store().writeUsage(batch, { writer: w1, seq: 3 });
+      const spent = (600 * 599) / 2;
+      expect(total(await read({ identityId }, "minute"))).toEqual(counts({ total: 600, valid: 600, creditsSpent: spent }));
+      for (const i of [0, 299, 599]) expect(total(await read({ keyId: keyIds[i] }, "minute"))).toEqual(counts({ total: 1, valid: 1, creditsSpent: i }));
+      await store().writeUsage(batch, { writer: w1, seq: 4 });
+      expect(total(await read({ identityId }, "minute"))).toEqual(counts({ total: 1200, valid: 1200, creditsSpent: 2 * spent }));
+    });
+  }
+
   it("loses nothing when several writers add to the same rows at once", async () => {
     const { keyId, identityId } = ids();
     const now = Date.now();

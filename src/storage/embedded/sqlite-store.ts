@@ -1,7 +1,7 @@
 import Database from "better-sqlite3";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { AlreadyExistsError, UnavailableError } from "../../domain/errors.js";
+import { AlreadyExistsError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -15,6 +15,8 @@ import type {
 import { applyCreditsOp } from "../credits-op.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
+import { asStoreError } from "./sqlite-errors.js";
+import { UsageWriter } from "./usage-writer.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 const SCHEMA = `
@@ -87,11 +89,7 @@ function wrap<T>(fn: () => T): T {
       const msg = String((err as Error).message);
       throw new AlreadyExistsError(msg.includes("external_id") ? "an identity with this external_id already exists" : "already exists");
     }
-    const code = (err as { code?: string }).code ?? "";
-    if (code === "SQLITE_BUSY" || code === "SQLITE_IOERR" || code === "SQLITE_FULL" || code.startsWith("SQLITE_CANTOPEN")) {
-      throw new UnavailableError(`embedded store: ${code}`);
-    }
-    throw err;
+    throw asStoreError(err as Error & { code?: string });
   }
 }
 
@@ -106,11 +104,15 @@ function wrap<T>(fn: () => T): T {
 export class SqliteStore implements Store {
   readonly kind = "embedded" as const;
   private db!: Database.Database;
+  /** Usage counts and last-used times are written by a worker thread with its own connection. */
+  private readonly usage: UsageWriter;
 
-  constructor(private readonly path: string) {}
+  constructor(private readonly path: string) {
+    this.usage = new UsageWriter(path);
+  }
 
   async init(): Promise<void> {
-    if (this.path !== ":memory:") mkdirSync(dirname(this.path), { recursive: true });
+    mkdirSync(dirname(this.path), { recursive: true });
     this.db = new Database(this.path);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = FULL");
@@ -123,6 +125,7 @@ export class SqliteStore implements Store {
   }
 
   async close(): Promise<void> {
+    await this.usage.close();
     this.statements.clear();
     if (this.db?.open) this.db.close();
   }
@@ -358,26 +361,7 @@ export class SqliteStore implements Store {
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
-    // One transaction: the batch is applied whole or not at all, and the last
-    // batch applied per writer is recorded with it, so a retried batch (one
-    // whose answer was lost) is skipped instead of counted twice.
-    const sql = `INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-      ON CONFLICT (g, bucket, key_id, identity_id, tag) DO UPDATE SET
-        total = total + excluded.total, valid = valid + excluded.valid, not_found = not_found + excluded.not_found,
-        disabled = disabled + excluded.disabled, expired = expired + excluded.expired,
-        insufficient_permissions = insufficient_permissions + excluded.insufficient_permissions,
-        rate_limited = rate_limited + excluded.rate_limited, usage_exceeded = usage_exceeded + excluded.usage_exceeded,
-        credits_spent = credits_spent + excluded.credits_spent`;
-    this.tx(() => {
-      const last = this.stmt("SELECT seq FROM usage_writers WHERE writer = ?").get(batch.writer) as { seq: number } | undefined;
-      if (last && last.seq >= batch.seq) return;
-      this.stmt("INSERT INTO usage_writers (writer, seq) VALUES (?, ?) ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq").run(batch.writer, batch.seq);
-      const st = this.stmt(sql);
-      for (const r of rows) {
-        const c = r.counts;
-        st.run(r.granularity, r.bucket, r.keyId, r.identityId ?? "", r.tag, c.total, c.valid, c.notFound, c.disabled, c.expired, c.insufficientPermissions, c.rateLimited, c.usageExceeded, c.creditsSpent);
-      }
-    });
+    await this.usage.writeUsage(rows, batch);
   }
 
   async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
@@ -409,12 +393,7 @@ export class SqliteStore implements Store {
   }
 
   async touchLastUsed(times: Map<string, number>): Promise<void> {
-    this.tx(() => {
-      const st = this.stmt(
-        "UPDATE keys SET doc = json_set(doc, '$.lastUsedAt', @t) WHERE id = @id AND coalesce(json_extract(doc, '$.lastUsedAt'), 0) < @t",
-      );
-      for (const [id, t] of times) st.run({ t, id });
-    });
+    await this.usage.touchLastUsed(times);
   }
 
   async pruneUsage(granularity: "minute" | "hour", before: number): Promise<void> {
