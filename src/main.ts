@@ -24,14 +24,6 @@ export async function main(argv: string[]): Promise<void> {
     logger.fatal({ err: (err as Error).message, store: config.store }, "cannot open the store");
     process.exit(1);
   }
-  const bootstrap = await bootstrapRootKey(store);
-  if (bootstrap) {
-    // Printed once, on the first start of a fresh install; only its hash is kept.
-    process.stdout.write(
-      `\nBootstrap root key (shown once; it has every permission):\n\n    ${bootstrap}\n\n` +
-        `Use it as \`authorization: Bearer <key>\`; create narrower keys with \`latchkey root-keys create\`.\n\n`,
-    );
-  }
   let app;
   try {
     app = createApp({ config, store, logger });
@@ -41,7 +33,25 @@ export async function main(argv: string[]): Promise<void> {
     process.stderr.write(`latchkey: ${(err as Error).message}\n`);
     process.exit(2);
   }
-  const { port, metricsPort } = await app.start();
+  let port: number;
+  let metricsPort: number | null;
+  try {
+    ({ port, metricsPort } = await app.start());
+  } catch (err) {
+    logger.fatal({ err: (err as Error).message, port: config.port, metricsPort: config.metricsPort }, "cannot listen");
+    logger.flush();
+    process.stderr.write(`latchkey: cannot listen: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+  // After listening: a fresh install whose port is taken keeps its bootstrap key for the next start.
+  const bootstrap = await bootstrapRootKey(store);
+  if (bootstrap) {
+    // Printed once, on the first start of a fresh install; only its hash is kept.
+    process.stdout.write(
+      `\nBootstrap root key (shown once; it has every permission):\n\n    ${bootstrap}\n\n` +
+        `Use it as \`authorization: Bearer <key>\`; create narrower keys with \`latchkey root-keys create\`.\n\n`,
+    );
+  }
   logger.info({ port, metricsPort, host: config.host, store: store.kind, tls: !!config.tls }, "latchkey listening");
 
   let stopping = false;

@@ -16,7 +16,7 @@ export const SETTINGS = {
   tlsCert: { env: "LATCHKEY_TLS_CERT", default: "", doc: "PEM certificate file; with LATCHKEY_TLS_KEY the port serves TLS (HTTP/2 by ALPN, HTTP/1.1)." },
   tlsKey: { env: "LATCHKEY_TLS_KEY", default: "", doc: "PEM private key file for LATCHKEY_TLS_CERT." },
   logLevel: { env: "LATCHKEY_LOG_LEVEL", default: "info", doc: "`debug`, `info`, `warn`, `error` or `silent`. Logs are JSON lines on stdout." },
-  shutdownGraceMs: { env: "LATCHKEY_SHUTDOWN_GRACE_MS", default: "10000", doc: "On SIGTERM/SIGINT: how long in-flight calls may take before connections are closed." },
+  shutdownGraceMs: { env: "LATCHKEY_SHUTDOWN_GRACE_MS", default: "10000", doc: "On SIGTERM/SIGINT: how long in-flight calls may take before connections are closed, and then how long the last usage counts may take to write." },
   rootKeyCacheMs: { env: "LATCHKEY_ROOT_KEY_CACHE_MS", default: "5000", doc: "How long a checked root key is remembered; a revoked root key stops working within this time." },
   cacheMaxEntries: { env: "LATCHKEY_CACHE_MAX_ENTRIES", default: "100000", doc: "Most keys (and as many identities) kept in the verification cache of each instance." },
   cacheTtlMs: { env: "LATCHKEY_CACHE_TTL_MS", default: "60000", doc: "Longest time a cached key or identity is used without a change event (a safety net; changes arrive through the change feed)." },

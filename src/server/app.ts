@@ -170,13 +170,23 @@ export function createApp(deps: AppDeps): App {
     async stop() {
       health.drain();
       await server.close(config.shutdownGraceMs);
-      try {
-        await core.stop();
-      } catch (err) {
-        logger.error({ err: (err as Error).message }, "could not write the last usage counts");
-      }
+      logger.debug("stop: connections closed");
+      // The last usage counts get as long as the calls did; a store that does not
+      // answer must not keep the process from stopping.
+      let deadline: NodeJS.Timeout | undefined;
+      const written = await Promise.race([
+        core.stop().then(
+          () => null,
+          (err: Error) => err.message,
+        ),
+        new Promise<string>((resolve) => (deadline = setTimeout(() => resolve(`not written within ${config.shutdownGraceMs} ms`), config.shutdownGraceMs))),
+      ]);
+      clearTimeout(deadline);
+      if (written === null) logger.debug("stop: usage written");
+      else logger.error({ err: written, lostEntries: core.recorder.pendingEntries() }, "could not write the last usage counts; they are lost");
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.close(() => resolve()) : resolve()));
       await counter.close();
+      logger.debug("stop: rate-limit counter closed");
       await store.close();
     },
   };

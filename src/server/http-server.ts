@@ -52,7 +52,19 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     if (fast?.(stream, headers)) return;
     connect(new http2.Http2ServerRequest(stream, headers, {}, rawHeaders), new http2.Http2ServerResponse(stream));
   });
-  const h1 = http.createServer(connect);
+  const h1 = http.createServer((req, res) => {
+    // HTTP/1.1 sockets with a request in flight; the others are idle and may be
+    // closed at shutdown (h1 never listens itself, so Node does not track them).
+    busy.add(req.socket);
+    res.once("close", () => busy.delete(req.socket));
+    connect(req, res);
+  });
+  const busy = new Set<net.Socket>();
+  const h1Sockets = new Set<net.Socket>();
+  let closing = false;
+  const closeIdleH1 = () => {
+    for (const s of h1Sockets) if (!busy.has(s)) s.destroy();
+  };
   h1.keepAliveTimeout = 65_000;
 
   const dispatch = (socket: net.Socket, isH2: boolean) => {
@@ -96,7 +108,15 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   });
   h1.on("connection", (s: net.Socket) => {
     sockets.add(s);
-    s.on("close", () => sockets.delete(s));
+    h1Sockets.add(s);
+    s.on("close", () => {
+      sockets.delete(s);
+      h1Sockets.delete(s);
+    });
+  });
+  // While closing, an HTTP/1.1 socket is closed as soon as its response is done.
+  h1.on("request", (_req: http.IncomingMessage, res: http.ServerResponse) => {
+    if (closing) res.setHeader("connection", "close");
   });
   h2.on("session", (s) => {
     sessions.add(s);
@@ -117,10 +137,11 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       const closed = new Promise<void>((resolve) => front.close(() => resolve()));
       // GOAWAY: clients stop sending new calls here; open streams run to completion.
       for (const s of sessions) s.close();
-      h1.closeIdleConnections();
+      closing = true;
+      closeIdleH1();
       const drained = new Promise<void>((resolve) => {
         const tick = setInterval(() => {
-          h1.closeIdleConnections();
+          closeIdleH1();
           if (sessions.size === 0 && sockets.size === 0) {
             clearInterval(tick);
             resolve();

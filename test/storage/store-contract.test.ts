@@ -322,6 +322,23 @@ describe.each(KINDS)("%s store contract", (kind) => {
       expect(await store().deleteKey(k.id)).toBe(false);
       expect(await store().getKeyByHash(k.hash)).toBeNull();
     });
+
+    it("creates 200 keys written 32 at a time, each recorded once in the change feed", async () => {
+      const before = await store().lastChangeSeq();
+      const keys = Array.from({ length: 200 }, () => key());
+      let next = 0;
+      await Promise.all(
+        Array.from({ length: 32 }, async () => {
+          while (next < keys.length) await store().createKey(keys[next++]);
+        }),
+      );
+      for (const k of keys) expect(await store().getKeyByHash(k.hash)).not.toBeNull();
+      const changes = await store().changesSince(before, 10_000);
+      const ours = new Set(keys.map((k) => k.id));
+      const recorded = changes.filter((c) => ours.has(c.id)).map((c) => c.id);
+      expect(recorded.length).toBe(200);
+      expect(new Set(recorded).size).toBe(200);
+    });
   });
 
   describe("rerolling keys", () => {

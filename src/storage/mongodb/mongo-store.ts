@@ -40,7 +40,8 @@ const LOCK_LEASE_MS = 10_000;
 const LOCK_WAIT_MS = 5_000;
 type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
 
-function toIdentityDoc(r: IdentityRecord): IdentityDoc {
+/** The stored form of an identity (exported for bulk seeding in the benchmark). */
+export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
   const { id, meta, ...rest } = r;
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
@@ -48,7 +49,8 @@ function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
   const { _id, meta, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
-function toKeyDoc(r: KeyRecord): KeyDoc {
+/** The stored form of a key (exported for bulk seeding in the benchmark). */
+export function toKeyDoc(r: KeyRecord): KeyDoc {
   const { id, meta, ...rest } = r;
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
@@ -136,6 +138,9 @@ export class MongoStore implements Store {
   constructor(private readonly opts: MongoStoreOptions) {
     this.client = new MongoClient(opts.uri, {
       serverSelectionTimeoutMS: opts.serverSelectionTimeoutMs ?? 5000,
+      // No answer within 30 s fails the operation (UNAVAILABLE) instead of
+      // waiting forever on a server that stopped answering; the URI may set its own.
+      ...(/[?&]socketTimeoutMS=/i.test(opts.uri) ? {} : { socketTimeoutMS: 30_000 }),
       appName: "latchkey",
     });
   }
@@ -234,14 +239,18 @@ export class MongoStore implements Store {
    */
   private async recordChange(kind: "key" | "identity", id: string, hash: string | null): Promise<void> {
     // A duplicate seq (racing first upserts; servers such as FerretDB that do not
-    // apply $inc atomically) takes the next one instead of failing the write.
+    // apply $inc atomically, where lost increments leave the counter behind the
+    // feed) takes another one instead of failing the write, after moving the
+    // counter up to the newest change so the next try does not collide again.
     for (let attempt = 0; ; attempt++) {
       try {
         const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
         await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
         return;
       } catch (err) {
-        if (!isDuplicateKey(err) || attempt >= 100) throw err;
+        if (!isDuplicateKey(err) || attempt >= 1000) throw err;
+        const newest = await this.changes.find({}, { projection: { _id: 1 } }).sort({ _id: -1 }).limit(1).next();
+        if (newest) await this.counters.updateOne({ _id: "changes" }, { $max: { seq: newest._id } });
       }
     }
   }
