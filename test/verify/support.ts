@@ -8,12 +8,13 @@ import { execFileSync } from "node:child_process";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, it } from "vitest";
-import { RefillInterval, type RatelimitSchema } from "../../gen/latchkey/v1/common_pb.js";
+import type { RatelimitSchema } from "../../gen/latchkey/v1/common_pb.js";
 import type { CreateIdentityRequestSchema } from "../../gen/latchkey/v1/identity_service_pb.js";
 import type { CreateKeyRequestSchema, VerifyKeyResponse } from "../../gen/latchkey/v1/key_service_pb.js";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Store } from "../../src/storage/store.js";
 import type { Clients, StoreKind } from "../support/harness.js";
+import { credits as protoCredits } from "../support/proto.js";
 
 export const IN_CI = !!process.env.CI;
 
@@ -88,21 +89,9 @@ export function limit(name: string, max: number, durationMs: number, autoApply =
 
 export const MINUTE = 60_000;
 
-/** Credits as the API takes them. */
-export function credits(
-  remaining: number,
-  refill?: { interval: "daily" | "monthly"; amount: number; refillDay?: number },
-): { remaining: bigint; refill?: { interval: RefillInterval; amount: bigint; refillDay: number } } {
-  return {
-    remaining: BigInt(remaining),
-    refill: refill
-      ? {
-          interval: refill.interval === "daily" ? RefillInterval.DAILY : RefillInterval.MONTHLY,
-          amount: BigInt(refill.amount),
-          refillDay: refill.refillDay ?? 0,
-        }
-      : undefined,
-  };
+/** Credits as the API takes them (the shared helper, with the refill day named as in the API). */
+export function credits(remaining: number, refill?: { interval: "daily" | "monthly"; amount: number; refillDay?: number }) {
+  return protoCredits(remaining, refill && { interval: refill.interval, amount: refill.amount, day: refill.refillDay });
 }
 
 export type CreateKeyInit = MessageInitShape<typeof CreateKeyRequestSchema>;

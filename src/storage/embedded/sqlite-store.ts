@@ -12,7 +12,7 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
-import { applyCreditsOp } from "../credits-op.js";
+import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
 import { asStoreError } from "./sqlite-errors.js";
@@ -320,17 +320,7 @@ export class SqliteStore implements Store {
         ? this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", target.keyId)
         : this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId);
       if (!rec || !rec.credits) return { ok: true as const, remaining: null };
-      let credits = rec.credits;
-      let changed = false;
-      if (refill && credits.refill && credits.refill.lastRefillAt < refill.periodStart) {
-        credits = { remaining: refill.amount, refill: { ...credits.refill, lastRefillAt: refill.periodStart } };
-        changed = true;
-      }
-      const ok = credits.remaining >= cost;
-      if (ok && cost > 0) {
-        credits = { ...credits, remaining: credits.remaining - cost };
-        changed = true;
-      }
+      const { ok, credits, changed } = spendFromBalance(rec.credits, cost, refill);
       if (changed) {
         // Balance-only writes skip the change feed: cached records never decide on the balance.
         const doc = JSON.stringify({ ...rec, credits });

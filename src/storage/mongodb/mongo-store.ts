@@ -14,7 +14,7 @@ import type {
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
-import { applyCreditsOp } from "../credits-op.js";
+import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 /*
@@ -429,18 +429,8 @@ export class MongoStore implements Store {
       this.locked(lock, async (): Promise<SpendResult> => {
         const cur = await coll.findOne({ _id: id });
         if (!cur?.credits) return { ok: true, remaining: null };
-        let credits = cur.credits;
-        let changed = false;
         // Under the lock, the refill time is a plain check: each period refills once.
-        if (refill && credits.refill && credits.refill.lastRefillAt < refill.periodStart) {
-          credits = { remaining: refill.amount, refill: { ...credits.refill, lastRefillAt: refill.periodStart } };
-          changed = true;
-        }
-        const ok = credits.remaining >= cost;
-        if (ok && cost > 0) {
-          credits = { ...credits, remaining: credits.remaining - cost };
-          changed = true;
-        }
+        const { ok, credits, changed } = spendFromBalance(cur.credits, cost, refill);
         if (changed) await coll.updateOne({ _id: id }, { $set: { credits } });
         return { ok, remaining: credits.remaining };
       }),
