@@ -171,25 +171,34 @@ export function createApp(deps: AppDeps): App {
       health.drain();
       await server.close(config.shutdownGraceMs);
       logger.debug("stop: connections closed");
-      // The last usage counts get as long as the calls did; a store that does not
-      // answer must not keep the process from stopping.
-      let deadline: NodeJS.Timeout | undefined;
-      const written = await Promise.race([
-        core.stop().then(
-          () => null,
-          (err: Error) => err.message,
-        ),
-        new Promise<string>((resolve) => (deadline = setTimeout(() => resolve(`not written within ${config.shutdownGraceMs} ms`), config.shutdownGraceMs))),
-      ]);
-      clearTimeout(deadline);
-      if (written === null) logger.debug("stop: usage written");
+      // The last usage counts get as long as the calls did, and closing the
+      // counter and the store as long again: a store that does not answer must
+      // not keep the process from stopping.
+      const grace = config.shutdownGraceMs;
+      const written = await within(grace, core.stop());
+      if (written === "done") logger.debug("stop: usage written");
       else logger.error({ err: written, lostEntries: core.recorder.pendingEntries() }, "could not write the last usage counts; they are lost");
       await new Promise<void>((resolve) => (metricsServer ? metricsServer.close(() => resolve()) : resolve()));
-      await counter.close();
-      logger.debug("stop: rate-limit counter closed");
-      await store.close();
+      const closed = await within(grace, Promise.all([counter.close(), store.close()]));
+      if (closed !== "done") logger.warn({ err: closed }, "the store or the rate-limit counter did not close cleanly");
     },
   };
+}
+
+/** Waits for `p` at most `ms`: "done", or why not (its error, or the time it did not finish in). */
+async function within(ms: number, p: Promise<unknown>): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      p.then(
+        () => "done",
+        (err: Error) => err.message,
+      ),
+      new Promise<string>((resolve) => (timer = setTimeout(() => resolve(`not finished within ${ms} ms`), ms))),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** On a fresh install, creates the bootstrap root key and returns its plaintext (once, ever). */

@@ -57,6 +57,8 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     // closed at shutdown (h1 never listens itself, so Node does not track them).
     busy.add(req.socket);
     res.once("close", () => busy.delete(req.socket));
+    // While closing, the socket is closed as soon as this response is done.
+    if (closing) res.setHeader("connection", "close");
     connect(req, res);
   });
   const busy = new Set<net.Socket>();
@@ -113,10 +115,6 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       sockets.delete(s);
       h1Sockets.delete(s);
     });
-  });
-  // While closing, an HTTP/1.1 socket is closed as soon as its response is done.
-  h1.on("request", (_req: http.IncomingMessage, res: http.ServerResponse) => {
-    if (closing) res.setHeader("connection", "close");
   });
   h2.on("session", (s) => {
     sessions.add(s);

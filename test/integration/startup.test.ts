@@ -8,7 +8,7 @@ import http from "node:http";
 import net from "node:net";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { dropMongoDatabase, grpcClients, IN_CI, MONGODB_URI, runCli, startServer, tempDir, uniqueName, type ServerProcess } from "./support.js";
+import { dropMongoDatabase, grpcClients, IN_CI, MONGODB_URI, runCli, sleep, startServer, tempDir, uniqueName, type ServerProcess } from "./support.js";
 
 describe("configuration fails fast", () => {
   it.each([
@@ -106,7 +106,7 @@ describe("graceful stop", () => {
     const proxy = await freezableProxy(new URL(MONGODB_URI));
     const database = uniqueName("lk_it_frozen");
     const server = await startServer({
-      env: { LATCHKEY_STORE: "mongodb", MONGODB_URI: proxy.uri, LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_USAGE_FLUSH_MS: "60000", LATCHKEY_SHUTDOWN_GRACE_MS: "1500" },
+      env: { LATCHKEY_STORE: "mongodb", MONGODB_URI: proxy.uri, LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_USAGE_FLUSH_MS: "60000", LATCHKEY_SHUTDOWN_GRACE_MS: "1500", LATCHKEY_LOG_LEVEL: "debug" },
     });
     const c = grpcClients(server.address);
     try {
@@ -115,8 +115,10 @@ describe("graceful stop", () => {
       const verified = await c.call(c.keys, "VerifyKey", { key: created.plaintext, api_id: "api_frozen" }, root);
       expect(verified.valid).toBe(true);
       proxy.freeze();
+      // Let the change-feed poll and the health check start their (now unanswered) reads.
+      await sleep(1000);
       // stop() SIGKILLs after 15 s: a clean exit means the frozen store did not hold the process.
-      expect(await server.stop()).toEqual({ code: 0, signal: null });
+      expect(await server.stop(), server.stdout().slice(-3000)).toEqual({ code: 0, signal: null });
       const lost = server
         .stdout()
         .split("\n")

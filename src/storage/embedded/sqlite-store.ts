@@ -99,7 +99,9 @@ function wrap<T>(fn: () => T): T {
  * kill -9 loses nothing. Records are JSON documents beside the indexed columns.
  * better-sqlite3 is synchronous: each method runs in one IMMEDIATE transaction
  * and cannot interleave with another call of this process; other processes
- * (the CLI) are serialised by SQLite's lock.
+ * (the CLI) are serialised by SQLite's lock. Usage counts and last-used times
+ * are the exception: a worker thread writes them (usage-worker.ts), so a flush
+ * never blocks the event loop; SQLite's lock serialises it with the rest.
  */
 export class SqliteStore implements Store {
   readonly kind = "embedded" as const;
