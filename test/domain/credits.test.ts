@@ -7,9 +7,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { dueRefill, refillPeriodStart } from "../../src/domain/credits.js";
 import { newId } from "../../src/domain/ids.js";
-import { generateKey } from "../../src/domain/key-format.js";
 import type { Credits, CreditsTarget, Refill } from "../../src/domain/types.js";
-import { openTestStore, unique, type TestStore } from "../support/harness.js";
+import { openTestStore, type TestStore } from "../support/harness.js";
+import { identityRecord, keyRecord } from "../support/records.js";
 import { describeEachStore } from "../verify/support.js";
 
 const utc = (y: number, m: number, d: number, hh = 0, mm = 0, ss = 0, ms = 0) => Date.UTC(y, m - 1, d, hh, mm, ss, ms);
@@ -90,31 +90,14 @@ describeEachStore("Store.spendCredits", (kind) => {
 
   /** A new key (or identity) holding `credits`; returns the spend target. */
   async function target(credits: Credits | null, on: "key" | "identity" = "key"): Promise<CreditsTarget> {
-    const t = Date.now();
     if (on === "identity") {
-      const id = newId("id", t);
-      await ts.store.createIdentity({ id, externalId: unique("ext"), meta: {}, ratelimits: [], credits, createdAt: t, updatedAt: t });
-      return { identityId: id };
+      const rec = identityRecord({ credits });
+      await ts.store.createIdentity(rec);
+      return { identityId: rec.id };
     }
-    const secret = generateKey("sk", 16);
-    const id = newId("key", t);
-    await ts.store.createKey({
-      id,
-      apiId: "api_credits",
-      identityId: null,
-      hash: secret.hash,
-      start: secret.start,
-      name: "",
-      meta: {},
-      enabled: true,
-      expiresAt: null,
-      credits,
-      ratelimits: [],
-      permissions: [],
-      createdAt: t,
-      updatedAt: t,
-      lastUsedAt: null,
-    });
+    const { record } = keyRecord({ apiId: "api_credits", credits });
+    await ts.store.createKey(record);
+    const id = record.id;
     return { keyId: id };
   }
 

@@ -6,6 +6,7 @@ import { hashKey } from "../../src/domain/key-format.js";
 import type { IdentityRecord, KeyRecord, RootKeyRecord } from "../../src/domain/types.js";
 import type { Store } from "../../src/storage/store.js";
 import { mongoUri, openTestStore, unique, type StoreKind, type TestStore } from "../support/harness.js";
+import { identityRecord, keyRecord } from "../support/records.js";
 
 /*
  * One contract, every store. Each suite shares one store (one temp dir, or one
@@ -21,33 +22,8 @@ const HOSTILE_META = {
   "": "empty key",
 };
 
-function identity(over: Partial<IdentityRecord> = {}): IdentityRecord {
-  const t = Date.now();
-  return { id: newId("id", t), externalId: unique("ext"), meta: {}, ratelimits: [], credits: null, createdAt: t, updatedAt: t, ...over };
-}
-
-function key(over: Partial<KeyRecord> = {}): KeyRecord {
-  const t = Date.now();
-  const plaintext = `test_${randomBytes(16).toString("hex")}`;
-  return {
-    id: newId("key", t),
-    apiId: unique("api"),
-    identityId: null,
-    hash: hashKey(plaintext),
-    start: plaintext.slice(0, 9),
-    name: "",
-    meta: {},
-    enabled: true,
-    expiresAt: null,
-    credits: null,
-    ratelimits: [],
-    permissions: [],
-    createdAt: t,
-    updatedAt: t,
-    lastUsedAt: null,
-    ...over,
-  };
-}
+const identity = (over: Partial<IdentityRecord> = {}): IdentityRecord => identityRecord(over);
+const key = (over: Partial<KeyRecord> = {}): KeyRecord => keyRecord(over).record;
 
 function rootKey(): RootKeyRecord {
   const t = Date.now();

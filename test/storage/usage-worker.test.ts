@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UnavailableError } from "../../src/domain/errors.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
 import { emptyCounts, type UsageRow } from "../../src/usage/types.js";
+import { keyRecord } from "../support/records.js";
 
 describe("embedded store usage worker", () => {
   let dir: string;
@@ -52,10 +53,7 @@ describe("embedded store usage worker", () => {
   });
 
   it("writes last-used times in the worker, never moving them back", async () => {
-    await store.createKey({
-      id: "key_lastused", apiId: "api", identityId: null, hash: "h".repeat(64), start: "sk_x", name: "", meta: {}, enabled: true,
-      expiresAt: null, credits: null, ratelimits: [], permissions: [], createdAt: 1, updatedAt: 1, lastUsedAt: null,
-    });
+    await store.createKey(keyRecord({ id: "key_lastused" }).record);
     await store.touchLastUsed(new Map([["key_lastused", 2000]]));
     await store.touchLastUsed(new Map([["key_lastused", 1000]]));
     expect((await store.getKey("key_lastused"))?.lastUsedAt).toBe(2000);

@@ -8,13 +8,13 @@ import { afterEach, beforeEach, expect, it } from "vitest";
 import { CreditsOperation } from "../../gen/latchkey/v1/key_service_pb.js";
 import { createVerificationCache } from "../../src/cache/verification-cache.js";
 import { Principal } from "../../src/domain/access.js";
-import { newId } from "../../src/domain/ids.js";
-import { generateKey, hashKey } from "../../src/domain/key-format.js";
+import { hashKey } from "../../src/domain/key-format.js";
 import type { Credits, IdentityRecord, KeyRecord } from "../../src/domain/types.js";
 import { createVerifier, type VerifyInput } from "../../src/domain/verify.js";
 import { createMemoryCounter } from "../../src/ratelimit/counter.js";
 import type { Store } from "../../src/storage/store.js";
 import { openTestStore, unique, useHarness, type StoreKind, type TestStore } from "../support/harness.js";
+import { identityRecord, keyRecord } from "../support/records.js";
 import { count, createIdentityWithKeys, createKey, credits, describeEachStore, verify, verifyConcurrently } from "./support.js";
 
 describeEachStore("VerifyKey credits", (kind) => {
@@ -134,30 +134,13 @@ function instance(store: Store, clock: { now: number }) {
 }
 
 async function insertKey(store: Store, over: Partial<KeyRecord>, at: number): Promise<string> {
-  const secret = generateKey("sk", 16);
-  await store.createKey({
-    id: newId("key", at),
-    apiId: "api_refill",
-    identityId: null,
-    hash: secret.hash,
-    start: secret.start,
-    name: "",
-    meta: {},
-    enabled: true,
-    expiresAt: null,
-    credits: null,
-    ratelimits: [],
-    permissions: [],
-    createdAt: at,
-    updatedAt: at,
-    lastUsedAt: null,
-    ...over,
-  });
-  return secret.plaintext;
+  const { record, plaintext } = keyRecord({ apiId: "api_refill", ...over }, at);
+  await store.createKey(record);
+  return plaintext;
 }
 
 async function insertIdentity(store: Store, c: Credits, at: number): Promise<IdentityRecord> {
-  const rec: IdentityRecord = { id: newId("id", at), externalId: unique("ext"), meta: {}, ratelimits: [], credits: c, createdAt: at, updatedAt: at };
+  const rec = identityRecord({ credits: c }, at);
   await store.createIdentity(rec);
   return rec;
 }
