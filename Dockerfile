@@ -16,10 +16,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 ENV npm_config_nodedir=/usr/local
 COPY package.json package-lock.json ./
-# The lockfile lists only linux-x64's optional platform packages (it was made against
-# a registry that serves no others); newer npm's `npm ci` refuses such a lock, and
-# `npm install` then installs the same locked versions.
-RUN npm ci --no-audit --no-fund || npm install --no-audit --no-fund
+RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
 COPY gen ./gen
 COPY src ./src
