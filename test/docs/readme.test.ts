@@ -28,7 +28,7 @@ describe("README commands", () => {
   const pkg = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { scripts: Record<string, string> };
 
   it("names start and test commands that package.json defines", () => {
-    expect(readme).toContain("npm install && npm start");
+    expect(readme).toContain("npm ci && npm start");
     expect(readme).toMatch(/^npm test$/m);
     expect(pkg.scripts.start).toBeDefined();
     expect(pkg.scripts.test).toBeDefined();
