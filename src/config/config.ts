@@ -27,6 +27,7 @@ export const SETTINGS = {
   usageFlushMs: { env: "LATCHKEY_USAGE_FLUSH_MS", default: "1000", doc: "How often counted verifications are written. A crash loses at most this much usage; a graceful stop loses none." },
   usageMinuteRetentionHours: { env: "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS", default: "48", doc: "How long minute buckets are kept (hour buckets: LATCHKEY_USAGE_HOUR_RETENTION_DAYS; day buckets are kept)." },
   usageHourRetentionDays: { env: "LATCHKEY_USAGE_HOUR_RETENTION_DAYS", default: "90", doc: "How long hour buckets are kept." },
+  usageDayRetentionDays: { env: "LATCHKEY_USAGE_DAY_RETENTION_DAYS", default: "0", doc: "How long day buckets are kept; 0 keeps them for ever." },
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
 } as const;
 
@@ -61,6 +62,7 @@ const schema = z
     usageFlushMs: positiveMs("LATCHKEY_USAGE_FLUSH_MS", 50).max(60_000, "LATCHKEY_USAGE_FLUSH_MS must be at most 60000"),
     usageMinuteRetentionHours: num("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS").int("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be a whole number").min(1, "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be at least 1"),
     usageHourRetentionDays: num("LATCHKEY_USAGE_HOUR_RETENTION_DAYS").int("LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be a whole number").min(1, "LATCHKEY_USAGE_HOUR_RETENTION_DAYS must be at least 1"),
+    usageDayRetentionDays: num("LATCHKEY_USAGE_DAY_RETENTION_DAYS").int("LATCHKEY_USAGE_DAY_RETENTION_DAYS must be a whole number").min(0, "LATCHKEY_USAGE_DAY_RETENTION_DAYS must be 0 (keep) or more"),
     cacheMaxEntries: num("LATCHKEY_CACHE_MAX_ENTRIES").int("LATCHKEY_CACHE_MAX_ENTRIES must be a whole number").min(1, "LATCHKEY_CACHE_MAX_ENTRIES must be at least 1"),
     cacheTtlMs: positiveMs("LATCHKEY_CACHE_TTL_MS", 0),
     invalidationPollMs: positiveMs("LATCHKEY_INVALIDATION_POLL_MS", 10).max(1000, "LATCHKEY_INVALIDATION_POLL_MS must be at most 1000 (revocation within 1 s)"),

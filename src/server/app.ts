@@ -28,6 +28,7 @@ export type CoreOptions = Pick<
   | "usageFlushMs"
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
+  | "usageDayRetentionDays"
 >;
 
 export const DEFAULT_CORE_OPTIONS: CoreOptions = {
@@ -39,6 +40,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   usageFlushMs: 1000,
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
+  usageDayRetentionDays: 0,
 };
 
 export interface CoreDeps {
@@ -65,13 +67,15 @@ export function createCore(deps: CoreDeps) {
   const keys = createKeyManager({ store, afterWrite: feed.sync });
   const minuteRetentionMs = options.usageMinuteRetentionHours * 3_600_000;
   const hourRetentionMs = options.usageHourRetentionDays * 86_400_000;
+  // 0: day rows are kept for ever.
+  const dayRetentionMs = options.usageDayRetentionDays > 0 ? options.usageDayRetentionDays * 86_400_000 : null;
   const recorder = createUsageRecorder({
     store,
     logger,
-    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs },
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs },
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
-  const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs });
+  const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });
   const counting = options.usageCounting === "on";
   const verify = createVerifier({
     store,

@@ -106,7 +106,7 @@ export interface Store {
   /** Raises keys' last_used_at to the given times (never lowers it). No change event. */
   touchLastUsed(times: Map<string, number>): Promise<void>;
   /** Deletes rows of a granularity with a bucket before `before`. */
-  pruneUsage(granularity: "minute" | "hour", before: number): Promise<void>;
+  pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void>;
 
   createRootKey(rec: RootKeyRecord): Promise<void>;
   getRootKeyByHash(hash: string): Promise<RootKeyRecord | null>;

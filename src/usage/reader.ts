@@ -45,7 +45,14 @@ const OUTCOMES: [string, CounterName][] = [
 ];
 
 /** GetIdentityUsage and GetKeyUsage: range checks, reading rows, series with empty buckets filled. */
-export function createUsageReader(deps: { store: Store; minuteRetentionMs: number; hourRetentionMs?: number; now?: () => number }) {
+export function createUsageReader(deps: {
+  store: Store;
+  minuteRetentionMs: number;
+  hourRetentionMs?: number;
+  /** null or absent: day rows are kept for ever. */
+  dayRetentionMs?: number | null;
+  now?: () => number;
+}) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
 
@@ -68,6 +75,9 @@ export function createUsageReader(deps: { store: Store; minuteRetentionMs: numbe
     }
     if (g === "hour" && deps.hourRetentionMs !== undefined && start < t - deps.hourRetentionMs) {
       throw new InvalidArgumentError("start_time", `hour buckets are kept for ${Math.round(deps.hourRetentionMs / 86_400_000)} days; use DAY for older ranges`);
+    }
+    if (g === "day" && deps.dayRetentionMs && start < t - deps.dayRetentionMs - BUCKET_MS.day) {
+      throw new InvalidArgumentError("start_time", `day buckets are kept for ${Math.round(deps.dayRetentionMs / 86_400_000)} days`);
     }
     return { start, end, granularity: g };
   }

@@ -21,9 +21,11 @@ export interface RecorderOptions {
   flushAt?: number;
   /** Most pending entries kept while the store cannot be written; beyond, new counts are dropped and counted. */
   maxPending?: number;
-  /** Minute rows older than this are deleted (hour rows: `hourRetentionMs`; day rows are kept). */
+  /** Minute rows older than this are deleted (hour rows: `hourRetentionMs`, day rows: `dayRetentionMs`). */
   minuteRetentionMs: number;
   hourRetentionMs: number;
+  /** Day rows older than this are deleted; null or absent keeps them. */
+  dayRetentionMs?: number | null;
 }
 
 interface Pending {
@@ -166,6 +168,7 @@ export function createUsageRecorder(deps: { store: Store; logger: Logger; option
         try {
           await store.pruneUsage("minute", t - options.minuteRetentionMs);
           await store.pruneUsage("hour", t - options.hourRetentionMs);
+          if (options.dayRetentionMs) await store.pruneUsage("day", t - options.dayRetentionMs);
         } catch (err) {
           logger.warn({ err: (err as Error).message }, "cannot prune old usage rows");
         }

@@ -249,3 +249,29 @@ describe("usage retention setting", () => {
     expect(err.rawMessage).toMatch(/^start_time: .*2 hours/);
   });
 });
+
+describeEachStore("usage day retention setting", (kind) => {
+  const h = useUsageHarness(kind, { coreOptions: { usageDayRetentionDays: 30 } });
+
+  it("prunes day rows past LATCHKEY_USAGE_DAY_RETENTION_DAYS and refuses DAY ranges reaching before it, naming start_time", async () => {
+    const c = h().admin;
+    const key = (await c.keys.createKey({ apiId: "api_usage" })).key!;
+    const old = Date.now() - 40 * DAY;
+    const recent = Date.now() - 10 * DAY;
+    await recordAt(h(), key.id, old, 3);
+    await recordAt(h(), key.id, recent, 2);
+    await h().core.recorder.flush();
+    const dayRows = () => h().store.queryUsage({ by: { keyId: key.id }, granularity: "day", start: 0, end: Date.now() + DAY, tagged: false, maxRows: 100 });
+    expect(total(await dayRows()).total).toBe(5);
+
+    // What the recorder's prune does with the setting: day rows before the retention go.
+    await h().store.pruneUsage("day", Date.now() - 30 * DAY);
+    expect(total(await dayRows()).total).toBe(2);
+    expect((await keyUsage(c, key.id, { granularity: "DAY", start: Date.now() - 20 * DAY })).totals).toEqual(counts({ total: 2, valid: 2 }));
+
+    // A DAY range reaching before the retention is refused rather than answered with zeros.
+    const err = await rpcError(c.keys.getKeyUsage({ id: key.id, ...rawUsageFields({ granularity: "DAY", start: Date.now() - 35 * DAY }) }));
+    expect(Code[err.code]).toBe("InvalidArgument");
+    expect(err.rawMessage).toMatch(/^start_time: day buckets are kept for 30 days/);
+  });
+});

@@ -388,7 +388,7 @@ export class SqliteStore implements Store {
     await this.usage.touchLastUsed(times);
   }
 
-  async pruneUsage(granularity: "minute" | "hour", before: number): Promise<void> {
+  async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     this.tx(() => this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, before));
   }
 

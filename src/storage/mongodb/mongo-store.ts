@@ -16,6 +16,7 @@ import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
 import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 
 /*
  * Documents mirror the domain records with `_id` for the id. `meta` is stored
@@ -102,6 +103,8 @@ export interface MongoStoreOptions {
   uri: string;
   database: string;
   serverSelectionTimeoutMs?: number;
+  /** Lease of a usage writer slot (usage-slots.ts); default 60 s. */
+  usageLeaseMs?: number;
 }
 
 /**
@@ -130,12 +133,16 @@ export class MongoStore implements Store {
   private usage!: Collection<UsageDoc>;
   private locks!: Collection<LockDoc>;
   private activity!: Collection<ActivityDoc>;
+  private usageWriters!: Collection<SlotDoc>;
+  /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
+  private readonly usageSlots: ReturnType<typeof createUsageSlots>;
   /** In-process queue per lock name, so this process never races itself for a lock. */
   private readonly localLocks = new Map<string, Promise<void>>();
   /** "ferretdb" when the server is FerretDB (see `init`). */
   flavor: "mongodb" | "ferretdb" = "mongodb";
 
   constructor(private readonly opts: MongoStoreOptions) {
+    this.usageSlots = createUsageSlots(() => this.usageWriters, { leaseMs: opts.usageLeaseMs });
     this.client = new MongoClient(opts.uri, {
       serverSelectionTimeoutMS: opts.serverSelectionTimeoutMs ?? 5000,
       // No answer within 30 s fails the operation (UNAVAILABLE) instead of
@@ -175,6 +182,7 @@ export class MongoStore implements Store {
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
       this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
       this.usage = this.db.collection<UsageDoc>("usage");
+      this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
@@ -190,6 +198,7 @@ export class MongoStore implements Store {
   }
 
   async close(): Promise<void> {
+    await this.usageSlots.release();
     await this.client.close();
   }
 
@@ -453,18 +462,20 @@ export class MongoStore implements Store {
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
-    // Rows are per writer (one server process writes one batch at a time), so no
-    // two writers ever update one document. A row already carrying this batch's
-    // seq does not match the filter; its upsert then hits the unique _id and is
-    // skipped: a retried batch is applied once.
+    // Rows are per writer slot (leased by one server process at a time, which
+    // writes one batch at a time), so no two writers ever update one document. A
+    // row already carrying this batch's seq does not match the filter; its upsert
+    // then hits the unique _id and is skipped: a retried batch is applied once.
+    const slot = await this.run(() => this.usageSlots.slotFor(batch.writer));
+    const seq = slot.rowSeq(batch.seq);
     const ops = rows.map((r) => {
       const inc: Record<string, number> = {};
       for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
-      const _id = `${batch.writer}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
+      const _id = `${slot.id}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
       return {
         updateOne: {
-          filter: { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: batch.seq } }] },
-          update: { $inc: inc, $set: { seq: batch.seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
+          filter: { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: seq } }] },
+          update: { $inc: inc, $set: { seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
           upsert: true,
         },
       };
@@ -493,6 +504,8 @@ export class MongoStore implements Store {
         }
       }
     });
+    // Before the next batch: a new owner of the slot starts past this seq.
+    await this.run(() => this.usageSlots.applied(slot, seq));
   }
 
   async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
@@ -523,7 +536,7 @@ export class MongoStore implements Store {
     );
   }
 
-  async pruneUsage(granularity: "minute" | "hour", before: number): Promise<void> {
+  async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     await this.run(() => this.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
