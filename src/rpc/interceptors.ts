@@ -7,6 +7,7 @@ import {
   InvalidArgumentError,
   NotFoundError,
   PermissionDeniedError,
+  ResourceExhaustedError,
   UnauthenticatedError,
   UnavailableError,
 } from "../domain/errors.js";
@@ -31,6 +32,7 @@ const CODES: [new (...args: never[]) => DomainError, Code][] = [
   [UnauthenticatedError, Code.Unauthenticated],
   [PermissionDeniedError, Code.PermissionDenied],
   [UnavailableError, Code.Unavailable],
+  [ResourceExhaustedError, Code.ResourceExhausted],
 ];
 
 /** Maps an error to the ConnectError the client sees. Unknown errors leak nothing. */
