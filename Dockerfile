@@ -6,7 +6,12 @@
 #   docker build -t latchkey .
 #   docker run -p 8080:8080 -p 9464:9464 -v latchkey-data:/data latchkey
 #
-# See compose.yaml for the production shape (MongoDB + Redis).
+# See compose.yaml for the production shape (MongoDB + Redis). The first start writes
+# the bootstrap root key to /data/bootstrap-root-key (mode 0600), not to the logs.
+#
+# CI replays these steps without Docker (.ci/prod-install: clean copy, npm ci, build,
+# prune, start the pruned install with each store and rate-limit backend); it checks
+# that the lines it replays are still here, so change both together.
 
 FROM node:22-bookworm-slim AS build
 WORKDIR /app

@@ -1,8 +1,49 @@
 #!/usr/bin/env node
+import { mkdir, open, rename, rm } from "node:fs/promises";
+import path from "node:path";
 import { ConfigError, loadConfig } from "./config/config.js";
 import { bootstrapRootKey, createApp } from "./server/app.js";
-import { createLogger } from "./server/logger.js";
+import { createLogger, type Logger } from "./server/logger.js";
 import { createStore } from "./storage/create-store.js";
+
+/** Where a fresh install leaves its bootstrap root key, in LATCHKEY_DATA_DIR. */
+export const BOOTSTRAP_KEY_FILE = "bootstrap-root-key";
+
+/**
+ * The bootstrap root key goes to a file only its owner can read (0600), never
+ * into the log stream (stdout, where a log shipper would keep it forever). The
+ * file is written whole or not at all (temporary file, then rename). Only if it
+ * cannot be written is the key printed on stderr, which carries no log lines.
+ */
+async function handOverBootstrapKey(key: string, file: string, logger: Logger): Promise<void> {
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    const fh = await open(tmp, "wx", 0o600);
+    try {
+      await fh.chmod(0o600); // whatever the umask
+      await fh.writeFile(`${key}\n`);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true }).catch(() => undefined);
+    logger.error({ err: (err as Error).message, file }, "cannot write the bootstrap root key file; it is printed on stderr instead");
+    process.stderr.write(
+      `\nBootstrap root key (shown once; it has every permission):\n\n    ${key}\n\n` +
+        `Use it as \`authorization: Bearer <key>\`; create narrower keys with \`latchkey root-keys create\`.\n\n`,
+    );
+    return;
+  }
+  logger.info({ file }, "bootstrap root key written");
+  process.stderr.write(
+    `\nA bootstrap root key with every permission was created and written to\n\n    ${file}\n\n` +
+      `(readable by this user only). Read it, keep it somewhere safe and delete the file;\n` +
+      `create narrower keys with \`latchkey root-keys create\`.\n\n`,
+  );
+}
 
 /** The only place that reads the environment, listens and wires dependencies. */
 export async function main(argv: string[]): Promise<void> {
@@ -45,13 +86,7 @@ export async function main(argv: string[]): Promise<void> {
   }
   // After listening: a fresh install whose port is taken keeps its bootstrap key for the next start.
   const bootstrap = await bootstrapRootKey(store);
-  if (bootstrap) {
-    // Printed once, on the first start of a fresh install; only its hash is kept.
-    process.stdout.write(
-      `\nBootstrap root key (shown once; it has every permission):\n\n    ${bootstrap}\n\n` +
-        `Use it as \`authorization: Bearer <key>\`; create narrower keys with \`latchkey root-keys create\`.\n\n`,
-    );
-  }
+  if (bootstrap) await handOverBootstrapKey(bootstrap, path.resolve(config.dataDir, BOOTSTRAP_KEY_FILE), logger);
   logger.info({ port, metricsPort, host: config.host, store: store.kind, tls: !!config.tls }, "latchkey listening");
 
   let stopping = false;

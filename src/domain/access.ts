@@ -22,6 +22,17 @@ export class Principal {
     return this.permissions.some((p) => p.action === action);
   }
 
+  /**
+   * Identities belong to no api: reading, creating, changing an identity, or
+   * linking a key to one (which lets the key show the identity's meta and spend
+   * its shared credits and rate limits), needs the global grant.
+   */
+  requireForIdentities(action: RootAction, what = "identities are shared by every api"): void {
+    if (!this.can(action, null)) {
+      throw new PermissionDeniedError(`${what}: this needs the global "${action}" permission; a root key scoped to an api has no access to identities`);
+    }
+  }
+
   require(action: RootAction, apiId: string | null): void {
     if (!this.can(action, apiId)) {
       throw new PermissionDeniedError(

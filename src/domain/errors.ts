@@ -1,6 +1,6 @@
 /**
  * Typed domain errors. The RPC layer maps each to one status code (see
- * src/rpc/error-interceptor.ts); anything else becomes INTERNAL.
+ * src/rpc/interceptors.ts); anything else becomes INTERNAL.
  */
 export class DomainError extends Error {
   constructor(message: string) {
@@ -24,5 +24,7 @@ export class AlreadyExistsError extends DomainError {}
 export class FailedPreconditionError extends DomainError {}
 export class UnauthenticatedError extends DomainError {}
 export class PermissionDeniedError extends DomainError {}
+/** A per-process budget is spent (e.g. lookups of unknown root keys); retrying shortly may help. */
+export class ResourceExhaustedError extends DomainError {}
 /** The store (or another dependency) cannot be reached; retrying may help. */
 export class UnavailableError extends DomainError {}

@@ -35,7 +35,7 @@ export function createIdentityManager(deps: { store: Store; now?: () => number; 
     find,
 
     async create(principal: Principal, input: CreateIdentityInput): Promise<IdentityRecord> {
-      principal.require("write", null);
+      principal.requireForIdentities("write");
       const t = now();
       const rec: IdentityRecord = {
         id: newId("id", t),
@@ -51,12 +51,12 @@ export function createIdentityManager(deps: { store: Store; now?: () => number; 
     },
 
     async get(principal: Principal, lookup: IdentityLookup): Promise<IdentityRecord> {
-      principal.require("read", null);
+      principal.requireForIdentities("read");
       return find(lookup);
     },
 
     async list(principal: Principal, q: { pageSize: number; pageToken: string; search: string }) {
-      principal.require("read", null);
+      principal.requireForIdentities("read");
       const limit = checkPageSize("page_size", q.pageSize);
       if (q.search.length > LIMITS.search) throw new InvalidArgumentError("search", `must be at most ${LIMITS.search} characters`);
       const query = { search: q.search };
@@ -69,7 +69,7 @@ export function createIdentityManager(deps: { store: Store; now?: () => number; 
 
     /** `patch` holds only the fields named in the update mask, already converted. */
     async update(principal: Principal, id: string, patch: IdentityPatch): Promise<IdentityRecord> {
-      principal.require("write", null);
+      principal.requireForIdentities("write");
       checkId("identity.id", id, ID_PATTERNS.identity);
       if (patch.externalId !== undefined) checkExternalId("identity.external_id", patch.externalId);
       if (patch.meta !== undefined) checkMeta("identity.meta", patch.meta);
@@ -82,7 +82,7 @@ export function createIdentityManager(deps: { store: Store; now?: () => number; 
     },
 
     async delete(principal: Principal, lookup: IdentityLookup, deleteKeys: boolean) {
-      principal.require("write", null);
+      principal.requireForIdentities("write");
       const rec = await find(lookup);
       const res = await store.deleteIdentity(rec.id, deleteKeys);
       if (!res) throw new NotFoundError("identity not found");

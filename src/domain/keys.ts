@@ -23,6 +23,8 @@ import {
 
 export type IdentityRef = { identityId: string } | { externalId: string } | null;
 
+const LINKING = "linking a key to an identity (by identity_id or external_id), or unlinking it, changes what the identity's keys share";
+
 export interface CreateKeyInput {
   apiId: string;
   prefix: string;
@@ -91,6 +93,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
     async create(principal: Principal, input: CreateKeyInput): Promise<{ plaintext: string; key: KeyView }> {
       const apiId = checkApiId("api_id", input.apiId);
       principal.require("write", apiId);
+      if (input.identity !== null) principal.requireForIdentities("write", LINKING);
       const t = now();
       // Validate everything before the first write.
       const prefix = checkPrefix("prefix", input.prefix);
@@ -173,6 +176,8 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
      * set when the mask names identity_id or external_id (null detaches).
      */
     async update(principal: Principal, id: string, patch: KeyPatch, identity: IdentityRef | undefined): Promise<KeyView> {
+      // Before the key is even read: attaching, moving and detaching are all identity changes.
+      if (identity !== undefined) principal.requireForIdentities("write", LINKING);
       const cur = await visibleKey(principal, "write", "key.id", id);
       if (patch.name !== undefined) checkKeyName("key.name", patch.name);
       if (patch.meta !== undefined) checkMeta("key.meta", patch.meta);
@@ -236,7 +241,7 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
       if ("keyId" in target) {
         await visibleKey(principal, "write", "key_id", target.keyId);
       } else {
-        principal.require("write", null);
+        principal.requireForIdentities("write");
         checkId("identity_id", target.identityId, ID_PATTERNS.identity);
       }
       const res = await store.updateCredits(target, op, now());

@@ -1,6 +1,6 @@
 import type { Store } from "../storage/store.js";
 import { Principal } from "./access.js";
-import { UnauthenticatedError } from "./errors.js";
+import { ResourceExhaustedError, UnauthenticatedError } from "./errors.js";
 import { newId } from "./ids.js";
 import { generateKey, hasValidChecksum, hashKey } from "./key-format.js";
 import type { RootKeyRecord, RootPermission } from "./types.js";
@@ -24,14 +24,78 @@ export async function createRootKey(
   return { plaintext: secret.plaintext, record };
 }
 
+/** Bounds of the authenticator's memory and of the store lookups unknown root keys may cause. */
+export interface RootKeyCacheLimits {
+  /** Root keys found in the store, remembered (and rechecked after `cacheMs`). */
+  validEntries: number;
+  /** Root keys not found, remembered for `cacheMs` (by hash: 64 characters each). */
+  invalidEntries: number;
+  /** Store lookups per second for root keys this process has not seen valid (also the burst). */
+  unknownLookupsPerSecond: number;
+}
+
+export const DEFAULT_ROOT_KEY_CACHE_LIMITS: RootKeyCacheLimits = { validEntries: 10_000, invalidEntries: 10_000, unknownLookupsPerSecond: 100 };
+
 /**
  * Checks `authorization: Bearer <root key>` headers. Verified root keys are
  * remembered for `cacheMs`, so revocation takes effect within that time.
+ *
+ * Made-up root keys cost little and displace nothing:
+ * - a malformed key or a bad checksum is refused without a lookup;
+ * - keys the store does not have are remembered apart from the valid ones, in a
+ *   bounded FIFO, so a flood of them never evicts a valid key;
+ * - a key this process has not seen valid takes one token of a per-process
+ *   budget (`unknownLookupsPerSecond`) for its store lookup; with the budget
+ *   spent it is answered RESOURCE_EXHAUSTED (retry shortly) without a lookup. A
+ *   key seen valid before is rechecked outside the budget, so a flood of made-up
+ *   keys cannot lock out the root keys in use; concurrent checks of one key share
+ *   one lookup.
  */
-export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number; now?: () => number }) {
+export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number; now?: () => number; limits?: RootKeyCacheLimits }) {
   const now = deps.now ?? Date.now;
-  const cache = new Map<string, { principal: Principal | null; until: number }>();
-  const MAX_CACHED = 10_000;
+  const limits = deps.limits ?? DEFAULT_ROOT_KEY_CACHE_LIMITS;
+  // Keyed by the plaintext so a hit costs no hashing; only keys found in the store get here.
+  const valid = new Map<string, { principal: Principal; until: number }>();
+  // Keyed by hash: a bounded size per entry whatever the client sent.
+  const invalid = new Map<string, number>();
+  const inflight = new Map<string, Promise<Principal | null>>();
+  let budget = limits.unknownLookupsPerSecond;
+  let budgetAt = now();
+
+  function takeBudget(t: number): boolean {
+    budget = Math.min(limits.unknownLookupsPerSecond, budget + ((t - budgetAt) * limits.unknownLookupsPerSecond) / 1000);
+    budgetAt = t;
+    if (budget < 1) return false;
+    budget -= 1;
+    return true;
+  }
+
+  function remember<V>(map: Map<string, V>, key: string, value: V, max: number): void {
+    map.delete(key);
+    if (map.size >= max) map.delete(map.keys().next().value!);
+    map.set(key, value);
+  }
+
+  function lookup(token: string, hash: string): Promise<Principal | null> {
+    let p = inflight.get(token);
+    if (!p) {
+      p = deps.store.getRootKeyByHash(hash).then((rec) => {
+        const until = now() + deps.cacheMs;
+        if (!rec) {
+          valid.delete(token);
+          remember(invalid, hash, until, limits.invalidEntries);
+          return null;
+        }
+        const principal = new Principal(rec.id, rec.permissions);
+        remember(valid, token, { principal, until }, limits.validEntries);
+        return principal;
+      });
+      inflight.set(token, p);
+      const done = () => inflight.delete(token);
+      p.then(done, done);
+    }
+    return p;
+  }
 
   return async function authenticate(header: string | null): Promise<Principal> {
     if (!header) throw new UnauthenticatedError("missing authorization header: send `authorization: Bearer <root key>`");
@@ -39,18 +103,16 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
     if (!m) throw new UnauthenticatedError("authorization header must be `Bearer <root key>`");
     const token = m[1];
     const t = now();
-    // Keyed by the plaintext so a hit costs no hashing; the map lives in this process only.
-    const hit = cache.get(token);
-    if (hit && hit.until > t) {
-      if (!hit.principal) throw new UnauthenticatedError("invalid root key");
-      return hit.principal;
-    }
+    const known = valid.get(token);
+    if (known && known.until > t) return known.principal;
     if (!token.startsWith(ROOT_KEY_PREFIX + "_") || !hasValidChecksum(token)) throw new UnauthenticatedError("invalid root key");
     const hash = hashKey(token);
-    const rec = await deps.store.getRootKeyByHash(hash);
-    const principal = rec ? new Principal(rec.id, rec.permissions) : null;
-    if (cache.size >= MAX_CACHED) cache.delete(cache.keys().next().value!);
-    cache.set(token, { principal, until: t + deps.cacheMs });
+    const refused = invalid.get(hash);
+    if (refused !== undefined && refused > t) throw new UnauthenticatedError("invalid root key");
+    if (!known && !inflight.has(token) && !takeBudget(t)) {
+      throw new ResourceExhaustedError("too many unknown root keys are being tried; retry shortly");
+    }
+    const principal = await lookup(token, hash);
     if (!principal) throw new UnauthenticatedError("invalid root key");
     return principal;
   };

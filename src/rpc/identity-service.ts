@@ -6,6 +6,7 @@ import type { IdentityPatch } from "../domain/types.js";
 import type { UsageReader } from "../usage/reader.js";
 import { principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
+import { withWellFormedRequests } from "./well-formed.js";
 import { identityToProto, maskPaths, toCredits, toMeta, toRatelimits } from "./convert.js";
 
 const UPDATE_PATHS = ["external_id", "meta", "ratelimits", "credits"] as const;
@@ -24,7 +25,7 @@ export function createIdentityService(deps: {
 }): Partial<ServiceImpl<typeof IdentityService>> {
   const { identities, usage } = deps;
   const now = deps.now ?? Date.now;
-  return {
+  return withWellFormedRequests(IdentityService, {
     async createIdentity(req, ctx) {
       const identity = await identities.create(principalOf(ctx), {
         externalId: req.externalId,
@@ -64,5 +65,5 @@ export function createIdentityService(deps: {
     async getIdentityUsage(req, ctx) {
       return usageReportToProto(await usage.identityUsage(principalOf(ctx), lookupOf(req.lookup), usageRequestOf(req)));
     },
-  };
+  } satisfies Partial<ServiceImpl<typeof IdentityService>>);
 }

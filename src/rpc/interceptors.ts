@@ -7,6 +7,7 @@ import {
   InvalidArgumentError,
   NotFoundError,
   PermissionDeniedError,
+  ResourceExhaustedError,
   UnauthenticatedError,
   UnavailableError,
 } from "../domain/errors.js";
@@ -14,6 +15,7 @@ import type { RootKeyAuthenticator } from "../domain/root-keys.js";
 import type { Logger } from "../server/logger.js";
 import type { Metrics } from "../server/metrics.js";
 import { principalKey, requestIdKey } from "./context.js";
+import { badRequestDetail } from "./status-details.js";
 
 // Request ids: a per-process random prefix and a counter — unique, and cheap on the hot path.
 const ID_PREFIX = randomBytes(6).toString("hex");
@@ -30,11 +32,16 @@ const CODES: [new (...args: never[]) => DomainError, Code][] = [
   [UnauthenticatedError, Code.Unauthenticated],
   [PermissionDeniedError, Code.PermissionDenied],
   [UnavailableError, Code.Unavailable],
+  [ResourceExhaustedError, Code.ResourceExhausted],
 ];
 
 /** Maps an error to the ConnectError the client sees. Unknown errors leak nothing. */
 export function toConnectError(err: unknown): { error: ConnectError; internal: boolean } {
   if (err instanceof ConnectError) return { error: err, internal: err.code === Code.Internal || err.code === Code.Unknown };
+  // Field violations travel as google.rpc.BadRequest details, readable by generated clients.
+  if (err instanceof InvalidArgumentError) {
+    return { error: new ConnectError(err.message, Code.InvalidArgument, undefined, [badRequestDetail(err.field, err.reason)]), internal: false };
+  }
   for (const [type, code] of CODES) {
     if (err instanceof type) return { error: new ConnectError(err.message, code), internal: false };
   }

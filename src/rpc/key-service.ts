@@ -9,8 +9,10 @@ import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
 import type { UsageReader } from "../usage/reader.js";
+import { MAX_KEY_LENGTH } from "../domain/key-format.js";
 import { principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
+import { withWellFormedRequests } from "./well-formed.js";
 import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
 
 const UPDATE_PATHS = [
@@ -70,7 +72,7 @@ export function createKeyService(deps: {
 }): Partial<ServiceImpl<typeof KeyService>> {
   const { keys, verify, usage } = deps;
   const now = deps.now ?? Date.now;
-  return {
+  return withWellFormedRequests(KeyService, {
     async createKey(req, ctx) {
       const identity: IdentityRef =
         req.identity.case === "identityId"
@@ -167,6 +169,8 @@ export function createKeyService(deps: {
     },
 
     async verifyKey(req, ctx): Promise<MessageInitShape<typeof VerifyKeyResponseSchema>> {
+      // Before any hashing or lookup: no key is that long.
+      if (req.key.length > MAX_KEY_LENGTH) throw new InvalidArgumentError("key", `must be at most ${MAX_KEY_LENGTH} characters`);
       const v = await verify(principalOf(ctx), {
         key: req.key,
         apiId: req.apiId,
@@ -184,5 +188,5 @@ export function createKeyService(deps: {
     async getKeyUsage(req, ctx) {
       return usageReportToProto(await usage.keyUsage(principalOf(ctx), req.id, usageRequestOf(req)));
     },
-  };
+  } satisfies Partial<ServiceImpl<typeof KeyService>>);
 }

@@ -12,7 +12,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, rmdirSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -128,7 +128,7 @@ export interface ServerProcess {
   /** "http://127.0.0.1:PORT", for Connect over HTTP/1.1. */
   baseUrl: string;
   metricsPort: number | null;
-  /** The bootstrap root key, when this start printed one (first start on a fresh store). */
+  /** The bootstrap root key, when this start created one (first start on a fresh store), read from the file it wrote. */
   bootstrapKey: string | null;
   dataDir: string;
   /** Everything the process wrote so far. */
@@ -291,7 +291,9 @@ async function startOnce(opts: StartOptions): Promise<ServerProcess> {
     return info;
   };
 
-  const bootstrap = /\blkroot_[1-9A-HJ-NP-Za-km-z]+/.exec(out.split("latchkey listening")[0]);
+  // A fresh install writes its bootstrap root key to a file (0600) and logs where, before "latchkey listening".
+  const written = /"file":("[^"]*"),"msg":"bootstrap root key written"/.exec(out.split("latchkey listening")[0]);
+  const bootstrap = written ? /^lkroot_[1-9A-HJ-NP-Za-km-z]+$/.exec(readFileSync(path.resolve(REPO, JSON.parse(written[1]) as string), "utf8").trim()) : null;
   return {
     proc,
     port: ports.port,
