@@ -75,6 +75,23 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
     await Promise.all([a.close(), b.close()]);
   });
 
+  it("gives each of many processes racing for expired slots a slot of its own", async () => {
+    const db = raw.db(database).collection<{ _id: string; owner: string; until: number; seq: number }>("usage_writers");
+    for (let round = 0; round < 5; round++) {
+      // Eight expired leases (crashed owners), then eight processes starting at once.
+      await db.deleteMany({});
+      await db.insertMany(Array.from({ length: 8 }, (_, n) => ({ _id: `w${n}`, owner: `dead${n}`, until: 1, seq: 10 })));
+      const stores = await Promise.all(Array.from({ length: 8 }, () => open()));
+      const keyId = `key_${unique("race")}`;
+      await Promise.all(stores.map((s) => s.writeUsage(rolledUp(Date.now(), keyId, { total: 1 }), { writer: unique("p"), seq: 1 })));
+      const owners = (await db.find({ _id: { $in: Array.from({ length: 8 }, (_, n) => `w${n}`) } }).toArray()).map((d) => d.owner);
+      expect(new Set(owners).size, `round ${round}: one owner per slot`).toBe(8);
+      expect(await rowsOf(keyId), `round ${round}`).toHaveLength(8);
+      expect(await total(stores[0], keyId)).toBe(8);
+      await Promise.all(stores.map((s) => s.close()));
+    }
+  });
+
   it("takes over a crashed process's slot once its lease ran out, counting exactly", async () => {
     const keyId = `key_${unique("crash")}`;
     const dead = await open(400);

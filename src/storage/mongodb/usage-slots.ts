@@ -17,9 +17,9 @@ import type { Collection } from "mongodb";
  * past it; its batches are never taken for the dead owner's retries.
  *
  * Taking a slot relies on one atomic primitive, a unique `_id` insert (atomic
- * on MongoDB and FerretDB alike); an expired slot is taken over by deleting
- * exactly the expired lease and inserting a new one, so of several instances
- * racing for it one wins. Leases are renewed every `leaseMs / 4`; a process
+ * on MongoDB and FerretDB alike): a free slot is claimed by inserting it, an
+ * expired lease is taken over by whoever inserts the takeover ticket of that
+ * lease (then replaces the slot document in place), so of several racing instances one wins. Leases are renewed every `leaseMs / 4`; a process
  * that could not renew for half the lease renews before writing, and if the
  * slot was taken meanwhile claims another (clock skew between instances up to
  * `leaseMs / 2` is tolerated). The one case that can count twice: a batch that
@@ -76,15 +76,20 @@ export function createUsageSlots(coll: () => Collection<SlotDoc>, opts: UsageSlo
       }
       const doc = await coll().findOne({ _id: id });
       if (!doc || doc.until >= t) continue;
-      // Expired: delete exactly that lease, then race for the slot with a unique insert.
-      await coll().deleteOne({ _id: id, owner: doc.owner, until: doc.until });
-      const base = doc.seq + 2;
+      // Expired. Of the instances that may race for it, the one that inserts the
+      // ticket for this very lease takes it over; the others move on. (A filtered
+      // delete is no arbiter on FerretDB, which reads, filters and then deletes by
+      // _id: a racer could delete the winner's new lease.)
       try {
-        await coll().insertOne({ _id: id, owner, until: t + leaseMs, seq: base });
-        return { id, base, safeUntil: t + leaseMs / 2 };
+        await coll().insertOne({ _id: `${id}:takeover:${doc.owner}:${doc.until}`, owner, until: t, seq: doc.seq });
       } catch (err) {
         if (!isDuplicate(err)) throw err;
+        continue;
       }
+      const base = doc.seq + 2;
+      // Replaced in place (never deleted, so a fresh claim cannot slip in with seq 0).
+      await coll().replaceOne({ _id: id }, { owner, until: t + leaseMs, seq: base });
+      return { id, base, safeUntil: t + leaseMs / 2 };
     }
     throw new Error(`no free usage writer slot among ${maxSlots}`);
   }
