@@ -1,12 +1,12 @@
 import type { VerificationCache } from "../cache/verification-cache.js";
-import type { RateLimitCounter } from "../ratelimit/counter.js";
+import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
 import type { Store } from "../storage/store.js";
 import type { Principal } from "./access.js";
-import { dueRefill } from "./credits.js";
+import { refillDueAt } from "./credits.js";
 import { InvalidArgumentError } from "./errors.js";
 import { MAX_KEY_LENGTH, hasValidChecksum, hashKey } from "./key-format.js";
 import { createPermissionQueryCache, evaluatePermissionQuery } from "./permission-query.js";
-import type { CreditsTarget, IdentityRecord, KeyRecord, Ratelimit } from "./types.js";
+import type { Credits, CreditsTarget, IdentityRecord, KeyRecord, Ratelimit } from "./types.js";
 import { LIMITS, checkApiId } from "./validation.js";
 
 export type VerificationCode =
@@ -54,6 +54,14 @@ interface Applied {
   cost: number;
 }
 
+/** Tokens a verification holds in one window, given back if it does not commit. */
+interface Held {
+  counterKey: string;
+  cost: number;
+  durationMs: number;
+  window: number;
+}
+
 function checkInput(input: VerifyInput): void {
   if (input.key === "") throw new InvalidArgumentError("key", "is required");
   if (input.apiId !== "") checkApiId("api_id", input.apiId);
@@ -80,9 +88,18 @@ function checkInput(input: VerifyInput): void {
 /**
  * VerifyKey. Checks, in order: the key exists (checksum first, then the cache,
  * then the store) and belongs to the api; enabled; not expired; permissions;
- * rate limits; credits. Limits and credits are spent only when every check
- * passes: window counters are added to and taken back if anything refuses,
- * and credits are spent last, in one conditional store write.
+ * rate limits; credits.
+ *
+ * Rate limits are taken first, each only if it fits (exact admission, see
+ * src/ratelimit/counter.ts); if any refuses, the others are given back to the
+ * windows they were taken from. Then comes the commit point: the credit spend,
+ * one conditional store write (or, for a verification without credits, the
+ * moment after its limits are taken). A verification whose signal aborted —
+ * deadline passed, client cancelled — before its commit point spends nothing:
+ * its window tokens are given back and the store is told not to write (the
+ * store checks the signal once it holds what it needs to write). After the
+ * commit point the verification stands, answered or not. See README
+ * "Deadlines and the commit point".
  */
 export function createVerifier(deps: {
   store: Store;
@@ -105,11 +122,17 @@ export function createVerifier(deps: {
     return { code, key, identity, creditsRemaining: credits ? credits.remaining : null, ratelimits: [], spent: 0, ...extra };
   }
 
-  /** Limits to apply: auto-applied ones of key and identity (key wins by name) and those named in the request. */
+  /**
+   * Limits to apply: auto-applied ones of key and identity (key wins by name) and
+   * those named in the request. A key rerolled from another counts against the
+   * windows of the first key of its chain (`ratelimitKeyId`), so old and new key
+   * share one set of windows during the grace period.
+   */
   function selectLimits(key: KeyRecord, identity: IdentityRecord | null, input: VerifyInput): Applied[] {
     const byName = new Map<string, Applied>();
+    const windowsOf = key.ratelimitKeyId ?? key.id;
     for (const l of identity?.ratelimits ?? []) byName.set(l.name, { limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
-    for (const l of key.ratelimits) byName.set(l.name, { limit: l, counterKey: `k:${key.id}:${l.name}:${l.durationMs}`, cost: 1 });
+    for (const l of key.ratelimits) byName.set(l.name, { limit: l, counterKey: `k:${windowsOf}:${l.name}:${l.durationMs}`, cost: 1 });
     const applied = new Map<string, Applied>();
     for (const [name, a] of byName) if (a.limit.autoApply) applied.set(name, a);
     input.ratelimits.forEach((r, i) => {
@@ -120,66 +143,59 @@ export function createVerifier(deps: {
     return [...applied.values()];
   }
 
-  async function applyLimits(applied: Applied[], t: number): Promise<{ ok: boolean; results: AppliedRatelimit[] }> {
-    const added = await Promise.allSettled(applied.map((a) => counter.add(a.counterKey, a.cost, a.limit.durationMs)));
+  /** Takes every applied limit; all or nothing: if one refuses (or fails), the others are given back. */
+  async function takeLimits(applied: Applied[]): Promise<{ ok: boolean; results: AppliedRatelimit[]; held: Held[] }> {
+    const taken = await Promise.allSettled(applied.map((a) => counter.take(a.counterKey, a.cost, a.limit.limit, a.limit.durationMs)));
+    const held: Held[] = [];
     let ok = true;
     let failure: unknown = null;
-    const results: AppliedRatelimit[] = added.map((r, i) => {
-      const { limit } = applied[i];
-      if (r.status === "rejected") {
-        failure ??= r.reason;
-        return { name: limit.name, limit: limit.limit, remaining: 0, resetAt: t, exceeded: false };
+    taken.forEach((r, i) => {
+      if (r.status === "rejected") failure ??= r.reason;
+      else if (!r.value.ok) ok = false;
+      else if (applied[i].cost > 0) {
+        const a = applied[i];
+        held.push({ counterKey: a.counterKey, cost: a.cost, durationMs: a.limit.durationMs, window: r.value.window });
       }
-      // A check (cost 0) is refused when nothing is left; a spend when it went past the limit.
-      const exceeded = applied[i].cost > 0 ? r.value.total > limit.limit : r.value.total >= limit.limit;
-      if (exceeded) ok = false;
-      return {
-        name: limit.name,
-        limit: limit.limit,
-        remaining: Math.max(0, limit.limit - r.value.total),
-        resetAt: t + r.value.resetInMs,
-        exceeded,
-      };
     });
     if (failure !== null || !ok) {
-      await refund(applied, added.map((r) => r.status === "fulfilled"));
+      await giveBack(held);
       if (failure !== null) throw failure;
-      // Report what is left once this refused call has been taken back, also for
-      // the limit that refused it (a cost of 3 with 1 left leaves 1, not 0).
-      results.forEach((r, i) => {
-        const total = (added[i] as PromiseFulfilledResult<{ total: number }>).value.total - applied[i].cost;
-        r.remaining = Math.min(r.limit, Math.max(0, r.limit - total));
-      });
     }
-    return { ok, results };
+    const results = taken.map((r, i): AppliedRatelimit => {
+      const { limit, cost } = applied[i];
+      const { ok: fit, total, resetAt } = (r as PromiseFulfilledResult<Taken>).value;
+      // What is left after this verification: once a refused one is given back,
+      // the tokens it took are left again (a cost of 3 with 1 left leaves 1, not 0).
+      const after = fit && cost > 0 && !ok ? total - cost : total;
+      return { name: limit.name, limit: limit.limit, remaining: Math.min(limit.limit, Math.max(0, limit.limit - after)), resetAt, exceeded: !fit };
+    });
+    return { ok, results, held: ok ? held : [] };
   }
 
-  async function refund(applied: Applied[], which: boolean[]): Promise<void> {
-    await Promise.all(applied.map((a, i) => (which[i] ? counter.subtract(a.counterKey, a.cost, a.limit.durationMs) : undefined)));
+  /** Gives tokens back to the windows they were taken from. */
+  async function giveBack(held: Held[]): Promise<void> {
+    await Promise.all(held.map((h) => counter.refund(h.counterKey, h.cost, h.durationMs, h.window)));
   }
 
-  /** Spends credits from the key's balance, else its identity's; refreshes the cached refill time. */
-  async function spend(key: KeyRecord, identity: IdentityRecord | null, cost: number, t: number) {
-    const owner = key.credits ? "key" : identity?.credits ? "identity" : null;
+  /**
+   * Where a verification's credits come from: a key rerolled away spends from the
+   * key its balance moved to (`creditsKeyId`), a key with a balance from its own,
+   * else its identity's shared balance; null when unlimited.
+   */
+  function creditsOwner(key: KeyRecord, identity: IdentityRecord | null): { target: CreditsTarget; credits: Credits } | null {
+    if (key.creditsKeyId && key.credits) return { target: { keyId: key.creditsKeyId }, credits: key.credits };
+    if (key.credits) return { target: { keyId: key.id }, credits: key.credits };
+    if (identity?.credits) return { target: { identityId: identity.id }, credits: identity.credits };
+    return null;
+  }
+
+  /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
+  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined) {
     if (owner === null) return { ok: true, remaining: null as number | null };
-    const credits = owner === "key" ? key.credits! : identity!.credits!;
-    const target: CreditsTarget = owner === "key" ? { keyId: key.id } : { identityId: identity!.id };
-    const due = dueRefill(credits.refill, t);
-    const res = await store.spendCredits(target, cost, due !== null ? { periodStart: due, amount: credits.refill!.amount } : null);
-    if (res.remaining !== null) {
-      // Keep this instance's cached balance (and refill time) current, so refused
-      // answers report a recent balance and the refill is not attempted again.
-      const refreshed = {
-        remaining: res.remaining,
-        refill: credits.refill && due !== null ? { ...credits.refill, lastRefillAt: due } : credits.refill,
-      };
-      if (owner === "key") cache.patchKey(key.hash, { ...key, credits: refreshed });
-      else cache.patchIdentity({ ...identity!, credits: refreshed });
-    }
-    return res;
+    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
   }
 
-  async function run(principal: Principal, input: VerifyInput, t: number): Promise<Verification> {
+  async function run(principal: Principal, input: VerifyInput, t: number, signal: AbortSignal | undefined): Promise<Verification> {
     // A root key scoped to other apis gets NOT_FOUND below, as for any key it cannot see.
     if (!principal.hasAny("verify")) principal.require("verify", null);
     checkInput(input);
@@ -197,19 +213,23 @@ export function createVerifier(deps: {
     if (key.expiresAt !== null && key.expiresAt <= t) return answer("EXPIRED", key, identity);
     if (query && !evaluatePermissionQuery(query, key.permissions)) return answer("INSUFFICIENT_PERMISSIONS", key, identity);
 
-    const limits = applied.length > 0 ? await applyLimits(applied, t) : { ok: true, results: [] };
+    signal?.throwIfAborted();
+    const limits = applied.length > 0 ? await takeLimits(applied) : { ok: true, results: [], held: [] };
     if (!limits.ok) return answer("RATE_LIMITED", key, identity, { ratelimits: limits.results });
 
     const cost = input.cost ?? 1;
+    const owner = creditsOwner(key, identity);
     let credits;
     try {
-      credits = await spend(key, identity, cost, t);
+      // Not yet committed: a verification cancelled while it took its limits spends nothing.
+      signal?.throwIfAborted();
+      credits = await spend(owner, cost, t, signal);
     } catch (err) {
-      await refund(applied, applied.map(() => true));
+      await giveBack(limits.held);
       throw err;
     }
     if (!credits.ok) {
-      await refund(applied, applied.map(() => true));
+      await giveBack(limits.held);
       const results = limits.results.map((r, i) => ({ ...r, remaining: Math.min(r.limit, r.remaining + applied[i].cost) }));
       return answer("USAGE_EXCEEDED", key, identity, { ratelimits: results, creditsRemaining: credits.remaining });
     }
@@ -220,9 +240,14 @@ export function createVerifier(deps: {
     });
   }
 
-  return async function verify(principal: Principal, input: VerifyInput): Promise<Verification> {
+  /**
+   * Verifies `input`. `signal` is the call's: when it aborts (deadline,
+   * cancellation) before the commit point, nothing is spent and the call
+   * rejects with the signal's reason.
+   */
+  return async function verify(principal: Principal, input: VerifyInput, signal?: AbortSignal): Promise<Verification> {
     const t = now();
-    const v = await run(principal, input, t);
+    const v = await run(principal, input, t, signal);
     deps.onVerification?.(v, input, t);
     return v;
   };

@@ -177,7 +177,7 @@ export function createKeyService(deps: {
         })),
         cost: req.cost === undefined ? null : toNumber("cost", req.cost),
         tags: req.tags,
-      });
+      }, ctx.signal);
       return verificationToProto(v);
     },
 
