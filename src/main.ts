@@ -2,7 +2,7 @@
 import { ConfigError, loadConfig } from "./config/config.js";
 import { bootstrapRootKey, createApp } from "./server/app.js";
 import { createLogger } from "./server/logger.js";
-import { createStore } from "./storage/create-store.js";
+import { createServerStore } from "./storage/create-store.js";
 
 /** The only place that reads the environment, listens and wires dependencies. */
 export async function main(argv: string[]): Promise<void> {
@@ -17,7 +17,7 @@ export async function main(argv: string[]): Promise<void> {
     throw err;
   }
   const logger = createLogger(config.logLevel);
-  const store = createStore(config);
+  const store = createServerStore(config, logger);
   try {
     await store.init();
   } catch (err) {

@@ -1,4 +1,5 @@
 import http from "node:http";
+import { Gauge } from "prom-client";
 import { createInvalidationFeed } from "../cache/invalidation.js";
 import { createVerificationCache } from "../cache/verification-cache.js";
 import type { Config } from "../config/config.js";
@@ -139,6 +140,11 @@ export function createApp(deps: AppDeps): App {
   const counter = createCounter(config, store, logger);
   const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
   const { metrics, health } = core;
+  new Gauge({
+    name: "latchkey_ratelimit_pools_shared",
+    help: "1 when rate-limit pools are counted where every instance counts them (Redis, MongoDB); 0 when per process (N instances admit N times a limit).",
+    registers: [metrics.registry],
+  }).set(counter.shared ? 1 : 0);
   const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });
   let metricsServer: http.Server | null = null;
 

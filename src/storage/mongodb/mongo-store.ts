@@ -24,9 +24,14 @@ import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from
  * (strings checked against the input patterns, numbers), never from a caller's
  * object, so no request can inject a query operator.
  */
-/** `_fence`: the document's write counter, checked by fenced writes (see lease-lock.ts). */
-type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string; [FENCE]?: number };
-type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string; [FENCE]?: number };
+/**
+ * `_fence`: the document's write counter, checked by fenced writes (see
+ * lease-lock.ts). `creditsSeq`: the credit ledger's sequence number of the
+ * balance last written here (src/storage/redis-credits.ts).
+ */
+type StoreFields = { [FENCE]?: number; creditsSeq?: number };
+type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
+type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
 type CounterDoc = { _id: string; seq: number };
@@ -34,7 +39,7 @@ type CounterDoc = { _id: string; seq: number };
 type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
 type ActivityDoc = { _id: string; lastUsedAt: number };
 /** The document holding a balance, as the credit methods read it. */
-type CreditsDoc = { _id: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null; [FENCE]?: number };
+type CreditsDoc = { _id: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
 
 /** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
 type PendingSpend = {
@@ -57,7 +62,7 @@ export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
 function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
-  const { _id, meta, [FENCE]: _fence, ...rest } = d;
+  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 /** The stored form of a key (exported for bulk seeding in the benchmark). */
@@ -66,7 +71,7 @@ export function toKeyDoc(r: KeyRecord): KeyDoc {
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
 function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, meta, [FENCE]: _fence, ...rest } = d;
+  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
@@ -158,6 +163,11 @@ export class MongoStore implements Store {
   flavor: "mongodb" | "ferretdb" = "mongodb";
   /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
   creditWrites: "conditional" | "locked" = "locked";
+
+  /** The database this store uses. */
+  get database(): string {
+    return this.opts.database;
+  }
 
   constructor(private readonly opts: MongoStoreOptions) {
     this.client = new MongoClient(opts.uri, {
@@ -610,6 +620,57 @@ export class MongoStore implements Store {
         for (const p of batch) p.reject(err);
       }
     }
+  }
+
+  /**
+   * For the credit ledger (redis-credits.ts): one document's balance as stored —
+   * its credits, where its balance moved (`creditsKeyId`) and the ledger
+   * sequence last written (`seq`, 0 when never). Null when it does not exist.
+   */
+  async readCreditsHolder(target: CreditsTarget): Promise<{ credits: Credits | null; creditsKeyId: string | null; seq: number } | null> {
+    const { coll, id } = this.creditsColl(target);
+    const d = await this.run(() => coll.findOne({ _id: id }));
+    return d ? { credits: d.credits, creditsKeyId: d.creditsKeyId ?? null, seq: d.creditsSeq ?? 0 } : null;
+  }
+
+  /**
+   * For the credit ledger: writes a balance (`remaining` null: unlimited; the
+   * refill rule stays the document's, with `lastRefillAt`) if `seq` is newer
+   * than the one written last — so flushes from several instances, in any order,
+   * never go back. Under the lease lock (fenced) in "locked" mode, a
+   * compare-and-set otherwise. "stale": a newer balance is there, or the balance
+   * moved away by a reroll; "missing": no such document.
+   */
+  async persistCredits(
+    target: CreditsTarget,
+    state: { remaining: number | null; lastRefillAt?: number },
+    seq: number,
+    opts: { updatedAt?: number; recordChange?: boolean } = {},
+  ): Promise<"written" | "stale" | "missing"> {
+    const { coll, id, lock } = this.creditsColl(target);
+    const attempt = async () => {
+      const cur = await coll.findOne({ _id: id });
+      if (!cur) return "missing" as const;
+      if (cur.creditsKeyId || (cur.creditsSeq ?? 0) >= seq) return "stale" as const;
+      const refill = cur.credits?.refill ?? null;
+      const credits: Credits | null =
+        state.remaining === null ? null : { remaining: state.remaining, refill: refill ? { ...refill, lastRefillAt: state.lastRefillAt ?? refill.lastRefillAt } : null };
+      const set = { credits, creditsSeq: seq, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
+      const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: { [FENCE]: 1 } });
+      if (res.matchedCount === 1) return { hash: cur.hash ?? null };
+      if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
+      return "retry" as const;
+    };
+    return this.run(async () => {
+      for (let tries = 0; tries < MAX_CAS_TRIES; tries++) {
+        const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
+        if (out === "retry") continue;
+        if (typeof out === "string") return out;
+        if (opts.recordChange) await this.recordChange("keyId" in target ? "key" : "identity", id, out.hash);
+        return "written";
+      }
+      throw new UnavailableError(`the balance of ${lock} kept changing; retry`);
+    });
   }
 
   /**
