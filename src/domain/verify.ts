@@ -3,7 +3,7 @@ import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
 import type { Store } from "../storage/store.js";
 import type { Principal } from "./access.js";
 import { refillDueAt } from "./credits.js";
-import { InvalidArgumentError } from "./errors.js";
+import { CanceledError, DeadlineExceededError, DomainError, InvalidArgumentError } from "./errors.js";
 import { MAX_KEY_LENGTH, hasValidChecksum, hashKey } from "./key-format.js";
 import { createPermissionQueryCache, evaluatePermissionQuery } from "./permission-query.js";
 import type { Credits, CreditsTarget, IdentityRecord, KeyRecord, Ratelimit } from "./types.js";
@@ -247,10 +247,26 @@ export function createVerifier(deps: {
    */
   return async function verify(principal: Principal, input: VerifyInput, signal?: AbortSignal): Promise<Verification> {
     const t = now();
-    const v = await run(principal, input, t, signal);
+    let v: Verification;
+    try {
+      v = await run(principal, input, t, signal);
+    } catch (err) {
+      throw signal?.aborted && err === signal.reason ? abortError(err) : err;
+    }
     deps.onVerification?.(v, input, t);
     return v;
   };
 }
 
 export type Verifier = ReturnType<typeof createVerifier>;
+
+/**
+ * Why an aborted verification stopped, as an error the RPC layer maps to a
+ * status: the transport's own reason when it is one (Connect-Node aborts with a
+ * ConnectError), else DEADLINE_EXCEEDED for a timeout and CANCELED otherwise.
+ */
+function abortError(reason: unknown): unknown {
+  if (reason instanceof DomainError || (reason instanceof Error && reason.name === "ConnectError")) return reason;
+  if (reason instanceof Error && reason.name === "TimeoutError") return new DeadlineExceededError("the call's deadline passed before the verification's commit point; nothing was spent");
+  return new CanceledError("the call was cancelled before the verification's commit point; nothing was spent");
+}

@@ -2,6 +2,8 @@ import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { randomBytes } from "node:crypto";
 import {
   AlreadyExistsError,
+  CanceledError,
+  DeadlineExceededError,
   DomainError,
   FailedPreconditionError,
   InvalidArgumentError,
@@ -30,6 +32,8 @@ const CODES: [new (...args: never[]) => DomainError, Code][] = [
   [UnauthenticatedError, Code.Unauthenticated],
   [PermissionDeniedError, Code.PermissionDenied],
   [UnavailableError, Code.Unavailable],
+  [DeadlineExceededError, Code.DeadlineExceeded],
+  [CanceledError, Code.Canceled],
 ];
 
 /** Maps an error to the ConnectError the client sees. Unknown errors leak nothing. */

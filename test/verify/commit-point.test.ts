@@ -12,6 +12,7 @@
 import { afterEach, beforeEach, expect, it } from "vitest";
 import { createVerificationCache } from "../../src/cache/verification-cache.js";
 import { Principal } from "../../src/domain/access.js";
+import { CanceledError, DeadlineExceededError } from "../../src/domain/errors.js";
 import type { KeyRecord } from "../../src/domain/types.js";
 import { createVerifier, type VerifyInput } from "../../src/domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../../src/ratelimit/counter.js";
@@ -68,9 +69,9 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
     const call = new AbortController();
     const answer = verify(VERIFY_ALL, input(k.plaintext), call.signal);
     await gate.arrived;
-    call.abort(new Error("deadline passed"));
+    call.abort(new DOMException("the deadline passed", "TimeoutError"));
     gate.release();
-    await expect(answer).rejects.toThrow("deadline passed");
+    await expect(answer).rejects.toBeInstanceOf(DeadlineExceededError);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
     expect(await windowTotal(counter, k.record)).toBe(0);
     // The next verification finds everything as it was.
@@ -89,9 +90,9 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
     const call = new AbortController();
     const answer = verify(VERIFY_ALL, input(k.plaintext), call.signal);
     await gate.arrived;
-    call.abort(new Error("cancelled by the client"));
+    call.abort(); // the client went away
     gate.release();
-    await expect(answer).rejects.toThrow("cancelled by the client");
+    await expect(answer).rejects.toBeInstanceOf(CanceledError);
     expect(spends).toEqual([]);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
     expect(await windowTotal(counter, k.record)).toBe(0);
@@ -115,7 +116,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
     const k = await keyWithCreditsAndLimit(ts.store);
     const counter = createMemoryCounter();
     const verify = verifierOver(ts.store, counter);
-    await expect(verify(VERIFY_ALL, input(k.plaintext), AbortSignal.abort(new Error("gone")))).rejects.toThrow("gone");
+    await expect(verify(VERIFY_ALL, input(k.plaintext), AbortSignal.abort())).rejects.toBeInstanceOf(CanceledError);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
     expect(await windowTotal(counter, k.record)).toBe(0);
   });
