@@ -133,7 +133,7 @@ const MAX_LIMITERS = 1024;
  * offset of this process's clock to Redis `TIME` is measured at start and every
  * minute, so all instances agree on window boundaries to within a round trip.
  */
-export function createRedisCounter(client: Redis, opts: { now?: () => number } = {}): RateLimitCounter & { syncClock(): Promise<void> } {
+export function createRedisCounter(client: Redis, opts: { now?: () => number } = {}): RateLimitCounter & { syncClock(): Promise<void>; stop(): void } {
   const localNow = opts.now ?? Date.now;
   let offset = 0;
   const limiters = new Map<number, RateLimiterAbstract>();
@@ -154,13 +154,18 @@ export function createRedisCounter(client: Redis, opts: { now?: () => number } =
     const after = localNow();
     offset = Number(s) * 1000 + Math.floor(Number(us) / 1000) - (before + after) / 2;
   };
+  let timer: NodeJS.Timeout | null = null;
   if (!opts.now) {
     syncClock().catch(() => undefined);
-    setInterval(() => void syncClock().catch(() => undefined), 60_000).unref();
+    timer = setInterval(() => void syncClock().catch(() => undefined), 60_000);
+    timer.unref();
   }
   return {
     kind: "redis",
     syncClock,
+    stop: () => {
+      if (timer) clearInterval(timer);
+    },
     async take(key, cost, limit, durationMs) {
       const t = localNow() + offset;
       const window = windowOf(t, durationMs);

@@ -37,9 +37,13 @@ export function createCounter(
     case "redis": {
       const client = new Redis(config.redisUrl!, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
       client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
+      const counter = createRedisCounter(client);
       return {
-        counter: createRedisCounter(client),
-        close: async () => void (await client.quit().catch(() => client.disconnect())),
+        counter,
+        close: async () => {
+          counter.stop();
+          await client.quit().catch(() => client.disconnect());
+        },
         shared: true,
       };
     }

@@ -396,8 +396,16 @@ export class RedisCreditsStore implements Store {
     return this.identity1(rec);
   }
   async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    // The keys deleted with it take their balances with them.
+    const members = [`i:${id}`];
+    for (let afterId: string | null = null; deleteKeys; ) {
+      const page = await this.inner.listKeys({ identityId: id }, { limit: 100, afterId });
+      members.push(...page.map((k) => `k:${k.id}`));
+      if (page.length < 100) break;
+      afterId = page[page.length - 1].id;
+    }
     const res = await this.inner.deleteIdentity(id, deleteKeys);
-    if (res) await this.r(() => this.redis.del(this.key(`i:${id}`)));
+    if (res) await this.r(() => this.redis.del(...members.map((m) => this.key(m))));
     return res;
   }
   createKey(rec: KeyRecord): Promise<void> {
