@@ -24,6 +24,7 @@ export const SETTINGS = {
   ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on a MongoDB server, else `memory` (embedded store, or FerretDB, whose updates are not atomic). Several instances need a shared backend." },
   redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend and the redis credits backend." },
   creditsBackend: { env: "LATCHKEY_CREDITS_BACKEND", default: "", doc: "`store` or `redis`: where credit balances are spent. `redis` holds them in Redis and writes them back to MongoDB (docs/credits.md). Default: `redis` with the mongodb store when LATCHKEY_REDIS_URL is set, else `store`. Every instance must use the same." },
+  commitMarginMs: { env: "LATCHKEY_COMMIT_MARGIN_MS", default: "1", doc: "A verification does not commit (spend) when less than this much of its call's deadline is left: its answer could not reach the client in time. 0 commits until the deadline." },
   creditsFlushMs: { env: "LATCHKEY_CREDITS_FLUSH_MS", default: "1000", doc: "With the redis credits backend: how often balances are written back to MongoDB. A Redis that loses its data forgets at most this much spending." },
   usageCounting: { env: "LATCHKEY_USAGE_COUNTING", default: "on", doc: "`on` or `off`: count verifications for usage analytics and last_used_at (off: the usage RPCs answer from what was counted before)." },
   usageFlushMs: { env: "LATCHKEY_USAGE_FLUSH_MS", default: "1000", doc: "How often counted verifications are written. A crash loses at most this much usage; a graceful stop loses none." },
@@ -69,6 +70,7 @@ const schema = z
     ratelimitBackend: z.enum(["", "memory", "mongodb", "redis"], { message: "LATCHKEY_RATELIMIT_BACKEND must be memory, mongodb or redis" }),
     redisUrl: z.string().refine((v) => v === "" || /^rediss?:\/\//.test(v), "LATCHKEY_REDIS_URL must start with redis:// or rediss://"),
     creditsBackend: z.enum(["", "store", "redis"], { message: "LATCHKEY_CREDITS_BACKEND must be store or redis" }),
+    commitMarginMs: num("LATCHKEY_COMMIT_MARGIN_MS").min(0, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000").max(1000, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000"),
     creditsFlushMs: positiveMs("LATCHKEY_CREDITS_FLUSH_MS", 50).max(60_000, "LATCHKEY_CREDITS_FLUSH_MS must be at most 60000"),
   })
   .superRefine((c, ctx) => {

@@ -1,6 +1,6 @@
 import type { VerificationCache } from "../cache/verification-cache.js";
 import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
-import type { Store } from "../storage/store.js";
+import type { SpendResult, Store } from "../storage/store.js";
 import type { Principal } from "./access.js";
 import { refillDueAt } from "./credits.js";
 import { CanceledError, DeadlineExceededError, DomainError, InvalidArgumentError } from "./errors.js";
@@ -54,6 +54,12 @@ interface Applied {
   cost: number;
 }
 
+/** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
+interface Call {
+  signal?: AbortSignal;
+  deadline?: number;
+}
+
 /** Tokens a verification holds in one window, given back if it does not commit. */
 interface Held {
   counterKey: string;
@@ -97,19 +103,27 @@ function checkInput(input: VerifyInput): void {
  * moment after its limits are taken). A verification whose signal aborted —
  * deadline passed, client cancelled — before its commit point spends nothing:
  * its window tokens are given back and the store is told not to write (the
- * store checks the signal once it holds what it needs to write). After the
- * commit point the verification stands, answered or not. See README
- * "Deadlines and the commit point".
+ * store checks the signal once it holds what it needs to write); nor does one
+ * with no more than the commit margin of its deadline left. A spend that
+ * completes after the call ended is given back when the balance is still in the
+ * same refill period. Otherwise the verification stands, answered or not. See
+ * README "Deadlines and the commit point".
  */
 export function createVerifier(deps: {
   store: Store;
   cache: VerificationCache;
   counter: RateLimitCounter;
   now?: () => number;
+  /** No commit with less than this much of the call's deadline left (LATCHKEY_COMMIT_MARGIN_MS). Default 1. */
+  commitMarginMs?: number;
+  /** A monotonic clock in ms for deadlines (default performance.now). */
+  monotonic?: () => number;
   onVerification?: VerificationListener;
 }) {
   const { store, cache, counter } = deps;
   const now = deps.now ?? Date.now;
+  const monotonic = deps.monotonic ?? (() => performance.now());
+  const margin = deps.commitMarginMs ?? 1;
   const parseQuery = createPermissionQueryCache();
 
   function answer(
@@ -190,12 +204,13 @@ export function createVerifier(deps: {
   }
 
   /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
-  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined) {
-    if (owner === null) return { ok: true, remaining: null as number | null };
+  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined): Promise<SpendResult> {
+    if (owner === null) return { ok: true, remaining: null };
     return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
   }
 
-  async function run(principal: Principal, input: VerifyInput, t: number, signal: AbortSignal | undefined): Promise<Verification> {
+  async function run(principal: Principal, input: VerifyInput, t: number, call: Call): Promise<Verification> {
+    const { signal, deadline } = call;
     // A root key scoped to other apis gets NOT_FOUND below, as for any key it cannot see.
     if (!principal.hasAny("verify")) principal.require("verify", null);
     checkInput(input);
@@ -221,12 +236,26 @@ export function createVerifier(deps: {
     const owner = creditsOwner(key, identity);
     let credits;
     try {
-      // Not yet committed: a verification cancelled while it took its limits spends nothing.
+      // Not yet committed: a verification cancelled while it took its limits spends nothing,
+      // nor one whose answer could not reach the client before its deadline.
       signal?.throwIfAborted();
+      if (deadline !== undefined && deadline - monotonic() <= margin) {
+        throw new DeadlineExceededError("too little of the call's deadline was left to commit the verification; nothing was spent");
+      }
       credits = await spend(owner, cost, t, signal);
     } catch (err) {
       await giveBack(limits.held);
       throw err;
+    }
+    if (credits.ok && credits.remaining !== null && cost > 0 && (signal?.aborted || (deadline !== undefined && monotonic() >= deadline))) {
+      // The call ended while the spend was being written (a slow write, an fsync):
+      // the client will not see this answer, so the spend is given back if it still
+      // can be (same refill period). If it cannot, the verification stands.
+      const returned = await store.returnCredits(owner!.target, cost, ("refilledAt" in credits ? credits.refilledAt : null) ?? null).catch(() => false);
+      if (returned) {
+        await giveBack(limits.held);
+        throw signal?.aborted ? signal.reason : new DeadlineExceededError("the call's deadline passed while its credits were being spent; they were given back");
+      }
     }
     if (!credits.ok) {
       await giveBack(limits.held);
@@ -241,15 +270,18 @@ export function createVerifier(deps: {
   }
 
   /**
-   * Verifies `input`. `signal` is the call's: when it aborts (deadline,
+   * Verifies `input`. `call.signal` is the call's: when it aborts (deadline,
    * cancellation) before the commit point, nothing is spent and the call
-   * rejects with the signal's reason.
+   * rejects (DEADLINE_EXCEEDED, CANCELED). `call.timeoutMs` is what is left of
+   * its deadline: with no more than the commit margin left at the commit point,
+   * the verification does not commit (DEADLINE_EXCEEDED).
    */
-  return async function verify(principal: Principal, input: VerifyInput, signal?: AbortSignal): Promise<Verification> {
+  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Verification> {
     const t = now();
+    const { signal } = call;
     let v: Verification;
     try {
-      v = await run(principal, input, t, signal);
+      v = await run(principal, input, t, { signal, deadline: call.timeoutMs === undefined ? undefined : monotonic() + call.timeoutMs });
     } catch (err) {
       throw signal?.aborted && err === signal.reason ? abortError(err) : err;
     }

@@ -26,6 +26,7 @@ export type CoreOptions = Pick<
   | "cacheTtlMs"
   | "invalidationPollMs"
   | "usageCounting"
+  | "commitMarginMs"
   | "usageFlushMs"
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
@@ -37,6 +38,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   cacheTtlMs: 60_000,
   invalidationPollMs: 250,
   usageCounting: "on",
+  commitMarginMs: 1,
   usageFlushMs: 1000,
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
@@ -77,6 +79,7 @@ export function createCore(deps: CoreDeps) {
   const verify = createVerifier({
     store,
     cache,
+    commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
       metrics.verifications.inc({ code: v.code });

@@ -54,10 +54,12 @@ for hop = 0, 8 do
     return {'unl'}
   else
     local r = tonumber(st[1])
+    local lr = st[3] or ''
     local changed = false
     if ARGV[3] ~= '' and st[3] and tonumber(st[3]) < tonumber(ARGV[3]) then
       r = tonumber(ARGV[4])
-      redis.call('hset', key, 'lr', ARGV[3])
+      lr = ARGV[3]
+      redis.call('hset', key, 'lr', lr)
       changed = true
     end
     local ok = r >= cost
@@ -70,11 +72,34 @@ for hop = 0, 8 do
       redis.call('hincrby', key, 'n', 1)
       redis.call('zadd', KEYS[2], 'NX', ARGV[5], string.sub(key, string.len(ARGV[1]) + 1))
     end
-    if ok then return {'ok', r} end
-    return {'no', r}
+    if ok then return {'ok', r, lr} end
+    return {'no', r, lr}
   end
 end
 return {'gone'}
+`;
+
+/**
+ * Gives back a spend (see Store.returnCredits): follows moves; adds ARGV[2] to
+ * a limited balance whose refill time is still ARGV[3] ('' for none).
+ */
+const RETURN = `
+local key = KEYS[1]
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
+  if not st[5] then return 0 end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  elseif st[2] or not st[1] or (st[3] or '') ~= ARGV[3] then
+    return 0
+  else
+    redis.call('hincrby', key, 'r', ARGV[2])
+    redis.call('hincrby', key, 'n', 1)
+    redis.call('zadd', KEYS[2], 'NX', ARGV[4], string.sub(key, string.len(ARGV[1]) + 1))
+    return 1
+  end
+end
+return 0
 `;
 
 /** Loads a balance if absent. ARGV: n, then field/value pairs. */
@@ -151,7 +176,8 @@ return 0
 `;
 
 type LedgerRedis = Redis & {
-  lkCreditsSpend(key: string, dirty: string, prefix: string, cost: number, periodStart: string, amount: number, now: number): Promise<[string, number?]>;
+  lkCreditsSpend(key: string, dirty: string, prefix: string, cost: number, periodStart: string, amount: number, now: number): Promise<[string, number?, string?]>;
+  lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
   lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, reserved: string, ...pairs: (string | number)[]): Promise<number>;
@@ -192,6 +218,7 @@ export class RedisCreditsStore implements Store {
     this.redis = redis as LedgerRedis;
     this.redis.defineCommand("lkCreditsSpend", { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand("lkCreditsLoad", { numberOfKeys: 1, lua: LOAD });
+    this.redis.defineCommand("lkCreditsReturn", { numberOfKeys: 2, lua: RETURN });
     this.redis.defineCommand("lkCreditsRead", { numberOfKeys: 1, lua: READ });
     this.redis.defineCommand("lkCreditsSet", { numberOfKeys: 2, lua: SET });
     this.redis.defineCommand("lkCreditsMove", { numberOfKeys: 3, lua: MOVE });
@@ -248,17 +275,25 @@ export class RedisCreditsStore implements Store {
     const first = memberOf(target);
     for (let tries = 0; tries < 10; tries++) {
       signal?.throwIfAborted(); // the commit point: the script is the write
-      const [status, value] = await this.r(() =>
+      const [status, value, lr] = await this.r(() =>
         this.redis.lkCreditsSpend(this.key(first), this.dirty, this.prefix, cost, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now()),
       );
-      if (status === "ok") return { ok: true, remaining: Number(value) };
-      if (status === "no") return { ok: false, remaining: Number(value) };
+      const refilledAt = lr ? Number(lr) : null;
+      if (status === "ok") return { ok: true, remaining: Number(value), refilledAt };
+      if (status === "no") return { ok: false, remaining: Number(value), refilledAt };
       if (status === "unl") return { ok: true, remaining: null };
       if (status === "gone") return { ok: false, remaining: 0 };
       const missing = String(value);
       if (!(await this.load(missing))) return missing === first ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
     }
     throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    const given = await this.r(() =>
+      this.redis.lkCreditsReturn(this.key(memberOf(target)), this.dirty, this.prefix, cost, refilledAt === null ? "" : String(refilledAt), Date.now()),
+    );
+    return given === 1;
   }
 
   /** The balance behind `member` (following moves), loading what is missing. */

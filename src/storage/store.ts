@@ -16,7 +16,11 @@ export type Change = { seq: number; kind: "key"; id: string; hash: string } | { 
 
 export type { RefillDue } from "../domain/credits.js";
 
-export type SpendResult = { ok: boolean; remaining: number } | { ok: true; remaining: null };
+/**
+ * A spend's outcome. For a limited balance, `refilledAt` is its refill time
+ * after the spend (null without a refill rule): what `returnCredits` checks.
+ */
+export type SpendResult = { ok: boolean; remaining: number; refilledAt?: number | null } | { ok: true; remaining: null };
 
 /** A page request over records sorted by id (ids sort by creation time). */
 export interface PageQuery {
@@ -99,6 +103,14 @@ export interface Store {
    * write is the verification's commit point.
    */
   spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult>;
+
+  /**
+   * Gives back `cost` credits a spend took (a verification whose call ended
+   * while its spend was being written), only if the balance is still in the
+   * refill period the spend was made in (`refilledAt`, from its SpendResult):
+   * a refill since has set the balance anew. Returns whether it gave back.
+   */
+  returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean>;
 
   /**
    * Every write of a key or identity (by any instance) is recorded as a change

@@ -44,7 +44,7 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
     const store = await open();
     const id = await keyWith(store, 5);
     await locksOf(store).insertOne({ _id: `key:${id}`, token: "crashed-process", beat: 0 });
-    expect(await store.spendCredits({ keyId: id }, 1, null)).toEqual({ ok: true, remaining: 4 });
+    expect(await store.spendCredits({ keyId: id }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
     expect(await locksOf(store).countDocuments({ _id: { $regex: `^key:${id}#` } }), "no takeover marker left").toBe(0);
   });
 
@@ -63,7 +63,7 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
           .deleteOne({ _id: `key:${id}`, token: "slow-but-alive" })
           .then(() => (released = true));
       }, 1000);
-      expect(await spend).toEqual({ ok: true, remaining: 4 });
+      expect(await spend).toMatchObject({ ok: true, remaining: 4 });
       expect(released, "the spend went ahead only after the live holder released").toBe(true);
     } finally {
       clearInterval(beating);
@@ -109,7 +109,7 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
       );
       await writing;
       // B sees no life sign for a lease, takes the lock over and spends.
-      expect(await other.spendCredits({ keyId: id }, 1, null)).toEqual({ ok: true, remaining: 9 });
+      expect(await other.spendCredits({ keyId: id }, 1, null)).toMatchObject({ ok: true, remaining: 9 });
       // A's write arrives late: refused by the fence, and A says so.
       proxy.release();
       const late = await a;

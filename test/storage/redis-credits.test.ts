@@ -138,7 +138,7 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
         const redis = new Redis(redisUrl()!);
         await redis.del(`lk:${database}:cr:k:${k.id}`);
         await redis.quit();
-        expect(await a.spendCredits({ keyId: k.id }, 1, null)).toEqual({ ok: true, remaining: 6 });
+        expect(await a.spendCredits({ keyId: k.id }, 1, null)).toMatchObject({ ok: true, remaining: 6 });
       });
 
       it("writes UpdateCredits through to MongoDB before answering, and a credits change by UpdateKey reaches Redis", async () => {
@@ -148,7 +148,7 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
         expect(await a.updateCredits({ keyId: k.id }, { op: "increment", value: 5 }, Date.now(), null)).toEqual({ remaining: 11, refill: null });
         expect((await stored(a, k.id))!.remaining).toBe(11);
         await a.updateKey(k.id, { credits: { remaining: 2, refill: null } }, Date.now());
-        expect(await a.spendCredits({ keyId: k.id }, 2, null)).toEqual({ ok: true, remaining: 0 });
+        expect(await a.spendCredits({ keyId: k.id }, 2, null)).toMatchObject({ ok: true, remaining: 0 });
         await a.updateKey(k.id, { credits: null }, Date.now());
         expect(await a.spendCredits({ keyId: k.id }, 2, null)).toEqual({ ok: true, remaining: null });
       });
@@ -161,9 +161,9 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
         const { record: next } = keyRecord({ apiId: old.apiId, credits: old.credits });
         const stored = await a.rerollKey(old.id, next, Date.now() + 60_000, Date.now());
         expect(stored!.credits!.remaining).toBe(7);
-        expect(await b.spendCredits({ keyId: old.id }, 2, null)).toEqual({ ok: true, remaining: 5 });
-        expect(await a.spendCredits({ keyId: next.id }, 5, null)).toEqual({ ok: true, remaining: 0 });
-        expect(await b.spendCredits({ keyId: old.id }, 1, null)).toEqual({ ok: false, remaining: 0 });
+        expect(await b.spendCredits({ keyId: old.id }, 2, null)).toMatchObject({ ok: true, remaining: 5 });
+        expect(await a.spendCredits({ keyId: next.id }, 5, null)).toMatchObject({ ok: true, remaining: 0 });
+        expect(await b.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: false, remaining: 0 });
         await a.flush();
         expect((await a.inner.getKey(next.id))!.credits!.remaining).toBe(0);
       });

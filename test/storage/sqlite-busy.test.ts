@@ -42,7 +42,7 @@ describe("embedded store under another connection's write lock", () => {
       other.exec("COMMIT");
       released = true;
     }, 0);
-    expect(await store.spendCredits({ keyId }, 1, null)).toEqual({ ok: true, remaining: 4 });
+    expect(await store.spendCredits({ keyId }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
     expect(released).toBe(true);
   });
 
@@ -52,7 +52,7 @@ describe("embedded store under another connection's write lock", () => {
     expect((await store.getKey(keyId))!.credits!.remaining).toBe(5);
     expect(settled).toBe(false);
     other.exec("COMMIT");
-    expect(await spend).toEqual({ ok: true, remaining: 4 });
+    expect(await spend).toMatchObject({ ok: true, remaining: 4 });
   });
 
   it("writes nothing when the spend's signal aborts while it waits", async () => {

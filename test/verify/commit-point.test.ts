@@ -67,7 +67,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
     const { wrapped, gate } = gated(ts.store, "spendCredits");
     const verify = verifierOver(wrapped, counter);
     const call = new AbortController();
-    const answer = verify(VERIFY_ALL, input(k.plaintext), call.signal);
+    const answer = verify(VERIFY_ALL, input(k.plaintext), { signal: call.signal });
     await gate.arrived;
     call.abort(new DOMException("the deadline passed", "TimeoutError"));
     gate.release();
@@ -88,7 +88,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
       counter,
     );
     const call = new AbortController();
-    const answer = verify(VERIFY_ALL, input(k.plaintext), call.signal);
+    const answer = verify(VERIFY_ALL, input(k.plaintext), { signal: call.signal });
     await gate.arrived;
     call.abort(); // the client went away
     gate.release();
@@ -98,25 +98,65 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
     expect(await windowTotal(counter, k.record)).toBe(0);
   });
 
-  it("stands once the spend was written, even if the signal aborts right after", async () => {
+  it("gives back a spend that completed after the call ended (a slow write), with the window tokens", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
     const counter = createMemoryCounter();
     const call = new AbortController();
     const verify = verifierOver(
-      observed(ts.store, "spendCredits", () => call.abort(new Error("too late"))),
+      observed(ts.store, "spendCredits", () => call.abort()),
       counter,
     );
-    const v = await verify(VERIFY_ALL, input(k.plaintext), call.signal);
+    await expect(verify(VERIFY_ALL, input(k.plaintext), { signal: call.signal })).rejects.toBeInstanceOf(CanceledError);
+    expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
+    expect(await windowTotal(counter, k.record)).toBe(0);
+  });
+
+  it("lets a late spend stand when it cannot be given back: a refill set the balance in between", async () => {
+    const DAY = 86_400_000;
+    const today = Math.floor(Date.now() / DAY) * DAY;
+    const k = keyRecord({ credits: { remaining: 5, refill: { interval: "daily", amount: 10, refillDay: null, lastRefillAt: today } } });
+    await ts.store.createKey(k.record);
+    const call = new AbortController();
+    const store = ts.store;
+    const spendThenRefill: Store = Object.assign(Object.create(store) as Store, {
+      async spendCredits(...args: Parameters<Store["spendCredits"]>) {
+        const res = await store.spendCredits(...args);
+        call.abort();
+        // Another instance refills the balance for the next day meanwhile.
+        await store.spendCredits({ keyId: k.record.id }, 0, { periodStart: today + DAY, amount: 10 });
+        return res;
+      },
+    });
+    const verify = verifierOver(spendThenRefill, createMemoryCounter());
+    const v = await verify(VERIFY_ALL, input(k.plaintext), { signal: call.signal });
     expect([v.code, v.creditsRemaining]).toEqual(["VALID", 4]);
-    expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(4);
-    expect(await windowTotal(counter, k.record)).toBe(1);
+    expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(10);
+  });
+
+  it("does not commit with no more than the commit margin of the call's deadline left, and commits with more", async () => {
+    const k = await keyWithCreditsAndLimit(ts.store);
+    const counter = createMemoryCounter();
+    const mono = { t: 1000 };
+    const { wrapped, gate } = gated(counter as RateLimitCounter, "take");
+    const cache = createVerificationCache({ store: ts.store, options: { maxEntries: 100, ttlMs: 60_000 } });
+    const verify = createVerifier({ store: ts.store, cache, counter: wrapped, commitMarginMs: 1, monotonic: () => mono.t });
+    // 5 ms of deadline; 4.5 ms pass while the limits are taken: 0.5 ms left at the commit point.
+    const late = verify(VERIFY_ALL, input(k.plaintext), { timeoutMs: 5 });
+    await gate.arrived;
+    mono.t += 4.5;
+    gate.release();
+    await expect(late).rejects.toBeInstanceOf(DeadlineExceededError);
+    expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
+    expect(await windowTotal(counter, k.record)).toBe(0);
+    const inTime = await verify(VERIFY_ALL, input(k.plaintext), { timeoutMs: 5 });
+    expect([inTime.code, inTime.creditsRemaining]).toEqual(["VALID", 4]);
   });
 
   it("does not start when the signal has already aborted", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
     const counter = createMemoryCounter();
     const verify = verifierOver(ts.store, counter);
-    await expect(verify(VERIFY_ALL, input(k.plaintext), AbortSignal.abort())).rejects.toBeInstanceOf(CanceledError);
+    await expect(verify(VERIFY_ALL, input(k.plaintext), { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(CanceledError);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
     expect(await windowTotal(counter, k.record)).toBe(0);
   });
@@ -151,7 +191,7 @@ describeWith("MONGODB_URI", mongodbUri(), "the commit point while a spend waits 
       clearInterval(beating);
       await locks.deleteOne({ _id: `key:${k.record.id}` });
     }
-    expect(await store.spendCredits({ keyId: k.record.id }, 1, null)).toEqual({ ok: true, remaining: 4 });
+    expect(await store.spendCredits({ keyId: k.record.id }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
   });
 });
 
@@ -193,6 +233,14 @@ describeWith("MONGODB_URI", isFerretDb() ? mongodbUri() : null, "the commit poin
       headers: { "content-type": "application/json", authorization: `Bearer ${rootKey}`, ...headers },
       body: JSON.stringify(body),
     }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, any> }));
+
+  it("charges nothing for a VerifyKey with a deadline too short for its answer to arrive (1 ms, the commit margin)", async () => {
+    const created = await connect("CreateKey", { apiId: "api_commit", credits: { remaining: "5" } });
+    const key = created.body.plaintext as string;
+    expect((await connect("VerifyKey", { key })).body.creditsRemaining).toBe("4");
+    for (let i = 0; i < 10; i++) expect((await connect("VerifyKey", { key }, { "connect-timeout-ms": "1" })).body.code).toBe("deadline_exceeded");
+    expect((await connect("GetKey", { id: created.body.key.id })).body.key.credits.remaining).toBe("4");
+  }, 60_000);
 
   it("charges nothing for a VerifyKey whose deadline passed before its spend was written", async () => {
     const created = await connect("CreateKey", { apiId: "api_commit", credits: { remaining: "5" } });

@@ -383,8 +383,20 @@ export class SqliteStore implements Store {
         if (isKey) this.stmt("UPDATE keys SET doc = ? WHERE id = ?").run(doc, rec.id);
         else this.stmt("UPDATE identities SET doc = ? WHERE id = ?").run(doc, rec.id);
       }
-      return { ok, remaining: credits.remaining };
+      return { ok, remaining: credits.remaining, refilledAt: credits.refill?.lastRefillAt ?? null };
     }, signal);
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    return this.tx(() => {
+      const { rec, isKey } = this.creditsRecord(target);
+      if (!rec?.credits || (rec.credits.refill?.lastRefillAt ?? null) !== refilledAt) return false;
+      const credits = { ...rec.credits, remaining: Math.min(rec.credits.remaining + cost, Number.MAX_SAFE_INTEGER) };
+      const doc = JSON.stringify({ ...rec, credits });
+      if (isKey) this.stmt("UPDATE keys SET doc = ? WHERE id = ?").run(doc, rec.id);
+      else this.stmt("UPDATE identities SET doc = ? WHERE id = ?").run(doc, rec.id);
+      return true;
+    });
   }
 
   async changesSince(afterSeq: number, limit: number): Promise<Change[]> {

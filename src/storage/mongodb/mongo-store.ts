@@ -600,7 +600,7 @@ export class MongoStore implements Store {
             const r = spendFromBalance(credits, p.cost, p.refill);
             credits = r.credits;
             changed ||= r.changed;
-            results.push([p, { ok: r.ok, remaining: r.credits.remaining }]);
+            results.push([p, { ok: r.ok, remaining: r.credits.remaining, refilledAt: r.credits.refill?.lastRefillAt ?? null }]);
           }
           if (changed) {
             const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: { credits }, $inc: { [FENCE]: 1 } });
@@ -620,6 +620,34 @@ export class MongoStore implements Store {
         for (const p of batch) p.reject(err);
       }
     }
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    const samePeriod = (c: Credits | null) => !!c && (c.refill?.lastRefillAt ?? null) === refilledAt;
+    if (this.creditWrites === "locked") {
+      const out = await this.run(() =>
+        this.rmwCredits(target, (doc) => {
+          if (!samePeriod(doc.credits)) return { credits: doc.credits, result: false };
+          return { credits: { ...doc.credits!, remaining: doc.credits!.remaining + cost }, result: true };
+        }),
+      );
+      return typeof out === "object" && out.result;
+    }
+    // MongoDB: one conditional $inc, on the holder of the balance.
+    let { coll, id } = this.creditsColl(target);
+    return this.run(async () => {
+      for (let hops = 0; hops <= MAX_CREDIT_HOPS; hops++) {
+        const filter: Record<string, unknown> = { _id: id, creditsKeyId: null, credits: { $ne: null } };
+        if (refilledAt === null) filter["credits.refill"] = null;
+        else filter["credits.refill.lastRefillAt"] = refilledAt;
+        const res = await coll.updateOne(filter, { $inc: { "credits.remaining": cost, [FENCE]: 1 } });
+        if (res.matchedCount === 1) return true;
+        const cur = await coll.findOne({ _id: id });
+        if (!cur?.creditsKeyId) return false;
+        id = cur.creditsKeyId;
+      }
+      return false;
+    });
   }
 
   /**
@@ -689,7 +717,7 @@ export class MongoStore implements Store {
       signal?.throwIfAborted(); // the commit point
       // No projection: FerretDB does not implement one on findAndModify.
       const spent = await coll.findOneAndUpdate(filter, { $inc: { "credits.remaining": -cost, [FENCE]: 1 } }, { returnDocument: "after" });
-      if (spent?.credits) return { ok: true, remaining: spent.credits.remaining };
+      if (spent?.credits) return { ok: true, remaining: spent.credits.remaining, refilledAt: spent.credits.refill?.lastRefillAt ?? null };
       // Why not: no such document, moved, unlimited, a refill due, or not enough left.
       const cur = await coll.findOne({ _id: id }, { projection: { credits: 1, creditsKeyId: 1 } });
       if (!cur) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
