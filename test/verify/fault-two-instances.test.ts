@@ -87,6 +87,9 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           let aDead = false;
           let killedAt = 0;
           let incremented = false;
+          let killedMidSpend = false;
+          let allIssued: Promise<void> | null = null;
+          let issuedAll: (() => void) | null = null;
 
           const worker = async (instance: "A" | "B", n: number) => {
             for (let i = n; ; i++) {
@@ -97,6 +100,7 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
                 continue;
               }
               issued[which]++;
+              if (issued.credits >= CALLS && issued.pool >= CALLS) issuedAll?.();
               try {
                 const res = await call(instance, "VerifyKey", { key: keys[which][i % 3] });
                 const limit = (res.ratelimits as Msg[])[0];
@@ -117,7 +121,12 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
               backend === "redis"
                 ? redisProxy.holdWhen((chunk) => chunk.includes(`:cr:i:${creditsId.id}`))
                 : mongoProxy.holdWhen((chunk) => isMongoCommand(chunk, "update", "identities"));
-            await spendOnTheWire;
+            // (Should the callers finish first, A is killed all the same.)
+            let finish!: () => void;
+            allIssued = new Promise<void>((r) => (finish = r));
+            issuedAll = finish;
+            if (issued.credits >= CALLS && issued.pool >= CALLS) finish();
+            killedMidSpend = await Promise.race([spendOnTheWire.then(() => true), allIssued.then(() => false)]);
             aDead = true;
             killedAt = Date.now();
             await a.kill("SIGKILL");
@@ -150,6 +159,7 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
               `(${unknown("credits").length} without an answer: A killed), balance ${total} → stored ${remaining}; ` +
               `pool: ${valid("pool").length} VALID of ${of("pool").length} (limit ${POOL} per window, per window: ${[...perWindow.values()].join(", ")}); ` +
               `B answered ${outcomes.filter((o) => o.instance === "B").length}, A ${outcomes.filter((o) => o.instance === "A" && o.code).length} before its kill; ` +
+              `A killed ${killedMidSpend ? "while its spend was held on the wire" : "after the callers finished"}; ` +
               `B's first VALID on the shared balance ${resumed ? resumed.at - killedAt : "—"} ms after the kill\n`,
           );
 
