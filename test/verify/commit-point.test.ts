@@ -36,6 +36,9 @@ const input = (key: string, over: Partial<VerifyInput> = {}): VerifyInput => ({
   ...over,
 });
 const MINUTE = 60_000;
+/** A memory counter on a clock that stands still: no test here straddles a window boundary. */
+const T0 = Date.now();
+const frozenCounter = () => createMemoryCounter({ now: () => T0 });
 
 /** A key with 5 credits and a 10-per-minute limit of its own. */
 async function keyWithCreditsAndLimit(store: Store): Promise<{ record: KeyRecord; plaintext: string }> {
@@ -63,7 +66,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
 
   it("spends nothing when the signal aborts while the credit spend waits: no credits, tokens back in their window", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
-    const counter = createMemoryCounter();
+    const counter = frozenCounter();
     const { wrapped, gate } = gated(ts.store, "spendCredits");
     const verify = verifierOver(wrapped, counter);
     const call = new AbortController();
@@ -81,7 +84,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
 
   it("spends nothing when the signal aborts while the limits are being taken", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
-    const { wrapped: counter, gate } = gated(createMemoryCounter() as RateLimitCounter, "take");
+    const { wrapped: counter, gate } = gated(frozenCounter() as RateLimitCounter, "take");
     const spends: unknown[] = [];
     const verify = verifierOver(
       observed(ts.store, "spendCredits", (r) => spends.push(r)),
@@ -100,7 +103,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
 
   it("gives back a spend that completed after the call ended (a slow write), with the window tokens", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
-    const counter = createMemoryCounter();
+    const counter = frozenCounter();
     const call = new AbortController();
     const verify = verifierOver(
       observed(ts.store, "spendCredits", () => call.abort()),
@@ -127,7 +130,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
         return res;
       },
     });
-    const verify = verifierOver(spendThenRefill, createMemoryCounter());
+    const verify = verifierOver(spendThenRefill, frozenCounter());
     const v = await verify(VERIFY_ALL, input(k.plaintext), { signal: call.signal });
     expect([v.code, v.creditsRemaining]).toEqual(["VALID", 4]);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(10);
@@ -135,7 +138,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
 
   it("does not commit with no more than the commit margin of the call's deadline left, and commits with more", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
-    const counter = createMemoryCounter();
+    const counter = frozenCounter();
     const mono = { t: 1000 };
     const { wrapped, gate } = gated(counter as RateLimitCounter, "take");
     const cache = createVerificationCache({ store: ts.store, options: { maxEntries: 100, ttlMs: 60_000 } });
@@ -154,7 +157,7 @@ describeEachStore("the commit point of a verification", (kind: StoreKind) => {
 
   it("does not start when the signal has already aborted", async () => {
     const k = await keyWithCreditsAndLimit(ts.store);
-    const counter = createMemoryCounter();
+    const counter = frozenCounter();
     const verify = verifierOver(ts.store, counter);
     await expect(verify(VERIFY_ALL, input(k.plaintext), { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(CanceledError);
     expect((await ts.store.getKey(k.record.id))!.credits!.remaining).toBe(5);
