@@ -17,7 +17,8 @@ import type { Store } from "../src/storage/store.js";
  *   BENCH_DURATION [10s], BENCH_CONCURRENCY [50], BENCH_CONNECTIONS [1],
  *   BENCH_IDENTITIES [1000], BENCH_KEYS [10000], MONGODB_URI and REDIS_URL for
  *   the MongoDB run (skipped without MONGODB_URI), BENCH_RATE_CONCURRENCY [10],
- *   BENCH_MONGO_KEYS [BENCH_KEYS], BENCH_VERBOSE (echo the servers' logs).
+ *   BENCH_MONGO_KEYS [BENCH_KEYS], BENCH_VERBOSE (echo the servers' logs),
+ *   BENCH_ONLY=hot (only the hot-identity runs: two instances, MongoDB + Redis).
  */
 const DURATION = process.env.BENCH_DURATION ?? "10s";
 const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 50);
@@ -135,6 +136,47 @@ function ghz(
   return { cpuUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
 }
 
+/** ghz without blocking: for loads that several ghz processes put on several servers at once. */
+function ghzAsync(
+  server: { port: number; proc: ChildProcess },
+  call: string,
+  proto: string,
+  dataFile: string,
+  opts: { metadata?: Record<string, string>; duration?: string; concurrency: number },
+): Promise<{ rps: number; ok: number; errors: number; p50: number; p99: number; codes: Record<string, number> }> {
+  const args = [
+    "--insecure",
+    "--proto", join(ROOT, "proto", proto),
+    "--import-paths", join(ROOT, "proto"),
+    "--call", call,
+    "--data-file", dataFile,
+    "-c", String(opts.concurrency),
+    "--connections", String(CONNECTIONS),
+    "-z", opts.duration ?? DURATION,
+    "--format", "json",
+  ];
+  if (opts.metadata) args.push("--metadata", JSON.stringify(opts.metadata));
+  args.push(`127.0.0.1:${server.port}`);
+  return new Promise((resolve, reject) => {
+    const proc = spawn(findTool("ghz"), args, { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    proc.stdout!.setEncoding("utf8").on("data", (d: string) => (out += d));
+    proc.stderr!.setEncoding("utf8").on("data", (d: string) => (err += d));
+    proc.once("close", () => {
+      try {
+        const r = JSON.parse(out) as { rps: number; latencyDistribution: { percentage: number; latency: number }[] | null; statusCodeDistribution: Record<string, number> };
+        const pct = (p: number) => (r.latencyDistribution?.find((d) => d.percentage === p)?.latency ?? NaN) / 1e6;
+        const codes = r.statusCodeDistribution ?? {};
+        const errors = Object.entries(codes).reduce((n, [k, v]) => (["OK", "Canceled", "Unavailable"].includes(k) ? n : n + v), 0);
+        resolve({ rps: r.rps, ok: codes.OK ?? 0, errors, p50: pct(50), p99: pct(99), codes });
+      } catch {
+        reject(new Error(`ghz failed: ${err}`));
+      }
+    });
+  });
+}
+
 interface Dataset {
   identities: IdentityRecord[];
   keys: KeyRecord[];
@@ -205,9 +247,146 @@ function row(name: string, r: Result, base?: Result): string {
   return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} | ${r.errors} | ${ratio} |`;
 }
 
+interface Pair {
+  rps: number;
+  ok: number;
+  errors: number;
+  p50: number;
+  p99: number;
+}
+
+/** The mean of runs (calls/s, latencies), and their total calls and errors. */
+function meanOf(runs: Pair[]): Pair {
+  const mean = (f: (p: Pair) => number) => runs.reduce((n, r) => n + f(r), 0) / runs.length;
+  return { rps: mean((r) => r.rps), p50: mean((r) => r.p50), p99: mean((r) => r.p99), ok: runs.reduce((n, r) => n + r.ok, 0), errors: runs.reduce((n, r) => n + r.errors, 0) };
+}
+
+interface HotIdentity {
+  plain: Pair;
+  credits: Pair;
+  storeCredits: Pair;
+  rows: [string, Pair][];
+  exactness: string;
+}
+
+/**
+ * One busy customer served by two instances on MongoDB (FerretDB here) and
+ * Redis: one identity with 1,000,000,000 shared credits, a shared pool and one
+ * key, verified by two ghz processes (half the concurrency each, one per
+ * instance) — against the same load on an identity without credits. Credits on
+ * the redis credits backend (the default with Redis), and on the store backend
+ * (the lease lock on FerretDB) for comparison. Afterwards the balance must have
+ * gone down by exactly the VALID answers.
+ */
+async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Record<string, string>): Promise<HotIdentity> {
+  const database = `latchkey_bench_hot_${Date.now()}`;
+  const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
+  await ms.init();
+  const now = Date.now();
+  const pool = [{ name: "requests", limit: 1_000_000_000, durationMs: 60_000, autoApply: true }];
+  const identity = (label: string, credits: number | null): IdentityRecord => ({
+    id: newId("id", now),
+    externalId: `bench_hot_${label}_${now}`,
+    meta: { plan: "enterprise" },
+    ratelimits: pool,
+    credits: credits === null ? null : { remaining: credits, refill: null },
+    createdAt: now,
+    updatedAt: now,
+  });
+  const keyOf = (identityId: string): { rec: KeyRecord; plaintext: string } => {
+    const secret = generateKey("sk", 16);
+    return {
+      rec: { id: newId("key", now), apiId: "bench", identityId, hash: secret.hash, start: secret.start, name: "hot", meta: {}, enabled: true, expiresAt: null, credits: null, ratelimits: [], permissions: ["read"], createdAt: now, updatedAt: now, lastUsedAt: null },
+      plaintext: secret.plaintext,
+    };
+  };
+  const BALANCE = 1_000_000_000;
+  const plainId = identity("plain", null);
+  const creditsId = identity("redis", BALANCE);
+  const storeId = identity("store", BALANCE);
+  const files: Record<string, string> = {};
+  for (const [name, rec] of [["plain", plainId], ["credits", creditsId], ["store", storeId]] as const) {
+    await ms.createIdentity(rec);
+    const k = keyOf(rec.id);
+    await ms.createKey(k.rec);
+    files[name] = join(work, `hot-${name}.json`);
+    writeFileSync(files[name], JSON.stringify([{ key: k.plaintext, api_id: "bench" }]));
+  }
+  const rootKey = (await createRootKey(ms, "bench-hot", [{ action: "verify", apiId: null }]))!.plaintext;
+  const md = { authorization: `Bearer ${rootKey}` };
+  const env = {
+    ...serverEnv,
+    LATCHKEY_STORE: "mongodb",
+    LATCHKEY_MONGODB_DATABASE: database,
+    LATCHKEY_REDIS_URL: process.env.REDIS_URL!,
+  };
+  const call = "latchkey.v1.KeyService.VerifyKey";
+  const proto = "latchkey/v1/key_service.proto";
+  const half = Math.max(1, Math.round(CONCURRENCY / 2));
+  /** Both instances under load at once; the sum of what they served. */
+  const both = async (servers: { port: number; proc: ChildProcess }[], file: string, label: string, duration = DURATION): Promise<Pair> => {
+    progress(`hot identity: ${label}, 2 instances × ${half} concurrent for ${duration}`);
+    const [a, b] = await Promise.all(servers.map((srv) => ghzAsync(srv, call, proto, file, { metadata: md, duration, concurrency: half })));
+    return { rps: a.rps + b.rps, ok: a.ok + b.ok, errors: a.errors + b.errors, p50: Math.max(a.p50, b.p50), p99: Math.max(a.p99, b.p99) };
+  };
+
+  // The redis credits backend (the default with Redis and MongoDB).
+  let servers = [await start(latchkeyArgs, env), await start(latchkeyArgs, env)];
+  await both(servers, files.plain, "warm-up", "2s");
+  const creditsWarm = await both(servers, files.credits, "warm-up", "2s");
+  // Alternated, two rounds each: this machine's speed drifts between runs minutes apart.
+  const rounds: { plain: Pair[]; credits: Pair[] } = { plain: [], credits: [] };
+  for (let round = 0; round < 2; round++) {
+    rounds.plain.push(await both(servers, files.plain, `keys without credits (round ${round + 1})`));
+    rounds.credits.push(await both(servers, files.credits, `shared credits, redis credits backend (round ${round + 1})`));
+  }
+  const plain = meanOf(rounds.plain);
+  const credits = meanOf(rounds.credits);
+  for (const srv of servers) await stop(srv.proc); // a graceful stop writes balances back
+  // The store credits backend: every spend is a lease-locked read and write (FerretDB).
+  servers = [await start(latchkeyArgs, { ...env, LATCHKEY_CREDITS_BACKEND: "store" }), await start(latchkeyArgs, { ...env, LATCHKEY_CREDITS_BACKEND: "store" })];
+  const storeWarm = await both(servers, files.store, "warm-up", "2s");
+  const storeCredits = await both(servers, files.store, "shared credits, store credits backend");
+  for (const srv of servers) await stop(srv.proc);
+
+  const spentRedis = BALANCE - (await ms.getIdentity(creditsId.id))!.credits!.remaining;
+  const spentStore = BALANCE - (await ms.getIdentity(storeId.id))!.credits!.remaining;
+  // Every OK answer of the credits runs (warm-up included) was VALID: the balance was never near zero.
+  const answeredRedis = creditsWarm.ok + rounds.credits.reduce((n, r) => n + r.ok, 0);
+  const answeredStore = storeWarm.ok + storeCredits.ok;
+  await ms.client.db(database).dropDatabase();
+  await ms.close();
+  return {
+    plain,
+    credits,
+    storeCredits,
+    rows: [
+      ["VerifyKey, hot identity, no credits, 2 instances (mean of 2 runs)", plain],
+      ["VerifyKey, hot identity, shared credits (redis backend), 2 instances (mean of 2 runs)", credits],
+      ["VerifyKey, hot identity, shared credits (store backend), 2 instances", storeCredits],
+    ],
+    exactness:
+      `Credits spent / VALID answers received (warm-up included): ${spentRedis} / ${answeredRedis} (redis backend), ${spentStore} / ${answeredStore} (store backend)` +
+      " — a call cut off by the end of a run after its commit point is spent but not received.",
+  };
+}
+
 async function main() {
   const work = mkdtempSync(join(tmpdir(), "latchkey-bench-"));
   const lines: string[] = [];
+  if (process.env.BENCH_ONLY === "hot") {
+    try {
+      if (!process.env.MONGODB_URI || !process.env.REDIS_URL) throw new Error("BENCH_ONLY=hot needs MONGODB_URI and REDIS_URL");
+      const hot = await hotIdentity(work, ["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info" });
+      lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY} split over two instances`, "", "| run | calls/s | p50 ms | p99 ms | | errors | |", "|---|---|---|---|---|---|---|");
+      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
+      lines.push("", `shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis backend), ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (store backend). ${hot.exactness}`);
+      process.stdout.write(lines.join("\n") + "\n");
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+    return;
+  }
   try {
     const healthData = join(work, "health.json");
     writeFileSync(healthData, JSON.stringify({ service: "" }));
@@ -296,6 +475,13 @@ async function main() {
       mongoNote = `MongoDB store (${process.env.MONGODB_URI.replace(/\/\/[^@]*@/, "//")}, ${MONGO_KEYS} keys), rate-limit counters: ${process.env.REDIS_URL ? "redis" : "auto (mongodb on MongoDB; in-process on FerretDB)"}`;
     }
 
+    let hot: HotIdentity | null = null;
+    let hotNote = "skipped: needs MONGODB_URI and REDIS_URL";
+    if (process.env.MONGODB_URI && process.env.REDIS_URL) {
+      hot = await hotIdentity(work, latchkeyArgs, serverEnv);
+      hotNote = "";
+    }
+
     lines.push(
       `ghz ${DURATION}, concurrency ${CONCURRENCY} (${RATE_CONCURRENCY} for the fixed-rate runs), connections ${CONNECTIONS}; ${IDENTITIES} identities, ${KEYS} keys (seeded in ${seedMs} ms)`,
       "",
@@ -311,11 +497,18 @@ async function main() {
     if (mongo) {
       lines.push(row("VerifyKey, MongoDB store, peak", mongo.peak, grpcjsBase), row(`VerifyKey, MongoDB store, at ${Math.round(mongo.peak.rps / 2)}/s`, mongo.half));
     }
+    if (hot) {
+      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
+    }
     lines.push(
       "",
       `Usage counting costs ${(100 * (1 - embedded.peak.rps / uncounted.peak.rps)).toFixed(1)}% of peak VerifyKey throughput (embedded store).`,
       `MongoDB run: ${mongoNote}${mongo ? `; MongoDB ÷ embedded = ${(mongo.peak.rps / embedded.peak.rps).toFixed(2)}` : ""}`,
       `Cache memory: ${memory.bytesPerKey ?? "?"} bytes of heap per cached key (${memory.keys} keys, ${memory.identities} identities)`,
+      hot
+        ? `Hot identity, two instances (FerretDB + Redis): shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis credits backend); ` +
+            `store credits backend ÷ no credits = ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)}. ${hot.exactness}`
+        : `Hot identity: ${hotNote}`,
     );
     process.stdout.write(lines.join("\n") + "\n");
   } finally {

@@ -4,7 +4,7 @@ import path from "node:path";
 import { ConfigError, loadConfig } from "./config/config.js";
 import { bootstrapRootKey, createApp } from "./server/app.js";
 import { createLogger, type Logger } from "./server/logger.js";
-import { createStore } from "./storage/create-store.js";
+import { createServerStore } from "./storage/create-store.js";
 
 /** Where a fresh install leaves its bootstrap root key, in LATCHKEY_DATA_DIR. */
 export const BOOTSTRAP_KEY_FILE = "bootstrap-root-key";
@@ -58,7 +58,7 @@ export async function main(argv: string[]): Promise<void> {
     throw err;
   }
   const logger = createLogger(config.logLevel);
-  const store = createStore(config);
+  const store = createServerStore(config, logger);
   try {
     await store.init();
   } catch (err) {

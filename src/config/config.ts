@@ -22,7 +22,10 @@ export const SETTINGS = {
   cacheTtlMs: { env: "LATCHKEY_CACHE_TTL_MS", default: "60000", doc: "Longest time a cached key or identity is used without a change event (a safety net; changes arrive through the change feed)." },
   invalidationPollMs: { env: "LATCHKEY_INVALIDATION_POLL_MS", default: "250", doc: "How often each instance reads the change feed; revocation reaches every instance within this time plus a store round trip." },
   ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on a MongoDB server, else `memory` (embedded store, or FerretDB, whose updates are not atomic). Several instances need a shared backend." },
-  redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend." },
+  redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend and the redis credits backend." },
+  creditsBackend: { env: "LATCHKEY_CREDITS_BACKEND", default: "", doc: "`store` or `redis`: where credit balances are spent. `redis` holds them in Redis and writes them back to MongoDB (docs/credits.md). Default: `redis` with the mongodb store when LATCHKEY_REDIS_URL is set, else `store`. Every instance must use the same." },
+  commitMarginMs: { env: "LATCHKEY_COMMIT_MARGIN_MS", default: "1", doc: "A verification does not commit (spend) when less than this much of its call's deadline is left: its answer could not reach the client in time. 0 commits until the deadline." },
+  creditsFlushMs: { env: "LATCHKEY_CREDITS_FLUSH_MS", default: "1000", doc: "With the redis credits backend: how often balances are written back to MongoDB. A Redis that loses its data forgets at most this much spending." },
   usageCounting: { env: "LATCHKEY_USAGE_COUNTING", default: "on", doc: "`on` or `off`: count verifications for usage analytics and last_used_at (off: the usage RPCs answer from what was counted before)." },
   usageFlushMs: { env: "LATCHKEY_USAGE_FLUSH_MS", default: "1000", doc: "How often counted verifications are written. A crash loses at most this much usage; a graceful stop loses none." },
   usageMinuteRetentionHours: { env: "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS", default: "48", doc: "How long minute buckets are kept (hour buckets: LATCHKEY_USAGE_HOUR_RETENTION_DAYS; day buckets are kept)." },
@@ -68,6 +71,9 @@ const schema = z
     invalidationPollMs: positiveMs("LATCHKEY_INVALIDATION_POLL_MS", 10).max(1000, "LATCHKEY_INVALIDATION_POLL_MS must be at most 1000 (revocation within 1 s)"),
     ratelimitBackend: z.enum(["", "memory", "mongodb", "redis"], { message: "LATCHKEY_RATELIMIT_BACKEND must be memory, mongodb or redis" }),
     redisUrl: z.string().refine((v) => v === "" || /^rediss?:\/\//.test(v), "LATCHKEY_REDIS_URL must start with redis:// or rediss://"),
+    creditsBackend: z.enum(["", "store", "redis"], { message: "LATCHKEY_CREDITS_BACKEND must be store or redis" }),
+    commitMarginMs: num("LATCHKEY_COMMIT_MARGIN_MS").min(0, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000").max(1000, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000"),
+    creditsFlushMs: positiveMs("LATCHKEY_CREDITS_FLUSH_MS", 50).max(60_000, "LATCHKEY_CREDITS_FLUSH_MS must be at most 60000"),
   })
   .superRefine((c, ctx) => {
     if ((c.tlsCert === "") !== (c.tlsKey === "")) {
@@ -78,6 +84,12 @@ const schema = z
     }
     if (c.ratelimitBackend === "mongodb" && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) !== "mongodb") {
       ctx.addIssue({ code: "custom", message: "LATCHKEY_RATELIMIT_BACKEND=mongodb needs the mongodb store (MONGODB_URI)" });
+    }
+    if (c.creditsBackend === "redis" && c.redisUrl === "") {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_REDIS_URL is required when LATCHKEY_CREDITS_BACKEND=redis" });
+    }
+    if (c.creditsBackend === "redis" && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) !== "mongodb") {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_CREDITS_BACKEND=redis needs the mongodb store (MONGODB_URI)" });
     }
     if (c.store === "mongodb" && c.mongodbUri === "") {
       ctx.addIssue({ code: "custom", message: "MONGODB_URI is required when LATCHKEY_STORE=mongodb" });
@@ -91,6 +103,8 @@ const schema = z
     redisUrl: c.redisUrl || null,
     /** "auto": chosen at start by src/ratelimit/create-counter.ts. */
     ratelimitBackend: (c.ratelimitBackend || "auto") as "auto" | "memory" | "mongodb" | "redis",
+    creditsBackend: (c.creditsBackend ||
+      (c.redisUrl && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "redis" : "store")) as "store" | "redis",
   }));
 
 export type Config = Readonly<z.infer<typeof schema>>;

@@ -28,3 +28,7 @@ export class PermissionDeniedError extends DomainError {}
 export class ResourceExhaustedError extends DomainError {}
 /** The store (or another dependency) cannot be reached; retrying may help. */
 export class UnavailableError extends DomainError {}
+/** The call's deadline passed before it was done. */
+export class DeadlineExceededError extends DomainError {}
+/** The client cancelled the call before it was done. */
+export class CanceledError extends DomainError {}

@@ -3,6 +3,7 @@ import type { Principal } from "./access.js";
 import { InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ID_PATTERNS, newId } from "./ids.js";
 import { MIN_KEY_BYTES, generateKey } from "./key-format.js";
+import { refillDueAt } from "./credits.js";
 import { decodePageToken, encodePageToken } from "./page-token.js";
 import type { Credits, CreditsOp, IdentityRecord, JsonObject, KeyPatch, KeyRecord, Ratelimit } from "./types.js";
 import {
@@ -225,11 +226,14 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
         createdAt: t,
         updatedAt: t,
         lastUsedAt: null,
+        // One set of windows for the whole reroll chain; the balance moves in the store.
+        ratelimitKeyId: old.ratelimitKeyId ?? old.id,
       };
       const oldExpiresAt = old.expiresAt === null ? t + graceMs : Math.min(old.expiresAt, t + graceMs);
-      if (!(await store.rerollKey(old.id, next, oldExpiresAt, t))) throw new NotFoundError("key not found");
+      const stored = await store.rerollKey(old.id, next, oldExpiresAt, t);
+      if (!stored) throw new NotFoundError("key not found");
       await afterWrite();
-      return { plaintext: secret.plaintext, key: await view(next), oldExpiresAt };
+      return { plaintext: secret.plaintext, key: await view(stored), oldExpiresAt };
     },
 
     async updateCredits(
@@ -238,13 +242,20 @@ export function createKeyManager(deps: { store: Store; now?: () => number; after
       op: CreditsOp,
     ): Promise<Credits | null> {
       if (op.value !== null) checkAmount("value", op.value);
+      // The due refill first, then the operation (domain/credits.ts): the store
+      // applies both atomically, against the balance it holds.
+      let current: Credits | null;
       if ("keyId" in target) {
-        await visibleKey(principal, "write", "key_id", target.keyId);
+        current = (await visibleKey(principal, "write", "key_id", target.keyId)).credits;
       } else {
         principal.requireForIdentities("write");
         checkId("identity_id", target.identityId, ID_PATTERNS.identity);
+        const identity = await store.getIdentity(target.identityId);
+        if (!identity) throw new NotFoundError("identity not found");
+        current = identity.credits;
       }
-      const res = await store.updateCredits(target, op, now());
+      const t = now();
+      const res = await store.updateCredits(target, op, t, refillDueAt(current, t));
       if (res === undefined) throw new NotFoundError("keyId" in target ? "key not found" : "identity not found");
       await afterWrite();
       return res;

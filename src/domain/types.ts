@@ -56,6 +56,17 @@ export interface KeyRecord {
   createdAt: number;
   updatedAt: number;
   lastUsedAt: number | null;
+  /**
+   * Set on a key whose balance moved to another key by a reroll: its
+   * verifications spend from that key's balance (`credits` then shows it), so
+   * old and new key share one balance during the grace period.
+   */
+  creditsKeyId?: string | null;
+  /**
+   * The key whose rate-limit windows this key counts against: the first key of
+   * a reroll chain, so old and new key share one set of windows. Absent: its own.
+   */
+  ratelimitKeyId?: string;
 }
 
 export type RootAction = "read" | "write" | "verify" | "usage";

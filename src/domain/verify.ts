@@ -1,12 +1,12 @@
 import type { VerificationCache } from "../cache/verification-cache.js";
-import type { RateLimitCounter } from "../ratelimit/counter.js";
-import type { Store } from "../storage/store.js";
+import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
+import type { SpendResult, Store } from "../storage/store.js";
 import type { Principal } from "./access.js";
-import { dueRefill } from "./credits.js";
-import { InvalidArgumentError } from "./errors.js";
+import { refillDueAt } from "./credits.js";
+import { CanceledError, DeadlineExceededError, DomainError, InvalidArgumentError } from "./errors.js";
 import { MAX_KEY_LENGTH, hasValidChecksum, hashKey } from "./key-format.js";
 import { createPermissionQueryCache, evaluatePermissionQuery } from "./permission-query.js";
-import type { CreditsTarget, IdentityRecord, KeyRecord, Ratelimit } from "./types.js";
+import type { Credits, CreditsTarget, IdentityRecord, KeyRecord, Ratelimit } from "./types.js";
 import { LIMITS, checkApiId } from "./validation.js";
 
 export type VerificationCode =
@@ -54,6 +54,20 @@ interface Applied {
   cost: number;
 }
 
+/** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
+interface Call {
+  signal?: AbortSignal;
+  deadline?: number;
+}
+
+/** Tokens a verification holds in one window, given back if it does not commit. */
+interface Held {
+  counterKey: string;
+  cost: number;
+  durationMs: number;
+  window: number;
+}
+
 function checkInput(input: VerifyInput): void {
   if (input.key === "") throw new InvalidArgumentError("key", "is required");
   if (input.apiId !== "") checkApiId("api_id", input.apiId);
@@ -80,19 +94,36 @@ function checkInput(input: VerifyInput): void {
 /**
  * VerifyKey. Checks, in order: the key exists (checksum first, then the cache,
  * then the store) and belongs to the api; enabled; not expired; permissions;
- * rate limits; credits. Limits and credits are spent only when every check
- * passes: window counters are added to and taken back if anything refuses,
- * and credits are spent last, in one conditional store write.
+ * rate limits; credits.
+ *
+ * Rate limits are taken first, each only if it fits (exact admission, see
+ * src/ratelimit/counter.ts); if any refuses, the others are given back to the
+ * windows they were taken from. Then comes the commit point: the credit spend,
+ * one conditional store write (or, for a verification without credits, the
+ * moment after its limits are taken). A verification whose signal aborted —
+ * deadline passed, client cancelled — before its commit point spends nothing:
+ * its window tokens are given back and the store is told not to write (the
+ * store checks the signal once it holds what it needs to write); nor does one
+ * with no more than the commit margin of its deadline left. A spend that
+ * completes after the call ended is given back when the balance is still in the
+ * same refill period. Otherwise the verification stands, answered or not. See
+ * README "Deadlines and the commit point".
  */
 export function createVerifier(deps: {
   store: Store;
   cache: VerificationCache;
   counter: RateLimitCounter;
   now?: () => number;
+  /** No commit with less than this much of the call's deadline left (LATCHKEY_COMMIT_MARGIN_MS). Default 1. */
+  commitMarginMs?: number;
+  /** A monotonic clock in ms for deadlines (default performance.now). */
+  monotonic?: () => number;
   onVerification?: VerificationListener;
 }) {
   const { store, cache, counter } = deps;
   const now = deps.now ?? Date.now;
+  const monotonic = deps.monotonic ?? (() => performance.now());
+  const margin = deps.commitMarginMs ?? 1;
   const parseQuery = createPermissionQueryCache();
 
   function answer(
@@ -105,11 +136,17 @@ export function createVerifier(deps: {
     return { code, key, identity, creditsRemaining: credits ? credits.remaining : null, ratelimits: [], spent: 0, ...extra };
   }
 
-  /** Limits to apply: auto-applied ones of key and identity (key wins by name) and those named in the request. */
+  /**
+   * Limits to apply: auto-applied ones of key and identity (key wins by name) and
+   * those named in the request. A key rerolled from another counts against the
+   * windows of the first key of its chain (`ratelimitKeyId`), so old and new key
+   * share one set of windows during the grace period.
+   */
   function selectLimits(key: KeyRecord, identity: IdentityRecord | null, input: VerifyInput): Applied[] {
     const byName = new Map<string, Applied>();
+    const windowsOf = key.ratelimitKeyId ?? key.id;
     for (const l of identity?.ratelimits ?? []) byName.set(l.name, { limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
-    for (const l of key.ratelimits) byName.set(l.name, { limit: l, counterKey: `k:${key.id}:${l.name}:${l.durationMs}`, cost: 1 });
+    for (const l of key.ratelimits) byName.set(l.name, { limit: l, counterKey: `k:${windowsOf}:${l.name}:${l.durationMs}`, cost: 1 });
     const applied = new Map<string, Applied>();
     for (const [name, a] of byName) if (a.limit.autoApply) applied.set(name, a);
     input.ratelimits.forEach((r, i) => {
@@ -120,66 +157,60 @@ export function createVerifier(deps: {
     return [...applied.values()];
   }
 
-  async function applyLimits(applied: Applied[], t: number): Promise<{ ok: boolean; results: AppliedRatelimit[] }> {
-    const added = await Promise.allSettled(applied.map((a) => counter.add(a.counterKey, a.cost, a.limit.durationMs)));
+  /** Takes every applied limit; all or nothing: if one refuses (or fails), the others are given back. */
+  async function takeLimits(applied: Applied[]): Promise<{ ok: boolean; results: AppliedRatelimit[]; held: Held[] }> {
+    const taken = await Promise.allSettled(applied.map((a) => counter.take(a.counterKey, a.cost, a.limit.limit, a.limit.durationMs)));
+    const held: Held[] = [];
     let ok = true;
     let failure: unknown = null;
-    const results: AppliedRatelimit[] = added.map((r, i) => {
-      const { limit } = applied[i];
-      if (r.status === "rejected") {
-        failure ??= r.reason;
-        return { name: limit.name, limit: limit.limit, remaining: 0, resetAt: t, exceeded: false };
+    taken.forEach((r, i) => {
+      if (r.status === "rejected") failure ??= r.reason;
+      else if (!r.value.ok) ok = false;
+      else if (applied[i].cost > 0) {
+        const a = applied[i];
+        held.push({ counterKey: a.counterKey, cost: a.cost, durationMs: a.limit.durationMs, window: r.value.window });
       }
-      // A check (cost 0) is refused when nothing is left; a spend when it went past the limit.
-      const exceeded = applied[i].cost > 0 ? r.value.total > limit.limit : r.value.total >= limit.limit;
-      if (exceeded) ok = false;
-      return {
-        name: limit.name,
-        limit: limit.limit,
-        remaining: Math.max(0, limit.limit - r.value.total),
-        resetAt: t + r.value.resetInMs,
-        exceeded,
-      };
     });
     if (failure !== null || !ok) {
-      await refund(applied, added.map((r) => r.status === "fulfilled"));
+      await giveBack(held);
       if (failure !== null) throw failure;
-      // Report what is left once this refused call has been taken back, also for
-      // the limit that refused it (a cost of 3 with 1 left leaves 1, not 0).
-      results.forEach((r, i) => {
-        const total = (added[i] as PromiseFulfilledResult<{ total: number }>).value.total - applied[i].cost;
-        r.remaining = Math.min(r.limit, Math.max(0, r.limit - total));
-      });
     }
-    return { ok, results };
+    const results = taken.map((r, i): AppliedRatelimit => {
+      const { limit, cost } = applied[i];
+      const { ok: fit, total, resetAt } = (r as PromiseFulfilledResult<Taken>).value;
+      // What is left after this verification: once a refused one is given back,
+      // the tokens it took are left again (a cost of 3 with 1 left leaves 1, not 0).
+      const after = fit && cost > 0 && !ok ? total - cost : total;
+      return { name: limit.name, limit: limit.limit, remaining: Math.min(limit.limit, Math.max(0, limit.limit - after)), resetAt, exceeded: !fit };
+    });
+    return { ok, results, held: ok ? held : [] };
   }
 
-  async function refund(applied: Applied[], which: boolean[]): Promise<void> {
-    await Promise.all(applied.map((a, i) => (which[i] ? counter.subtract(a.counterKey, a.cost, a.limit.durationMs) : undefined)));
+  /** Gives tokens back to the windows they were taken from. */
+  async function giveBack(held: Held[]): Promise<void> {
+    await Promise.all(held.map((h) => counter.refund(h.counterKey, h.cost, h.durationMs, h.window)));
   }
 
-  /** Spends credits from the key's balance, else its identity's; refreshes the cached refill time. */
-  async function spend(key: KeyRecord, identity: IdentityRecord | null, cost: number, t: number) {
-    const owner = key.credits ? "key" : identity?.credits ? "identity" : null;
-    if (owner === null) return { ok: true, remaining: null as number | null };
-    const credits = owner === "key" ? key.credits! : identity!.credits!;
-    const target: CreditsTarget = owner === "key" ? { keyId: key.id } : { identityId: identity!.id };
-    const due = dueRefill(credits.refill, t);
-    const res = await store.spendCredits(target, cost, due !== null ? { periodStart: due, amount: credits.refill!.amount } : null);
-    if (res.remaining !== null) {
-      // Keep this instance's cached balance (and refill time) current, so refused
-      // answers report a recent balance and the refill is not attempted again.
-      const refreshed = {
-        remaining: res.remaining,
-        refill: credits.refill && due !== null ? { ...credits.refill, lastRefillAt: due } : credits.refill,
-      };
-      if (owner === "key") cache.patchKey(key.hash, { ...key, credits: refreshed });
-      else cache.patchIdentity({ ...identity!, credits: refreshed });
-    }
-    return res;
+  /**
+   * Where a verification's credits come from: a key rerolled away spends from the
+   * key its balance moved to (`creditsKeyId`), a key with a balance from its own,
+   * else its identity's shared balance; null when unlimited.
+   */
+  function creditsOwner(key: KeyRecord, identity: IdentityRecord | null): { target: CreditsTarget; credits: Credits } | null {
+    if (key.creditsKeyId && key.credits) return { target: { keyId: key.creditsKeyId }, credits: key.credits };
+    if (key.credits) return { target: { keyId: key.id }, credits: key.credits };
+    if (identity?.credits) return { target: { identityId: identity.id }, credits: identity.credits };
+    return null;
   }
 
-  async function run(principal: Principal, input: VerifyInput, t: number): Promise<Verification> {
+  /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
+  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined): Promise<SpendResult> {
+    if (owner === null) return { ok: true, remaining: null };
+    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
+  }
+
+  async function run(principal: Principal, input: VerifyInput, t: number, call: Call): Promise<Verification> {
+    const { signal, deadline } = call;
     // A root key scoped to other apis gets NOT_FOUND below, as for any key it cannot see.
     if (!principal.hasAny("verify")) principal.require("verify", null);
     checkInput(input);
@@ -197,19 +228,37 @@ export function createVerifier(deps: {
     if (key.expiresAt !== null && key.expiresAt <= t) return answer("EXPIRED", key, identity);
     if (query && !evaluatePermissionQuery(query, key.permissions)) return answer("INSUFFICIENT_PERMISSIONS", key, identity);
 
-    const limits = applied.length > 0 ? await applyLimits(applied, t) : { ok: true, results: [] };
+    signal?.throwIfAborted();
+    const limits = applied.length > 0 ? await takeLimits(applied) : { ok: true, results: [], held: [] };
     if (!limits.ok) return answer("RATE_LIMITED", key, identity, { ratelimits: limits.results });
 
     const cost = input.cost ?? 1;
+    const owner = creditsOwner(key, identity);
     let credits;
     try {
-      credits = await spend(key, identity, cost, t);
+      // Not yet committed: a verification cancelled while it took its limits spends nothing,
+      // nor one whose answer could not reach the client before its deadline.
+      signal?.throwIfAborted();
+      if (deadline !== undefined && deadline - monotonic() <= margin) {
+        throw new DeadlineExceededError("too little of the call's deadline was left to commit the verification; nothing was spent");
+      }
+      credits = await spend(owner, cost, t, signal);
     } catch (err) {
-      await refund(applied, applied.map(() => true));
+      await giveBack(limits.held);
       throw err;
     }
+    if (credits.ok && credits.remaining !== null && cost > 0 && (signal?.aborted || (deadline !== undefined && monotonic() >= deadline))) {
+      // The call ended while the spend was being written (a slow write, an fsync):
+      // the client will not see this answer, so the spend is given back if it still
+      // can be (same refill period). If it cannot, the verification stands.
+      const returned = await store.returnCredits(owner!.target, cost, ("refilledAt" in credits ? credits.refilledAt : null) ?? null).catch(() => false);
+      if (returned) {
+        await giveBack(limits.held);
+        throw signal?.aborted ? signal.reason : new DeadlineExceededError("the call's deadline passed while its credits were being spent; they were given back");
+      }
+    }
     if (!credits.ok) {
-      await refund(applied, applied.map(() => true));
+      await giveBack(limits.held);
       const results = limits.results.map((r, i) => ({ ...r, remaining: Math.min(r.limit, r.remaining + applied[i].cost) }));
       return answer("USAGE_EXCEEDED", key, identity, { ratelimits: results, creditsRemaining: credits.remaining });
     }
@@ -220,12 +269,36 @@ export function createVerifier(deps: {
     });
   }
 
-  return async function verify(principal: Principal, input: VerifyInput): Promise<Verification> {
+  /**
+   * Verifies `input`. `call.signal` is the call's: when it aborts (deadline,
+   * cancellation) before the commit point, nothing is spent and the call
+   * rejects (DEADLINE_EXCEEDED, CANCELED). `call.timeoutMs` is what is left of
+   * its deadline: with no more than the commit margin left at the commit point,
+   * the verification does not commit (DEADLINE_EXCEEDED).
+   */
+  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Verification> {
     const t = now();
-    const v = await run(principal, input, t);
+    const { signal } = call;
+    let v: Verification;
+    try {
+      v = await run(principal, input, t, { signal, deadline: call.timeoutMs === undefined ? undefined : monotonic() + call.timeoutMs });
+    } catch (err) {
+      throw signal?.aborted && err === signal.reason ? abortError(err) : err;
+    }
     deps.onVerification?.(v, input, t);
     return v;
   };
 }
 
 export type Verifier = ReturnType<typeof createVerifier>;
+
+/**
+ * Why an aborted verification stopped, as an error the RPC layer maps to a
+ * status: the transport's own reason when it is one (Connect-Node aborts with a
+ * ConnectError), else DEADLINE_EXCEEDED for a timeout and CANCELED otherwise.
+ */
+function abortError(reason: unknown): unknown {
+  if (reason instanceof DomainError || (reason instanceof Error && reason.name === "ConnectError")) return reason;
+  if (reason instanceof Error && reason.name === "TimeoutError") return new DeadlineExceededError("the call's deadline passed before the verification's commit point; nothing was spent");
+  return new CanceledError("the call was cancelled before the verification's commit point; nothing was spent");
+}

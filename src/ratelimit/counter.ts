@@ -1,86 +1,266 @@
 import type { Redis } from "ioredis";
-import type { MongoClient } from "mongodb";
-import { RateLimiterMemory, RateLimiterMongo, RateLimiterRedis, type RateLimiterAbstract, type RateLimiterRes } from "rate-limiter-flexible";
+import type { Collection, MongoClient } from "mongodb";
+import { MongoServerError } from "mongodb";
+import { RateLimiterMemory, RateLimiterRedis, RateLimiterRes, type RateLimiterAbstract } from "rate-limiter-flexible";
 import { UnavailableError } from "../domain/errors.js";
 
 /**
- * Window counters behind rate limits. rate-limiter-flexible keeps the counts
- * (in process, in MongoDB or in Redis); deciding against each limit is ours,
- * so one counter serves limits of any size and window: the limiter is created
- * with an unreachable point budget and each call passes its window as
- * `customDuration`. `add` never refuses: the verifier compares the total with
- * the limit and takes the cost back with `subtract` when the verification is
- * refused (all or nothing).
+ * Window counters behind rate limits: fixed windows of the limit's duration,
+ * aligned to multiples of it (window n covers [n·d, (n+1)·d) on the counter's
+ * clock), one count per (counter key, window).
+ *
+ * Admission is exact: `take` adds the cost only when it fits under the limit, in
+ * one atomic step of the backend, so a call is refused only when it alone does
+ * not fit — never because a concurrent refused call's tokens are counted for a
+ * moment. `refund` gives tokens back to the window they were taken from, named
+ * by its number, or nowhere when that window has ended: a refund never lowers
+ * the next window. See docs/credits.md ("Rate-limit windows").
  */
 export interface RateLimitCounter {
   readonly kind: "memory" | "mongodb" | "redis";
-  /** Adds `cost` to the current window of `key`; returns the window total and the time to its end. */
-  add(key: string, cost: number, durationMs: number): Promise<{ total: number; resetInMs: number }>;
-  /** Takes back `cost` added to the current window. */
-  subtract(key: string, cost: number, durationMs: number): Promise<void>;
+  /**
+   * Takes `cost` from the current window of `key` if the window's total plus
+   * `cost` stays within `limit`; a cost of 0 checks that something is left
+   * (total < limit) and takes nothing. `total` is the window's count after the
+   * call (unchanged when refused).
+   */
+  take(key: string, cost: number, limit: number, durationMs: number): Promise<Taken>;
+  /** Gives `cost` back to window `window` of `key`, if that window is still counted; never below zero. */
+  refund(key: string, cost: number, durationMs: number, window: number): Promise<void>;
 }
 
-const BUDGET = Number.MAX_SAFE_INTEGER;
+export interface Taken {
+  ok: boolean;
+  total: number;
+  /** The window's number (its start is window × duration). */
+  window: number;
+  /** End of the window, epoch ms on the counter's clock. */
+  resetAt: number;
+}
 
-function fromLimiter(kind: RateLimitCounter["kind"], limiter: RateLimiterAbstract): RateLimitCounter {
-  const wrapErr = (err: unknown): never => {
-    // rate-limiter-flexible rejects with a RateLimiterRes only when over budget, which
-    // cannot happen here; any other rejection is the backend failing.
-    throw err instanceof Error ? new UnavailableError(`rate-limit backend (${kind}): ${err.message}`) : err;
-  };
+const windowOf = (now: number, durationMs: number) => Math.floor(now / durationMs);
+const fits = (total: number, cost: number, limit: number) => (cost > 0 ? total + cost <= limit : total < limit);
+/** How long (whole seconds, at least 1) a window's count must be kept from `now`: to its end, plus a second. */
+const keepSeconds = (window: number, durationMs: number, now: number) => Math.max(1, Math.ceil(((window + 1) * durationMs - now) / 1000) + 1);
+
+function backendError(kind: RateLimitCounter["kind"], err: unknown): never {
+  if (err instanceof UnavailableError) throw err;
+  throw new UnavailableError(`rate-limit backend (${kind}): ${err instanceof Error ? err.message : String(err)}`);
+}
+
+/**
+ * In-process counting with rate-limiter-flexible's memory limiter as the store
+ * of window counts. Its `consume` adds first and refuses after, so a take here
+ * reads the count and adds only when it fits; calls on one counter key are
+ * queued so that no other call runs between the read and the add.
+ */
+export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimitCounter {
+  const now = opts.now ?? Date.now;
+  const limiter = new RateLimiterMemory({ points: Number.MAX_SAFE_INTEGER, duration: 60, keyPrefix: "lk" });
+  const queues = new Map<string, Promise<unknown>>();
+  /** Runs `fn` after every earlier call on `key`. */
+  function serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const prev = queues.get(key) ?? Promise.resolve();
+    const run = prev.then(fn, fn);
+    const tail = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    queues.set(key, tail);
+    void tail.then(() => {
+      if (queues.get(key) === tail) queues.delete(key);
+    });
+    return run;
+  }
+  // A record past its end (its clean-up timer not yet run) counts as an empty window.
+  const totalOf = (res: RateLimiterRes | null) => (res && res.msBeforeNext > 0 ? res.consumedPoints : 0);
   return {
-    kind,
-    async add(key, cost, durationMs) {
-      const opts = { customDuration: durationMs / 1000 };
-      let res: RateLimiterRes | null;
-      try {
-        res = cost > 0 ? await limiter.penalty(key, cost, opts) : await limiter.get(key, opts);
-      } catch (err) {
-        return wrapErr(err);
-      }
-      if (!res) return { total: 0, resetInMs: durationMs };
-      return { total: res.consumedPoints, resetInMs: res.msBeforeNext >= 0 ? res.msBeforeNext : durationMs };
+    kind: "memory",
+    take(key, cost, limit, durationMs) {
+      const t = now();
+      const window = windowOf(t, durationMs);
+      const k = `${key}:${window}`;
+      return serial(k, async () => {
+        const total = totalOf(await limiter.get(k));
+        const resetAt = (window + 1) * durationMs;
+        if (!fits(total, cost, limit) || cost === 0) return { ok: fits(total, cost, limit), total, window, resetAt };
+        const res = await limiter.penalty(k, cost, { customDuration: keepSeconds(window, durationMs, t) });
+        return { ok: true, total: res.consumedPoints, window, resetAt };
+      });
     },
-    async subtract(key, cost, durationMs) {
-      if (cost <= 0) return;
-      const opts = { customDuration: durationMs / 1000 };
+    refund(key, cost, _durationMs, window) {
+      if (cost <= 0) return Promise.resolve();
+      const k = `${key}:${window}`;
+      return serial(k, async () => {
+        const total = totalOf(await limiter.get(k));
+        if (total > 0) await limiter.reward(k, Math.min(cost, total));
+      });
+    },
+  };
+}
+
+/*
+ * Redis: rate-limiter-flexible's Redis limiter with our own increment script
+ * (its `customIncrTtlLuaScript` option). The script adds the points only when
+ * the window's count plus the points stays within the limiter's points (one
+ * limiter per limit value, so ARGV[3] is the limit), and returns the count the
+ * call would have reached otherwise, which the limiter reports as a refusal.
+ * A negative amount (the limiter's `reward`) is a refund: it lowers an existing
+ * window's count, never below zero, and never creates a window. The window
+ * number is part of the key, so a refund names the window it belongs to.
+ */
+const TAKE_SCRIPT = `
+local points = tonumber(ARGV[1])
+local current = tonumber(redis.call('get', KEYS[1]) or '0')
+if points < 0 then
+  if current <= 0 then return {0, -2} end
+  local left = redis.call('decrby', KEYS[1], math.min(-points, current))
+  return {left, redis.call('pttl', KEYS[1])}
+end
+if current + points > tonumber(ARGV[3]) then
+  return {current + points, redis.call('pttl', KEYS[1])}
+end
+redis.call('set', KEYS[1], 0, 'EX', ARGV[2], 'NX')
+local consumed = redis.call('incrby', KEYS[1], points)
+return {consumed, redis.call('pttl', KEYS[1])}
+`;
+
+/** How many limiters (one per distinct limit value) are kept; older ones are dropped first. */
+const MAX_LIMITERS = 1024;
+
+/**
+ * Counts in Redis, shared by every instance. Windows follow Redis's clock: the
+ * offset of this process's clock to Redis `TIME` is measured at start and every
+ * minute, so all instances agree on window boundaries to within a round trip.
+ */
+export function createRedisCounter(client: Redis, opts: { now?: () => number } = {}): RateLimitCounter & { syncClock(): Promise<void>; stop(): void } {
+  const localNow = opts.now ?? Date.now;
+  let offset = 0;
+  const limiters = new Map<number, RateLimiterAbstract>();
+  const limiterFor = (limit: number) => {
+    let l = limiters.get(limit);
+    if (l) {
+      limiters.delete(limit);
+    } else {
+      l = new RateLimiterRedis({ storeClient: client, points: limit, duration: 60, keyPrefix: "lk", customIncrTtlLuaScript: TAKE_SCRIPT });
+      if (limiters.size >= MAX_LIMITERS) limiters.delete(limiters.keys().next().value!);
+    }
+    limiters.set(limit, l);
+    return l;
+  };
+  const syncClock = async () => {
+    const before = localNow();
+    const [s, us] = (await client.time()) as unknown as [string, string];
+    const after = localNow();
+    offset = Number(s) * 1000 + Math.floor(Number(us) / 1000) - (before + after) / 2;
+  };
+  let timer: NodeJS.Timeout | null = null;
+  if (!opts.now) {
+    syncClock().catch(() => undefined);
+    timer = setInterval(() => void syncClock().catch(() => undefined), 60_000);
+    timer.unref();
+  }
+  return {
+    kind: "redis",
+    syncClock,
+    stop: () => {
+      if (timer) clearInterval(timer);
+    },
+    async take(key, cost, limit, durationMs) {
+      const t = localNow() + offset;
+      const window = windowOf(t, durationMs);
+      const k = `${key}:${window}`;
+      const resetAt = (window + 1) * durationMs;
+      const limiter = limiterFor(limit);
       try {
-        const res = await limiter.reward(key, cost, opts);
-        // The window this cost was added to may have ended since: a refund must not
-        // start the next window below zero (that would admit extra calls in it).
-        if (res.consumedPoints < 0) await limiter.penalty(key, -res.consumedPoints, opts);
+        if (cost === 0) {
+          const total = (await limiter.get(k))?.consumedPoints ?? 0;
+          return { ok: total < limit, total, window, resetAt };
+        }
+        const res = await limiter.consume(k, cost, { customDuration: keepSeconds(window, durationMs, t) });
+        return { ok: true, total: res.consumedPoints, window, resetAt };
       } catch (err) {
-        wrapErr(err);
+        // A RateLimiterRes is the script's refusal: nothing was added.
+        if (err instanceof RateLimiterRes) return { ok: false, total: err.consumedPoints - cost, window, resetAt };
+        return backendError("redis", err);
+      }
+    },
+    async refund(key, cost, durationMs, window) {
+      if (cost <= 0) return;
+      try {
+        await limiterFor(1).reward(`${key}:${window}`, cost, { customDuration: keepSeconds(window, durationMs, localNow() + offset) });
+      } catch (err) {
+        backendError("redis", err);
       }
     },
   };
 }
 
-export function createMemoryCounter(): RateLimitCounter {
-  return fromLimiter("memory", new RateLimiterMemory({ points: BUDGET, duration: 60, keyPrefix: "lk" }));
+type WindowDoc = { _id: string; c: number; exp: Date };
+
+/** A unique-index violation (FerretDB on SQLite reports one from an upsert as code 1). */
+function isDuplicate(err: unknown): boolean {
+  return err instanceof MongoServerError && (err.code === 11000 || (err.code === 1 && /UNIQUE constraint failed/.test(err.message)));
 }
 
-/** Counts in MongoDB (collection `ratelimits` of `dbName`), shared by every instance. */
-export function createMongoCounter(client: MongoClient, dbName: string): RateLimitCounter {
-  const limiter = new RateLimiterMongo({
-    storeClient: client,
-    dbName,
-    tableName: "ratelimits",
-    points: BUDGET,
-    duration: 60,
-    keyPrefix: "lk",
-    disableIndexesCreation: true,
-  });
-  // Created here, each on its own: the limiter stops at its first failing index, and
-  // FerretDB has no TTL indexes. The unique index is the one counting relies on
-  // (expired windows are then replaced in place); the TTL index only tidies up.
-  const coll = client.db(dbName).collection("ratelimits");
-  coll.createIndex({ key: 1 }, { unique: true }).catch((err: Error) => process.emitWarning(`ratelimits unique index: ${err.message}`));
-  coll.createIndex({ expire: -1 }, { expireAfterSeconds: 0 }).catch(() => undefined);
-  return fromLimiter("mongodb", limiter);
-}
-
-/** Counts in Redis, shared by every instance. */
-export function createRedisCounter(client: Redis): RateLimitCounter {
-  return fromLimiter("redis", new RateLimiterRedis({ storeClient: client, points: BUDGET, duration: 60, keyPrefix: "lk" }));
+/**
+ * Counts in MongoDB (collection `ratelimit_windows`), shared by every instance.
+ * rate-limiter-flexible's MongoDB limiter adds with an unconditional `$inc`, so
+ * a take here is our own conditional upsert: `{_id, c ≤ limit − cost}` with
+ * `$inc`. It relies on MongoDB applying a single-document update with its filter
+ * atomically, and on the unique `_id` (a refused take's upsert collides with the
+ * existing window document). FerretDB applies updates as a read and a write,
+ * so the server refuses this backend there (src/ratelimit/create-counter.ts).
+ * Windows follow this process's clock.
+ */
+export function createMongoCounter(client: MongoClient, dbName: string, opts: { now?: () => number } = {}): RateLimitCounter {
+  const now = opts.now ?? Date.now;
+  const coll: Collection<WindowDoc> = client.db(dbName).collection<WindowDoc>("ratelimit_windows");
+  // Tidies up ended windows on MongoDB (FerretDB has no TTL indexes; nothing depends on it).
+  coll.createIndex({ exp: 1 }, { expireAfterSeconds: 0 }).catch(() => undefined);
+  const read = async (id: string) => (await coll.findOne({ _id: id }))?.c ?? 0;
+  return {
+    kind: "mongodb",
+    async take(key, cost, limit, durationMs) {
+      const t = now();
+      const window = windowOf(t, durationMs);
+      const _id = `${key}|${window}`;
+      const resetAt = (window + 1) * durationMs;
+      try {
+        for (let attempt = 0; ; attempt++) {
+          if (cost === 0 || cost > limit) {
+            const total = await read(_id);
+            return { ok: fits(total, cost, limit), total, window, resetAt };
+          }
+          try {
+            const doc = await coll.findOneAndUpdate(
+              { _id, c: { $lte: limit - cost } },
+              { $inc: { c: cost }, $setOnInsert: { exp: new Date(resetAt + 1000) } },
+              { upsert: true, returnDocument: "after" },
+            );
+            return { ok: true, total: doc!.c, window, resetAt };
+          } catch (err) {
+            if (!isDuplicate(err)) throw err;
+            // Either the window is full (the filter did not match an existing
+            // document) or two first takes raced to create it: read and decide.
+            const total = await read(_id);
+            if (!fits(total, cost, limit) || attempt >= 3) return { ok: false, total, window, resetAt };
+          }
+        }
+      } catch (err) {
+        return backendError("mongodb", err);
+      }
+    },
+    async refund(key, cost, _durationMs, window) {
+      if (cost <= 0) return;
+      const _id = `${key}|${window}`;
+      try {
+        // Never below zero: give back what is there, in one conditional update each.
+        const res = await coll.updateOne({ _id, c: { $gte: cost } }, { $inc: { c: -cost } });
+        if (res.matchedCount === 0) await coll.updateOne({ _id, c: { $gt: 0, $lt: cost } }, { $set: { c: 0 } });
+      } catch (err) {
+        backendError("mongodb", err);
+      }
+    },
+  };
 }

@@ -1,42 +1,57 @@
 import { Redis } from "ioredis";
 import type { Config } from "../config/config.js";
-import { MongoStore } from "../storage/mongodb/mongo-store.js";
+import { mongoStoreOf } from "../storage/create-store.js";
 import type { Store } from "../storage/store.js";
 import type { Logger } from "../server/logger.js";
 import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "./counter.js";
 
 /**
  * The counter backend the configuration selects, and how to release it.
- * rate-limiter-flexible's MongoDB limiter counts with `$inc`, which FerretDB
- * does not apply atomically: on FerretDB the mongodb backend is refused, and the
- * default falls back to in-process counting (exact for one instance) with a warning.
+ * `shared`: whether every instance counts in the same place. On FerretDB
+ * without Redis the default is in-process counting (FerretDB applies updates as
+ * a read and a write, so the mongodb backend is refused there): exact for one
+ * instance, but N instances admit N times a shared limit. That is said plainly
+ * at start (an error-level log line) and by the metric
+ * latchkey_ratelimit_pools_shared (0), without stopping the server.
  */
 export function createCounter(
   config: Pick<Config, "ratelimitBackend" | "redisUrl" | "mongodbDatabase">,
   store: Store,
   logger?: Logger,
-): { counter: RateLimitCounter; close: () => Promise<void> } {
-  const ferret = store instanceof MongoStore && store.flavor === "ferretdb";
+): { counter: RateLimitCounter; close: () => Promise<void>; shared: boolean } {
+  const mongo = mongoStoreOf(store);
+  const ferret = mongo?.flavor === "ferretdb";
   let backend = config.ratelimitBackend;
-  if (backend === "auto") {
-    backend = config.redisUrl ? "redis" : store instanceof MongoStore && !ferret ? "mongodb" : "memory";
-    if (ferret && backend === "memory") {
-      logger?.warn("FerretDB cannot hold shared rate-limit counters; counting in this process. Set LATCHKEY_REDIS_URL when running several instances.");
-    }
-  }
+  if (backend === "auto") backend = config.redisUrl ? "redis" : mongo && !ferret ? "mongodb" : "memory";
   if (backend === "mongodb" && ferret) {
     throw new Error("LATCHKEY_RATELIMIT_BACKEND=mongodb needs MongoDB: FerretDB does not apply $inc atomically; use LATCHKEY_REDIS_URL");
+  }
+  if (backend === "memory" && mongo) {
+    logger?.error(
+      { ratelimitBackend: "memory", store: ferret ? "ferretdb" : "mongodb" },
+      "rate-limit pools are counted per process: N instances admit N times a shared limit. Set LATCHKEY_REDIS_URL to share them" +
+        (ferret ? " (FerretDB cannot hold them)." : " (or LATCHKEY_RATELIMIT_BACKEND=mongodb)."),
+    );
   }
   switch (backend) {
     case "redis": {
       const client = new Redis(config.redisUrl!, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
       client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
-      return { counter: createRedisCounter(client), close: async () => void (await client.quit().catch(() => client.disconnect())) };
+      const counter = createRedisCounter(client);
+      return {
+        counter,
+        close: async () => {
+          counter.stop();
+          await client.quit().catch(() => client.disconnect());
+        },
+        shared: true,
+      };
     }
     case "mongodb":
-      if (!(store instanceof MongoStore)) throw new Error("the mongodb rate-limit backend needs the mongodb store");
-      return { counter: createMongoCounter(store.client, config.mongodbDatabase), close: async () => undefined };
+      if (!mongo) throw new Error("the mongodb rate-limit backend needs the mongodb store");
+      return { counter: createMongoCounter(mongo.client, config.mongodbDatabase), close: async () => undefined, shared: true };
     default:
-      return { counter: createMemoryCounter(), close: async () => undefined };
+      // One process on the embedded store is the whole deployment: its pools are shared.
+      return { counter: createMemoryCounter(), close: async () => undefined, shared: !mongo };
   }
 }

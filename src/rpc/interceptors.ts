@@ -2,6 +2,8 @@ import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { randomBytes } from "node:crypto";
 import {
   AlreadyExistsError,
+  CanceledError,
+  DeadlineExceededError,
   DomainError,
   FailedPreconditionError,
   InvalidArgumentError,
@@ -33,6 +35,8 @@ const CODES: [new (...args: never[]) => DomainError, Code][] = [
   [PermissionDeniedError, Code.PermissionDenied],
   [UnavailableError, Code.Unavailable],
   [ResourceExhaustedError, Code.ResourceExhausted],
+  [DeadlineExceededError, Code.DeadlineExceeded],
+  [CanceledError, Code.Canceled],
 ];
 
 /** Maps an error to the ConnectError the client sees. Unknown errors leak nothing. */

@@ -1,4 +1,4 @@
-import type { ServiceImpl } from "@connectrpc/connect";
+import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Verification, Verifier } from "../domain/verify.js";
@@ -61,6 +61,21 @@ export function verificationToProto(v: Verification): MessageInitShape<typeof Ve
       exceeded: r.exceeded,
     })),
   };
+}
+
+const GRPC_TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
+
+/**
+ * What is surely left of the call's deadline, for the verification's commit
+ * point: a gRPC client rounds its timeout UP to the header's unit (grpcio sends
+ * "1m" for 0.5 ms), so the deadline may be up to one unit earlier than the
+ * header says.
+ */
+function commitTimeoutMs(ctx: HandlerContext): number | undefined {
+  const timeoutMs = ctx.timeoutMs();
+  const m = /^(\d{1,8})([HMSmun])$/.exec(ctx.requestHeader.get("grpc-timeout") ?? "");
+  if (timeoutMs === undefined || !m) return timeoutMs;
+  return Math.max(0, timeoutMs - GRPC_TIMEOUT_UNIT_MS[m[2]]);
 }
 
 /** KeyService: translates protobuf to domain calls and back. */
@@ -181,7 +196,7 @@ export function createKeyService(deps: {
         })),
         cost: req.cost === undefined ? null : toNumber("cost", req.cost),
         tags: req.tags,
-      });
+      }, { signal: ctx.signal, timeoutMs: commitTimeoutMs(ctx) });
       return verificationToProto(v);
     },
 

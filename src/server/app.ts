@@ -1,4 +1,5 @@
 import http from "node:http";
+import { Gauge } from "prom-client";
 import { createInvalidationFeed } from "../cache/invalidation.js";
 import { createVerificationCache } from "../cache/verification-cache.js";
 import type { Config } from "../config/config.js";
@@ -25,6 +26,7 @@ export type CoreOptions = Pick<
   | "cacheTtlMs"
   | "invalidationPollMs"
   | "usageCounting"
+  | "commitMarginMs"
   | "usageFlushMs"
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
@@ -37,6 +39,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   cacheTtlMs: 60_000,
   invalidationPollMs: 250,
   usageCounting: "on",
+  commitMarginMs: 1,
   usageFlushMs: 1000,
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
@@ -80,6 +83,7 @@ export function createCore(deps: CoreDeps) {
   const verify = createVerifier({
     store,
     cache,
+    commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
       metrics.verifications.inc({ code: v.code });
@@ -143,6 +147,11 @@ export function createApp(deps: AppDeps): App {
   const counter = createCounter(config, store, logger);
   const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
   const { metrics, health } = core;
+  new Gauge({
+    name: "latchkey_ratelimit_pools_shared",
+    help: "1 when rate-limit pools are counted where every instance counts them (Redis, MongoDB); 0 when per process (N instances admit N times a limit).",
+    registers: [metrics.registry],
+  }).set(counter.shared ? 1 : 0);
   const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });
   let metricsServer: http.Server | null = null;
 

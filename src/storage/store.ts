@@ -1,3 +1,4 @@
+import type { RefillDue } from "../domain/credits.js";
 import type { UsageQuery, UsageRow } from "../usage/types.js";
 import type {
   CreditsOp,
@@ -13,9 +14,13 @@ import type {
 /** A change to a key or identity, for cache invalidation across instances. */
 export type Change = { seq: number; kind: "key"; id: string; hash: string } | { seq: number; kind: "identity"; id: string };
 
-export type RefillDue = { periodStart: number; amount: number };
+export type { RefillDue } from "../domain/credits.js";
 
-export type SpendResult = { ok: boolean; remaining: number } | { ok: true; remaining: null };
+/**
+ * A spend's outcome. For a limited balance, `refilledAt` is its refill time
+ * after the spend (null without a refill rule): what `returnCredits` checks.
+ */
+export type SpendResult = { ok: boolean; remaining: number; refilledAt?: number | null } | { ok: true; remaining: null };
 
 /** A page request over records sorted by id (ids sort by creation time). */
 export interface PageQuery {
@@ -69,11 +74,19 @@ export interface Store {
   deleteKey(id: string): Promise<boolean>;
   /**
    * Stores `next` and sets the old key's expiry to `oldExpiresAt`, both or
-   * neither. Returns false when the old key does not exist.
+   * neither. The old key's own balance moves to `next` as it is at that moment
+   * (the old key then spends from it: `creditsKeyId`); a key that already spends
+   * from another's passes that on. Returns the stored `next`, or null when the
+   * old key does not exist.
    */
-  rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean>;
-  /** Atomically changes a balance; returns the new credits (null = unlimited) or undefined when the target does not exist. */
-  updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined>;
+  rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null>;
+  /**
+   * Atomically changes a balance: `refill` (when the domain found one due) is
+   * applied first if the stored balance was not refilled for that period yet,
+   * then `op` (domain/credits.ts applyCreditsOp). Returns the new credits
+   * (null = unlimited) or undefined when the target does not exist.
+   */
+  updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined>;
 
   /**
    * Spends `cost` credits from the target's balance if it holds that many, all
@@ -81,9 +94,23 @@ export interface Store {
    * `refill.periodStart` is first set to `refill.amount` — a compare-and-set on
    * the refill time, so each period's refill happens exactly once however many
    * instances race. An unlimited (or vanished) balance spends nothing and
-   * answers `{ ok: true, remaining: null }`.
+   * answers `{ ok: true, remaining: null }`. A key whose balance moved by a
+   * reroll (`creditsKeyId`) spends from the key it moved to.
+   *
+   * `signal` is the verification's: once it has aborted, the store writes
+   * nothing and rejects with its reason. The store checks it at the last
+   * moment before the write (after waiting for a lock, for instance): that
+   * write is the verification's commit point.
    */
-  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult>;
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult>;
+
+  /**
+   * Gives back `cost` credits a spend took (a verification whose call ended
+   * while its spend was being written), only if the balance is still in the
+   * refill period the spend was made in (`refilledAt`, from its SpendResult):
+   * a refill since has set the balance anew. Returns whether it gave back.
+   */
+  returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean>;
 
   /**
    * Every write of a key or identity (by any instance) is recorded as a change

@@ -116,11 +116,11 @@ describeEachStore("Store.spendCredits", (kind) => {
   for (const on of ["key", "identity"] as const) {
     it(`spends all or nothing from a ${on}'s balance`, async () => {
       const t = await target({ remaining: 5, refill: null }, on);
-      expect(await ts.store.spendCredits(t, 3, null)).toEqual({ ok: true, remaining: 2 });
-      expect(await ts.store.spendCredits(t, 3, null)).toEqual({ ok: false, remaining: 2 });
-      expect(await ts.store.spendCredits(t, 0, null)).toEqual({ ok: true, remaining: 2 });
-      expect(await ts.store.spendCredits(t, 2, null)).toEqual({ ok: true, remaining: 0 });
-      expect(await ts.store.spendCredits(t, 1, null)).toEqual({ ok: false, remaining: 0 });
+      expect(await ts.store.spendCredits(t, 3, null)).toMatchObject({ ok: true, remaining: 2 });
+      expect(await ts.store.spendCredits(t, 3, null)).toMatchObject({ ok: false, remaining: 2 });
+      expect(await ts.store.spendCredits(t, 0, null)).toMatchObject({ ok: true, remaining: 2 });
+      expect(await ts.store.spendCredits(t, 2, null)).toMatchObject({ ok: true, remaining: 0 });
+      expect(await ts.store.spendCredits(t, 1, null)).toMatchObject({ ok: false, remaining: 0 });
       expect((await balance(t))!.remaining).toBe(0);
     });
   }
@@ -132,7 +132,7 @@ describeEachStore("Store.spendCredits", (kind) => {
 
   it("applies a due refill by setting the balance to the amount, then spends, and records the period", async () => {
     const t = await target(withRefill(3, 10));
-    expect(await ts.store.spendCredits(t, 1, { periodStart: P1, amount: 10 })).toEqual({ ok: true, remaining: 9 });
+    expect(await ts.store.spendCredits(t, 1, { periodStart: P1, amount: 10 })).toMatchObject({ ok: true, remaining: 9 });
     const after = await balance(t);
     expect(after!.remaining).toBe(9);
     expect(after!.refill!.lastRefillAt).toBe(P1);
@@ -140,20 +140,20 @@ describeEachStore("Store.spendCredits", (kind) => {
 
   it("does not refill twice for the same period", async () => {
     const t = await target(withRefill(0, 10));
-    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toEqual({ ok: true, remaining: 6 });
-    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toEqual({ ok: true, remaining: 2 });
-    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toEqual({ ok: false, remaining: 2 });
+    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toMatchObject({ ok: true, remaining: 6 });
+    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toMatchObject({ ok: true, remaining: 2 });
+    expect(await ts.store.spendCredits(t, 4, { periodStart: P1, amount: 10 })).toMatchObject({ ok: false, remaining: 2 });
   });
 
   it("ignores a refill for a period not after the last one", async () => {
     const t = await target(withRefill(1, 10, P1));
-    expect(await ts.store.spendCredits(t, 1, { periodStart: P0, amount: 10 })).toEqual({ ok: true, remaining: 0 });
-    expect(await ts.store.spendCredits(t, 1, { periodStart: P1, amount: 10 })).toEqual({ ok: false, remaining: 0 });
+    expect(await ts.store.spendCredits(t, 1, { periodStart: P0, amount: 10 })).toMatchObject({ ok: true, remaining: 0 });
+    expect(await ts.store.spendCredits(t, 1, { periodStart: P1, amount: 10 })).toMatchObject({ ok: false, remaining: 0 });
   });
 
   it("refills a refused spend's balance too (the refill is not all-or-nothing with the spend)", async () => {
     const t = await target(withRefill(0, 2));
-    expect(await ts.store.spendCredits(t, 5, { periodStart: P1, amount: 2 })).toEqual({ ok: false, remaining: 2 });
+    expect(await ts.store.spendCredits(t, 5, { periodStart: P1, amount: 2 })).toMatchObject({ ok: false, remaining: 2 });
     expect((await balance(t))!.refill!.lastRefillAt).toBe(P1);
   });
 

@@ -289,9 +289,13 @@ describe("KeyService (happy paths)", () => {
       const oldNow = (await h().admin.keys.getKey({ id: old.id })).key!;
       expect(msOf(oldNow.expiresAt)).toBe(graceEnd);
       expect(oldNow.enabled).toBe(true);
-      // Both secrets resolve during the grace period.
+      // Both secrets resolve during the grace period, and draw from one balance
+      // (moved to the new key): a spend through the old key is gone for both.
       expect((await h().store.getKeyByHash(sha256(created.plaintext)))!.id).toBe(old.id);
       expect((await h().store.getKeyByHash(sha256(res.plaintext)))!.id).toBe(res.key!.id);
+      expect((await h().admin.keys.verifyKey({ key: created.plaintext })).creditsRemaining).toBe(9n);
+      expect((await h().admin.keys.getKey({ id: res.key!.id })).key!.credits!.remaining).toBe(9n);
+      expect((await h().admin.keys.getKey({ id: old.id })).key!.credits!.remaining).toBe(9n);
     });
 
     it("expires the old key at once without a grace period", async () => {

@@ -323,14 +323,14 @@ describe.each(KINDS)("%s store contract", (kind) => {
       await store().createKey(old);
       const next = key({ ...old, id: newId("key"), hash: hashKey(randomBytes(16).toString("hex")) });
       const expiresAt = Date.now() + 1000;
-      expect(await store().rerollKey(old.id, next, expiresAt, old.updatedAt + 1)).toBe(true);
+      expect(await store().rerollKey(old.id, next, expiresAt, old.updatedAt + 1)).toEqual(next);
       expect(await store().getKey(next.id)).toEqual(next);
       expect(await store().getKey(old.id)).toEqual({ ...old, expiresAt, updatedAt: old.updatedAt + 1 });
     });
 
     it("writes nothing when the old key does not exist", async () => {
       const next = key();
-      expect(await store().rerollKey(newId("key"), next, Date.now(), Date.now())).toBe(false);
+      expect(await store().rerollKey(newId("key"), next, Date.now(), Date.now())).toBeNull();
       expect(await store().getKey(next.id)).toBeNull();
       expect(await store().getKeyByHash(next.hash)).toBeNull();
     });
@@ -373,7 +373,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
       it("applies 50 concurrent decrements exactly once each", async () => {
         const { target, read } = await make({ remaining: 100, refill: null });
         const results = await Promise.all(
-          Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now())),
+          Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now(), null)),
         );
         expect(await read()).toEqual({ remaining: 50, refill: null });
         // Every decrement saw a different balance: none was lost or applied twice.
@@ -384,7 +384,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
       it("never goes below zero under 50 concurrent decrements", async () => {
         const { target, read } = await make({ remaining: 30, refill: null });
         const results = await Promise.all(
-          Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now())),
+          Array.from({ length: 50 }, () => store().updateCredits(target, { op: "decrement", value: 1 }, Date.now(), null)),
         );
         for (const c of results) expect(c!.remaining).toBeGreaterThanOrEqual(0);
         expect(results.filter((c) => c!.remaining === 0)).toHaveLength(21);
@@ -393,36 +393,36 @@ describe.each(KINDS)("%s store contract", (kind) => {
 
       it("stops a large decrement at zero and adds an increment", async () => {
         const { target, read } = await make({ remaining: 5, refill: null });
-        expect(await store().updateCredits(target, { op: "decrement", value: 9 }, Date.now())).toEqual({ remaining: 0, refill: null });
-        expect(await store().updateCredits(target, { op: "increment", value: 4 }, Date.now())).toEqual({ remaining: 4, refill: null });
+        expect(await store().updateCredits(target, { op: "decrement", value: 9 }, Date.now(), null)).toEqual({ remaining: 0, refill: null });
+        expect(await store().updateCredits(target, { op: "increment", value: 4 }, Date.now(), null)).toEqual({ remaining: 4, refill: null });
         expect(await read()).toEqual({ remaining: 4, refill: null });
       });
 
       it("refuses to increment or decrement an unlimited balance", async () => {
         const { target, read } = await make(null);
-        expect(await thrown(store().updateCredits(target, { op: "increment", value: 1 }, Date.now()))).toBeInstanceOf(FailedPreconditionError);
-        expect(await thrown(store().updateCredits(target, { op: "decrement", value: 1 }, Date.now()))).toBeInstanceOf(FailedPreconditionError);
+        expect(await thrown(store().updateCredits(target, { op: "increment", value: 1 }, Date.now(), null))).toBeInstanceOf(FailedPreconditionError);
+        expect(await thrown(store().updateCredits(target, { op: "decrement", value: 1 }, Date.now(), null))).toBeInstanceOf(FailedPreconditionError);
         expect(await read()).toBeNull();
       });
 
       it("keeps the refill rule when the balance is set", async () => {
         const refill = { interval: "monthly" as const, amount: 1000, refillDay: 15, lastRefillAt: 123 };
         const { target, read } = await make({ remaining: 10, refill });
-        expect(await store().updateCredits(target, { op: "set", value: 77 }, Date.now())).toEqual({ remaining: 77, refill });
+        expect(await store().updateCredits(target, { op: "set", value: 77 }, Date.now(), null)).toEqual({ remaining: 77, refill });
         expect(await read()).toEqual({ remaining: 77, refill });
       });
 
       it("sets an unlimited balance to a limited one, and back", async () => {
         const { target, read } = await make(null);
-        expect(await store().updateCredits(target, { op: "set", value: 3 }, Date.now())).toEqual({ remaining: 3, refill: null });
-        expect(await store().updateCredits(target, { op: "set", value: null }, Date.now())).toBeNull();
+        expect(await store().updateCredits(target, { op: "set", value: 3 }, Date.now(), null)).toEqual({ remaining: 3, refill: null });
+        expect(await store().updateCredits(target, { op: "set", value: null }, Date.now(), null)).toBeNull();
         expect(await read()).toBeNull();
       });
     });
 
     it("answers undefined for a target that does not exist", async () => {
-      expect(await store().updateCredits({ keyId: newId("key") }, { op: "set", value: 1 }, Date.now())).toBeUndefined();
-      expect(await store().updateCredits({ identityId: newId("id") }, { op: "decrement", value: 1 }, Date.now())).toBeUndefined();
+      expect(await store().updateCredits({ keyId: newId("key") }, { op: "set", value: 1 }, Date.now(), null)).toBeUndefined();
+      expect(await store().updateCredits({ identityId: newId("id") }, { op: "decrement", value: 1 }, Date.now(), null)).toBeUndefined();
     });
   });
 
@@ -455,7 +455,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
     await store().createIdentity(rec);
     await store().createKey(k);
     await store().createRootKey(r);
-    await store().updateCredits({ identityId: rec.id }, { op: "decrement", value: 4 }, rec.updatedAt + 1);
+    await store().updateCredits({ identityId: rec.id }, { op: "decrement", value: 4 }, rec.updatedAt + 1, null);
 
     const reopened = await ts.reopen();
     await reopened.ping();

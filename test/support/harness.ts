@@ -13,6 +13,7 @@ import { createRootKey } from "../../src/domain/root-keys.js";
 import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/server/app.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import type { IdentityRecord, KeyRecord } from "../../src/domain/types.js";
+import { createMemoryCounter } from "../../src/ratelimit/counter.js";
 import { createLogger } from "../../src/server/logger.js";
 import { createMetrics, type Metrics } from "../../src/server/metrics.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
@@ -139,6 +140,12 @@ export interface Harness {
   readonly store: Store;
   /** The wired core the clients talk to (e.g. `core.recorder.flush()` writes pending usage). */
   readonly core: Core;
+  /**
+   * The clock rate-limit windows are counted on: frozen at the harness's start
+   * (windows are aligned to multiples of their duration, so a test on the real
+   * clock could straddle a boundary by accident); a test may move it.
+   */
+  readonly counterClock: { now: number };
   /** Plaintext of a root key with every permission on every api. */
   readonly rootKey: string;
   /** Clients authenticated with `rootKey`. */
@@ -182,10 +189,12 @@ export async function createHarness(opts: HarnessOptions = {}): Promise<Harness>
     }),
   );
   sharedMetrics ??= createMetrics();
+  const counterClock = { now: Date.now() };
   const core = createCore({
     store: served,
     logger,
     metrics: sharedMetrics,
+    counter: createMemoryCounter({ now: () => counterClock.now }),
     options: { ...DEFAULT_CORE_OPTIONS, ...opts.coreOptions, rootKeyCacheMs: opts.rootKeyCacheMs ?? 0 },
   });
   await core.start();
@@ -214,6 +223,7 @@ export async function createHarness(opts: HarnessOptions = {}): Promise<Harness>
   return {
     store,
     core,
+    counterClock,
     rootKey,
     admin: clients(rootKey),
     clients,

@@ -101,10 +101,11 @@ async function verifyAcross(p: Pair, keys: string[], n: number): Promise<string[
 function sharedLimitSuite(backend: "redis" | "mongodb"): void {
   const pair = usePair(backend);
 
-  it("admits exactly 20 of 60 concurrent verifications split over both processes against an identity's 20-per-minute limit", async () => {
+  it("admits exactly 20 of 60 concurrent verifications split over both processes against an identity's 20-per-hour limit", async () => {
     const p = pair();
+    // An hour: windows are aligned to multiples of their duration, and this test must not straddle a boundary.
     const { keys } = await identityWithKeys(p, 3, {
-      ratelimits: [{ name: "requests", limit: "20", duration: { seconds: "60" }, auto_apply: true }],
+      ratelimits: [{ name: "requests", limit: "20", duration: { seconds: "3600" }, auto_apply: true }],
     });
     const codes = await verifyAcross(p, keys, 60);
     expect(count(codes, VALID)).toBe(20);

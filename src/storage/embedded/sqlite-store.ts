@@ -1,7 +1,7 @@
 import Database from "better-sqlite3";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { AlreadyExistsError } from "../../domain/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -12,7 +12,7 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
-import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
+import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
 import { asStoreError } from "./sqlite-errors.js";
@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS settings (
 
 type Row = { doc: string };
 
+/** How long a write waits for another connection's write lock before answering UNAVAILABLE. */
+const BUSY_WAIT_MS = 5000;
+/** How many reroll moves a key's balance is followed through. */
+const MAX_CREDIT_HOPS = 8;
+
 function isUniqueViolation(err: unknown): boolean {
   return typeof err === "object" && err !== null && (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE";
 }
@@ -118,7 +123,10 @@ export class SqliteStore implements Store {
     this.db = new Database(this.path);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = FULL");
-    this.db.pragma("busy_timeout = 5000");
+    // No busy wait on this connection: it would block the event loop (every call)
+    // for as long as another writer — the usage worker, the CLI — holds the write
+    // lock. A transaction that finds the lock taken is retried asynchronously (tx).
+    this.db.pragma("busy_timeout = 0");
     this.db.exec(SCHEMA);
   }
 
@@ -144,8 +152,23 @@ export class SqliteStore implements Store {
     return s;
   }
 
-  private tx<T>(fn: () => T): T {
-    return wrap(() => this.db.transaction(fn).immediate());
+  /**
+   * Runs `fn` in one IMMEDIATE transaction. When another connection holds the
+   * write lock (SQLITE_BUSY), tries again after a short pause, off the event loop,
+   * for up to BUSY_WAIT_MS; then UNAVAILABLE. With `signal`, a transaction not yet
+   * begun when it aborts is not run: the call rejects with its reason.
+   */
+  private async tx<T>(fn: () => T, signal?: AbortSignal): Promise<T> {
+    const deadline = Date.now() + BUSY_WAIT_MS;
+    for (let pause = 1; ; pause = Math.min(pause * 2, 16)) {
+      signal?.throwIfAborted();
+      try {
+        return wrap(() => this.db.transaction(fn).immediate());
+      } catch (err) {
+        if (!(err instanceof UnavailableError && /SQLITE_BUSY/.test(err.message)) || Date.now() + pause > deadline) throw err;
+      }
+      await new Promise((r) => setTimeout(r, pause));
+    }
   }
 
   private getDoc<T>(sql: string, ...params: unknown[]): T | null {
@@ -180,7 +203,7 @@ export class SqliteStore implements Store {
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
-    this.tx(() => this.putIdentity(rec, true));
+    await this.tx(() => this.putIdentity(rec, true));
   }
 
   async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
@@ -248,15 +271,35 @@ export class SqliteStore implements Store {
   }
 
   async createKey(rec: KeyRecord): Promise<void> {
-    this.tx(() => this.putKey(rec, true));
+    await this.tx(() => this.putKey(rec, true));
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
-    return wrap(() => this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id));
+    return wrap(() => this.withMovedBalance(this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id)));
   }
 
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
-    return wrap(() => this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE hash = ?", hash));
+    return wrap(() => this.withMovedBalance(this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE hash = ?", hash)));
+  }
+
+  /**
+   * The key that holds the balance `keyId` spends from: itself, or the key its
+   * balance moved to by a reroll (followed through a chain). Null when that key
+   * is gone — a moved balance whose key was deleted is spent.
+   */
+  private balanceHolder(keyId: string): { holder: KeyRecord | null; moved: boolean } {
+    let rec = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", keyId);
+    const moved = !!rec?.creditsKeyId;
+    for (let hops = 0; rec?.creditsKeyId && hops < MAX_CREDIT_HOPS; hops++) {
+      rec = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", rec.creditsKeyId);
+    }
+    return { holder: rec?.creditsKeyId ? null : rec, moved };
+  }
+
+  /** A key whose balance moved shows the balance it spends from (none left once that key is gone). */
+  private withMovedBalance(rec: KeyRecord | null): KeyRecord | null {
+    if (!rec?.creditsKeyId) return rec;
+    return { ...rec, credits: this.balanceHolder(rec.id).holder?.credits ?? { remaining: 0, refill: null } };
   }
 
   async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
@@ -264,7 +307,7 @@ export class SqliteStore implements Store {
       this.allDocs<KeyRecord>(
         `SELECT doc FROM keys WHERE id > @afterId AND (@apiId IS NULL OR api_id = @apiId) AND (@identityId IS NULL OR identity_id = @identityId) ORDER BY id LIMIT @limit`,
         { afterId: page.afterId ?? "", apiId: filter.apiId ?? null, identityId: filter.identityId ?? null, limit: page.limit },
-      ),
+      ).map((k) => this.withMovedBalance(k)!),
     );
   }
 
@@ -272,9 +315,11 @@ export class SqliteStore implements Store {
     return this.tx(() => {
       const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id);
       if (!cur) return null;
+      // New credits are the key's own, also for a key whose balance had moved by a reroll.
       const next: KeyRecord = { ...cur, ...patch, updatedAt: now };
+      if (patch.credits !== undefined) delete next.creditsKeyId;
       this.putKey(next, false);
-      return next;
+      return this.withMovedBalance(next)!;
     });
   }
 
@@ -288,39 +333,48 @@ export class SqliteStore implements Store {
     });
   }
 
-  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
+  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
     return this.tx(() => {
       const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", oldId);
-      if (!cur) return false;
-      this.putKey(next, true);
-      this.putKey({ ...cur, expiresAt: oldExpiresAt, updatedAt: now }, false);
-      return true;
+      if (!cur) return null;
+      // The balance moves with the new secret; the old key spends from it until it
+      // expires, so the two draw from one balance (one transaction: nothing spent
+      // in between).
+      const moves = cur.credits !== null && !cur.creditsKeyId;
+      const { creditsKeyId: _ignored, ...base } = next;
+      // A key that itself spends from another passes that on; else its own balance moves.
+      const stored: KeyRecord = cur.creditsKeyId ? { ...base, credits: null, creditsKeyId: cur.creditsKeyId } : { ...base, credits: cur.credits };
+      this.putKey(stored, true);
+      this.putKey({ ...cur, expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) }, false);
+      return this.withMovedBalance(stored);
     });
   }
 
-  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
+  /** The record whose balance `target` spends or changes, for the credit methods below. */
+  private creditsRecord(target: CreditsTarget): { rec: KeyRecord | IdentityRecord | null; isKey: boolean; gone: boolean } {
+    if ("keyId" in target) {
+      const { holder, moved } = this.balanceHolder(target.keyId);
+      return { rec: holder, isKey: true, gone: moved && holder === null };
+    }
+    return { rec: this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId), isKey: false, gone: false };
+  }
+
+  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
     return this.tx(() => {
-      if ("keyId" in target) {
-        const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", target.keyId);
-        if (!cur) return undefined;
-        const credits = applyCreditsOp(cur.credits, op);
-        this.putKey({ ...cur, credits, updatedAt: now }, false);
-        return credits;
-      }
-      const cur = this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId);
-      if (!cur) return undefined;
-      const credits = applyCreditsOp(cur.credits, op);
-      this.putIdentity({ ...cur, credits, updatedAt: now }, false);
+      const { rec, isKey, gone } = this.creditsRecord(target);
+      if (gone) throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+      if (!rec) return undefined;
+      const credits = applyCreditsOp(rec.credits, op, refill);
+      if (isKey) this.putKey({ ...(rec as KeyRecord), credits, updatedAt: now }, false);
+      else this.putIdentity({ ...(rec as IdentityRecord), credits, updatedAt: now }, false);
       return credits;
     });
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult> {
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
     return this.tx(() => {
-      const isKey = "keyId" in target;
-      const rec = isKey
-        ? this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", target.keyId)
-        : this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", target.identityId);
+      const { rec, isKey, gone } = this.creditsRecord(target);
+      if (gone) return { ok: false, remaining: 0 };
       if (!rec || !rec.credits) return { ok: true as const, remaining: null };
       const { ok, credits, changed } = spendFromBalance(rec.credits, cost, refill);
       if (changed) {
@@ -329,7 +383,19 @@ export class SqliteStore implements Store {
         if (isKey) this.stmt("UPDATE keys SET doc = ? WHERE id = ?").run(doc, rec.id);
         else this.stmt("UPDATE identities SET doc = ? WHERE id = ?").run(doc, rec.id);
       }
-      return { ok, remaining: credits.remaining };
+      return { ok, remaining: credits.remaining, refilledAt: credits.refill?.lastRefillAt ?? null };
+    }, signal);
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    return this.tx(() => {
+      const { rec, isKey } = this.creditsRecord(target);
+      if (!rec?.credits || (rec.credits.refill?.lastRefillAt ?? null) !== refilledAt) return false;
+      const credits = { ...rec.credits, remaining: Math.min(rec.credits.remaining + cost, Number.MAX_SAFE_INTEGER) };
+      const doc = JSON.stringify({ ...rec, credits });
+      if (isKey) this.stmt("UPDATE keys SET doc = ? WHERE id = ?").run(doc, rec.id);
+      else this.stmt("UPDATE identities SET doc = ? WHERE id = ?").run(doc, rec.id);
+      return true;
     });
   }
 
@@ -349,7 +415,7 @@ export class SqliteStore implements Store {
   }
 
   async pruneChanges(olderThanMs: number): Promise<void> {
-    this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
+    await this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
@@ -389,11 +455,11 @@ export class SqliteStore implements Store {
   }
 
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
-    this.tx(() => this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, before));
+    await this.tx(() => this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, before));
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {
-    this.tx(() => this.stmt("INSERT INTO root_keys (id, hash, doc) VALUES (?, ?, ?)").run(rec.id, rec.hash, JSON.stringify(rec)));
+    await this.tx(() => this.stmt("INSERT INTO root_keys (id, hash, doc) VALUES (?, ?, ?)").run(rec.id, rec.hash, JSON.stringify(rec)));
   }
 
   async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {

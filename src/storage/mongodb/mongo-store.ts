@@ -1,6 +1,5 @@
-import { randomBytes } from "node:crypto";
 import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, UnavailableError } from "../../domain/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -14,7 +13,8 @@ import type {
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
-import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
+import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
+import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 
@@ -25,20 +25,36 @@ import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
  * (strings checked against the input patterns, numbers), never from a caller's
  * object, so no request can inject a query operator.
  */
-type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string };
-type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
+/**
+ * `_fence`: the document's write counter, checked by fenced writes (see
+ * lease-lock.ts). `creditsSeq`: the credit ledger's sequence number of the
+ * balance last written here (src/storage/redis-credits.ts).
+ */
+type StoreFields = { [FENCE]?: number; creditsSeq?: number };
+type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
+type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
 type CounterDoc = { _id: string; seq: number };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
 type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
-type LockDoc = { _id: string; token: string; until: number };
 type ActivityDoc = { _id: string; lastUsedAt: number };
+/** The document holding a balance, as the credit methods read it. */
+type CreditsDoc = { _id: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
 
-/** How long a lock is held at most before another writer may take it over. */
-const LOCK_LEASE_MS = 10_000;
-/** How long a writer waits for a lock before answering UNAVAILABLE. */
-const LOCK_WAIT_MS = 5_000;
+/** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
+type PendingSpend = {
+  cost: number;
+  refill: RefillDue | null;
+  signal?: AbortSignal;
+  resolve: (r: SpendResult) => void;
+  reject: (err: unknown) => void;
+};
+
+/** How many reroll moves a key's balance is followed through. */
+const MAX_CREDIT_HOPS = 8;
+/** How often a conditional credit write is tried again after a concurrent write changed its document. */
+const MAX_CAS_TRIES = 20;
 type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
 
 /** The stored form of an identity (exported for bulk seeding in the benchmark). */
@@ -47,7 +63,7 @@ export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
 function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
-  const { _id, meta, ...rest } = d;
+  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 /** The stored form of a key (exported for bulk seeding in the benchmark). */
@@ -56,7 +72,7 @@ export function toKeyDoc(r: KeyRecord): KeyDoc {
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
 function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, meta, ...rest } = d;
+  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
@@ -105,6 +121,18 @@ export interface MongoStoreOptions {
   serverSelectionTimeoutMs?: number;
   /** Lease of a usage writer slot (usage-slots.ts); default 60 s. */
   usageLeaseMs?: number;
+  /**
+   * How credits are written. "conditional": one conditional update per spend
+   * (`remaining ≥ cost` in the filter, `$inc` in the update) and compare-and-set
+   * on the document's write counter for other credit writes, no lock — relies on
+   * MongoDB applying a single-document update with its filter atomically.
+   * "locked": read and fenced write under the lease lock — for FerretDB, whose
+   * updates are a read and a write. Default: by server ("locked" on FerretDB).
+   * Tests force "conditional" on FerretDB with one writer.
+   */
+  creditWrites?: "conditional" | "locked";
+  /** Lock tuning (tests): see lease-lock.ts. */
+  lock?: { leaseMs?: number; waitMs?: number; queueMax?: number };
 }
 
 /**
@@ -132,14 +160,20 @@ export class MongoStore implements Store {
   private changes!: Collection<ChangeDoc>;
   private usage!: Collection<UsageDoc>;
   private locks!: Collection<LockDoc>;
+  private lockManager!: LockManager;
   private activity!: Collection<ActivityDoc>;
   private usageWriters!: Collection<SlotDoc>;
   /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
   private readonly usageSlots: ReturnType<typeof createUsageSlots>;
-  /** In-process queue per lock name, so this process never races itself for a lock. */
-  private readonly localLocks = new Map<string, Promise<void>>();
   /** "ferretdb" when the server is FerretDB (see `init`). */
   flavor: "mongodb" | "ferretdb" = "mongodb";
+  /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
+  creditWrites: "conditional" | "locked" = "locked";
+
+  /** The database this store uses. */
+  get database(): string {
+    return this.opts.database;
+  }
 
   constructor(private readonly opts: MongoStoreOptions) {
     this.usageSlots = createUsageSlots(() => this.usageWriters, { leaseMs: opts.usageLeaseMs });
@@ -178,9 +212,11 @@ export class MongoStore implements Store {
       this.changes = this.db.collection<ChangeDoc>("changes");
       await this.changes.createIndex({ at: 1 }, { name: "at" });
       this.locks = this.db.collection<LockDoc>("locks");
+      this.lockManager = createLockManager(this.locks, this.opts.lock);
       this.activity = this.db.collection<ActivityDoc>("key_activity");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
       this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
+      this.creditWrites = this.opts.creditWrites ?? (this.flavor === "ferretdb" ? "locked" : "conditional");
       this.usage = this.db.collection<UsageDoc>("usage");
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
@@ -203,42 +239,11 @@ export class MongoStore implements Store {
   }
 
   /**
-   * Runs `fn` holding the lock `name`: first in this process (a promise queue),
-   * then across processes (a lock document taken by a unique insert, with a
-   * lease after which a crashed holder's lock is taken over).
+   * Runs `fn` holding the lock `name` (lease-lock.ts): in this process, then
+   * across processes. Writes `fn` makes to a locked document must be fenced.
    */
-  private async locked<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.localLocks.get(name) ?? Promise.resolve();
-    let release!: () => void;
-    const mine = new Promise<void>((r) => (release = r));
-    const tail = prev.then(() => mine);
-    this.localLocks.set(name, tail);
-    await prev;
-    try {
-      const token = randomBytes(8).toString("hex");
-      const deadline = Date.now() + LOCK_WAIT_MS;
-      for (let attempt = 0; ; attempt++) {
-        const now = Date.now();
-        try {
-          await this.locks.insertOne({ _id: name, token, until: now + LOCK_LEASE_MS });
-          break;
-        } catch (err) {
-          if (!isDuplicateKey(err)) throw err;
-          const holder = await this.locks.findOne({ _id: name });
-          if (holder && holder.until < now) await this.locks.deleteOne({ _id: name, token: holder.token });
-          if (now > deadline) throw new UnavailableError(`busy: ${name} stayed locked`);
-          await new Promise((r) => setTimeout(r, Math.min(25, 1 + attempt * 2) * Math.random()));
-        }
-      }
-      try {
-        return await fn();
-      } finally {
-        await this.locks.deleteOne({ _id: name, token }).catch(() => undefined);
-      }
-    } finally {
-      release();
-      if (this.localLocks.get(name) === tail) this.localLocks.delete(name);
-    }
+  private locked<T>(name: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.lockManager.locked(name, fn, signal);
   }
 
   /**
@@ -308,7 +313,9 @@ export class MongoStore implements Store {
 
   async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
     const d = await this.run(() =>
-      this.locked(`identity:${id}`, () => this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
+      this.locked(`identity:${id}`, () =>
+        this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { [FENCE]: 1 } }, { returnDocument: "after" }),
+      ),
     );
     if (!d) return null;
     await this.run(() => this.recordChange("identity", id, null));
@@ -328,7 +335,7 @@ export class MongoStore implements Store {
       } else {
         for (const k of affected) {
           const res = await this.locked(`key:${k._id}`, () =>
-            this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } }),
+            this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { [FENCE]: 1 } }),
           );
           unlinkedKeys += res.modifiedCount;
         }
@@ -348,7 +355,7 @@ export class MongoStore implements Store {
 
   async getKey(id: string): Promise<KeyRecord | null> {
     const d = await this.run(() => this.keys.findOne({ _id: id }));
-    return d ? (await this.withLastUsed([fromKeyDoc(d)]))[0] : null;
+    return d ? (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0] : null;
   }
 
   /** Adds last-used times, kept apart from key documents (see the class comment). */
@@ -359,9 +366,21 @@ export class MongoStore implements Store {
     return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
   }
 
+  /** A key whose balance moved by a reroll shows the balance it spends from (none once that key is gone). */
+  private async withMovedBalances(keys: KeyRecord[]): Promise<KeyRecord[]> {
+    if (!keys.some((k) => k.creditsKeyId)) return keys;
+    return Promise.all(
+      keys.map(async (k) => {
+        if (!k.creditsKeyId) return k;
+        const { doc } = await this.balanceHolder({ keyId: k.id });
+        return { ...k, credits: doc?.credits ?? { remaining: 0, refill: null } };
+      }),
+    );
+  }
+
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
     const d = await this.run(() => this.keys.findOne({ hash }));
-    return d ? fromKeyDoc(d) : null;
+    return d ? (await this.withMovedBalances([fromKeyDoc(d)]))[0] : null;
   }
 
   async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
@@ -369,16 +388,16 @@ export class MongoStore implements Store {
     if (filter.apiId !== undefined) q.apiId = filter.apiId;
     if (filter.identityId !== undefined) q.identityId = filter.identityId;
     const docs = await this.run(() => this.keys.find(q).sort({ _id: 1 }).limit(page.limit).toArray());
-    return this.withLastUsed(docs.map(fromKeyDoc));
+    return this.withMovedBalances(await this.withLastUsed(docs.map(fromKeyDoc)));
   }
 
   async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
-    const d = await this.run(() =>
-      this.locked(`key:${id}`, () => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
-    );
+    // New credits are the key's own, also for a key whose balance had moved by a reroll.
+    const update = { $set: setOf(patch, now), $inc: { [FENCE]: 1 }, ...(patch.credits !== undefined ? { $unset: { creditsKeyId: "" as const } } : {}) };
+    const d = await this.run(() => this.locked(`key:${id}`, () => this.keys.findOneAndUpdate({ _id: id }, update, { returnDocument: "after" })));
     if (!d) return null;
     await this.run(() => this.recordChange("key", id, d.hash));
-    return (await this.withLastUsed([fromKeyDoc(d)]))[0];
+    return (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0];
   }
 
   async deleteKey(id: string): Promise<boolean> {
@@ -389,61 +408,349 @@ export class MongoStore implements Store {
     return true;
   }
 
-  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
-    if (!(await this.getKey(oldId))) return false;
-    await this.createKey(next);
-    try {
-      const res = await this.run(() =>
-        this.locked(`key:${oldId}`, () => this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } })),
-      );
-      if (res) {
-        await this.run(() => this.recordChange("key", oldId, res.hash));
-        return true;
-      }
-      await this.deleteKey(next.id); // the old key vanished meanwhile
-      return false;
-    } catch (err) {
-      await this.keys.deleteOne({ _id: next.id }).catch(() => undefined);
-      throw err;
-    }
+  /**
+   * The new key is stored with the old key's balance as it is, then the old key
+   * is pointed at it (`creditsKeyId`) by a compare-and-set on its write counter:
+   * a spend that landed in between (conditional writes take no lock) makes the
+   * set fail, and the balance is taken again. The new key's plaintext is not yet
+   * known to anyone, so nothing spends from it before the move. A crash half-way
+   * leaves a new key nobody holds the secret of, never two live balances.
+   */
+  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
+    const { creditsKeyId: _ignored, ...base } = next;
+    // A key that itself spends from another passes that on; else its own balance moves.
+    const withBalanceOf = (o: KeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
+    return this.run(() =>
+      this.locked(`key:${oldId}`, async () => {
+        let old = await this.keys.findOne({ _id: oldId });
+        if (!old) return null;
+        let stored = withBalanceOf(old);
+        await this.createKey(stored);
+        try {
+          for (let tries = 0; ; tries++) {
+            const moves = old.credits !== null && !old.creditsKeyId;
+            const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
+            const res = await this.keys.updateOne({ _id: oldId, ...fenceFilter(old) }, { $set: moved, $inc: { [FENCE]: 1 } });
+            if (res.matchedCount === 1) break;
+            old = await this.keys.findOne({ _id: oldId });
+            if (!old || tries >= MAX_CAS_TRIES) {
+              await this.deleteKey(next.id);
+              if (!old) return null;
+              throw new UnavailableError("the key's balance kept changing during the reroll; retry");
+            }
+            stored = withBalanceOf(old);
+            await this.keys.updateOne({ _id: next.id }, { $set: { credits: stored.credits } });
+          }
+        } catch (err) {
+          await this.keys.deleteOne({ _id: next.id }).catch(() => undefined);
+          throw err;
+        }
+        await this.recordChange("key", oldId, old.hash);
+        return (await this.withMovedBalances([stored]))[0];
+      }),
+    );
   }
 
   private creditsColl(target: CreditsTarget) {
     return {
-      coll: ("keyId" in target ? this.keys : this.identities) as unknown as Collection<{ _id: string; credits: Credits | null; hash?: string }>,
+      coll: ("keyId" in target ? this.keys : this.identities) as unknown as Collection<CreditsDoc>,
       id: "keyId" in target ? target.keyId : target.identityId,
       lock: "keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`,
     };
   }
 
-  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number): Promise<Credits | null | undefined> {
-    const { coll, id, lock } = this.creditsColl(target);
-    return this.run(async () => {
-      const res = await this.locked(lock, async () => {
+  /**
+   * The document holding the balance of `target`: for a key, itself or the key
+   * its balance moved to by a reroll (followed through a chain). `gone` when the
+   * balance moved to a key that no longer exists; `doc` null when the target
+   * does not exist.
+   */
+  private async balanceHolder(target: CreditsTarget): Promise<{ target: CreditsTarget; doc: CreditsDoc | null; gone: boolean }> {
+    let { coll, id } = this.creditsColl(target);
+    let doc = await coll.findOne({ _id: id });
+    if (!("keyId" in target)) return { target, doc, gone: false };
+    for (let hops = 0; doc?.creditsKeyId && hops < MAX_CREDIT_HOPS; hops++) {
+      id = doc.creditsKeyId;
+      doc = await coll.findOne({ _id: id });
+      if (!doc) return { target: { keyId: id }, doc: null, gone: true };
+    }
+    return { target: { keyId: id }, doc, gone: false };
+  }
+
+  /**
+   * A read-modify-write of a balance: `compute` gets the holder's document and
+   * returns the new credits. "locked": under the holder's lease lock, with a
+   * fenced write — a miss means this process lost the lock, and nothing is
+   * written. "conditional": no lock, a compare-and-set on the write counter,
+   * tried again when a concurrent write moved it.
+   */
+  private async rmwCredits<T>(
+    target: CreditsTarget,
+    compute: (doc: CreditsDoc) => { credits: Credits | null; result: T },
+    opts: { updatedAt?: number } = {},
+  ): Promise<{ result: T; doc: CreditsDoc } | "missing" | "gone"> {
+    let current = target;
+    for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
+      const { coll, id, lock } = this.creditsColl(current);
+      const attempt = async () => {
         const cur = await coll.findOne({ _id: id });
-        if (!cur) return undefined;
-        const credits = applyCreditsOp(cur.credits, op);
-        await coll.updateOne({ _id: id }, { $set: { credits, updatedAt: now } });
-        return { credits, hash: cur.hash ?? null };
-      });
-      if (!res) return undefined;
-      await this.recordChange("keyId" in target ? "key" : "identity", id, res.hash);
-      return res.credits;
+        if (!cur) return hops === 0 ? ("missing" as const) : ("gone" as const);
+        if (cur.creditsKeyId) return { moved: cur.creditsKeyId };
+        const { credits, result } = compute(cur);
+        const set = { credits, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
+        const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: { [FENCE]: 1 } });
+        if (res.matchedCount === 1) return { result, doc: cur };
+        if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
+        return "retry" as const;
+      };
+      const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
+      if (out === "missing" || out === "gone") return out;
+      if (out === "retry") continue;
+      if ("moved" in out) {
+        if (++hops > MAX_CREDIT_HOPS) return "gone";
+        current = { keyId: out.moved! };
+        continue;
+      }
+      return out;
+    }
+    throw new UnavailableError("the balance kept changing; retry");
+  }
+
+  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
+    return this.run(async () => {
+      const out = await this.rmwCredits(
+        target,
+        (doc) => {
+          const credits = applyCreditsOp(doc.credits, op, refill);
+          return { credits, result: credits };
+        },
+        { updatedAt: now },
+      );
+      if (out === "missing") return undefined;
+      if (out === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+      const holder = "keyId" in target ? "key" : "identity";
+      await this.recordChange(holder, out.doc._id, out.doc.hash ?? null);
+      return out.result;
     });
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null): Promise<SpendResult> {
-    const { coll, id, lock } = this.creditsColl(target);
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
     return this.run(() =>
-      this.locked(lock, async (): Promise<SpendResult> => {
-        const cur = await coll.findOne({ _id: id });
-        if (!cur?.credits) return { ok: true, remaining: null };
-        // Under the lock, the refill time is a plain check: each period refills once.
-        const { ok, credits, changed } = spendFromBalance(cur.credits, cost, refill);
-        if (changed) await coll.updateOne({ _id: id }, { $set: { credits } });
-        return { ok, remaining: credits.remaining };
-      }),
+      this.creditWrites === "conditional" ? this.spendConditionally(target, cost, refill, signal) : this.spendLocked(target, { cost, refill, signal }),
     );
+  }
+
+  /** Spends waiting in this process for one balance, applied together in one locked read and write. */
+  private readonly spendBatches = new Map<string, PendingSpend[]>();
+
+  /**
+   * FerretDB: spends under the balance's lease lock. Spends of one balance that
+   * arrive while one is in progress are queued and applied together, in order,
+   * in the next lock cycle: one read and one fenced write for all of them (each
+   * checked against the balance left by those before it; a spend whose signal
+   * aborted by then is left out). The queue is bounded: past 16 × `queueMax`
+   * (1,024) a spend is refused at once (UNAVAILABLE).
+   */
+  private spendLocked(target: CreditsTarget, spend: Omit<PendingSpend, "resolve" | "reject">, hops = 0): Promise<SpendResult> {
+    const { lock } = this.creditsColl(target);
+    const queued = this.spendBatches.get(lock);
+    if (queued && queued.length >= (this.opts.lock?.queueMax ?? 64) * 16) {
+      return Promise.reject(new UnavailableError(`busy: ${queued.length} spends already wait for ${lock}; retry`));
+    }
+    return new Promise<SpendResult>((resolve, reject) => {
+      // A spend whose verification is cancelled while it waits answers at once; the
+      // batch leaves it out (it checks the signal at its commit point).
+      const onAbort = () => reject(spend.signal!.reason);
+      spend.signal?.addEventListener("abort", onAbort, { once: true });
+      const settle = <A>(f: (a: A) => void) => (a: A) => {
+        spend.signal?.removeEventListener("abort", onAbort);
+        f(a);
+      };
+      const pending: PendingSpend = { ...spend, resolve: settle(resolve), reject: settle(reject) };
+      if (queued) {
+        queued.push(pending);
+        return;
+      }
+      this.spendBatches.set(lock, [pending]);
+      void this.runSpendBatches(target, lock, hops);
+    });
+  }
+
+  private async runSpendBatches(target: CreditsTarget, lock: string, hops: number): Promise<void> {
+    const { coll, id } = this.creditsColl(target);
+    for (;;) {
+      const batch = this.spendBatches.get(lock)!;
+      if (batch.length === 0) {
+        this.spendBatches.delete(lock);
+        return;
+      }
+      this.spendBatches.set(lock, []);
+      try {
+        const moved = await this.locked(lock, async () => {
+          const cur = await coll.findOne({ _id: id });
+          if (!cur) {
+            for (const p of batch) p.resolve(hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 });
+            return null;
+          }
+          if (cur.creditsKeyId) return cur.creditsKeyId;
+          if (!cur.credits) {
+            for (const p of batch) p.resolve({ ok: true, remaining: null });
+            return null;
+          }
+          // The commit point of each spend: it is left out once its signal aborted.
+          let credits = cur.credits;
+          let changed = false;
+          const results: [PendingSpend, SpendResult][] = [];
+          for (const p of batch) {
+            if (p.signal?.aborted) {
+              p.reject(p.signal.reason);
+              continue;
+            }
+            const r = spendFromBalance(credits, p.cost, p.refill);
+            credits = r.credits;
+            changed ||= r.changed;
+            results.push([p, { ok: r.ok, remaining: r.credits.remaining, refilledAt: r.credits.refill?.lastRefillAt ?? null }]);
+          }
+          if (changed) {
+            const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: { credits }, $inc: { [FENCE]: 1 } });
+            if (res.matchedCount !== 1) throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
+          }
+          for (const [p, r] of results) p.resolve(r);
+          return null;
+        });
+        if (moved !== null) {
+          // The balance moved by a reroll: these spends go to the key it moved to.
+          for (const p of batch) {
+            if (hops >= MAX_CREDIT_HOPS) p.resolve({ ok: false, remaining: 0 });
+            else this.spendLocked({ keyId: moved }, p, hops + 1).then(p.resolve, p.reject);
+          }
+        }
+      } catch (err) {
+        for (const p of batch) p.reject(err);
+      }
+    }
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    const samePeriod = (c: Credits | null) => !!c && (c.refill?.lastRefillAt ?? null) === refilledAt;
+    if (this.creditWrites === "locked") {
+      const out = await this.run(() =>
+        this.rmwCredits(target, (doc) => {
+          if (!samePeriod(doc.credits)) return { credits: doc.credits, result: false };
+          return { credits: { ...doc.credits!, remaining: doc.credits!.remaining + cost }, result: true };
+        }),
+      );
+      return typeof out === "object" && out.result;
+    }
+    // MongoDB: one conditional $inc, on the holder of the balance.
+    let { coll, id } = this.creditsColl(target);
+    return this.run(async () => {
+      for (let hops = 0; hops <= MAX_CREDIT_HOPS; hops++) {
+        const filter: Record<string, unknown> = { _id: id, creditsKeyId: null, credits: { $ne: null } };
+        if (refilledAt === null) filter["credits.refill"] = null;
+        else filter["credits.refill.lastRefillAt"] = refilledAt;
+        const res = await coll.updateOne(filter, { $inc: { "credits.remaining": cost, [FENCE]: 1 } });
+        if (res.matchedCount === 1) return true;
+        const cur = await coll.findOne({ _id: id });
+        if (!cur?.creditsKeyId) return false;
+        id = cur.creditsKeyId;
+      }
+      return false;
+    });
+  }
+
+  /**
+   * For the credit ledger (redis-credits.ts): one document's balance as stored —
+   * its credits, where its balance moved (`creditsKeyId`) and the ledger
+   * sequence last written (`seq`, 0 when never). Null when it does not exist.
+   */
+  async readCreditsHolder(target: CreditsTarget): Promise<{ credits: Credits | null; creditsKeyId: string | null; seq: number } | null> {
+    const { coll, id } = this.creditsColl(target);
+    const d = await this.run(() => coll.findOne({ _id: id }));
+    return d ? { credits: d.credits, creditsKeyId: d.creditsKeyId ?? null, seq: d.creditsSeq ?? 0 } : null;
+  }
+
+  /**
+   * For the credit ledger: writes a balance (`remaining` null: unlimited; the
+   * refill rule stays the document's, with `lastRefillAt`) if `seq` is newer
+   * than the one written last — so flushes from several instances, in any order,
+   * never go back. Under the lease lock (fenced) in "locked" mode, a
+   * compare-and-set otherwise. "stale": a newer balance is there, or the balance
+   * moved away by a reroll; "missing": no such document.
+   */
+  async persistCredits(
+    target: CreditsTarget,
+    state: { remaining: number | null; lastRefillAt?: number },
+    seq: number,
+    opts: { updatedAt?: number; recordChange?: boolean } = {},
+  ): Promise<"written" | "stale" | "missing"> {
+    const { coll, id, lock } = this.creditsColl(target);
+    const attempt = async () => {
+      const cur = await coll.findOne({ _id: id });
+      if (!cur) return "missing" as const;
+      if (cur.creditsKeyId || (cur.creditsSeq ?? 0) >= seq) return "stale" as const;
+      const refill = cur.credits?.refill ?? null;
+      const credits: Credits | null =
+        state.remaining === null ? null : { remaining: state.remaining, refill: refill ? { ...refill, lastRefillAt: state.lastRefillAt ?? refill.lastRefillAt } : null };
+      const set = { credits, creditsSeq: seq, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
+      const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: { [FENCE]: 1 } });
+      if (res.matchedCount === 1) return { hash: cur.hash ?? null };
+      if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
+      return "retry" as const;
+    };
+    return this.run(async () => {
+      for (let tries = 0; tries < MAX_CAS_TRIES; tries++) {
+        const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
+        if (out === "retry") continue;
+        if (typeof out === "string") return out;
+        if (opts.recordChange) await this.recordChange("keyId" in target ? "key" : "identity", id, out.hash);
+        return "written";
+      }
+      throw new UnavailableError(`the balance of ${lock} kept changing; retry`);
+    });
+  }
+
+  /**
+   * MongoDB: one conditional update per spend in the common case — `remaining ≥
+   * cost` (and, when a refill may be due, "already refilled for this period") in
+   * the filter, `$inc` in the update. It relies on MongoDB applying a single
+   * document's update with its filter atomically; the refill is a compare-and-set
+   * on the refill time. Also run on FerretDB in CI, with one writer.
+   */
+  private async spendConditionally(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+    let { coll, id } = this.creditsColl(target);
+    let due = refill;
+    for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
+      const filter: Record<string, unknown> = { _id: id, creditsKeyId: null, "credits.remaining": { $gte: cost } };
+      if (due) filter["credits.refill.lastRefillAt"] = { $gte: due.periodStart };
+      signal?.throwIfAborted(); // the commit point
+      // No projection: FerretDB does not implement one on findAndModify.
+      const spent = await coll.findOneAndUpdate(filter, { $inc: { "credits.remaining": -cost, [FENCE]: 1 } }, { returnDocument: "after" });
+      if (spent?.credits) return { ok: true, remaining: spent.credits.remaining, refilledAt: spent.credits.refill?.lastRefillAt ?? null };
+      // Why not: no such document, moved, unlimited, a refill due, or not enough left.
+      const cur = await coll.findOne({ _id: id }, { projection: { credits: 1, creditsKeyId: 1 } });
+      if (!cur) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
+      if (cur.creditsKeyId) {
+        if (++hops > MAX_CREDIT_HOPS) break;
+        id = cur.creditsKeyId;
+        continue;
+      }
+      if (!cur.credits) return { ok: true, remaining: null };
+      const last = cur.credits.refill?.lastRefillAt;
+      if (due && last !== undefined && last < due.periodStart) {
+        await coll.updateOne(
+          { _id: id, "credits.refill.lastRefillAt": last },
+          { $set: { "credits.remaining": due.amount, "credits.refill.lastRefillAt": due.periodStart }, $inc: { [FENCE]: 1 } },
+        );
+        continue;
+      }
+      if (due && (last === undefined || last >= due.periodStart)) {
+        due = null; // refilled already (or no refill rule): retry without the refill condition
+        if (cur.credits.remaining >= cost) continue;
+      }
+      if (cur.credits.remaining < cost) return { ok: false, remaining: cur.credits.remaining };
+    }
+    throw new UnavailableError("the balance kept changing; retry");
   }
 
   async changesSince(afterSeq: number, limit: number): Promise<Change[]> {

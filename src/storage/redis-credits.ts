@@ -1,0 +1,513 @@
+import type { Redis } from "ioredis";
+import { applyCreditsOp, type RefillDue } from "../domain/credits.js";
+import { FailedPreconditionError, UnavailableError } from "../domain/errors.js";
+import type {
+  Credits,
+  CreditsOp,
+  CreditsTarget,
+  IdentityPatch,
+  IdentityRecord,
+  KeyPatch,
+  KeyRecord,
+  RootKeyRecord,
+} from "../domain/types.js";
+import type { Logger } from "../server/logger.js";
+import type { UsageQuery, UsageRow } from "../usage/types.js";
+import type { MongoStore } from "./mongodb/mongo-store.js";
+import type { Change, KeyFilter, PageQuery, SpendResult, Store } from "./store.js";
+
+/*
+ * Credit balances held in Redis, in front of the MongoDB store: the "redis"
+ * credits backend (LATCHKEY_CREDITS_BACKEND). See docs/credits.md.
+ *
+ * While a balance is loaded in Redis, Redis holds it: a spend is one Lua script
+ * (refill if due, then spend if it fits — the rule of domain/credits.ts, kept in
+ * step by the shared store tests), atomic in Redis, so every instance draws from
+ * one balance without a lock. Every change increments the balance's sequence
+ * number `n` and marks it dirty; every instance writes dirty balances back to
+ * MongoDB every LATCHKEY_CREDITS_FLUSH_MS, conditionally on `n` (never going
+ * back), and unmarks a balance only if it did not change meanwhile. Updates
+ * (UpdateCredits, credits set by UpdateKey/UpdateIdentity, rerolls) go through
+ * Redis too and are written through to MongoDB before they are acknowledged.
+ *
+ * A balance not in Redis is loaded from MongoDB by the first call that needs
+ * it (an insert-if-absent: concurrent loaders agree). Keys are never given a
+ * TTL; Redis must not evict them (noeviction or a volatile-* policy).
+ *
+ * What a crash costs: a Latchkey instance killed at any point loses nothing —
+ * the balance lives in Redis, and any instance writes it back. Redis losing its
+ * data (restart without persistence) reloads balances from MongoDB as last
+ * written back: the spends of at most one flush interval are forgotten and may
+ * be spent again (with appendfsync everysec: of about a second).
+ */
+
+/** State fields of a balance in Redis: r remaining, u unlimited, lr last refill, to moved-to key id, n sequence. */
+const SPEND = `
+local key = KEYS[1]
+local cost = tonumber(ARGV[2])
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
+  if not st[5] then return {'miss', string.sub(key, string.len(ARGV[1]) + 1)} end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  elseif st[2] then
+    return {'unl'}
+  else
+    local r = tonumber(st[1])
+    local lr = st[3] or ''
+    local changed = false
+    if ARGV[3] ~= '' and st[3] and tonumber(st[3]) < tonumber(ARGV[3]) then
+      r = tonumber(ARGV[4])
+      lr = ARGV[3]
+      redis.call('hset', key, 'lr', lr)
+      changed = true
+    end
+    local ok = r >= cost
+    if ok and cost > 0 then
+      r = r - cost
+      changed = true
+    end
+    if changed then
+      redis.call('hset', key, 'r', r)
+      redis.call('hincrby', key, 'n', 1)
+      redis.call('zadd', KEYS[2], 'NX', ARGV[5], string.sub(key, string.len(ARGV[1]) + 1))
+    end
+    if ok then return {'ok', r, lr} end
+    return {'no', r, lr}
+  end
+end
+return {'gone'}
+`;
+
+/**
+ * Gives back a spend (see Store.returnCredits): follows moves; adds ARGV[2] to
+ * a limited balance whose refill time is still ARGV[3] ('' for none).
+ */
+const RETURN = `
+local key = KEYS[1]
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
+  if not st[5] then return 0 end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  elseif st[2] or not st[1] or (st[3] or '') ~= ARGV[3] then
+    return 0
+  else
+    redis.call('hincrby', key, 'r', ARGV[2])
+    redis.call('hincrby', key, 'n', 1)
+    redis.call('zadd', KEYS[2], 'NX', ARGV[4], string.sub(key, string.len(ARGV[1]) + 1))
+    return 1
+  end
+end
+return 0
+`;
+
+/** Loads a balance if absent. ARGV: n, then field/value pairs. */
+const LOAD = `
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+redis.call('hset', KEYS[1], 'n', ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+`;
+
+/** Reads a balance, following moves: {'r', r, lr|false, n, member} | {'u', n, member} | {'miss', member} | {'gone'}. */
+const READ = `
+local key = KEYS[1]
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
+  local member = string.sub(key, string.len(ARGV[1]) + 1)
+  if not st[5] then return {'miss', member} end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  elseif st[2] then
+    return {'u', st[5], member}
+  else
+    return {'r', st[1], st[3] or '', st[5], member}
+  end
+end
+return {'gone'}
+`;
+
+/**
+ * Sets a balance: if ARGV[1] (expected n) is '' or equals n, replaces r/u/lr
+ * with the pairs from ARGV[5], drops any move, increments n and marks it dirty.
+ * Returns the new n, or -1 when n had moved.
+ */
+const SET = `
+local n = tonumber(redis.call('hget', KEYS[1], 'n') or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= n then return -1 end
+redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'to')
+for i = 5, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+n = n + 1
+redis.call('hset', KEYS[1], 'n', n)
+redis.call('zadd', KEYS[2], 'NX', ARGV[2], ARGV[3])
+return n
+`;
+
+/**
+ * A reroll: the old key's balance moves to the new key, and the old key points
+ * at it. KEYS: old, new, dirty. ARGV: new key id, now, old member, new member.
+ * Nothing when the old balance is not loaded (MongoDB already holds the move).
+ */
+const MOVE = `
+local st = redis.call('hmget', KEYS[1], 'r', 'u', 'lr', 'to', 'n')
+if not st[5] then return 0 end
+local n = tonumber(st[5]) + 1
+redis.call('del', KEYS[2])
+if st[4] then
+  redis.call('hset', KEYS[2], 'to', st[4], 'n', n)
+  return 1
+end
+if st[2] then redis.call('hset', KEYS[2], 'u', '1') else redis.call('hset', KEYS[2], 'r', st[1]) end
+if st[3] then redis.call('hset', KEYS[2], 'lr', st[3]) end
+redis.call('hset', KEYS[2], 'n', n)
+redis.call('hdel', KEYS[1], 'r', 'u', 'lr')
+redis.call('hset', KEYS[1], 'to', ARGV[1], 'n', n)
+redis.call('zadd', KEYS[3], 'NX', ARGV[2], ARGV[3])
+redis.call('zadd', KEYS[3], 'NX', ARGV[2], ARGV[4])
+return 1
+`;
+
+/** Unmarks a dirty balance if its n is still ARGV[2] (or it is gone). */
+const CLEAN = `
+local n = redis.call('hget', KEYS[2], 'n')
+if not n or n == ARGV[2] then return redis.call('zrem', KEYS[1], ARGV[1]) end
+return 0
+`;
+
+type LedgerRedis = Redis & {
+  lkCreditsSpend(key: string, dirty: string, prefix: string, cost: number, periodStart: string, amount: number, now: number): Promise<[string, number?, string?]>;
+  lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
+  lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
+  lkCreditsRead(key: string, prefix: string): Promise<string[]>;
+  lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, reserved: string, ...pairs: (string | number)[]): Promise<number>;
+  lkCreditsMove(oldKey: string, newKey: string, dirty: string, newId: string, now: number, oldMember: string, newMember: string): Promise<number>;
+  lkCreditsClean(dirty: string, state: string, member: string, n: string): Promise<number>;
+};
+
+export interface RedisCreditsOptions {
+  /** How often dirty balances are written back to MongoDB. */
+  flushMs: number;
+  logger?: Logger;
+  /** Closes the Redis client on close() (when this store created it). */
+  ownsClient?: boolean;
+}
+
+const memberOf = (t: CreditsTarget) => ("keyId" in t ? `k:${t.keyId}` : `i:${t.identityId}`);
+const targetOf = (member: string): CreditsTarget => (member.startsWith("k:") ? { keyId: member.slice(2) } : { identityId: member.slice(2) });
+/** Field/value pairs for a balance. */
+const pairsOf = (c: Credits | null): (string | number)[] => (c === null ? ["u", 1] : ["r", c.remaining, ...(c.refill ? ["lr", c.refill.lastRefillAt] : [])]);
+
+/**
+ * The MongoDB store with its credit balances held in Redis (see the comment at
+ * the top of this file). Everything else is the MongoDB store's.
+ */
+export class RedisCreditsStore implements Store {
+  readonly kind = "mongodb" as const;
+  private readonly redis: LedgerRedis;
+  private prefix = "";
+  private dirty = "";
+  private timer: NodeJS.Timeout | null = null;
+  private flushing: Promise<void> | null = null;
+
+  constructor(
+    readonly inner: MongoStore,
+    redis: Redis,
+    private readonly opts: RedisCreditsOptions,
+  ) {
+    this.redis = redis as LedgerRedis;
+    this.redis.defineCommand("lkCreditsSpend", { numberOfKeys: 2, lua: SPEND });
+    this.redis.defineCommand("lkCreditsLoad", { numberOfKeys: 1, lua: LOAD });
+    this.redis.defineCommand("lkCreditsReturn", { numberOfKeys: 2, lua: RETURN });
+    this.redis.defineCommand("lkCreditsRead", { numberOfKeys: 1, lua: READ });
+    this.redis.defineCommand("lkCreditsSet", { numberOfKeys: 2, lua: SET });
+    this.redis.defineCommand("lkCreditsMove", { numberOfKeys: 3, lua: MOVE });
+    this.redis.defineCommand("lkCreditsClean", { numberOfKeys: 2, lua: CLEAN });
+  }
+
+  private key(member: string): string {
+    return this.prefix + member;
+  }
+
+  /** Runs a Redis call, turning a failure into UNAVAILABLE. */
+  private async r<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof UnavailableError || err instanceof FailedPreconditionError) throw err;
+      throw new UnavailableError(`credits (redis): ${(err as Error).message}`);
+    }
+  }
+
+  async init(): Promise<void> {
+    await this.inner.init();
+    // One namespace per database: deployments (and tests) may share a Redis.
+    this.prefix = `lk:${this.inner.database}:cr:`;
+    this.dirty = `${this.prefix}dirty`;
+    this.timer = setInterval(() => void this.flush().catch((err: Error) => this.opts.logger?.warn({ err: err.message }, "credits write-back failed; retrying")), this.opts.flushMs);
+    this.timer.unref();
+  }
+
+  async ping(): Promise<void> {
+    await this.inner.ping();
+    await this.r(() => this.redis.ping());
+  }
+
+  async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    // Any instance writes balances back; writing this one's share now is a courtesy.
+    await this.flush().catch((err: Error) => this.opts.logger?.warn({ err: err.message }, "credits write-back at close failed; another instance will write them"));
+    if (this.opts.ownsClient) await this.redis.quit().catch(() => this.redis.disconnect());
+    await this.inner.close();
+  }
+
+  /** Loads a balance from MongoDB into Redis if it is not there; false when its document does not exist. */
+  private async load(member: string): Promise<boolean> {
+    const d = await this.inner.readCreditsHolder(targetOf(member));
+    if (!d) return false;
+    const pairs = d.creditsKeyId ? ["to", d.creditsKeyId] : pairsOf(d.credits);
+    await this.r(() => this.redis.lkCreditsLoad(this.key(member), d.seq, ...pairs));
+    return true;
+  }
+
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+    const first = memberOf(target);
+    for (let tries = 0; tries < 10; tries++) {
+      signal?.throwIfAborted(); // the commit point: the script is the write
+      const [status, value, lr] = await this.r(() =>
+        this.redis.lkCreditsSpend(this.key(first), this.dirty, this.prefix, cost, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now()),
+      );
+      const refilledAt = lr ? Number(lr) : null;
+      if (status === "ok") return { ok: true, remaining: Number(value), refilledAt };
+      if (status === "no") return { ok: false, remaining: Number(value), refilledAt };
+      if (status === "unl") return { ok: true, remaining: null };
+      if (status === "gone") return { ok: false, remaining: 0 };
+      const missing = String(value);
+      if (!(await this.load(missing))) return missing === first ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
+    }
+    throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+  }
+
+  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    const given = await this.r(() =>
+      this.redis.lkCreditsReturn(this.key(memberOf(target)), this.dirty, this.prefix, cost, refilledAt === null ? "" : String(refilledAt), Date.now()),
+    );
+    return given === 1;
+  }
+
+  /** The balance behind `member` (following moves), loading what is missing. */
+  private async read(member: string): Promise<{ member: string; n: string; credits: { remaining: number; lastRefillAt: number | null } | null } | "missing" | "gone"> {
+    for (let tries = 0; tries < 10; tries++) {
+      const res = await this.r(() => this.redis.lkCreditsRead(this.key(member), this.prefix));
+      if (res[0] === "r") return { member: res[4], n: res[3], credits: { remaining: Number(res[1]), lastRefillAt: res[2] === "" ? null : Number(res[2]) } };
+      if (res[0] === "u") return { member: res[2], n: res[1], credits: null };
+      if (res[0] === "gone") return "gone";
+      if (!(await this.load(res[1]))) return res[1] === member ? "missing" : "gone";
+    }
+    throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+  }
+
+  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
+    for (let tries = 0; tries < 20; tries++) {
+      const cur = await this.read(memberOf(target));
+      if (cur === "missing") return undefined;
+      if (cur === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+      const holder = targetOf(cur.member);
+      const rule = (await this.inner.readCreditsHolder(holder))?.credits?.refill ?? null;
+      const current: Credits | null = cur.credits && {
+        remaining: cur.credits.remaining,
+        refill: rule && { ...rule, lastRefillAt: cur.credits.lastRefillAt ?? rule.lastRefillAt },
+      };
+      // The rule, from the domain: a due refill first, then the operation.
+      const next = applyCreditsOp(current, op, refill);
+      const n = await this.r(() => this.redis.lkCreditsSet(this.key(cur.member), this.dirty, cur.n, Date.now(), cur.member, "", ...pairsOf(next)));
+      if (n < 0) continue; // a spend changed it meanwhile: again, on the new balance
+      // Written through before it is acknowledged (the write-back would get there too).
+      await this.inner.persistCredits(holder, { remaining: next?.remaining ?? null, lastRefillAt: next?.refill?.lastRefillAt }, n, {
+        updatedAt: now,
+        recordChange: true,
+      });
+      return next;
+    }
+    throw new UnavailableError("credits (redis): the balance kept changing; retry");
+  }
+
+  /** After a write that set a record's credits in MongoDB: Redis takes the new balance. */
+  private async replace(member: string, credits: Credits | null): Promise<void> {
+    await this.r(() => this.redis.lkCreditsSet(this.key(member), this.dirty, "", Date.now(), member, "", ...pairsOf(credits)));
+  }
+
+  /** Records as stored, with the balances Redis holds. */
+  private async overlay<T extends { credits: Credits | null }>(records: T[], memberFor: (r: T) => string | null): Promise<T[]> {
+    const wanted = records.map((rec) => (rec.credits !== null || ("creditsKeyId" in rec && rec.creditsKeyId) ? memberFor(rec) : null));
+    if (wanted.every((m) => m === null)) return records;
+    // Defined commands work in pipelines too (ioredis loads the script when Redis lacks it).
+    const pipeline = this.redis.pipeline() as unknown as { lkCreditsRead(key: string, prefix: string): void; exec(): Promise<[Error | null, unknown][] | null> };
+    for (const m of wanted) if (m !== null) pipeline.lkCreditsRead(this.key(m), this.prefix);
+    const results = await this.r(async () => (await pipeline.exec()) ?? []);
+    let i = 0;
+    return records.map((rec, j) => {
+      if (wanted[j] === null) return rec;
+      const [err, res] = results[i++] as [Error | null, string[]];
+      if (err || !res || res[0] === "miss" || res[0] === "gone") return rec;
+      if (res[0] === "u") return { ...rec, credits: null };
+      const refill = rec.credits?.refill ?? null;
+      return { ...rec, credits: { remaining: Number(res[1]), refill: refill && { ...refill, lastRefillAt: res[2] === "" ? refill.lastRefillAt : Number(res[2]) } } };
+    });
+  }
+
+  private keyMember = (k: KeyRecord) => `k:${k.creditsKeyId ?? k.id}`;
+  private identityMember = (i: IdentityRecord) => `i:${i.id}`;
+
+  private async keys(list: KeyRecord[]): Promise<KeyRecord[]> {
+    return this.overlay(list, this.keyMember);
+  }
+  private async key1(k: KeyRecord | null): Promise<KeyRecord | null> {
+    return k ? (await this.keys([k]))[0] : null;
+  }
+  private async identities(list: IdentityRecord[]): Promise<IdentityRecord[]> {
+    return this.overlay(list, this.identityMember);
+  }
+  private async identity1(i: IdentityRecord | null): Promise<IdentityRecord | null> {
+    return i ? (await this.identities([i]))[0] : null;
+  }
+
+  /** Writes dirty balances back to MongoDB (any instance's); one pass at a time. */
+  flush(): Promise<void> {
+    this.flushing ??= this.flushOnce().finally(() => (this.flushing = null));
+    return this.flushing;
+  }
+
+  private async flushOnce(): Promise<void> {
+    for (;;) {
+      const members = await this.r(() => this.redis.zrangebyscore(this.dirty, "-inf", "+inf", "LIMIT", 0, 200));
+      if (members.length === 0) return;
+      for (let i = 0; i < members.length; i += 16) {
+        await Promise.all(members.slice(i, i + 16).map((m) => this.writeBack(m)));
+      }
+      if (members.length < 200) return;
+    }
+  }
+
+  private async writeBack(member: string): Promise<void> {
+    const [u, r, lr, to, n] = await this.r(() => this.redis.hmget(this.key(member), "u", "r", "lr", "to", "n"));
+    if (n !== null && !to) {
+      const res = await this.inner.persistCredits(targetOf(member), { remaining: u ? null : Number(r), lastRefillAt: lr === null ? undefined : Number(lr) }, Number(n));
+      if (res === "missing") await this.r(() => this.redis.del(this.key(member)));
+    }
+    await this.r(() => this.redis.lkCreditsClean(this.dirty, this.key(member), member, n ?? ""));
+  }
+
+  /** Balances waiting to be written back (all instances'), for tests and metrics. */
+  async pendingWriteBacks(): Promise<number> {
+    return this.r(() => this.redis.zcard(this.dirty));
+  }
+
+  // --- the MongoDB store, with balances from Redis ------------------------------------------
+
+  createIdentity(rec: IdentityRecord): Promise<void> {
+    return this.inner.createIdentity(rec);
+  }
+  async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
+    const res = await this.inner.ensureIdentity(rec);
+    return { ...res, identity: (await this.identity1(res.identity))! };
+  }
+  async getIdentity(id: string): Promise<IdentityRecord | null> {
+    return this.identity1(await this.inner.getIdentity(id));
+  }
+  async getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
+    return this.identity1(await this.inner.getIdentityByExternalId(externalId));
+  }
+  async getIdentities(ids: string[]): Promise<IdentityRecord[]> {
+    return this.identities(await this.inner.getIdentities(ids));
+  }
+  async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
+    return this.identities(await this.inner.listIdentities(page, search));
+  }
+  async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
+    const rec = await this.inner.updateIdentity(id, patch, now);
+    if (rec && patch.credits !== undefined) await this.replace(`i:${id}`, patch.credits);
+    return this.identity1(rec);
+  }
+  async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    // The keys deleted with it take their balances with them.
+    const members = [`i:${id}`];
+    for (let afterId: string | null = null; deleteKeys; ) {
+      const page = await this.inner.listKeys({ identityId: id }, { limit: 100, afterId });
+      members.push(...page.map((k) => `k:${k.id}`));
+      if (page.length < 100) break;
+      afterId = page[page.length - 1].id;
+    }
+    const res = await this.inner.deleteIdentity(id, deleteKeys);
+    if (res) await this.r(() => this.redis.del(...members.map((m) => this.key(m))));
+    return res;
+  }
+  createKey(rec: KeyRecord): Promise<void> {
+    return this.inner.createKey(rec);
+  }
+  async getKey(id: string): Promise<KeyRecord | null> {
+    return this.key1(await this.inner.getKey(id));
+  }
+  async getKeyByHash(hash: string): Promise<KeyRecord | null> {
+    return this.key1(await this.inner.getKeyByHash(hash));
+  }
+  async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
+    return this.keys(await this.inner.listKeys(filter, page));
+  }
+  async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
+    const rec = await this.inner.updateKey(id, patch, now);
+    if (rec && patch.credits !== undefined) await this.replace(`k:${id}`, patch.credits);
+    return this.key1(rec);
+  }
+  async deleteKey(id: string): Promise<boolean> {
+    const deleted = await this.inner.deleteKey(id);
+    if (deleted) await this.r(() => this.redis.del(this.key(`k:${id}`)));
+    return deleted;
+  }
+  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
+    const stored = await this.inner.rerollKey(oldId, next, oldExpiresAt, now);
+    if (!stored) return null;
+    // MongoDB holds the move; Redis moves the live balance (spent meanwhile or not).
+    await this.r(() =>
+      this.redis.lkCreditsMove(this.key(`k:${oldId}`), this.key(`k:${next.id}`), this.dirty, next.id, Date.now(), `k:${oldId}`, `k:${next.id}`),
+    );
+    return this.key1(stored);
+  }
+  changesSince(afterSeq: number, limit: number): Promise<Change[]> {
+    return this.inner.changesSince(afterSeq, limit);
+  }
+  lastChangeSeq(): Promise<number> {
+    return this.inner.lastChangeSeq();
+  }
+  pruneChanges(olderThanMs: number): Promise<void> {
+    return this.inner.pruneChanges(olderThanMs);
+  }
+  writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    return this.inner.writeUsage(rows, batch);
+  }
+  queryUsage(q: UsageQuery): Promise<UsageRow[]> {
+    return this.inner.queryUsage(q);
+  }
+  touchLastUsed(times: Map<string, number>): Promise<void> {
+    return this.inner.touchLastUsed(times);
+  }
+  pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
+    return this.inner.pruneUsage(granularity, before);
+  }
+  createRootKey(rec: RootKeyRecord): Promise<void> {
+    return this.inner.createRootKey(rec);
+  }
+  getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
+    return this.inner.getRootKeyByHash(hash);
+  }
+  listRootKeys(): Promise<RootKeyRecord[]> {
+    return this.inner.listRootKeys();
+  }
+  deleteRootKey(id: string): Promise<boolean> {
+    return this.inner.deleteRootKey(id);
+  }
+  createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
+    return this.inner.createFirstRootKey(rec);
+  }
+}

@@ -1,0 +1,172 @@
+/**
+ * The redis credits backend (src/storage/redis-credits.ts): balances spent in
+ * Redis by one script, written back to MongoDB, shared by every instance. The
+ * credit-writes contract, then what is particular to it: reads show the live
+ * balance, write-back never goes back, any instance writes back what another
+ * left (a killed one), a Redis that lost its data reloads what was written
+ * back. Needs MONGODB_URI and REDIS_URL (skipped locally without, failing in CI).
+ */
+import { Redis } from "ioredis";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import type { KeyRecord } from "../../src/domain/types.js";
+import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
+import { RedisCreditsStore } from "../../src/storage/redis-credits.js";
+import { dropDatabase, randomDatabaseName } from "../support/harness.js";
+import { identityRecord, keyRecord } from "../support/records.js";
+import { describeWith, mongodbUri, redisUrl } from "../verify/support.js";
+import { creditWritesContract } from "./credit-writes-contract.js";
+
+const DAY = 86_400_000;
+const today = Math.floor(Date.now() / DAY) * DAY;
+
+/** One "instance": a MongoDB store with its own Redis client, write-back every `flushMs`. */
+async function instance(database: string, flushMs = 60_000): Promise<RedisCreditsStore> {
+  const client = new Redis(redisUrl()!, { maxRetriesPerRequest: 2 });
+  const store = new RedisCreditsStore(new MongoStore({ uri: mongodbUri()!, database }), client, { flushMs, ownsClient: true });
+  await store.init();
+  return store;
+}
+
+describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
+  describeWith("REDIS_URL", redisUrl(), "on Redis", () => {
+    describe("the credit-writes contract", () =>
+      creditWritesContract(async () => {
+        const database = randomDatabaseName();
+        const store = await instance(database);
+        return {
+          store,
+          close: async () => {
+            await store.close();
+            await dropDatabase(mongodbUri()!, database);
+          },
+        };
+      }, { concurrent: true }));
+
+    describe("write-back and instances", () => {
+      let database: string;
+      const open: RedisCreditsStore[] = [];
+      const start = async (flushMs?: number) => {
+        const s = await instance(database, flushMs);
+        open.push(s);
+        return s;
+      };
+      beforeEach(() => {
+        database = randomDatabaseName();
+      });
+      afterEach(async () => {
+        for (const s of open.splice(0)) await s.close().catch(() => undefined);
+        await dropDatabase(mongodbUri()!, database);
+      });
+      const stored = async (s: RedisCreditsStore, id: string) => (await s.inner.getKey(id))!.credits;
+
+      async function keyWith(s: RedisCreditsStore, remaining: number): Promise<KeyRecord> {
+        const { record } = keyRecord({ credits: { remaining, refill: null } });
+        await s.createKey(record);
+        return record;
+      }
+
+      it("shows the live balance on reads before it is written back, and writes it back on flush", async () => {
+        const a = await start();
+        const k = await keyWith(a, 10);
+        for (let i = 0; i < 3; i++) await a.spendCredits({ keyId: k.id }, 1, null);
+        expect((await a.getKey(k.id))!.credits!.remaining).toBe(7);
+        expect((await a.getKeyByHash(k.hash))!.credits!.remaining).toBe(7);
+        expect((await a.listKeys({}, { limit: 10, afterId: null }))[0].credits!.remaining).toBe(7);
+        expect((await stored(a, k.id))!.remaining, "MongoDB before the write-back").toBe(10);
+        await a.flush();
+        expect((await stored(a, k.id))!.remaining).toBe(7);
+        expect(await a.pendingWriteBacks()).toBe(0);
+      });
+
+      it("admits exactly the balance from 60 concurrent spends on two instances", async () => {
+        const a = await start();
+        const b = await start();
+        const i = identityRecord({ credits: { remaining: 25, refill: null } });
+        await a.createIdentity(i);
+        const res = await Promise.all(Array.from({ length: 60 }, (_, n) => (n % 2 ? a : b).spendCredits({ identityId: i.id }, 1, null)));
+        expect(res.filter((r) => r.ok)).toHaveLength(25);
+        await b.flush();
+        expect((await a.inner.getIdentity(i.id))!.credits!.remaining).toBe(0);
+      });
+
+      it("refills once per period, whichever instance spends first", async () => {
+        const a = await start();
+        const b = await start();
+        const i = identityRecord({ credits: { remaining: 0, refill: { interval: "daily", amount: 10, refillDay: null, lastRefillAt: today - DAY } } });
+        await a.createIdentity(i);
+        const due = { periodStart: today, amount: 10 };
+        const res = await Promise.all(Array.from({ length: 30 }, (_, n) => (n % 2 ? a : b).spendCredits({ identityId: i.id }, 1, due)));
+        expect(res.filter((r) => r.ok)).toHaveLength(10);
+        await a.flush();
+        expect((await a.inner.getIdentity(i.id))!.credits).toEqual({ remaining: 0, refill: { ...i.credits!.refill!, lastRefillAt: today } });
+      });
+
+      it("loses nothing when an instance is gone without writing back: another writes its spends back", async () => {
+        const killed = await start();
+        const k = await keyWith(killed, 10);
+        for (let i = 0; i < 4; i++) await killed.spendCredits({ keyId: k.id }, 1, null);
+        // Gone without a flush (its timer never fires: 60 s).
+        open.splice(open.indexOf(killed), 1);
+        await killed.inner.close();
+        const other = await start();
+        expect((await other.getKey(k.id))!.credits!.remaining).toBe(6);
+        await other.flush();
+        expect((await stored(other, k.id))!.remaining).toBe(6);
+      });
+
+      it("never writes an older balance over a newer one, whatever order write-backs run in", async () => {
+        const a = await start();
+        const b = await start();
+        const k = await keyWith(a, 100);
+        await a.spendCredits({ keyId: k.id }, 1, null);
+        await a.flush();
+        await a.spendCredits({ keyId: k.id }, 1, null);
+        await Promise.all([a.flush(), b.flush(), a.spendCredits({ keyId: k.id }, 1, null)]);
+        await b.flush();
+        expect((await stored(a, k.id))!.remaining).toBe(97);
+        // An old sequence number is refused.
+        expect(await a.inner.persistCredits({ keyId: k.id }, { remaining: 99 }, 1)).toBe("stale");
+        expect((await stored(a, k.id))!.remaining).toBe(97);
+      });
+
+      it("reloads what was written back when Redis lost a balance (the documented bound: one flush interval)", async () => {
+        const a = await start();
+        const k = await keyWith(a, 10);
+        await a.spendCredits({ keyId: k.id }, 3, null);
+        await a.flush();
+        await a.spendCredits({ keyId: k.id }, 2, null); // not written back yet
+        const redis = new Redis(redisUrl()!);
+        await redis.del(`lk:${database}:cr:k:${k.id}`);
+        await redis.quit();
+        expect(await a.spendCredits({ keyId: k.id }, 1, null)).toMatchObject({ ok: true, remaining: 6 });
+      });
+
+      it("writes UpdateCredits through to MongoDB before answering, and a credits change by UpdateKey reaches Redis", async () => {
+        const a = await start();
+        const k = await keyWith(a, 10);
+        await a.spendCredits({ keyId: k.id }, 4, null);
+        expect(await a.updateCredits({ keyId: k.id }, { op: "increment", value: 5 }, Date.now(), null)).toEqual({ remaining: 11, refill: null });
+        expect((await stored(a, k.id))!.remaining).toBe(11);
+        await a.updateKey(k.id, { credits: { remaining: 2, refill: null } }, Date.now());
+        expect(await a.spendCredits({ keyId: k.id }, 2, null)).toMatchObject({ ok: true, remaining: 0 });
+        await a.updateKey(k.id, { credits: null }, Date.now());
+        expect(await a.spendCredits({ keyId: k.id }, 2, null)).toEqual({ ok: true, remaining: null });
+      });
+
+      it("moves the live balance on a reroll: old and new key draw from it", async () => {
+        const a = await start();
+        const b = await start();
+        const old = await keyWith(a, 10);
+        await a.spendCredits({ keyId: old.id }, 3, null); // live in Redis, not written back
+        const { record: next } = keyRecord({ apiId: old.apiId, credits: old.credits });
+        const stored = await a.rerollKey(old.id, next, Date.now() + 60_000, Date.now());
+        expect(stored!.credits!.remaining).toBe(7);
+        expect(await b.spendCredits({ keyId: old.id }, 2, null)).toMatchObject({ ok: true, remaining: 5 });
+        expect(await a.spendCredits({ keyId: next.id }, 5, null)).toMatchObject({ ok: true, remaining: 0 });
+        expect(await b.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: false, remaining: 0 });
+        await a.flush();
+        expect((await a.inner.getKey(next.id))!.credits!.remaining).toBe(0);
+      });
+    });
+  }),
+);
