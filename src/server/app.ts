@@ -28,7 +28,8 @@ export type CoreOptions = Pick<
   | "usageFlushMs"
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
->;
+> &
+  Partial<Pick<Config, "maxHealthWatchers">>;
 
 export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   rootKeyCacheMs: 5000,
@@ -83,7 +84,7 @@ export function createCore(deps: CoreDeps) {
       deps.onVerification?.(v, input, at);
     },
   });
-  const health = new HealthState(store, logger);
+  const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
   const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
@@ -99,6 +100,8 @@ export function createCore(deps: CoreDeps) {
     health,
     services,
     routes: routesOf(services),
+    /** Checks `authorization: Bearer <root key>`; the transport calls it before reading a body. */
+    authenticate,
     interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
     /** Starts following the change feed and counting usage (call once the store is initialised). */
     async start() {
@@ -139,7 +142,16 @@ export function createApp(deps: AppDeps): App {
   const counter = createCounter(config, store, logger);
   const core = createCore({ store, logger, options: config, metrics: deps.metrics, counter: counter.counter });
   const { metrics, health } = core;
-  const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });
+  const server = createServer({
+    routes: core.routes,
+    services: core.services,
+    interceptors: core.interceptors,
+    tls: config.tls,
+    authenticate: core.authenticate,
+    limits: config,
+    logger,
+    metrics,
+  });
   let metricsServer: http.Server | null = null;
 
   return {
