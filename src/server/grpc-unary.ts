@@ -209,6 +209,8 @@ class UnaryCall implements LeanCall {
     this.readMaxBytes = readMaxBytes;
     this.stream.on("data", onData);
     this.stream.on("end", onEnd);
+    // Node ends an empty request body on its own, without a reader: that 'end' may be gone already.
+    if (this.stream.readableEnded) this.end();
   }
 
   refuse(err: ConnectError): void {

@@ -247,7 +247,11 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     if (call) return call.start(isPublic ? limits.publicMaxMessageBytes : limits.maxMessageBytes);
     stream.once("finish", stopUpload);
     try {
-      (isPublic ? connectPublic : connect)(new http2.Http2ServerRequest(stream, headers, {}, rawHeaders), new http2.Http2ServerResponse(stream));
+      const req = new http2.Http2ServerRequest(stream, headers, {}, rawHeaders);
+      // Node ends an empty request body on its own, without a reader; if that
+      // happened while the root key was checked, end the request as Node's compat layer would.
+      if (stream.readableEnded) req.push(null);
+      (isPublic ? connectPublic : connect)(req, new http2.Http2ServerResponse(stream));
     } catch (err) {
       // e.g. a request without :authority, which Connect-Node cannot build a URL for.
       refuseStream(stream, headers, new ConnectError(`cannot serve this request: ${(err as Error).message}`, Code.InvalidArgument));
