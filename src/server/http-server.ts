@@ -101,7 +101,9 @@ type Stream = http2.ServerHttp2Stream & { [SESSION]?: Session };
  * un-started server.
  */
 export function createServer(opts: ServerOptions): LatchkeyServer {
-  const limits: TransportLimits = { ...DEFAULT_LIMITS, ...opts.limits };
+  const given: TransportLimits = { ...DEFAULT_LIMITS, ...opts.limits };
+  // A public service never takes more than any other.
+  const limits: TransportLimits = { ...given, publicMaxMessageBytes: Math.min(given.publicMaxMessageBytes, given.maxMessageBytes) };
   const publicServices = opts.publicServices ?? PUBLIC_SERVICES;
   const authenticate = opts.authenticate;
   const logger = opts.logger;
@@ -160,7 +162,6 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
 
   const h2 = http2.createServer({
     settings: { maxConcurrentStreams: limits.maxConcurrentStreams, maxHeaderListSize: limits.maxHeaderBytes, enablePush: false },
-    maxHeaderListPairs: 256,
   });
   // No 'request' listener on this server: it would make Node build compatibility
   // objects for every stream, including those the lean handler serves.
