@@ -30,7 +30,7 @@ export const SETTINGS = {
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
   maxMessageBytes: { env: "LATCHKEY_MAX_MESSAGE_BYTES", default: "4194304", doc: "Largest message, request or response, on every protocol (gRPC, gRPC-Web, Connect), counted after decompression; larger is RESOURCE_EXHAUSTED." },
   publicMaxMessageBytes: { env: "LATCHKEY_PUBLIC_MAX_MESSAGE_BYTES", default: "65536", doc: "Largest request message to the services that need no root key (health, reflection)." },
-  maxConnections: { env: "LATCHKEY_MAX_CONNECTIONS", default: "1000", doc: "Most open connections on the API port; connections beyond it are closed on arrival." },
+  maxConnections: { env: "LATCHKEY_MAX_CONNECTIONS", default: "1000", doc: "Most open connections on the API port. Past it, the oldest connection that has not sent a request yet is closed to make room (the new one, if every other has sent one)." },
   maxConcurrentStreams: { env: "LATCHKEY_MAX_CONCURRENT_STREAMS", default: "100", doc: "Most concurrent calls on one HTTP/2 connection (advertised to clients; more are refused with REFUSED_STREAM)." },
   maxHeaderBytes: { env: "LATCHKEY_MAX_HEADER_BYTES", default: "16384", doc: "Largest request header block (HTTP/1.1 headers, HTTP/2 header list)." },
   headersTimeoutMs: { env: "LATCHKEY_HEADERS_TIMEOUT_MS", default: "10000", doc: "Time a new connection has to finish its TLS handshake and send the HTTP/2 preface and SETTINGS or the first HTTP/1.1 request headers, and each HTTP/1.1 request its headers; slower connections are closed." },

@@ -81,7 +81,10 @@ const noop = () => undefined;
 
 /** Open streams of an HTTP/2 session, kept on the session itself. */
 const OPEN_STREAMS = Symbol("open streams");
-type Session = http2.ServerHttp2Session & { [OPEN_STREAMS]?: number };
+type Session = http2.ServerHttp2Session & { [OPEN_STREAMS]?: number } & Proven;
+/** The TCP socket under a connection (the same socket without TLS). */
+const RAW = Symbol("raw socket");
+type Proven = { [RAW]?: net.Socket };
 /** The session of a stream: Node clears `stream.session` before the stream's 'close'. */
 const SESSION = Symbol("session");
 type Stream = http2.ServerHttp2Stream & { [SESSION]?: Session };
@@ -176,6 +179,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (session: Session) => {
     session[OPEN_STREAMS] = 0;
+    session[RAW] = dispatching;
     sessions.add(session);
     session.on("error", noop);
     session.setTimeout(limits.idleTimeoutMs, onIdle);
@@ -203,6 +207,10 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     if (session) {
       stream[SESSION] = session;
       session[OPEN_STREAMS] = (session[OPEN_STREAMS] ?? 0) + 1;
+      if (session[RAW]) {
+        fresh.delete(session[RAW]);
+        session[RAW] = undefined;
+      }
     }
     arriving.set(stream, clock);
     const isPublic = publicServices.has(serviceOf(headers[":path"]));
@@ -289,6 +297,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     // closed at shutdown.
     busy.add(req.socket);
     res.once("close", () => busy.delete(req.socket));
+    fresh.delete((req.socket as net.Socket & Proven)[RAW] ?? req.socket);
     // While closing, the socket is closed as soon as this response is done.
     if (closing) res.setHeader("connection", "close");
     const isPublic = publicServices.has(serviceOf(req.url));
@@ -314,15 +323,29 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   // The port: connection cap, protocol choice, headers timeout until then.
 
   const sockets = new Set<net.Socket>();
+  // The cap on connections. Past it, the oldest connection that has not made a
+  // request yet is closed to make room — the new one itself if every other has
+  // made one — so connections that never speak cannot lock real clients out,
+  // and a connection that made a request is never closed for a newcomer.
+  const open = new Set<net.Socket>();
+  const fresh = new Set<net.Socket>(); // raw sockets without a request yet, oldest first
+  /** TLS only: a raw socket by its remote address until its handshake is done. */
+  const handshaking = new Map<string, net.Socket>();
+  const remoteKey = (s: net.Socket) => `${s.remoteAddress}:${s.remotePort}`;
+  let dispatching: net.Socket | undefined;
   const sniffTimeout = function (this: net.Socket) {
     this.destroy();
   };
-  const dispatch = (socket: net.Socket, isH2: boolean) => {
+  const dispatch = (socket: net.Socket & Proven, raw: net.Socket | undefined, isH2: boolean) => {
     // From here on the protocol's own timeouts apply.
     socket.setTimeout(0);
     socket.off("timeout", sniffTimeout);
+    socket[RAW] = raw;
+    // Node creates the HTTP/2 session (and emits 'session') within this emit.
+    dispatching = raw;
     if (isH2) h2.emit("connection", socket);
     else h1.emit("connection", socket);
+    dispatching = undefined;
   };
   let front: net.Server;
   if (opts.tls) {
@@ -336,7 +359,10 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       (socket) => {
         sockets.add(socket);
         socket.on("close", () => sockets.delete(socket));
-        dispatch(socket, socket.alpnProtocol === "h2");
+        const key = remoteKey(socket);
+        const raw = handshaking.get(key);
+        handshaking.delete(key);
+        dispatch(socket, raw, socket.alpnProtocol === "h2");
       },
     );
     front.on("tlsClientError", (_err, socket) => socket.destroy());
@@ -351,7 +377,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
         socket.off("data", onData);
         socket.pause();
         socket.unshift(head);
-        dispatch(socket, isH2);
+        dispatch(socket, socket, isH2);
         // The HTTP/2 session reads the unshifted preface on its next tick; resuming
         // here would drop it. HTTP/1.1 needs the socket flowing again.
         if (!isH2) socket.resume();
@@ -362,11 +388,20 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       socket.on("timeout", sniffTimeout);
     });
   }
-  front.maxConnections = limits.maxConnections;
   front.on("connection", (s: net.Socket) => {
     sockets.add(s);
+    open.add(s);
+    fresh.add(s);
+    const key = opts.tls ? remoteKey(s) : "";
+    if (opts.tls) handshaking.set(key, s);
     s.on("error", noop);
-    s.on("close", () => sockets.delete(s));
+    s.on("close", () => {
+      sockets.delete(s);
+      open.delete(s);
+      fresh.delete(s);
+      if (opts.tls && handshaking.get(key) === s) handshaking.delete(key);
+    });
+    if (open.size > limits.maxConnections) fresh.values().next().value!.destroy();
   });
   h1.on("connection", (s: net.Socket) => {
     h1Sockets.add(s);

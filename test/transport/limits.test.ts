@@ -411,19 +411,38 @@ describe("a cap on connections", () => {
     await server?.stop();
   });
 
-  it("closes connections past LATCHKEY_MAX_CONNECTIONS on arrival, and serves again once one goes", async () => {
+  it("past LATCHKEY_MAX_CONNECTIONS, closes a newcomer when every connection has sent a request", async () => {
     const sessions: http2.ClientHttp2Session[] = [];
     for (let i = 0; i < 5; i++) {
       const c = connect(server.port);
-      await new Promise((r) => c.once("remoteSettings", r));
+      const s = grpcStream(c, "/grpc.health.v1.Health/Check");
+      const o = outcome(s);
+      s.end(envelope(new Uint8Array(0)));
+      expect((await o).status).toBe("0");
       sessions.push(c);
     }
     const extra = net.connect(server.port, "127.0.0.1");
     extra.on("error", () => undefined);
     await new Promise<void>((r) => extra.once("close", () => r()));
+    expect(sessions.every((c) => !c.closed && !c.destroyed)).toBe(true);
     sessions.pop()!.destroy();
     await eventually(async () => (await healthStatus(server.port)) === "0", "a health Check on a new connection");
     for (const c of sessions) c.destroy();
+  });
+
+  it("past LATCHKEY_MAX_CONNECTIONS, closes the oldest connection that never sent a request, so a newcomer is served", async () => {
+    const silent: { s: net.Socket; closed: boolean }[] = [];
+    for (let i = 0; i < 5; i++) {
+      const s = net.connect(server.port, "127.0.0.1");
+      const entry = { s, closed: false };
+      s.on("error", () => undefined);
+      s.on("close", () => (entry.closed = true));
+      await new Promise((r) => s.once("connect", r));
+      silent.push(entry);
+    }
+    await eventually(async () => (await healthStatus(server.port)) === "0", "a health Check while silent connections fill the cap");
+    await eventually(() => silent[0].closed, "the oldest silent connection closed");
+    for (const x of silent) x.s.destroy();
   });
 });
 
