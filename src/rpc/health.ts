@@ -33,6 +33,12 @@ export class HealthState {
     this.maxWatchers = opts.maxWatchers ?? 1000;
   }
 
+  /** The error refusing one more Watch, or undefined while there is room. */
+  watchRefusal(): ConnectError | undefined {
+    if (this.watchers < this.maxWatchers) return undefined;
+    return new ConnectError(`too many health watchers (at most ${this.maxWatchers}); use Check`, Code.ResourceExhausted);
+  }
+
   get current(): Status {
     return this.status;
   }
@@ -108,9 +114,8 @@ export function createHealthService(state: HealthState): ServiceImpl<typeof Heal
       }
       // Each open Watch holds a stream and some memory (about 40 KB, most of it
       // Connect-Node's): their number is bounded, Check is not.
-      if (state.watchers >= state.maxWatchers) {
-        throw new ConnectError(`too many health watchers (at most ${state.maxWatchers}); use Check`, Code.ResourceExhausted);
-      }
+      const refusal = state.watchRefusal();
+      if (refusal) throw refusal;
       state.watchers++;
       try {
         let last = state.current;

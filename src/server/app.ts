@@ -8,6 +8,7 @@ import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.j
 import { createVerifier, type VerificationListener } from "../domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
 import { createCounter } from "../ratelimit/create-counter.js";
+import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import type { Store } from "../storage/store.js";
@@ -151,6 +152,8 @@ export function createApp(deps: AppDeps): App {
     limits: config,
     logger,
     metrics,
+    // Watchers past the bound are refused at the door, before Connect-Node sets up a stream.
+    gates: new Map([[`/${Health.typeName}/Watch`, () => health.watchRefusal()]]),
   });
   let metricsServer: http.Server | null = null;
 

@@ -63,6 +63,12 @@ export interface ServerOptions {
   logger?: Logger;
   /** Refusals at the front door are counted here (the interceptors never see those calls). */
   metrics?: Metrics;
+  /**
+   * Per request path, a check run before a call is admitted; an error refuses
+   * the call at the door (the health Watch bound: a flood of watchers costs no
+   * Connect-Node streaming machinery).
+   */
+  gates?: ReadonlyMap<string, () => ConnectError | undefined>;
 }
 
 export interface LatchkeyServer {
@@ -109,6 +115,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   const limits: TransportLimits = { ...given, publicMaxMessageBytes: Math.min(given.publicMaxMessageBytes, given.maxMessageBytes) };
   const publicServices = opts.publicServices ?? PUBLIC_SERVICES;
   const authenticate = opts.authenticate;
+  const gates = opts.gates;
   const logger = opts.logger;
 
   // Two Connect handlers over the same routes: public services read far smaller messages.
@@ -213,6 +220,9 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       }
     }
     arriving.set(stream, clock);
+    const gate = gates?.get(headers[":path"] ?? "");
+    const refusal = gate?.();
+    if (refusal) return refuseStream(stream, headers, rejected(refusal, headers[":path"]));
     const isPublic = publicServices.has(serviceOf(headers[":path"]));
     let call: LeanCall | null;
     try {
@@ -300,6 +310,8 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     fresh.delete((req.socket as net.Socket & Proven)[RAW] ?? req.socket);
     // While closing, the socket is closed as soon as this response is done.
     if (closing) res.setHeader("connection", "close");
+    const refusal = gates?.get(req.url?.split("?", 1)[0] ?? "")?.();
+    if (refusal) return refuseHttp1(req, res, rejected(refusal, req.url));
     const isPublic = publicServices.has(serviceOf(req.url));
     if (isPublic || !authenticate) return admit1(req, res, isPublic, expectsContinue);
     const auth = req.headers.authorization;
