@@ -63,8 +63,13 @@ export interface GrpcUnaryOptions {
   writeMaxBytes: number;
 }
 
-/** Longest delay a Node timer takes (about 24.8 days); longer deadlines never fire in practice. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
+/**
+ * What a call may hold before its root key is checked: the request is read as it
+ * arrives (a listener attached later makes Node buffer and re-read the stream,
+ * which profiled at several µs a call), but past this much the stream is paused
+ * and flow control stops the client — the same bound as Node's own buffer.
+ */
+const PRE_ADMISSION_BYTES = 16 * 1024;
 const { NGHTTP2_NO_ERROR } = http2.constants;
 
 const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
@@ -159,6 +164,27 @@ function onDeadline(call: UnaryCall) {
   call.expire();
 }
 
+/*
+ * Deadlines. A short one gets a timer of its own (it must fire on time: 0.5 ms
+ * deadlines are real). A long one — clients such as ghz send 20 s on every call
+ * that answers in a millisecond — joins a set that one shared timer looks at
+ * every LONG_TICK_MS: joining and leaving it costs a Set insertion and deletion,
+ * not a timer, and it fires at most LONG_TICK_MS late (≤ 5 %).
+ */
+const SHORT_DEADLINE_MS = 1000;
+const LONG_TICK_MS = 50;
+const longDeadlines = new Set<UnaryCall>();
+let longTimer: NodeJS.Timeout | undefined;
+function sweepLongDeadlines() {
+  if (longDeadlines.size === 0) {
+    clearInterval(longTimer);
+    longTimer = undefined;
+    return;
+  }
+  const now = performance.now();
+  for (const call of longDeadlines) if (call.deadlineAt() <= now) call.expire();
+}
+
 /** Mutable view of the handler context the lean path builds. */
 interface LeanContext {
   requestHeader: Headers;
@@ -171,6 +197,10 @@ class UnaryCall implements LeanCall {
   /** Message length from the 5-byte prefix, once read; -1 before. */
   private announced = -1;
   private readMaxBytes = 0;
+  /** The root key was checked (or none is needed): the request may be read whole and run. */
+  private admitted = false;
+  /** The request ended before the call was admitted. */
+  private ended = false;
   /** performance.now() at which the deadline passes; 0 without a deadline. */
   private deadline = 0;
   private timer: NodeJS.Timeout | undefined;
@@ -197,20 +227,26 @@ class UnaryCall implements LeanCall {
     stream[CALL] = this;
     // 'close', 'end' and 'wantTrailers' come once: `on` spares the wrapper `once` allocates.
     stream.on("close", onClose);
+    stream.on("data", onData);
+    stream.on("end", onEnd);
     if (timeoutMs !== undefined) {
       this.deadline = performance.now() + timeoutMs;
       if (timeoutMs <= 0) this.expire();
-      else if (timeoutMs <= MAX_TIMER_MS) this.timer = setTimeout(onDeadline, Math.ceil(timeoutMs), this);
+      else if (timeoutMs <= SHORT_DEADLINE_MS) this.timer = setTimeout(onDeadline, Math.ceil(timeoutMs), this);
+      else {
+        longDeadlines.add(this);
+        if (!longTimer) (longTimer = setInterval(sweepLongDeadlines, LONG_TICK_MS)).unref();
+      }
     }
   }
 
   start(readMaxBytes: number): void {
     if (this.done) return;
+    this.admitted = true;
     this.readMaxBytes = readMaxBytes;
-    this.stream.on("data", onData);
-    this.stream.on("end", onEnd);
-    // Node ends an empty request body on its own, without a reader: that 'end' may be gone already.
-    if (this.stream.readableEnded) this.end();
+    if (!this.check()) return;
+    if (this.ended) return this.end();
+    if (this.stream.isPaused()) this.stream.resume();
   }
 
   refuse(err: ConnectError): void {
@@ -221,23 +257,44 @@ class UnaryCall implements LeanCall {
     if (this.done) return;
     this.size += chunk.length;
     this.chunks.push(chunk);
+    // Until the root key is checked nothing is judged (an unauthenticated call is
+    // UNAUTHENTICATED whatever it sends), and little is held.
+    if (!this.admitted) {
+      if (this.size >= PRE_ADMISSION_BYTES) this.stream.pause();
+      return;
+    }
+    this.check();
+  }
+
+  /** Checks what arrived so far; false when the call was refused for it. */
+  private check(): boolean {
     if (this.announced < 0) {
-      if (this.size < 5) return;
-      const head = this.chunks.length === 1 ? chunk : Buffer.concat(this.chunks, this.size);
+      if (this.size < 5) return true;
+      const head = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.size);
       if (head[0] !== 0) {
-        return this.fail(new ConnectError("received a compressed message without grpc-encoding", Code.Internal));
+        this.fail(new ConnectError("received a compressed message without grpc-encoding", Code.Internal));
+        return false;
       }
       this.announced = head.readUInt32BE(1);
       // Refused from the prefix, before the message is read.
-      if (this.announced > this.readMaxBytes) return this.fail(tooLarge("message", this.announced, this.readMaxBytes));
+      if (this.announced > this.readMaxBytes) {
+        this.fail(tooLarge("message", this.announced, this.readMaxBytes));
+        return false;
+      }
     }
     if (this.size > 5 + this.announced) {
       this.fail(new ConnectError("protocol error: received extra input message for unary method", Code.Unimplemented));
+      return false;
     }
+    return true;
   }
 
   end(): void {
     if (this.done) return;
+    if (!this.admitted) {
+      this.ended = true;
+      return;
+    }
     // A reset or a lost connection also ends the readable side: that is a cancellation, not a request.
     if (this.stream.closed || this.stream.destroyed) return this.closed();
     if (this.size === 0) return this.fail(new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented));
@@ -346,11 +403,16 @@ class UnaryCall implements LeanCall {
     this.controller?.abort(reason);
   }
 
-  /** Nothing more will be written: stop the deadline timer. */
+  deadlineAt(): number {
+    return this.deadline;
+  }
+
+  /** Nothing more will be written: stop watching the deadline. */
   private finish(): void {
     this.done = true;
     this.chunks = [];
     if (this.timer !== undefined) clearTimeout(this.timer);
+    else if (this.deadline !== 0) longDeadlines.delete(this);
   }
 
   /** Throws (and answers) DEADLINE_EXCEEDED if the deadline has passed or the call is already over. */

@@ -57,6 +57,16 @@ describe("deadlines on the lean gRPC path", () => {
     await fx.assertAlive();
   });
 
+  it("a deadline longer than a second (watched by the shared timer) ends a held call the same way", async () => {
+    const call = id();
+    const o = grpcCall(fx.port, VERIFY, verify(`gate:${call}`), { ...AUTH, "grpc-timeout": "1100m" });
+    await fx.waitFor((e) => e.event === "entered" && e.id === call, "entered");
+    expect((await o).status).toBe("4");
+    expect((await fx.waitFor((e) => e.event === "aborted" && e.id === call, "aborted")).code).toBe("DeadlineExceeded");
+    fx.release(call);
+    await fx.waitFor((e) => e.event === "finished" && e.id === call, "finished");
+  });
+
   it("never runs the handler when the deadline has passed on arrival (grpc-timeout: 1n, a client that does not cancel)", async () => {
     const ids = [id(), id(), id()];
     for (const x of ids) {
