@@ -32,6 +32,15 @@ export const SETTINGS = {
   usageHourRetentionDays: { env: "LATCHKEY_USAGE_HOUR_RETENTION_DAYS", default: "90", doc: "How long hour buckets are kept." },
   usageDayRetentionDays: { env: "LATCHKEY_USAGE_DAY_RETENTION_DAYS", default: "0", doc: "How long day buckets are kept; 0 keeps them for ever." },
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
+  maxMessageBytes: { env: "LATCHKEY_MAX_MESSAGE_BYTES", default: "4194304", doc: "Largest message, request or response, on every protocol (gRPC, gRPC-Web, Connect), counted after decompression; larger is RESOURCE_EXHAUSTED." },
+  publicMaxMessageBytes: { env: "LATCHKEY_PUBLIC_MAX_MESSAGE_BYTES", default: "65536", doc: "Largest request message to the services that need no root key (health, reflection)." },
+  maxConnections: { env: "LATCHKEY_MAX_CONNECTIONS", default: "1000", doc: "Most open connections on the API port. Past it, the oldest connection that has not sent a request yet is closed to make room (the new one, if every other has sent one)." },
+  maxConcurrentStreams: { env: "LATCHKEY_MAX_CONCURRENT_STREAMS", default: "100", doc: "Most concurrent calls on one HTTP/2 connection (advertised to clients; more are refused with REFUSED_STREAM)." },
+  maxHeaderBytes: { env: "LATCHKEY_MAX_HEADER_BYTES", default: "16384", doc: "Largest request header block (HTTP/1.1 headers, HTTP/2 header list)." },
+  headersTimeoutMs: { env: "LATCHKEY_HEADERS_TIMEOUT_MS", default: "10000", doc: "Time a new connection has to finish its TLS handshake and send the HTTP/2 preface and SETTINGS or the first HTTP/1.1 request headers, and each HTTP/1.1 request its headers; slower connections are closed." },
+  requestTimeoutMs: { env: "LATCHKEY_REQUEST_TIMEOUT_MS", default: "30000", doc: "Time a call's request (headers and body) has to arrive whole; an HTTP/2 stream still sending is reset, an HTTP/1.1 request gets 408. At least LATCHKEY_HEADERS_TIMEOUT_MS." },
+  idleTimeoutMs: { env: "LATCHKEY_IDLE_TIMEOUT_MS", default: "65000", doc: "An HTTP/2 connection without open calls or traffic, or an HTTP/1.1 keep-alive connection between requests, is closed after this long (longer than the 60 s of common load balancers, so they close first)." },
+  maxHealthWatchers: { env: "LATCHKEY_MAX_HEALTH_WATCHERS", default: "1000", doc: "Most concurrent health Watch streams on one instance; more are refused with RESOURCE_EXHAUSTED." },
 } as const;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -45,6 +54,9 @@ const port = (name: string) =>
     .max(65535, `${name} must be 0-65535`);
 const positiveMs = (name: string, min: number) =>
   num(name).int(`${name} must be a whole number of milliseconds`).min(min, `${name} must be at least ${min}`);
+const whole = (name: string, min: number) => num(name).int(`${name} must be a whole number`).min(min, `${name} must be at least ${min}`);
+const bytes = (name: string, min: number, max: number) =>
+  num(name).int(`${name} must be a whole number of bytes`).min(min, `${name} must be at least ${min}`).max(max, `${name} must be at most ${max}`);
 
 const schema = z
   .object({
@@ -74,6 +86,15 @@ const schema = z
     creditsBackend: z.enum(["", "store", "redis"], { message: "LATCHKEY_CREDITS_BACKEND must be store or redis" }),
     commitMarginMs: num("LATCHKEY_COMMIT_MARGIN_MS").min(0, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000").max(1000, "LATCHKEY_COMMIT_MARGIN_MS must be 0-1000"),
     creditsFlushMs: positiveMs("LATCHKEY_CREDITS_FLUSH_MS", 50).max(60_000, "LATCHKEY_CREDITS_FLUSH_MS must be at most 60000"),
+    maxMessageBytes: bytes("LATCHKEY_MAX_MESSAGE_BYTES", 1024, 0xffffffff),
+    publicMaxMessageBytes: bytes("LATCHKEY_PUBLIC_MAX_MESSAGE_BYTES", 1024, 0xffffffff),
+    maxConnections: whole("LATCHKEY_MAX_CONNECTIONS", 1),
+    maxConcurrentStreams: whole("LATCHKEY_MAX_CONCURRENT_STREAMS", 1).max(0xffffffff, "LATCHKEY_MAX_CONCURRENT_STREAMS must be at most 4294967295"),
+    maxHeaderBytes: bytes("LATCHKEY_MAX_HEADER_BYTES", 1024, 0xffffffff),
+    headersTimeoutMs: positiveMs("LATCHKEY_HEADERS_TIMEOUT_MS", 10),
+    requestTimeoutMs: positiveMs("LATCHKEY_REQUEST_TIMEOUT_MS", 10),
+    idleTimeoutMs: positiveMs("LATCHKEY_IDLE_TIMEOUT_MS", 10),
+    maxHealthWatchers: whole("LATCHKEY_MAX_HEALTH_WATCHERS", 0),
   })
   .superRefine((c, ctx) => {
     if ((c.tlsCert === "") !== (c.tlsKey === "")) {
@@ -90,6 +111,9 @@ const schema = z
     }
     if (c.creditsBackend === "redis" && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) !== "mongodb") {
       ctx.addIssue({ code: "custom", message: "LATCHKEY_CREDITS_BACKEND=redis needs the mongodb store (MONGODB_URI)" });
+    }
+    if (c.requestTimeoutMs < c.headersTimeoutMs) {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_REQUEST_TIMEOUT_MS must be at least LATCHKEY_HEADERS_TIMEOUT_MS" });
     }
     if (c.store === "mongodb" && c.mongodbUri === "") {
       ctx.addIssue({ code: "custom", message: "MONGODB_URI is required when LATCHKEY_STORE=mongodb" });

@@ -1,8 +1,14 @@
 import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
-import { EventEmitter, on } from "node:events";
+import { EventEmitter } from "node:events";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
 import type { Logger } from "../server/logger.js";
 import type { Store } from "../storage/store.js";
+
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
 
 /**
  * Serving state of the process: SERVING while the store answers pings and the
@@ -13,16 +19,46 @@ export class HealthState {
   private draining = false;
   private timer: NodeJS.Timeout | null = null;
   readonly events = new EventEmitter();
+  /** Most concurrent Watch streams; each holds a stream and listeners until its client goes. */
+  readonly maxWatchers: number;
+  /** Watch streams open now. */
+  watchers = 0;
 
   constructor(
     private readonly store: Store,
     private readonly logger: Logger,
+    opts: { maxWatchers?: number } = {},
   ) {
     this.events.setMaxListeners(0);
+    this.maxWatchers = opts.maxWatchers ?? 1000;
+  }
+
+  /** The error refusing one more Watch, or undefined while there is room. */
+  watchRefusal(): ConnectError | undefined {
+    if (this.watchers < this.maxWatchers) return undefined;
+    return new ConnectError(`too many health watchers (at most ${this.maxWatchers}); use Check`, Code.ResourceExhausted);
   }
 
   get current(): Status {
     return this.status;
+  }
+
+  /** Settles on the next change of status (or drain); Watch streams share it instead of a listener each. */
+  private nextChange = deferred();
+
+  /** Resolves at the next change of status or when the server drains. */
+  get changed(): Promise<void> {
+    return this.nextChange.promise;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  private notify(): void {
+    const settled = this.nextChange;
+    this.nextChange = deferred();
+    settled.resolve();
   }
 
   private set(s: Status): void {
@@ -30,6 +66,7 @@ export class HealthState {
     this.status = s;
     this.logger.info({ status: Status[s] }, "health changed");
     this.events.emit("change", s);
+    this.notify();
   }
 
   async check(): Promise<void> {
@@ -56,6 +93,7 @@ export class HealthState {
     if (this.timer) clearInterval(this.timer);
     this.set(Status.NOT_SERVING);
     this.events.emit("drain");
+    this.notify();
   }
 }
 
@@ -74,24 +112,27 @@ export function createHealthService(state: HealthState): ServiceImpl<typeof Heal
         yield { status: Status.SERVICE_UNKNOWN };
         return;
       }
-      let last = state.current;
-      yield { status: last };
-      // Ends when the client goes away or the server drains.
-      const drained = new AbortController();
-      const onDrain = () => drained.abort();
-      state.events.once("drain", onDrain);
+      // Each open Watch holds a stream and some memory (about 40 KB, most of it
+      // Connect-Node's): their number is bounded, Check is not.
+      const refusal = state.watchRefusal();
+      if (refusal) throw refusal;
+      state.watchers++;
       try {
-        for await (const [s] of on(state.events, "change", { signal: AbortSignal.any([ctx.signal, drained.signal]) })) {
-          if (s !== last) {
-            last = s as Status;
+        let last = state.current;
+        yield { status: last };
+        // Ends when the client goes away or the server drains. One shared promise
+        // for all watchers, one abort listener each.
+        const gone = new Promise<void>((resolve) => ctx.signal.addEventListener("abort", () => resolve(), { once: true }));
+        while (!ctx.signal.aborted) {
+          if (state.current !== last) {
+            last = state.current;
             yield { status: last };
           }
+          if (state.isDraining) return;
+          await Promise.race([state.changed, gone]);
         }
-      } catch (err) {
-        if ((err as Error).name !== "AbortError") throw err;
-        if (drained.signal.aborted && last !== Status.NOT_SERVING) yield { status: Status.NOT_SERVING };
       } finally {
-        state.events.off("drain", onDrain);
+        state.watchers--;
       }
     },
   };

@@ -9,8 +9,10 @@ import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.j
 import { createVerifier, type VerificationListener } from "../domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
 import { createCounter } from "../ratelimit/create-counter.js";
+import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
+import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
@@ -31,7 +33,8 @@ export type CoreOptions = Pick<
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
   | "usageDayRetentionDays"
->;
+> &
+  Partial<Pick<Config, "maxHealthWatchers">>;
 
 export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   rootKeyCacheMs: 5000,
@@ -91,7 +94,7 @@ export function createCore(deps: CoreDeps) {
       deps.onVerification?.(v, input, at);
     },
   });
-  const health = new HealthState(store, logger);
+  const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
   const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
@@ -107,6 +110,8 @@ export function createCore(deps: CoreDeps) {
     health,
     services,
     routes: routesOf(services),
+    /** Checks `authorization: Bearer <root key>`; the transport calls it before reading a body. */
+    authenticate,
     interceptors: [createObservabilityInterceptor({ logger, metrics }), createAuthInterceptor(authenticate)],
     /** Starts following the change feed and counting usage (call once the store is initialised). */
     async start() {
@@ -152,7 +157,20 @@ export function createApp(deps: AppDeps): App {
     help: "1 when rate-limit pools are counted where every instance counts them (Redis, MongoDB); 0 when per process (N instances admit N times a limit).",
     registers: [metrics.registry],
   }).set(counter.shared ? 1 : 0);
-  const server = createServer({ routes: core.routes, services: core.services, interceptors: core.interceptors, tls: config.tls });
+  const server = createServer({
+    routes: core.routes,
+    services: core.services,
+    interceptors: core.interceptors,
+    tls: config.tls,
+    authenticate: core.authenticate,
+    limits: config,
+    logger,
+    metrics,
+    // Watchers past the bound are refused at the door, before Connect-Node sets up a stream.
+    gates: new Map([[`/${Health.typeName}/Watch`, () => health.watchRefusal()]]),
+    // Invalid UTF-8 in Connect JSON is marked and refused like in binary (src/rpc/well-formed.ts).
+    jsonOptions: connectJsonOptions,
+  });
   let metricsServer: http.Server | null = null;
 
   return {

@@ -4,13 +4,17 @@ import {
   ConnectError,
   createContextValues,
   createServiceImplSpec,
+  type ContextValues,
   type HandlerContext,
   type Interceptor,
   type ServiceImpl,
   type UnaryRequest,
   type UnaryResponse,
 } from "@connectrpc/connect";
-import type http2 from "node:http2";
+import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import http2 from "node:http2";
+import { performance } from "node:perf_hooks";
+import { clientStillSending, tooLarge } from "./admission.js";
 
 /*
  * A lean transport for unary gRPC calls over HTTP/2. Connect-Node serves every
@@ -20,8 +24,16 @@ import type http2 from "node:http2";
  * what backends call VerifyKey with — takes this path instead. It runs the SAME
  * service implementations and the SAME interceptors as the Connect router;
  * only the wire handling differs. Anything it does not handle (streaming,
- * compression, gRPC-Web, Connect, JSON, malformed framing) falls through to
- * Connect-Node unchanged. See docs/performance.md.
+ * compression, gRPC-Web, Connect, JSON, an invalid grpc-timeout) falls through
+ * to Connect-Node unchanged. See docs/performance.md.
+ *
+ * Deadlines and cancellation behave as in Connect-Node and grpc-js: ctx.signal
+ * aborts with DEADLINE_EXCEEDED when grpc-timeout passes (the call is answered
+ * DEADLINE_EXCEEDED at that moment and a late result is dropped; a deadline
+ * already passed when the request is complete never runs the handler), and
+ * with CANCELED when the client resets the stream or the connection goes. Once
+ * a call is answered or abandoned nothing more is written to its stream, and
+ * nothing here throws out of a stream event.
  */
 
 export interface ServiceRegistration {
@@ -36,26 +48,37 @@ interface Method {
   encode: (message: object) => Uint8Array;
   service: DescService;
   input: DescMessage;
-  output: DescMessage;
-  run: (req: UnaryRequest) => Promise<UnaryResponse>;
   methodDesc: DescMethod;
+  run: (req: UnaryRequest) => Promise<UnaryResponse>;
 }
 
-const MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
-/** Never aborts: calls without a deadline share it instead of allocating a controller each. */
-const NEVER = new AbortController().signal;
+/** A unary call the lean path took: `start()` once its request may be read, or `refuse()` it. */
+export interface LeanCall {
+  start(readMaxBytes: number): void;
+  refuse(err: ConnectError): void;
+}
 
+export interface GrpcUnaryOptions {
+  /** Largest response message; a larger one is answered RESOURCE_EXHAUSTED. */
+  writeMaxBytes: number;
+}
+
+/**
+ * What a call may hold before its root key is checked: the request is read as it
+ * arrives (a listener attached later makes Node buffer and re-read the stream,
+ * which profiled at several µs a call), but past this much the stream is paused
+ * and flow control stops the client — the same bound as Node's own buffer.
+ */
+const PRE_ADMISSION_BYTES = 16 * 1024;
+const { NGHTTP2_NO_ERROR } = http2.constants;
+
+const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
+
+/** grpc-timeout: at most 8 digits and a unit; null when invalid. */
 function parseTimeout(v: string | undefined): number | undefined | null {
   if (v === undefined) return undefined;
   const m = /^(\d{1,8})([HMSmun])$/.exec(v);
-  if (!m) return null;
-  const unit = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 }[m[2] as "H"];
-  return Number(m[1]) * unit;
-}
-
-/** gRPC percent-encoding of grpc-message. */
-function encodeMessage(s: string): string {
-  return s.replace(/[^\x20-\x24\x26-\x7e]/gu, (c) => encodeURIComponent(c));
+  return m ? Number(m[1]) * TIMEOUT_UNIT_MS[m[2]] : null;
 }
 
 function headersOf(raw: http2.IncomingHttpHeaders): Headers {
@@ -71,14 +94,16 @@ function headersOf(raw: http2.IncomingHttpHeaders): Headers {
 }
 
 /**
- * Returns a request handler that serves unary gRPC calls of the given services
- * and returns false for any request it leaves to Connect-Node.
+ * Returns a function that takes unary gRPC calls of the given services off
+ * their streams (returning a LeanCall) and returns null for any request it
+ * leaves to Connect-Node.
  */
 export function createGrpcUnaryHandler(
   services: ServiceRegistration[],
   interceptors: Interceptor[],
   /** By response type name. Results of such methods reach interceptors as returned (init shape). */
-  encoders: Map<string, ResponseEncoder> = new Map(),
+  encoders: Map<string, ResponseEncoder>,
+  options: GrpcUnaryOptions,
 ) {
   const methods = new Map<string, Method>();
   for (const { service, impl } of services) {
@@ -90,154 +115,389 @@ export function createGrpcUnaryHandler(
       const custom = encoders.get(m.output.typeName);
       const base = async (req: UnaryRequest): Promise<UnaryResponse> => {
         // The context is per call: take over what interceptors may have replaced.
-        const ctx = (req as unknown as { ctx: HandlerContext & { requestHeader: Headers; values: unknown } }).ctx;
+        const call = (req as unknown as { call: UnaryCall }).call;
+        // The last moment to notice a deadline that passed before the timer could fire.
+        call.checkDeadline();
+        const ctx = call.ctx!;
         ctx.requestHeader = req.header;
         ctx.values = req.contextValues;
-        const out = await s.impl(req.message as never, ctx);
-        return {
-          stream: false,
-          service,
-          method: m,
-          header: ctx.responseHeader,
-          trailer: ctx.responseTrailer,
-          message: custom || isMessage(out, m.output) ? out : create(m.output, out as never),
-        } as UnaryResponse;
+        const out = await s.impl(req.message as never, ctx as unknown as HandlerContext);
+        return call.response(custom || isMessage(out, m.output) ? out : create(m.output, out as never));
       };
       const run = interceptors.reduceRight<(r: UnaryRequest) => Promise<UnaryResponse>>((next, i) => i(next as never) as never, base);
       const encode: (message: object) => Uint8Array = custom ?? ((msg) => toBinary(m.output, msg as never));
-      methods.set(`/${service.typeName}/${m.name}`, { encode, service, input: m.input, output: m.output, run, methodDesc: m });
+      methods.set(`/${service.typeName}/${m.name}`, { encode, service, input: m.input, methodDesc: m, run });
     }
   }
 
-  return function handle(stream: http2.ServerHttp2Stream, h: http2.IncomingHttpHeaders): boolean {
+  return function take(stream: http2.ServerHttp2Stream, h: http2.IncomingHttpHeaders): LeanCall | null {
     const ct = h["content-type"];
-    if (ct !== "application/grpc" && ct !== "application/grpc+proto") return false;
+    if (ct !== "application/grpc" && ct !== "application/grpc+proto") return null;
     const enc = h["grpc-encoding"];
-    if (enc !== undefined && enc !== "identity") return false;
+    if (enc !== undefined && enc !== "identity") return null;
     const method = methods.get(h[":path"] ?? "");
-    if (!method || h[":method"] !== "POST") return false;
+    if (!method || h[":method"] !== "POST") return null;
+    // An invalid grpc-timeout goes to Connect-Node, which answers it INVALID_ARGUMENT.
     const timeoutMs = parseTimeout(h["grpc-timeout"] as string | undefined);
-    if (timeoutMs === null) return false;
-    serve(stream, h, method, ct, timeoutMs);
-    return true;
+    if (timeoutMs === null) return null;
+    return new UnaryCall(stream, h, method, ct, timeoutMs, options.writeMaxBytes);
   };
+}
 
-  function serve(stream: http2.ServerHttp2Stream, raw: http2.IncomingHttpHeaders, method: Method, ct: string, timeoutMs: number | undefined) {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let tooBig = false;
-    stream.on("data", (c: Buffer) => {
-      size += c.length;
-      if (size > MAX_MESSAGE_BYTES + 5) tooBig = true;
-      else chunks.push(c);
-    });
-    stream.once("end", () => {
-      try {
-        dispatch();
-      } catch {
-        // Never let one call take the process down.
-        fail(stream, ct, new ConnectError("internal error", Code.Internal));
-      }
-    });
-    stream.on("error", () => undefined);
+/** The per-call state is kept on the stream, so the stream listeners below are shared, not allocated per call. */
+const CALL = Symbol("lean gRPC call");
+type CallStream = http2.ServerHttp2Stream & { [CALL]?: UnaryCall };
 
-    function dispatch() {
-      if (tooBig) return fail(stream, ct, new ConnectError("message larger than 4 MiB", Code.ResourceExhausted));
-      const body = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);
-      if (body.length < 5 || body[0] !== 0 || body.readUInt32BE(1) !== body.length - 5) {
-        return fail(stream, ct, new ConnectError("expected exactly one uncompressed message", Code.InvalidArgument));
+function onData(this: CallStream, chunk: Buffer) {
+  this[CALL]!.data(chunk);
+}
+function onEnd(this: CallStream) {
+  this[CALL]!.end();
+}
+function onClose(this: CallStream) {
+  this[CALL]!.closed();
+}
+function onWantTrailers(this: CallStream) {
+  this[CALL]!.sendTrailers();
+}
+function onDeadline(call: UnaryCall) {
+  call.expire();
+}
+
+/*
+ * Deadlines. A short one gets a timer of its own (it must fire on time: 0.5 ms
+ * deadlines are real). A long one — clients such as ghz send 20 s on every call
+ * that answers in a millisecond — joins a set that one shared timer looks at
+ * every LONG_TICK_MS: joining and leaving it costs a Set insertion and deletion,
+ * not a timer, and it fires at most LONG_TICK_MS late (≤ 5 %).
+ */
+const SHORT_DEADLINE_MS = 1000;
+const LONG_TICK_MS = 50;
+const longDeadlines = new Set<UnaryCall>();
+let longTimer: NodeJS.Timeout | undefined;
+function sweepLongDeadlines() {
+  if (longDeadlines.size === 0) {
+    clearInterval(longTimer);
+    longTimer = undefined;
+    return;
+  }
+  const now = performance.now();
+  for (const call of longDeadlines) if (call.deadlineAt() <= now) call.expire();
+}
+
+/** Mutable view of the handler context the lean path builds. */
+interface LeanContext {
+  requestHeader: Headers;
+  values: ContextValues;
+}
+
+class UnaryCall implements LeanCall {
+  private chunks: Buffer[] = [];
+  private size = 0;
+  /** Message length from the 5-byte prefix, once read; -1 before. */
+  private announced = -1;
+  private readMaxBytes = 0;
+  /** The root key was checked (or none is needed): the request may be read whole and run. */
+  private admitted = false;
+  /** The request ended before the call was admitted. */
+  private ended = false;
+  /** performance.now() at which the deadline passes; 0 without a deadline. */
+  private deadline = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private controller: AbortController | undefined;
+  private aborted = false;
+  private reason: ConnectError | undefined;
+  /** Answered (or abandoned): nothing more is written, a late result is dropped. */
+  private done = false;
+  private header: Headers | undefined;
+  private trailer: Headers | undefined;
+  private url: string | undefined;
+  private baseResponse: UnaryResponse | undefined;
+  private trailers: http2.OutgoingHttpHeaders | undefined;
+  ctx: LeanContext | undefined;
+
+  constructor(
+    private readonly stream: CallStream,
+    private readonly raw: http2.IncomingHttpHeaders,
+    private readonly method: Method,
+    private readonly ct: string,
+    timeoutMs: number | undefined,
+    private readonly writeMaxBytes: number,
+  ) {
+    stream[CALL] = this;
+    // 'close', 'end' and 'wantTrailers' come once: `on` spares the wrapper `once` allocates.
+    stream.on("close", onClose);
+    stream.on("data", onData);
+    stream.on("end", onEnd);
+    if (timeoutMs !== undefined) {
+      this.deadline = performance.now() + timeoutMs;
+      if (timeoutMs <= 0) this.expire();
+      else if (timeoutMs <= SHORT_DEADLINE_MS) this.timer = setTimeout(onDeadline, Math.ceil(timeoutMs), this);
+      else {
+        longDeadlines.add(this);
+        if (!longTimer) (longTimer = setInterval(sweepLongDeadlines, LONG_TICK_MS)).unref();
       }
-      let message;
-      try {
-        message = fromBinary(method.input, body.subarray(5));
-      } catch (err) {
-        return fail(stream, ct, new ConnectError(`cannot decode request: ${(err as Error).message}`, Code.InvalidArgument));
-      }
-      // Signal and URL are built only if something reads them; unary handlers rarely do.
-      let signal: AbortSignal | undefined;
-      const getSignal = () =>
-        (signal ??= timeoutMs === undefined ? NEVER : AbortSignal.timeout(Math.max(1, Math.ceil(timeoutMs))));
-      let url: string | undefined;
-      const getUrl = () => (url ??= `http://${raw[":authority"] ?? "localhost"}${raw[":path"]}`);
-      const header = headersOf(raw);
-      const values = createContextValues();
-      let responseHeader: Headers | undefined;
-      let responseTrailer: Headers | undefined;
-      const ctx = {
-        method: method.methodDesc,
-        service: method.service,
-        protocolName: "grpc",
-        requestMethod: "POST",
-        get url() {
-          return getUrl();
-        },
-        get peer() {
-          return { addr: stream.session?.socket?.remoteAddress ?? "" };
-        },
-        get signal() {
-          return getSignal();
-        },
-        timeoutMs: () => timeoutMs,
-        requestHeader: header,
-        get responseHeader() {
-          return (responseHeader ??= new Headers());
-        },
-        get responseTrailer() {
-          return (responseTrailer ??= new Headers());
-        },
-        values,
-        abort() {},
-      } as unknown as HandlerContext;
-      const req = {
-        stream: false,
-        service: method.service,
-        method: method.methodDesc,
-        requestMethod: "POST",
-        get url() {
-          return getUrl();
-        },
-        get signal() {
-          return getSignal();
-        },
-        header,
-        contextValues: values,
-        message,
-        ctx,
-      } as unknown as UnaryRequest;
-      method.run(req).then(
-        (res) => {
-          if (stream.destroyed) return;
-          const bytes = method.encode(res.message);
-          const out = Buffer.allocUnsafe(5 + bytes.length);
-          out[0] = 0;
-          out.writeUInt32BE(bytes.length, 1);
-          out.set(bytes, 5);
-          const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": ct };
-          responseHeader?.forEach((v, k) => (headers[k] = v));
-          stream.respond(headers, { waitForTrailers: true });
-          stream.once("wantTrailers", () => {
-            const trailers: http2.OutgoingHttpHeaders = { "grpc-status": "0" };
-            responseTrailer?.forEach((v, k) => (trailers[k] = v));
-            stream.sendTrailers(trailers);
-          });
-          stream.end(out);
-        },
-        (err) => fail(stream, ct, err instanceof ConnectError ? err : new ConnectError("internal error", Code.Internal)),
-      );
     }
   }
 
-  /** A trailers-only response carrying the status. */
-  function fail(stream: http2.ServerHttp2Stream, ct: string, err: ConnectError) {
-    if (stream.destroyed || stream.headersSent) return;
-    stream.respond(
-      {
-        ":status": 200,
-        "content-type": ct,
-        "grpc-status": String(err.code),
-        "grpc-message": encodeMessage(err.rawMessage),
+  start(readMaxBytes: number): void {
+    if (this.done) return;
+    this.admitted = true;
+    this.readMaxBytes = readMaxBytes;
+    if (!this.check()) return;
+    if (this.ended) return this.end();
+    if (this.stream.isPaused()) this.stream.resume();
+  }
+
+  refuse(err: ConnectError): void {
+    this.fail(err);
+  }
+
+  data(chunk: Buffer): void {
+    if (this.done) return;
+    this.size += chunk.length;
+    this.chunks.push(chunk);
+    // Until the root key is checked nothing is judged (an unauthenticated call is
+    // UNAUTHENTICATED whatever it sends), and little is held.
+    if (!this.admitted) {
+      if (this.size >= PRE_ADMISSION_BYTES) this.stream.pause();
+      return;
+    }
+    this.check();
+  }
+
+  /** Checks what arrived so far; false when the call was refused for it. */
+  private check(): boolean {
+    if (this.announced < 0) {
+      if (this.size < 5) return true;
+      const head = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.size);
+      if (head[0] !== 0) {
+        this.fail(new ConnectError("received a compressed message without grpc-encoding", Code.Internal));
+        return false;
+      }
+      this.announced = head.readUInt32BE(1);
+      // Refused from the prefix, before the message is read.
+      if (this.announced > this.readMaxBytes) {
+        this.fail(tooLarge("message", this.announced, this.readMaxBytes));
+        return false;
+      }
+    }
+    if (this.size > 5 + this.announced) {
+      this.fail(new ConnectError("protocol error: received extra input message for unary method", Code.Unimplemented));
+      return false;
+    }
+    return true;
+  }
+
+  end(): void {
+    if (this.done) return;
+    if (!this.admitted) {
+      this.ended = true;
+      return;
+    }
+    // A reset or a lost connection also ends the readable side: that is a cancellation, not a request.
+    if (this.stream.closed || this.stream.destroyed) return this.closed();
+    if (this.size === 0) return this.fail(new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented));
+    if (this.size !== 5 + this.announced) return this.fail(new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument));
+    if (this.deadline !== 0 && performance.now() >= this.deadline) return this.expire();
+    const body = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.size);
+    this.chunks = [];
+    let message;
+    try {
+      message = fromBinary(this.method.input, body.subarray(5));
+    } catch (err) {
+      return this.fail(new ConnectError(`parse binary: ${(err as Error).message}`, Code.Internal));
+    }
+    this.run(message);
+  }
+
+  private run(message: unknown): void {
+    const call = this;
+    const method = this.method;
+    const header = headersOf(this.raw);
+    const values = createContextValues();
+    const ctx = {
+      method: method.methodDesc,
+      service: method.service,
+      protocolName: "grpc",
+      requestMethod: "POST",
+      get url() {
+        return call.getUrl();
       },
-      { endStream: true },
+      get signal() {
+        return call.signal();
+      },
+      timeoutMs: () => (call.deadline === 0 ? undefined : call.deadline - performance.now()),
+      requestHeader: header,
+      get responseHeader() {
+        return (call.header ??= new Headers());
+      },
+      get responseTrailer() {
+        return (call.trailer ??= new Headers());
+      },
+      values,
+    };
+    this.ctx = ctx;
+    const req = {
+      stream: false,
+      service: method.service,
+      method: method.methodDesc,
+      requestMethod: "POST",
+      get url() {
+        return call.getUrl();
+      },
+      get signal() {
+        return call.signal();
+      },
+      header,
+      contextValues: values,
+      message,
+      call,
+    } as unknown as UnaryRequest;
+    let pending: Promise<UnaryResponse>;
+    try {
+      pending = method.run(req);
+    } catch (err) {
+      pending = Promise.reject(err);
+    }
+    pending.then(
+      (res) => this.respond(res),
+      (err) => this.fail(err instanceof ConnectError ? err : new ConnectError("internal error", Code.Internal)),
     );
+  }
+
+  /** The handler's result as interceptors see it; headers and trailers are allocated only if read. */
+  response(message: unknown): UnaryResponse {
+    const call = this;
+    return (this.baseResponse = {
+      stream: false,
+      service: this.method.service,
+      method: this.method.methodDesc,
+      get header() {
+        return (call.header ??= new Headers());
+      },
+      get trailer() {
+        return (call.trailer ??= new Headers());
+      },
+      message,
+    } as unknown as UnaryResponse);
+  }
+
+  private getUrl(): string {
+    return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);
+  }
+
+  /** ctx.signal: allocated on first read only. */
+  private signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.aborted) this.controller.abort(this.reason);
+    }
+    return this.controller.signal;
+  }
+
+  private abort(reason: ConnectError | undefined): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    this.controller?.abort(reason);
+  }
+
+  deadlineAt(): number {
+    return this.deadline;
+  }
+
+  /** Nothing more will be written: stop watching the deadline. */
+  private finish(): void {
+    this.done = true;
+    this.chunks = [];
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    else if (this.deadline !== 0) longDeadlines.delete(this);
+  }
+
+  /** Throws (and answers) DEADLINE_EXCEEDED if the deadline has passed or the call is already over. */
+  checkDeadline(): void {
+    if (this.deadline !== 0 && performance.now() >= this.deadline) this.expire();
+    if (this.aborted) throw this.reason ?? new ConnectError("the call is over", Code.Canceled);
+  }
+
+  /** The deadline passed: answer DEADLINE_EXCEEDED now; whatever the handler returns later is dropped. */
+  expire(): void {
+    if (this.done) return;
+    const err = new ConnectError("the operation timed out", Code.DeadlineExceeded);
+    this.abort(err);
+    this.fail(err);
+  }
+
+  /** The stream closed: after our answer that is the normal end; before it, the client cancelled or the connection went. */
+  closed(): void {
+    if (this.done) return;
+    this.finish();
+    this.abort(new ConnectError("the client cancelled the call", Code.Canceled));
+  }
+
+  private respond(res: UnaryResponse): void {
+    if (this.done) return;
+    this.finish();
+    const stream = this.stream;
+    if (stream.destroyed || stream.closed) return this.abort(new ConnectError("the client cancelled the call", Code.Canceled));
+    let bytes: Uint8Array;
+    try {
+      bytes = this.method.encode(res.message);
+    } catch {
+      return this.writeError(new ConnectError("internal error", Code.Internal));
+    }
+    if (bytes.length > this.writeMaxBytes) return this.writeError(tooLarge("response message", bytes.length, this.writeMaxBytes));
+    const out = Buffer.allocUnsafe(5 + bytes.length);
+    out[0] = 0;
+    out.writeUInt32BE(bytes.length, 1);
+    out.set(bytes, 5);
+    const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
+    const header = res === this.baseResponse ? this.header : res.header;
+    header?.forEach((v, k) => (headers[k] = v));
+    const trailers: http2.OutgoingHttpHeaders = { "grpc-status": "0" };
+    const trailer = res === this.baseResponse ? this.trailer : res.trailer;
+    trailer?.forEach((v, k) => (trailers[k] = v));
+    this.trailers = trailers;
+    try {
+      stream.respond(headers, { waitForTrailers: true });
+      stream.on("wantTrailers", onWantTrailers);
+      stream.end(out);
+    } catch {
+      stream.destroy();
+    }
+    this.abort(undefined);
+  }
+
+  sendTrailers(): void {
+    try {
+      this.stream.sendTrailers(this.trailers!);
+    } catch {
+      this.stream.destroy();
+    }
+  }
+
+  /** Ends the call with an error status, unless it is already answered. */
+  private fail(err: ConnectError): void {
+    if (this.done) return;
+    this.finish();
+    this.writeError(err);
+    this.abort(err);
+  }
+
+  /** A trailers-only response carrying the status; stops the client's upload if it is still sending. */
+  private writeError(err: ConnectError): void {
+    const stream = this.stream;
+    if (stream.destroyed || stream.closed || stream.headersSent) return;
+    const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
+    this.header?.forEach((v, k) => (headers[k] = v));
+    setTrailerStatus(new Headers(), err).forEach((v, k) => (headers[k] = v));
+    try {
+      const sending = clientStillSending(stream);
+      stream.respond(headers, { endStream: true });
+      if (sending) stream.close(NGHTTP2_NO_ERROR);
+    } catch {
+      stream.destroy();
+    }
   }
 }

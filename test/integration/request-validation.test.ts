@@ -164,8 +164,7 @@ describe("requests the decoders let through (embedded store)", () => {
   }
 
   const RAW: [string, (server: ServerProcess, path: string, body: Uint8Array, rootKey: string) => Promise<Status>, boolean][] = [
-    // The lean gRPC path sends no details until grpcStatusDetailsBin is wired into it (see status-details tests below).
-    ["native gRPC", grpcRaw, false],
+    ["native gRPC", grpcRaw, true],
     ["Connect binary over HTTP/1.1", connectRaw, true],
   ];
 
@@ -217,7 +216,7 @@ describe("requests the decoders let through (embedded store)", () => {
 
   // Needs `jsonOptions: connectJsonOptions` (src/rpc/well-formed.ts) in the
   // connectNodeAdapter of src/server/http-server.ts; turn into `it` once wired.
-  it.fails("refuses invalid UTF-8 bytes in a Connect JSON body, and stores nothing", async () => {
+  it("refuses invalid UTF-8 bytes in a Connect JSON body, and stores nothing", async () => {
     const apiId = uniqueName("api_utf8");
     const body = corruptUtf8(Buffer.from(JSON.stringify({ api_id: apiId, name: "okQQQQ" })));
     const res = await fetch(`${server.baseUrl}/latchkey.v1.KeyService/CreateKey`, {
@@ -268,7 +267,7 @@ describe("requests the decoders let through (embedded store)", () => {
     });
 
     describe.each([
-      ["gRPC", () => grpcClients, false],
+      ["gRPC", () => grpcClients, true],
       ["Connect JSON", () => jsonClients, true],
     ] as const)("over %s", (_name, clients, details) => {
       it.each(cases.map((c) => ({ ...c, name: `${c.method.name} ${c.path}` })))("refuses 99 in $name as INVALID_ARGUMENT naming the field", async (c) => {
@@ -358,10 +357,7 @@ describe("requests the decoders let through (embedded store)", () => {
       expect(s.violations).toEqual([{ field: "api_id", description: "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}" }]);
     });
 
-    // The lean unary gRPC path (src/server/grpc-unary.ts) writes grpc-status and
-    // grpc-message only; src/rpc/status-details.ts has grpcStatusDetailsBin for it.
-    // Turn this into `it` once the lean path sends the trailer.
-    it.fails("reach a grpc-js client in grpc-status-details-bin (uncompressed call, lean path)", async () => {
+    it("reach a grpc-js client in grpc-status-details-bin (uncompressed call, lean path)", async () => {
       expectInvalid(await grpcJsCreateKey({ apiId: "not an api id" }, "identity"), "api_id");
     });
   });

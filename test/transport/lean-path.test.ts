@@ -1,0 +1,91 @@
+/**
+ * What the lean gRPC path writes besides the message: error details and error
+ * metadata, response headers and trailers set by a handler, and the statuses
+ * for malformed framing — the same as Connect-Node answers them.
+ */
+import { fromBinary } from "@bufbuild/protobuf";
+import { StringValueSchema } from "@bufbuild/protobuf/wkt";
+import { Code } from "@connectrpc/connect";
+import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
+import { beforeAll, describe, expect, it } from "vitest";
+import { GetKeyRequestSchema } from "../../gen/latchkey/v1/key_service_pb.js";
+import { connect, envelope, grpcCall, message, outcome, startFixture, type Fixture } from "./support.js";
+
+const GET = "/latchkey.v1.KeyService/GetKey";
+const AUTH = { authorization: "Bearer good" };
+
+function asHeaders(h: Record<string, unknown>): Headers {
+  const out = new Headers();
+  for (const [k, v] of Object.entries(h)) if (!k.startsWith(":") && typeof v === "string") out.set(k, v);
+  return out;
+}
+
+describe("the lean gRPC path", () => {
+  let fx: Fixture;
+  beforeAll(async () => {
+    fx = await startFixture();
+  });
+
+  it("sends an error's details (grpc-status-details-bin) and metadata", async () => {
+    const o = await grpcCall(fx.port, GET, message(GetKeyRequestSchema, { id: "fail" }), AUTH);
+    expect(o.status).toBe(String(Code.InvalidArgument));
+    expect(o.message).toBe("bad id");
+    expect(o.headers["x-fixture"]).toBe("failed");
+    const err = findTrailerError(asHeaders(o.headers));
+    expect(err?.code).toBe(Code.InvalidArgument);
+    expect(err?.details).toHaveLength(1);
+    const detail = err!.details[0] as { type: string; value: Uint8Array };
+    expect(detail.type).toBe("google.protobuf.StringValue");
+    expect(fromBinary(StringValueSchema, detail.value).value).toBe("id");
+  });
+
+  it("sends the response headers and trailers a handler set", async () => {
+    const o = await grpcCall(fx.port, GET, message(GetKeyRequestSchema, { id: "meta" }), AUTH);
+    expect(o.status).toBe("0");
+    expect(o.headers["x-fixture-header"]).toBe("h");
+    expect(o.trailers["x-fixture-trailer"]).toBe("t");
+  });
+
+  it("answers malformed framing as Connect-Node does", async () => {
+    const body = message(GetKeyRequestSchema, { id: "x" });
+    const cases: [string, Buffer, Code][] = [
+      ["no message", Buffer.alloc(0), Code.Unimplemented],
+      ["two messages", Buffer.concat([body, body]), Code.Unimplemented],
+      ["an incomplete message", body.subarray(0, body.length - 1), Code.InvalidArgument],
+      ["a compressed message without grpc-encoding", envelope(body.subarray(5), 1), Code.Internal],
+      ["bytes that are not the request message", envelope(Buffer.from([0xff, 0xff, 0xff])), Code.Internal],
+    ];
+    for (const [what, bytes, code] of cases) {
+      const o = await grpcCall(fx.port, GET, bytes, AUTH);
+      expect(o.status, what).toBe(String(code));
+    }
+    await fx.assertAlive();
+  });
+});
+
+describe("a request with an empty body, after its root key was checked", () => {
+  let fx: Fixture;
+  beforeAll(async () => {
+    fx = await startFixture();
+  });
+
+  it("is answered on the lean path, over Connect and over gRPC-Web (HTTP/2)", async () => {
+    const grpc = await grpcCall(fx.port, GET, Buffer.alloc(0), AUTH);
+    expect(grpc.status).toBe(String(Code.Unimplemented));
+    const web = await grpcCall(fx.port, GET, Buffer.alloc(0), { ...AUTH, "content-type": "application/grpc-web+proto" });
+    expect(web.headers[":status"]).toBe(200);
+    // The empty proto message is a valid Connect request: GetKey with no id.
+    const c = connect(fx.port);
+    const s = c.request({ ":method": "POST", ":path": GET, "content-type": "application/proto", ...AUTH });
+    const o = outcome(s);
+    s.end();
+    const r = await o;
+    expect(r.headers[":status"]).toBe(200);
+    c.close();
+  });
+
+  it("is answered over Connect on HTTP/1.1", async () => {
+    const res = await fetch(`http://127.0.0.1:${fx.port}${GET}`, { method: "POST", headers: { "content-type": "application/proto", ...AUTH }, body: new Uint8Array(0) });
+    expect(res.status).toBe(200);
+  });
+});
