@@ -50,12 +50,26 @@ export interface EarlyAnswer {
  * unary an HTTP status with the JSON error, Connect streaming an end-of-stream
  * message carrying the error.
  */
+/**
+ * The gRPC status headers of `err`: grpc-status, grpc-message and
+ * grpc-status-details-bin as Connect writes them, except grpc-message, which is
+ * percent-encoded as the gRPC spec says (only bytes outside printable ASCII and
+ * "%"). Connect encodes it with encodeURIComponent, and grpc-js, which decodes
+ * with decodeURI, then shows "api_id%3A …" for "api_id: …".
+ */
+export function grpcStatusHeaders(err: ConnectError): Record<string, string> {
+  const out: Record<string, string> = {};
+  setTrailerStatus(new Headers(), err).forEach((v, k) => (out[k] = v));
+  if (out["grpc-message"] !== undefined) out["grpc-message"] = err.rawMessage.replace(/[^\x20-\x24\x26-\x7e]/gu, (c) => encodeURIComponent(c));
+  return out;
+}
+
 export function errorAnswer(protocol: WireProtocol, contentType: string | undefined, err: ConnectError): EarlyAnswer {
   switch (protocol) {
     case "grpc":
     case "grpc-web": {
       const headers: Record<string, string> = { "content-type": contentType ?? `application/${protocol}+proto` };
-      setTrailerStatus(new Headers(), err).forEach((v, k) => (headers[k] = v));
+      Object.assign(headers, grpcStatusHeaders(err));
       return { status: 200, headers, body: null };
     }
     case "connect-stream": {

@@ -11,10 +11,9 @@ import {
   type UnaryRequest,
   type UnaryResponse,
 } from "@connectrpc/connect";
-import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import http2 from "node:http2";
 import { performance } from "node:perf_hooks";
-import { clientStillSending, tooLarge } from "./admission.js";
+import { clientStillSending, grpcStatusHeaders, tooLarge } from "./admission.js";
 
 /*
  * A lean transport for unary gRPC calls over HTTP/2. Connect-Node serves every
@@ -491,7 +490,7 @@ class UnaryCall implements LeanCall {
     if (stream.destroyed || stream.closed || stream.headersSent) return;
     const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
     this.header?.forEach((v, k) => (headers[k] = v));
-    setTrailerStatus(new Headers(), err).forEach((v, k) => (headers[k] = v));
+    Object.assign(headers, grpcStatusHeaders(err));
     try {
       const sending = clientStillSending(stream);
       stream.respond(headers, { endStream: true });
