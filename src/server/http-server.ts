@@ -1,5 +1,5 @@
 import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { connectNodeAdapter, type ConnectNodeAdapterOptions } from "@connectrpc/connect-node";
 import { readFileSync } from "node:fs";
 import http from "node:http";
 import http2 from "node:http2";
@@ -15,6 +15,8 @@ export interface ServerOptions {
   services?: ServiceRegistration[];
   interceptors: Interceptor[];
   tls?: { certFile: string; keyFile: string } | null;
+  /** More Connect-Node options (e.g. a JSON type registry for google.protobuf.Any). */
+  connect?: Omit<ConnectNodeAdapterOptions, "routes" | "interceptors">;
 }
 
 export interface LatchkeyServer {
@@ -39,7 +41,7 @@ const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
  * and goes to Connect-Node. Returns an un-started server.
  */
 export function createServer(opts: ServerOptions): LatchkeyServer {
-  const connect = connectNodeAdapter({ routes: opts.routes, interceptors: opts.interceptors });
+  const connect = connectNodeAdapter({ ...opts.connect, routes: opts.routes, interceptors: opts.interceptors });
   const fast = opts.services
     ? createGrpcUnaryHandler(opts.services, opts.interceptors, new Map([[VerifyKeyResponseSchema.typeName, encodeVerifyKeyResponse as ResponseEncoder]]))
     : null;
