@@ -1,0 +1,90 @@
+/**
+ * The server side of the Connect conformance suite (connectconformance
+ * --mode server), built on Latchkey's own transport: the same createServer
+ * (one port, the lean unary gRPC path in front of Connect-Node, TLS by ALPN),
+ * the same interceptor as every Latchkey service, serving ConformanceService.
+ *
+ * Protocol of the runner (docs/testing_servers.md): read one size-delimited
+ * ServerCompatRequest on stdin, start a server, write a size-delimited
+ * ServerCompatResponse on stdout, serve until SIGTERM.
+ *
+ * Run by .ci/conformance; see docs/conformance.md.
+ */
+import { create, createRegistry, fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { ConnectRouter } from "@connectrpc/connect";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { createObservabilityInterceptor } from "../../src/rpc/interceptors.js";
+import type { ServiceRegistration } from "../../src/server/grpc-unary.js";
+import { createServer } from "../../src/server/http-server.js";
+import { createLogger } from "../../src/server/logger.js";
+import { createMetrics } from "../../src/server/metrics.js";
+import { ServerCompatRequestSchema, ServerCompatResponseSchema } from "./gen/connectrpc/conformance/v1/server_compat_pb.js";
+import { ConformanceService, file_connectrpc_conformance_v1_service } from "./gen/connectrpc/conformance/v1/service_pb.js";
+import { createConformanceService } from "./service.js";
+
+async function readRequest(): Promise<Uint8Array> {
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) {
+    chunks.push(c as Buffer);
+    const all = Buffer.concat(chunks);
+    if (all.length >= 4 && all.length >= 4 + all.readUInt32BE(0)) return all.subarray(4, 4 + all.readUInt32BE(0));
+  }
+  throw new Error("stdin ended before a ServerCompatRequest arrived");
+}
+
+async function main(): Promise<void> {
+  const req = fromBinary(ServerCompatRequestSchema, await readRequest());
+  if (req.clientTlsCert.length > 0) throw new Error("client certificates are not supported (config: supportsTlsClientCerts: false)");
+
+  let tls: { certFile: string; keyFile: string } | null = null;
+  let dir: string | null = null;
+  if (req.useTls) {
+    if (!req.serverCreds) throw new Error("use_tls without server_creds");
+    dir = mkdtempSync(path.join(tmpdir(), "latchkey-conformance-"));
+    tls = { certFile: path.join(dir, "cert.pem"), keyFile: path.join(dir, "key.pem") };
+    writeFileSync(tls.certFile, req.serverCreds.cert);
+    writeFileSync(tls.keyFile, req.serverCreds.key, { mode: 0o600 });
+  }
+
+  const services: ServiceRegistration[] = [{ service: ConformanceService, impl: createConformanceService() } as unknown as ServiceRegistration];
+  const routes = (router: ConnectRouter) => {
+    for (const s of services) router.service(s.service, s.impl);
+  };
+  const logger = createLogger(process.env.CONFORMANCE_LOG_LEVEL ?? "silent", process.stderr);
+  const server = createServer({
+    routes,
+    services,
+    interceptors: [createObservabilityInterceptor({ logger, metrics: createMetrics() })],
+    tls,
+    // Error details and echoed requests are google.protobuf.Any; the JSON codec needs their types.
+    jsonOptions: { registry: createRegistry(file_connectrpc_conformance_v1_service) },
+    // The suite's own message limit when it asks for one (the server's default otherwise).
+    limits: req.messageReceiveLimit > 0 ? { maxMessageBytes: req.messageReceiveLimit } : {},
+    // The conformance service needs no root key: no `authenticate`.
+  });
+  const port = await server.listen(0, "127.0.0.1");
+
+  const res = toBinary(
+    ServerCompatResponseSchema,
+    create(ServerCompatResponseSchema, { host: "127.0.0.1", port, pemCert: req.useTls ? req.serverCreds!.cert : new Uint8Array(0) }),
+  );
+  const size = Buffer.alloc(4);
+  size.writeUInt32BE(res.length);
+  process.stdout.write(Buffer.concat([size, res]));
+
+  const stop = () => {
+    void server.close(0).finally(() => {
+      if (dir) rmSync(dir, { recursive: true, force: true });
+      process.exit(0);
+    });
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+}
+
+main().catch((err) => {
+  process.stderr.write(`conformance server: ${(err as Error).stack ?? err}\n`);
+  process.exit(1);
+});
