@@ -17,6 +17,8 @@ import { encodeVerifyKeyResponse } from "./verify-response-encoder.js";
 export interface TransportLimits {
   /** Largest message on every protocol, both directions, after decompression. */
   maxMessageBytes: number;
+  /** Largest response message, when it must differ from maxMessageBytes (default: the same). */
+  maxResponseBytes?: number;
   /** Largest request message to a public service (health, reflection). */
   publicMaxMessageBytes: number;
   /** Most open connections; more are closed on arrival. */
@@ -115,6 +117,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   const given: TransportLimits = { ...DEFAULT_LIMITS, ...opts.limits };
   // A public service never takes more than any other.
   const limits: TransportLimits = { ...given, publicMaxMessageBytes: Math.min(given.publicMaxMessageBytes, given.maxMessageBytes) };
+  const writeMax = limits.maxResponseBytes ?? limits.maxMessageBytes;
   const publicServices = opts.publicServices ?? PUBLIC_SERVICES;
   const authenticate = opts.authenticate;
   const gates = opts.gates;
@@ -126,21 +129,21 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     interceptors: opts.interceptors,
     jsonOptions: opts.jsonOptions,
     readMaxBytes: limits.maxMessageBytes,
-    writeMaxBytes: limits.maxMessageBytes,
+    writeMaxBytes: writeMax,
   });
   const connectPublic = connectNodeAdapter({
     routes: opts.routes,
     interceptors: opts.interceptors,
     jsonOptions: opts.jsonOptions,
     readMaxBytes: limits.publicMaxMessageBytes,
-    writeMaxBytes: limits.maxMessageBytes,
+    writeMaxBytes: writeMax,
   });
   const lean = opts.services
     ? createGrpcUnaryHandler(
         opts.services,
         opts.interceptors,
         new Map([[VerifyKeyResponseSchema.typeName, encodeVerifyKeyResponse as ResponseEncoder]]),
-        { writeMaxBytes: limits.maxMessageBytes },
+        { writeMaxBytes: writeMax },
       )
     : null;
 

@@ -60,8 +60,9 @@ async function main(): Promise<void> {
     tls,
     // Error details and echoed requests are google.protobuf.Any; the JSON codec needs their types.
     jsonOptions: { registry: createRegistry(file_connectrpc_conformance_v1_service) },
-    // The suite's own message limit when it asks for one (the server's default otherwise).
-    limits: req.messageReceiveLimit > 0 ? { maxMessageBytes: req.messageReceiveLimit } : {},
+    // The suite's receive limit when it asks for one (responses, which echo the
+    // request, keep the default limit).
+    limits: req.messageReceiveLimit > 0 ? { maxMessageBytes: req.messageReceiveLimit, maxResponseBytes: 4 * 1024 * 1024 } : {},
     // The conformance service needs no root key: no `authenticate`.
   });
   const port = await server.listen(0, "127.0.0.1");
