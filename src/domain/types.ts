@@ -35,6 +35,8 @@ export interface IdentityRecord {
   credits: Credits | null;
   createdAt: number;
   updatedAt: number;
+  /** Update counter, see KeyRecord.version. */
+  version?: number;
 }
 
 export interface KeyRecord {
@@ -56,6 +58,13 @@ export interface KeyRecord {
   createdAt: number;
   updatedAt: number;
   lastUsedAt: number | null;
+  /**
+   * Update counter: raised by one, atomically with the write, by every store
+   * write that records a change (absent on a record never updated: 0). A credit
+   * spend does not raise it. The verification cache compares it so that a write
+   * into the cache never replaces a newer record (docs/revocation.md).
+   */
+  version?: number;
 }
 
 export type RootAction = "read" | "write" | "verify" | "usage";

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { performance } from "node:perf_hooks";
 import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
 import { AlreadyExistsError, UnavailableError } from "../../domain/errors.js";
 import type {
@@ -15,7 +16,7 @@ import type {
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
 import { applyCreditsOp, spendFromBalance } from "../credits-op.js";
-import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 /*
  * Documents mirror the domain records with `_id` for the id. `meta` is stored
@@ -28,7 +29,6 @@ type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: st
 type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string };
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
-type CounterDoc = { _id: string; seq: number };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
 type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
 type LockDoc = { _id: string; token: string; until: number };
@@ -38,7 +38,40 @@ type ActivityDoc = { _id: string; lastUsedAt: number };
 const LOCK_LEASE_MS = 10_000;
 /** How long a writer waits for a lock before answering UNAVAILABLE. */
 const LOCK_WAIT_MS = 5_000;
-type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
+/**
+ * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
+ * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
+ * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
+ * `_id` index orders it.
+ */
+export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
+type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
+const seqId = (seq: number) => String(seq).padStart(16, "0");
+/** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
+export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
+  return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
+}
+/**
+ * A write announced by an intent lands within this long of the intent becoming
+ * visible, or never: readers pin its entries this long at most.
+ */
+const WRITE_BOUND_MS = 5000;
+/** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
+const WRITE_MAX_MS = 2000;
+/**
+ * How long a seq known to have been the newest may number the next change:
+ * half the readers' pruning retention (5 s, src/cache/invalidation.ts), so the
+ * entries above it cannot have been pruned meanwhile.
+ */
+const HEAD_HINT_MS = 2500;
+/** Change entries deleted by one prune statement at most. */
+const PRUNE_CHUNK = 30_000;
+/** Keys per change record when one operation touches many (DeleteIdentity). */
+const TARGETS_PER_CHANGE = 500;
+/** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
+const LOCKED_TARGETS_PER_CHANGE = 50;
+const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys, identities: [] });
+const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
 
 /** The stored form of an identity (exported for bulk seeding in the benchmark). */
 export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
@@ -57,6 +90,10 @@ export function toKeyDoc(r: KeyRecord): KeyDoc {
 function fromKeyDoc(d: KeyDoc): KeyRecord {
   const { _id, meta, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+function fromFeedDoc(d: FeedDoc): Change {
+  const base = { seq: d.seq, keys: d.keys, identities: d.identities };
+  return d.phase === "intent" ? { ...base, phase: "intent", boundMs: d.boundMs } : { ...base, phase: "done", intent: d.intent };
 }
 function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
   const { _id, ...rest } = d;
@@ -125,13 +162,17 @@ export class MongoStore implements Store {
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
   private settings!: Collection<SettingDoc>;
-  private counters!: Collection<CounterDoc>;
-  private changes!: Collection<ChangeDoc>;
+  private feed!: Collection<FeedDoc>;
+  /** FerretDB only: one document holding (about) the newest seq, see newestSeq. */
+  private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
   private usage!: Collection<UsageDoc>;
   private locks!: Collection<LockDoc>;
   private activity!: Collection<ActivityDoc>;
   /** In-process queue per lock name, so this process never races itself for a lock. */
   private readonly localLocks = new Map<string, Promise<void>>();
+  /** A seq that was the newest in the change feed at `at` (performance.now()): where the next change is numbered from. */
+  private feedHead: { seq: number; at: number } | null = null;
+  private appendTail: Promise<unknown> = Promise.resolve();
   /** "ferretdb" when the server is FerretDB (see `init`). */
   flavor: "mongodb" | "ferretdb" = "mongodb";
 
@@ -167,9 +208,9 @@ export class MongoStore implements Store {
       this.keys = this.db.collection<KeyDoc>("keys");
       this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
       this.settings = this.db.collection<SettingDoc>("settings");
-      this.counters = this.db.collection<CounterDoc>("counters");
-      this.changes = this.db.collection<ChangeDoc>("changes");
-      await this.changes.createIndex({ at: 1 }, { name: "at" });
+      // "change_feed", not the "changes" of earlier versions (numeric ids, written after the data).
+      this.feed = this.db.collection<FeedDoc>("change_feed");
+      this.feedHeadDoc = this.db.collection("change_feed_head");
       this.locks = this.db.collection<LockDoc>("locks");
       this.activity = this.db.collection<ActivityDoc>("key_activity");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
@@ -233,26 +274,103 @@ export class MongoStore implements Store {
   }
 
   /**
-   * Appends to the change feed after the write it describes. The seq comes from
-   * one atomic counter, so it increases across instances; a reader tolerates the
-   * short gaps that concurrent writers leave (src/cache/invalidation.ts).
+   * The newest seq in the change feed (0 when empty). On MongoDB the `_id`
+   * index answers. FerretDB sorts in Go after reading every entry, so there a
+   * head document (raised after each append, a hint only: FerretDB may lose a
+   * concurrent raise) is checked with point lookups: if seq H exists and H+1
+   * does not, H is the newest (entries are pruned from the oldest up, and
+   * written without gaps).
    */
-  private async recordChange(kind: "key" | "identity", id: string, hash: string | null): Promise<void> {
-    // A duplicate seq (racing first upserts; servers such as FerretDB that do not
-    // apply $inc atomically, where lost increments leave the counter behind the
-    // feed) takes another one instead of failing the write, after moving the
-    // counter up to the newest change so the next try does not collide again.
-    for (let attempt = 0; ; attempt++) {
-      try {
-        const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
-        await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
-        return;
-      } catch (err) {
-        if (!isDuplicateKey(err) || attempt >= 1000) throw err;
-        const newest = await this.changes.find({}, { projection: { _id: 1 } }).sort({ _id: -1 }).limit(1).next();
-        if (newest) await this.counters.updateOne({ _id: "changes" }, { $max: { seq: newest._id } });
+  private async newestSeq(): Promise<number> {
+    if (this.flavor === "ferretdb") {
+      let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
+      if (h > 0 && (await this.feed.findOne({ _id: seqId(h) }, { projection: { _id: 1 } }))) {
+        for (let steps = 0; steps < 64; steps++, h++) {
+          if (!(await this.feed.findOne({ _id: seqId(h + 1) }, { projection: { _id: 1 } }))) return h;
+        }
       }
     }
+    const d = await this.feed.find({}, { projection: { seq: 1 } }).sort({ _id: -1 }).limit(1).next();
+    return d?.seq ?? 0;
+  }
+
+  /**
+   * Appends one entry to the change feed and returns its seq. The seq is taken
+   * by inserting `_id` = newest + 1, the one atomic primitive this store relies
+   * on (a unique `_id` insert); a duplicate means another writer took it, so the
+   * next one is tried. Seq N is thus only ever written once N-1 exists: the
+   * feed has no gaps. "Newest" must be fresh: readers prune what they saw 10 s
+   * ago, and a stale guess below the pruned range would insert a seq that
+   * readers have passed (docs/revocation.md). Appends of this process go one
+   * at a time, so its writers do not race each other for the same seq.
+   * Returns the seq and when its insert was sent.
+   */
+  private appendChange(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
+    const run = this.appendTail.then(() => this.appendNow(entry));
+    this.appendTail = run.catch(() => undefined);
+    return run;
+  }
+
+  private async appendNow(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
+    let base = this.feedHead;
+    let seq = base?.seq ?? 0;
+    for (;;) {
+      if (!base || performance.now() - base.at >= HEAD_HINT_MS) {
+        const at = performance.now();
+        base = { seq: await this.newestSeq(), at };
+        seq = base.seq;
+      }
+      const sentAt = performance.now();
+      try {
+        await this.feed.insertOne(toFeedDoc(seq + 1, entry));
+        if (!this.feedHead || this.feedHead.seq <= seq + 1) this.feedHead = { seq: seq + 1, at: sentAt };
+        if (this.flavor === "ferretdb") {
+          // A hint for newestSeq: not waited for, and a lost raise is harmless.
+          void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
+        }
+        return { seq: seq + 1, sentAt };
+      } catch (err) {
+        if (!isDuplicateKey(err)) throw err;
+        seq++;
+      }
+    }
+  }
+
+  /**
+   * Runs a write of keys or identities between an intent and a done entry in
+   * the change feed. Readers stop caching the targets on the intent; the write
+   * lands within WRITE_BOUND_MS of the intent or never (it is not sent later
+   * than WRITE_BOUND_MS - WRITE_MAX_MS after it, and the server gives it
+   * WRITE_MAX_MS); the done entry lets readers cache the targets again at once.
+   * A crash or lost connection anywhere leaves at worst an open intent, which
+   * readers release after its bound: no revocation is lost.
+   */
+  private async changing<T>(
+    targets: ChangeTargets,
+    write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
+  ): Promise<T> {
+    // The bound runs from the intent's insert: it is visible no earlier than that.
+    const { seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets });
+    const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
+    // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
+    const done = () => this.appendChange({ phase: "done", intent, ...targets }).then(
+      () => undefined,
+      () => undefined,
+    );
+    if (!inTime()) {
+      await done();
+      throw new UnavailableError("the change feed answered too slowly; nothing was written");
+    }
+    let res: T;
+    try {
+      res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
+    } catch (err) {
+      // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
+      if (err instanceof MongoServerError) await done();
+      throw err;
+    }
+    await done();
+    return res;
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -299,42 +417,62 @@ export class MongoStore implements Store {
 
   async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
     const d = await this.run(() =>
-      this.locked(`identity:${id}`, () => this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
+      this.locked(`identity:${id}`, async () => {
+        if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
+        return this.changing(identityTargets(id), (o) =>
+          this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { version: 1 } }, { returnDocument: "after", ...o }),
+        );
+      }),
     );
-    if (!d) return null;
-    await this.run(() => this.recordChange("identity", id, null));
-    return fromIdentityDoc(d);
+    return d ? fromIdentityDoc(d) : null;
   }
 
   async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
     return this.run(async () => {
       if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
       // Keys first: a failure half-way leaves an identity with fewer keys, never keys
-      // pointing at a deleted identity.
+      // pointing at a deleted identity. Rounds, so that keys linked meanwhile go too;
+      // one change entry (intent and done) per batch of keys, not per key.
       let deletedKeys = 0;
       let unlinkedKeys = 0;
-      const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
-      if (deleteKeys) {
-        deletedKeys = (await this.keys.deleteMany({ identityId: id })).deletedCount;
-      } else {
-        for (const k of affected) {
-          const res = await this.locked(`key:${k._id}`, () =>
-            this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() } }),
-          );
-          unlinkedKeys += res.modifiedCount;
+      for (let round = 0; round < 10; round++) {
+        const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
+        if (affected.length === 0) break;
+        const targetsOf = (batch: typeof affected) => keyTargets(...batch.map((k) => ({ id: k._id, hash: k.hash })));
+        if (deleteKeys) {
+          for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
+            const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
+            const res = await this.changing(targetsOf(batch), (o) => this.keys.deleteMany({ _id: { $in: batch.map((k) => k._id) }, identityId: id }, o));
+            deletedKeys += res.deletedCount;
+          }
+          continue;
+        }
+        // Each key under its own lock: a batch ends early when its intent's time is up, and the rest go in the next.
+        for (let rest = affected; rest.length > 0; ) {
+          const batch = rest.slice(0, LOCKED_TARGETS_PER_CHANGE);
+          let written = 0;
+          await this.changing(targetsOf(batch), async (_o, inTime) => {
+            for (const k of batch) {
+              if (!inTime()) break;
+              const res = await this.locked(`key:${k._id}`, () =>
+                this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1 } }),
+              );
+              unlinkedKeys += res.modifiedCount;
+              written++;
+            }
+          });
+          if (written === 0) throw new UnavailableError("unlinking the identity's keys is too slow; retry");
+          rest = rest.slice(written);
         }
       }
-      const res = await this.identities.deleteOne({ _id: id });
-      for (const k of affected) await this.recordChange("key", k._id, k.hash);
-      await this.recordChange("identity", id, null);
+      const res = await this.changing(identityTargets(id), (o) => this.identities.deleteOne({ _id: id }, o));
       return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
     });
   }
 
   async createKey(rec: KeyRecord): Promise<void> {
-    await this.run(() => this.keys.insertOne(toKeyDoc(rec)));
-    // Clears negative cache entries for this hash on every instance.
-    await this.run(() => this.recordChange("key", rec.id, rec.hash));
+    // The change clears negative cache entries for this hash on every instance.
+    await this.run(() => this.changing(keyTargets({ id: rec.id, hash: rec.hash }), (o) => this.keys.insertOne(toKeyDoc(rec), o)));
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
@@ -365,32 +503,40 @@ export class MongoStore implements Store {
 
   async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
     const d = await this.run(() =>
-      this.locked(`key:${id}`, () => this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now) }, { returnDocument: "after" })),
+      this.locked(`key:${id}`, async () => {
+        const cur = await this.keys.findOne({ _id: id }, { projection: { hash: 1 } });
+        if (!cur) return null;
+        return this.changing(keyTargets({ id, hash: cur.hash }), (o) =>
+          this.keys.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { version: 1 } }, { returnDocument: "after", ...o }),
+        );
+      }),
     );
     if (!d) return null;
-    await this.run(() => this.recordChange("key", id, d.hash));
     return (await this.withLastUsed([fromKeyDoc(d)]))[0];
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }));
+    const cur = await this.run(() => this.keys.findOne({ _id: id }, { projection: { hash: 1 } }));
+    if (!cur) return false;
+    const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => this.keys.findOneAndDelete({ _id: id }, o)));
     if (!d) return false;
-    await this.run(() => this.recordChange("key", id, d.hash));
     await this.run(() => this.activity.deleteOne({ _id: id }));
     return true;
   }
 
   async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<boolean> {
-    if (!(await this.getKey(oldId))) return false;
+    const old = await this.getKey(oldId);
+    if (!old) return false;
     await this.createKey(next);
     try {
       const res = await this.run(() =>
-        this.locked(`key:${oldId}`, () => this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now } })),
+        this.locked(`key:${oldId}`, () =>
+          this.changing(keyTargets({ id: oldId, hash: old.hash }), (o) =>
+            this.keys.findOneAndUpdate({ _id: oldId }, { $set: { expiresAt: oldExpiresAt, updatedAt: now }, $inc: { version: 1 } }, o),
+          ),
+        ),
       );
-      if (res) {
-        await this.run(() => this.recordChange("key", oldId, res.hash));
-        return true;
-      }
+      if (res) return true;
       await this.deleteKey(next.id); // the old key vanished meanwhile
       return false;
     } catch (err) {
@@ -414,12 +560,11 @@ export class MongoStore implements Store {
         const cur = await coll.findOne({ _id: id });
         if (!cur) return undefined;
         const credits = applyCreditsOp(cur.credits, op);
-        await coll.updateOne({ _id: id }, { $set: { credits, updatedAt: now } });
-        return { credits, hash: cur.hash ?? null };
+        const targets = "keyId" in target ? keyTargets({ id, hash: cur.hash! }) : identityTargets(id);
+        await this.changing(targets, (o) => coll.updateOne({ _id: id }, { $set: { credits, updatedAt: now }, $inc: { version: 1 } }, o));
+        return { credits };
       });
-      if (!res) return undefined;
-      await this.recordChange("keyId" in target ? "key" : "identity", id, res.hash);
-      return res.credits;
+      return res?.credits;
     });
   }
 
@@ -437,18 +582,58 @@ export class MongoStore implements Store {
     );
   }
 
-  async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
-    const docs = await this.run(() => this.changes.find({ _id: { $gt: afterSeq } }).sort({ _id: 1 }).limit(limit).toArray());
-    return docs.map((d) => (d.kind === "key" ? { seq: d._id, kind: "key", id: d.id, hash: d.hash! } : { seq: d._id, kind: "identity", id: d.id }));
+  /** Entries with a seq above `afterSeq`, at most `limit`, in seq order. */
+  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+    const filter = { _id: { $gt: seqId(afterSeq) } };
+    if (this.flavor === "mongodb") return this.feed.find(filter).sort({ _id: 1 }).limit(limit).toArray();
+    // FerretDB sorts in Go after reading every entry; without a sort it stops at
+    // `limit`, reading in insertion order, which is seq order (written without gaps).
+    const docs = await this.feed.find(filter).limit(limit).toArray();
+    return docs.sort((a, b) => a.seq - b.seq);
+  }
+
+  /**
+   * A point lookup of `afterSeq + 1` first: on an idle feed that is all a
+   * poll costs (on FerretDB a scan of the few retained entries only, whatever
+   * the history). Only when it exists are the next ones read, in one range.
+   */
+  async changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
+    return this.run(async () => {
+      if (opts.pastGaps) return (await this.feedRange(afterSeq, limit)).map(fromFeedDoc);
+      const first = await this.feed.findOne({ _id: seqId(afterSeq + 1) });
+      if (!first) return [];
+      if (limit <= 1) return [fromFeedDoc(first)];
+      const sentAt = performance.now();
+      const rest = await this.feedRange(afterSeq + 1, limit - 1);
+      const all = [first, ...rest];
+      // The end of the feed was reached: its last seq was the newest when the range was read.
+      const last = all[all.length - 1].seq;
+      if (rest.length < limit - 1 && last === afterSeq + all.length && (!this.feedHead || this.feedHead.seq <= last)) {
+        this.feedHead = { seq: last, at: sentAt };
+      }
+      return all.map(fromFeedDoc);
+    });
+  }
+
+  async changeFeedStart(): Promise<number> {
+    // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
+    const oldest = this.feed.find({}, { projection: { seq: 1 } });
+    const d = await this.run(() => (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next());
+    return d ? d.seq - 1 : 0;
   }
 
   async lastChangeSeq(): Promise<number> {
-    const c = await this.run(() => this.counters.findOne({ _id: "changes" }));
-    return c?.seq ?? 0;
+    return this.run(() => this.newestSeq());
   }
 
-  async pruneChanges(olderThanMs: number): Promise<void> {
-    await this.run(() => this.changes.deleteMany({ at: { $lt: olderThanMs } }));
+  async pruneChanges(beforeSeq: number): Promise<void> {
+    // `beforeSeq` exists or existed (a reader saw it): the newest entry is never deleted.
+    // At most PRUNE_CHUNK entries per delete: FerretDB deletes the matches with one
+    // SQL statement of one variable each, and SQLite allows 32,766.
+    for (let from = (await this.changeFeedStart()) + 1; from < beforeSeq; from += PRUNE_CHUNK) {
+      const upTo = Math.min(beforeSeq, from + PRUNE_CHUNK);
+      await this.run(() => this.feed.deleteMany({ _id: { $lt: seqId(upTo) } }));
+    }
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
