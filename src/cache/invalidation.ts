@@ -216,9 +216,16 @@ export function createInvalidationFeed(deps: {
     return running;
   }
 
-  function schedule() {
+  /** Polls every `pollMs` from start to start (a slow poll does not push the next one back by its own length). */
+  function schedule(lastStart = clock()) {
     if (stopped) return;
-    timer = setTimeout(() => void poll().then(schedule), deps.options.pollMs);
+    timer = setTimeout(
+      () => {
+        const start = clock();
+        void poll().then(() => schedule(start));
+      },
+      Math.max(0, deps.options.pollMs - (clock() - lastStart)),
+    );
     timer.unref();
   }
 
