@@ -36,8 +36,16 @@ const MAX_PAGES = 20;
 const PRUNE_EVERY_MS = 1000;
 /** Most changes read in one store call when the reader is behind (pages grow from `pageSize` while they come back full). */
 const MAX_PAGE = 50_000;
+/** A backlog longer than this is not read: the cache is emptied and reading goes on from the newest change. */
+const JUMP_BACKLOG = 5000;
+/**
+ * The longest bound a store gives an intent (src/storage/mongodb/mongo-store.ts):
+ * after changes may have been missed, nothing read from the store is cached for
+ * this long, since a write announced by a missed intent may still land.
+ */
+const MAX_INTENT_BOUND_MS = 5000;
 /** How often a reader that finds nothing new checks that nothing newer exists past a missing entry. */
-const DEEP_CHECK_MS = 2000;
+const DEEP_CHECK_MS = 5000;
 
 /**
  * Follows the store's change feed and evicts changed keys and identities from
@@ -53,6 +61,11 @@ const DEEP_CHECK_MS = 2000;
  *   was behind, a reader that finds nothing new asks for the newest seq, and
  *   when that is past the cursor reads on past the missing entry. A jump in the
  *   seqs empties the whole cache (a resync): never skipped silently.
+ * - A backlog of more than JUMP_BACKLOG changes is not read (on FerretDB that
+ *   costs the store ~0.1 ms a change): the cache is emptied and reading goes on
+ *   from the newest one.
+ * - After a resync nothing is cached for MAX_INTENT_BOUND_MS, in case a write
+ *   announced by a missed intent has yet to land.
  * - An `intent` pins its entries (read from the store, never cached) until its
  *   `done` arrives or its bound has passed on this reader's clock.
  * - While the last complete read is older than `boundMs`, cached answers are
@@ -86,7 +99,7 @@ export function createInvalidationFeed(deps: {
   const intents = new Map<number, { targets: ChangeTargets; until: number }>();
   /** (time, cursor) after complete reads: what the feed held then, for pruning what is older than the retention. */
   const samples: { at: number; seq: number }[] = [];
-  let lastPrune = clock();
+  let nextPrune = clock() + PRUNE_EVERY_MS;
   let prunedBelow = 0;
   let timer: NodeJS.Timeout | null = null;
   let watchdog: NodeJS.Timeout | null = null;
@@ -94,10 +107,12 @@ export function createInvalidationFeed(deps: {
   let stopped = false;
   let readable = true;
   let wasFresh: boolean | null = null;
+  let quarantineUntil = -Infinity;
 
   const fresh = () => clock() - lastComplete <= boundMs;
   const lagMs = () => clock() - (Number.isFinite(lastComplete) ? lastComplete : startedAt);
-  if (policy === "read-through") cache.setTrust(fresh);
+  const settled = () => clock() >= quarantineUntil;
+  cache.setPolicy({ useCached: policy === "read-through" ? () => fresh() && settled() : settled, keepFills: settled });
 
   function each(t: ChangeTargets, key: (hash: string) => void, identity: (id: string) => void): void {
     for (const k of t.keys) key(k.hash);
@@ -131,11 +146,12 @@ export function createInvalidationFeed(deps: {
     }
   }
 
-  /** Changes `from`..`to` are missing: forget everything cached. */
-  function resync(from: number, to: number): void {
-    logger.warn({ from, to }, "change feed: changes are missing; emptying the verification cache");
+  /** Changes `from`..`to` are missing (or skipped): forget everything cached, and cache nothing until missed intents have run out. */
+  function resync(from: number, to: number, why: string): void {
+    logger.warn({ from, to }, `change feed: ${why}; emptying the verification cache`);
     metrics?.feedResyncs.inc();
     cache.clear();
+    quarantineUntil = clock() + MAX_INTENT_BOUND_MS;
   }
 
   function checkFreshness(): void {
@@ -161,12 +177,20 @@ export function createInvalidationFeed(deps: {
       }
       for (const c of page) {
         if (c.seq <= cursor) continue;
-        if (c.seq !== cursor + 1) resync(cursor + 1, c.seq - 1);
+        if (c.seq !== cursor + 1) resync(cursor + 1, c.seq - 1, "changes are missing");
         apply(c);
         cursor = c.seq;
       }
       if (page.length >= size) {
         if (pages >= MAX_PAGES) break;
+        if (size === pageSize) {
+          const newest = await store.lastChangeSeq();
+          if (newest - cursor > JUMP_BACKLOG) {
+            resync(cursor + 1, newest, `${newest - cursor} changes behind`);
+            cursor = newest;
+            continue;
+          }
+        }
         // Behind: larger pages (a store without a usable index reads what precedes the cursor for every page).
         size = Math.min(size * 8, MAX_PAGE);
         continue;
@@ -182,8 +206,9 @@ export function createInvalidationFeed(deps: {
   /** Deletes what this reader saw at least `retentionMs` ago: every reader that reads the feed at all has seen it. */
   async function maybePrune(): Promise<void> {
     const t = clock();
-    if (t - lastPrune < PRUNE_EVERY_MS) return;
-    lastPrune = t;
+    if (t < nextPrune) return;
+    // Spread over time, so that instances seldom prune the same entries at once.
+    nextPrune = t + PRUNE_EVERY_MS * (0.5 + Math.random());
     let old: { at: number; seq: number } | undefined;
     while (samples.length > 0 && samples[0].at <= t - retentionMs) old = samples.shift();
     if (!old || old.seq <= prunedBelow) return;
@@ -216,7 +241,11 @@ export function createInvalidationFeed(deps: {
     return running;
   }
 
-  /** Polls every `pollMs` from start to start (a slow poll does not push the next one back by its own length). */
+  /**
+   * Polls every `pollMs` from start to start, so a slow poll does not push the
+   * next one back by its own length; but never sooner than `pollMs / 2` after
+   * one ended, so a slow store is not read back to back.
+   */
   function schedule(lastStart = clock()) {
     if (stopped) return;
     timer = setTimeout(
@@ -224,7 +253,7 @@ export function createInvalidationFeed(deps: {
         const start = clock();
         void poll().then(() => schedule(start));
       },
-      Math.max(0, deps.options.pollMs - (clock() - lastStart)),
+      Math.max(deps.options.pollMs / 2, deps.options.pollMs - (clock() - lastStart)),
     );
     timer.unref();
   }

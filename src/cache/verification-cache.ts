@@ -44,13 +44,15 @@ interface Table<T extends Versioned> {
  *   only to the very version its caller read;
  * - an entry with a write in flight (`pin`) is read from the store and never
  *   cached until the write is known to have landed;
- * - while `trusted()` is false (the change feed is behind), lookups read
- *   through to the store.
+ * - while `useCached()` is false (the change feed is behind), lookups read
+ *   through to the store, and while `keepFills()` is false (after changes may
+ *   have been missed) what they read is not cached either.
  */
 export function createVerificationCache(deps: { store: Store; options: CacheOptions; metrics?: Metrics; now?: () => number }) {
   const { store, options, metrics } = deps;
   const now = deps.now ?? Date.now;
-  let trusted: () => boolean = () => true;
+  let useCached: () => boolean = () => true;
+  let keepFills: () => boolean = () => true;
 
   function table<T extends Versioned>(name: "key" | "identity", fetch: (id: string) => Promise<T | null>): Table<T> {
     return { name, lru: new LruCache<string, T | null>(options.maxEntries), pending: new Map(), pinned: new Map(), fetch };
@@ -76,7 +78,7 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
   function load<T extends Versioned>(t: Table<T>, id: string): Promise<T | null> {
     const at = now();
     const c = counted[t.name];
-    const usable = !t.pinned.has(id) && trusted();
+    const usable = !t.pinned.has(id) && useCached();
     if (usable) {
       const e = t.lru.get(id, at);
       if (e) {
@@ -95,7 +97,7 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
     fill.promise = t.fetch(id).then(
       (v) => {
         if (t.pending.get(id) === fill) t.pending.delete(id);
-        if (!fill.stale && !t.pinned.has(id)) setNewer(t, id, v, at + options.ttlMs);
+        if (!fill.stale && !t.pinned.has(id) && keepFills()) setNewer(t, id, v, at + options.ttlMs);
         return v;
       },
       (err) => {
@@ -156,9 +158,10 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
       clear(keys);
       clear(identities);
     },
-    /** While `fn` answers false, lookups read through to the store (the change feed is behind). */
-    setTrust(fn: () => boolean) {
-      trusted = fn;
+    /** Set by the change feed: when cached entries may be used, and when store reads may be cached. */
+    setPolicy(p: { useCached: () => boolean; keepFills: () => boolean }) {
+      useCached = p.useCached;
+      keepFills = p.keepFills;
     },
     /**
      * Refreshes the cached record after a write this instance knows the result

@@ -115,11 +115,53 @@ export function severAfter(store: Store, field: string, method: string): { sever
     });
   }
   if (!originals.has(field)) throw new Error(`no collection field ${field} on the store`);
+  // Collections the store asks its Db for later (the change feed's) fail the same way.
+  const db = target.db as { collection: (name: string) => unknown } | undefined;
+  if (db && typeof db.collection === "function") {
+    const collection = db.collection;
+    originals.set("db.collection", collection);
+    db.collection = (name: string) => {
+      const coll = collection.call(db, name) as object;
+      return new Proxy(coll, {
+        get(c, prop, receiver) {
+          const v = Reflect.get(c, prop, receiver);
+          if (typeof v !== "function" || !severed) return v;
+          return () => {
+            const err = new Error("connection lost (injected)");
+            err.name = "MongoNetworkError";
+            const failed = Promise.reject(err);
+            failed.catch(() => undefined);
+            return prop === "find" ? { toArray: () => failed, next: () => failed, sort: () => ({ limit: () => ({ next: () => failed, toArray: () => failed }) }) } : failed;
+          };
+        },
+      });
+    };
+  }
   return {
     severed: () => severed,
     heal() {
       severed = false;
-      for (const [name, value] of originals) target[name] = value;
+      for (const [name, value] of originals) {
+        if (name === "db.collection") (target.db as { collection: unknown }).collection = value;
+        else target[name] = value;
+      }
     },
   };
+}
+
+/**
+ * Deletes one entry of the change feed behind the store's back: a lost (or
+ * pruned) change. Also in the tables of earlier versions, to show how their
+ * reader fares.
+ */
+export async function deleteChange(kind: "embedded" | "mongodb", store: Store, seq: number): Promise<void> {
+  const s = store as unknown as Record<string, any>;
+  if (kind === "embedded") {
+    const table = s.db.prepare("SELECT name FROM sqlite_master WHERE name = 'change_feed'").get() ? "change_feed" : "changes";
+    s.db.prepare(`DELETE FROM ${table} WHERE seq = ?`).run(seq);
+  } else if (s.changes) {
+    await s.changes.deleteOne({ _id: seq });
+  } else {
+    await s.db.collection(s.feedCollectionName(seq)).deleteOne({ _id: String(seq).padStart(16, "0") });
+  }
 }

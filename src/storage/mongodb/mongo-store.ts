@@ -42,11 +42,17 @@ const LOCK_WAIT_MS = 5_000;
  * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
  * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
  * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
- * `_id` index orders it.
+ * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
+ * (`change_feed_<seq / feedBucket>`): FerretDB answers even an `_id` lookup by
+ * scanning its table, so there buckets are small (500) and a lookup costs at
+ * most one bucket whatever the history; pruning drops whole collections instead
+ * of deleting documents (which FerretDB does by reading every document of the
+ * collection). MongoDB's `_id` index needs no such help: 100,000 a bucket.
  */
 export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
 type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
 const seqId = (seq: number) => String(seq).padStart(16, "0");
+const FEED_PREFIX = "change_feed_";
 /** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
 export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
   return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
@@ -64,8 +70,6 @@ const WRITE_MAX_MS = 2000;
  * entries above it cannot have been pruned meanwhile.
  */
 const HEAD_HINT_MS = 2500;
-/** Change entries deleted by one prune statement at most. */
-const PRUNE_CHUNK = 30_000;
 /** Keys per change record when one operation touches many (DeleteIdentity). */
 const TARGETS_PER_CHANGE = 500;
 /** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
@@ -162,8 +166,7 @@ export class MongoStore implements Store {
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
   private settings!: Collection<SettingDoc>;
-  private feed!: Collection<FeedDoc>;
-  /** FerretDB only: one document holding (about) the newest seq, see newestSeq. */
+  /** One document holding (about) the newest seq, see newestSeq. */
   private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
   private usage!: Collection<UsageDoc>;
   private locks!: Collection<LockDoc>;
@@ -173,6 +176,8 @@ export class MongoStore implements Store {
   /** A seq that was the newest in the change feed at `at` (performance.now()): where the next change is numbered from. */
   private feedHead: { seq: number; at: number } | null = null;
   private appendTail: Promise<unknown> = Promise.resolve();
+  /** Seqs per change feed collection (set by `init` for the server, see FeedDoc). */
+  feedBucket = 100_000;
   /** "ferretdb" when the server is FerretDB (see `init`). */
   flavor: "mongodb" | "ferretdb" = "mongodb";
 
@@ -208,13 +213,13 @@ export class MongoStore implements Store {
       this.keys = this.db.collection<KeyDoc>("keys");
       this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
       this.settings = this.db.collection<SettingDoc>("settings");
-      // "change_feed", not the "changes" of earlier versions (numeric ids, written after the data).
-      this.feed = this.db.collection<FeedDoc>("change_feed");
+      // "change_feed_<n>", not the "changes" of earlier versions (numeric ids, written after the data).
       this.feedHeadDoc = this.db.collection("change_feed_head");
       this.locks = this.db.collection<LockDoc>("locks");
       this.activity = this.db.collection<ActivityDoc>("key_activity");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
       this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
+      this.feedBucket = this.flavor === "ferretdb" ? 500 : 100_000;
       this.usage = this.db.collection<UsageDoc>("usage");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
@@ -273,25 +278,53 @@ export class MongoStore implements Store {
     }
   }
 
+  /** The name of the change feed collection holding `seq` (public for writing history in bulk in the benchmark). */
+  feedCollectionName(seq: number): string {
+    return `${FEED_PREFIX}${Math.floor(seq / this.feedBucket)}`;
+  }
+
+  /** The change feed collection holding `seq`. */
+  private feedOf(seq: number): Collection<FeedDoc> {
+    return this.db.collection<FeedDoc>(this.feedCollectionName(seq));
+  }
+
+  /** The buckets of the change feed that exist, ascending. */
+  private async feedBuckets(): Promise<number[]> {
+    const names = await this.db.listCollections({}, { nameOnly: true }).toArray();
+    return names
+      .map((c) => c.name)
+      .filter((n) => n.startsWith(FEED_PREFIX) && /^\d+$/.test(n.slice(FEED_PREFIX.length)))
+      .map((n) => Number(n.slice(FEED_PREFIX.length)))
+      .sort((a, b) => a - b);
+  }
+
+  private async feedHas(seq: number): Promise<boolean> {
+    return (await this.feedOf(seq).findOne({ _id: seqId(seq) }, { projection: { _id: 1 } })) !== null;
+  }
+
+  /** The newest or oldest entry of one bucket (FerretDB sorts in Go, over one bucket at most). */
+  private async feedEnd(bucket: number, end: 1 | -1): Promise<number | null> {
+    const d = await this.feedOf(bucket * this.feedBucket).find({}, { projection: { seq: 1 } }).sort({ _id: end }).limit(1).next();
+    return d?.seq ?? null;
+  }
+
   /**
-   * The newest seq in the change feed (0 when empty). On MongoDB the `_id`
-   * index answers. FerretDB sorts in Go after reading every entry, so there a
-   * head document (raised after each append, a hint only: FerretDB may lose a
-   * concurrent raise) is checked with point lookups: if seq H exists and H+1
-   * does not, H is the newest (entries are pruned from the oldest up, and
-   * written without gaps).
+   * The newest seq in the change feed (0 when empty). A head document, raised
+   * after each append, is a hint (FerretDB may lose a concurrent raise): if seq
+   * H exists and H+1 does not, H is the newest (entries are written without
+   * gaps, and pruned from the oldest up). Otherwise the newest bucket answers.
    */
   private async newestSeq(): Promise<number> {
-    if (this.flavor === "ferretdb") {
-      let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
-      if (h > 0 && (await this.feed.findOne({ _id: seqId(h) }, { projection: { _id: 1 } }))) {
-        for (let steps = 0; steps < 64; steps++, h++) {
-          if (!(await this.feed.findOne({ _id: seqId(h + 1) }, { projection: { _id: 1 } }))) return h;
-        }
-      }
+    let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
+    if (h > 0 && (await this.feedHas(h))) {
+      for (let steps = 0; steps < 64; steps++, h++) if (!(await this.feedHas(h + 1))) return h;
     }
-    const d = await this.feed.find({}, { projection: { seq: 1 } }).sort({ _id: -1 }).limit(1).next();
-    return d?.seq ?? 0;
+    const buckets = await this.feedBuckets();
+    for (let i = buckets.length - 1; i >= 0; i--) {
+      const newest = await this.feedEnd(buckets[i], -1);
+      if (newest !== null) return newest;
+    }
+    return 0;
   }
 
   /**
@@ -322,12 +355,10 @@ export class MongoStore implements Store {
       }
       const sentAt = performance.now();
       try {
-        await this.feed.insertOne(toFeedDoc(seq + 1, entry));
+        await this.feedOf(seq + 1).insertOne(toFeedDoc(seq + 1, entry));
         if (!this.feedHead || this.feedHead.seq <= seq + 1) this.feedHead = { seq: seq + 1, at: sentAt };
-        if (this.flavor === "ferretdb") {
-          // A hint for newestSeq: not waited for, and a lost raise is harmless.
-          void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
-        }
+        // A hint for newestSeq: not waited for, and a lost raise is harmless.
+        void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
         return { seq: seq + 1, sentAt };
       } catch (err) {
         if (!isDuplicateKey(err)) throw err;
@@ -582,25 +613,47 @@ export class MongoStore implements Store {
     );
   }
 
-  /** Entries with a seq above `afterSeq`, at most `limit`, in seq order. */
-  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+  /** Entries of one bucket with a seq above `afterSeq`, at most `limit`, in seq order. */
+  private async bucketRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+    const coll = this.feedOf(afterSeq + 1);
     const filter = { _id: { $gt: seqId(afterSeq) } };
-    if (this.flavor === "mongodb") return this.feed.find(filter).sort({ _id: 1 }).limit(limit).toArray();
+    if (this.flavor === "mongodb") return coll.find(filter).sort({ _id: 1 }).limit(limit).toArray();
     // FerretDB sorts in Go after reading every entry; without a sort it stops at
     // `limit`, reading in insertion order, which is seq order (written without gaps).
-    const docs = await this.feed.find(filter).limit(limit).toArray();
+    const docs = await coll.find(filter).limit(limit).toArray();
     return docs.sort((a, b) => a.seq - b.seq);
+  }
+
+  /** Entries above `afterSeq` in seq order, at most `limit`, across buckets while each read ends at its bucket's last seq. */
+  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+    const out: FeedDoc[] = [];
+    for (let after = afterSeq; out.length < limit; ) {
+      const docs = await this.bucketRange(after, limit - out.length);
+      out.push(...docs);
+      const bucketLast = (Math.floor((after + 1) / this.feedBucket) + 1) * this.feedBucket - 1;
+      if (docs.length === 0 || docs[docs.length - 1].seq !== bucketLast) break;
+      after = bucketLast;
+    }
+    return out;
   }
 
   /**
    * A point lookup of `afterSeq + 1` first: on an idle feed that is all a
-   * poll costs (on FerretDB a scan of the few retained entries only, whatever
-   * the history). Only when it exists are the next ones read, in one range.
+   * poll costs (on FerretDB a scan of one bucket at most, whatever the
+   * history). Only when it exists are the next ones read, in one range.
    */
   async changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
     return this.run(async () => {
-      if (opts.pastGaps) return (await this.feedRange(afterSeq, limit)).map(fromFeedDoc);
-      const first = await this.feed.findOne({ _id: seqId(afterSeq + 1) });
+      if (opts.pastGaps) {
+        // From the first bucket that holds anything above `afterSeq`.
+        for (const b of await this.feedBuckets()) {
+          if ((b + 1) * this.feedBucket - 1 <= afterSeq) continue;
+          const docs = await this.feedRange(Math.max(afterSeq, b * this.feedBucket - 1), limit);
+          if (docs.length > 0) return docs.map(fromFeedDoc);
+        }
+        return [];
+      }
+      const first = await this.feedOf(afterSeq + 1).findOne({ _id: seqId(afterSeq + 1) });
       if (!first) return [];
       if (limit <= 1) return [fromFeedDoc(first)];
       const sentAt = performance.now();
@@ -616,24 +669,39 @@ export class MongoStore implements Store {
   }
 
   async changeFeedStart(): Promise<number> {
-    // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
-    const oldest = this.feed.find({}, { projection: { seq: 1 } });
-    const d = await this.run(() => (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next());
-    return d ? d.seq - 1 : 0;
+    return this.run(async () => {
+      for (const b of await this.feedBuckets()) {
+        // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
+        const oldest = this.feedOf(b * this.feedBucket).find({}, { projection: { seq: 1 } });
+        const d = await (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next();
+        if (d) return d.seq - 1;
+      }
+      return 0;
+    });
   }
 
   async lastChangeSeq(): Promise<number> {
     return this.run(() => this.newestSeq());
   }
 
+  /**
+   * Drops the buckets whose every seq is below `beforeSeq` (which exists or
+   * existed, so the newest entry is never deleted), then deletes the entries
+   * below it in its own bucket (one bucket: FerretDB reads at most that many).
+   */
   async pruneChanges(beforeSeq: number): Promise<void> {
-    // `beforeSeq` exists or existed (a reader saw it): the newest entry is never deleted.
-    // At most PRUNE_CHUNK entries per delete: FerretDB deletes the matches with one
-    // SQL statement of one variable each, and SQLite allows 32,766.
-    for (let from = (await this.changeFeedStart()) + 1; from < beforeSeq; from += PRUNE_CHUNK) {
-      const upTo = Math.min(beforeSeq, from + PRUNE_CHUNK);
-      await this.run(() => this.feed.deleteMany({ _id: { $lt: seqId(upTo) } }));
-    }
+    await this.run(async () => {
+      for (const b of await this.feedBuckets()) {
+        if ((b + 1) * this.feedBucket > beforeSeq) break;
+        await this.feedOf(b * this.feedBucket)
+          .drop()
+          .catch((err: unknown) => {
+            // Another instance dropped it first.
+            if (!(err instanceof MongoServerError && (err.code === 26 || /not found/i.test(err.message)))) throw err;
+          });
+      }
+      if (beforeSeq % this.feedBucket !== 0) await this.feedOf(beforeSeq).deleteMany({ _id: { $lt: seqId(beforeSeq) } });
+    });
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
