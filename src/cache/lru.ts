@@ -22,10 +22,22 @@ export class LruCache<K, V> {
     return e;
   }
 
+  /** The entry without marking it used, or undefined when absent or expired. */
+  peek(key: K, now: number): { value: V } | undefined {
+    const e = this.map.get(key);
+    return e && e.expires > now ? e : undefined;
+  }
+
   set(key: K, value: V, expires: number): void {
     this.map.delete(key);
     if (this.map.size >= this.max) this.map.delete(this.map.keys().next().value as K);
     this.map.set(key, { value, expires });
+  }
+
+  /** Replaces the value of an entry that is present, keeping its expiry. */
+  replace(key: K, value: V): void {
+    const e = this.map.get(key);
+    if (e) e.value = value;
   }
 
   delete(key: K): void {

@@ -10,84 +10,167 @@ export interface CacheOptions {
   ttlMs: number;
 }
 
+/** How long a store read may have been in flight for a lookup that must not use the cache to share it. */
+const SHARE_READ_MS = 1000;
+
+type Versioned = { version?: number };
+
+/** A store read of one entry; an eviction of that entry marks it stale, so its result is not cached. */
+interface Fill<T> {
+  promise: Promise<T | null>;
+  started: number;
+  stale: boolean;
+}
+
+interface Table<T extends Versioned> {
+  name: "key" | "identity";
+  lru: LruCache<string, T | null>;
+  pending: Map<string, Fill<T>>;
+  /** Entries with a write in flight (an open intent in the change feed), with how many. */
+  pinned: Map<string, number>;
+  fetch: (id: string) => Promise<T | null>;
+}
+
 /**
  * Read-through cache of keys (by hash, including "no such key") and identities
  * (by id) for VerifyKey. Entries are evicted by the change feed
  * (invalidation.ts) on every instance, and expire after `ttlMs` at the latest.
  * Concurrent misses for one entry share one store read.
+ *
+ * It cannot go back in time (docs/revocation.md):
+ * - an eviction discards the store read of *that* entry in flight (its callers
+ *   get the answer, the cache does not keep it), and nothing else;
+ * - a fill never replaces a record of a higher `version`, and a patch applies
+ *   only to the very version its caller read;
+ * - an entry with a write in flight (`pin`) is read from the store and never
+ *   cached until the write is known to have landed;
+ * - while `useCached()` is false (the change feed is behind), lookups read
+ *   through to the store, and while `keepFills()` is false (after changes may
+ *   have been missed) what they read is not cached either.
  */
 export function createVerificationCache(deps: { store: Store; options: CacheOptions; metrics?: Metrics; now?: () => number }) {
-  const { store, options } = deps;
+  const { store, options, metrics } = deps;
   const now = deps.now ?? Date.now;
-  const keys = new LruCache<string, KeyRecord | null>(options.maxEntries);
-  const identities = new LruCache<string, IdentityRecord | null>(options.maxEntries);
-  const pendingKeys = new Map<string, Promise<KeyRecord | null>>();
-  const pendingIdentities = new Map<string, Promise<IdentityRecord | null>>();
-  // Bumped by every eviction, so a read that raced an eviction is not cached.
-  let generation = 0;
-  const hit = deps.metrics?.cacheLookups;
+  let useCached: () => boolean = () => true;
+  let keepFills: () => boolean = () => true;
 
-  async function load<T>(
-    cache: LruCache<string, T | null>,
-    pending: Map<string, Promise<T | null>>,
-    id: string,
-    fetch: (id: string) => Promise<T | null>,
-    name: string,
-  ): Promise<T | null> {
-    const t = now();
-    const e = cache.get(id, t);
-    if (e) {
-      hit?.inc({ cache: name, result: "hit" });
-      return e.value;
+  function table<T extends Versioned>(name: "key" | "identity", fetch: (id: string) => Promise<T | null>): Table<T> {
+    return { name, lru: new LruCache<string, T | null>(options.maxEntries), pending: new Map(), pinned: new Map(), fetch };
+  }
+  const keys = table<KeyRecord>("key", (h) => store.getKeyByHash(h));
+  const identities = table<IdentityRecord>("identity", (i) => store.getIdentity(i));
+
+  const counters = (name: string) =>
+    metrics && {
+      hit: metrics.cacheLookups.labels({ cache: name, result: "hit" }),
+      miss: metrics.cacheLookups.labels({ cache: name, result: "miss" }),
+      bypass: metrics.cacheLookups.labels({ cache: name, result: "bypass" }),
+    };
+  const counted = { key: counters("key"), identity: counters("identity") };
+
+  /** Caches `v` unless the entry already holds a newer record. */
+  function setNewer<T extends Versioned>(t: Table<T>, id: string, v: T | null, expires: number): void {
+    const cur = t.lru.peek(id, now())?.value;
+    if (cur && v && (cur.version ?? 0) > (v.version ?? 0)) return;
+    t.lru.set(id, v, expires);
+  }
+
+  function load<T extends Versioned>(t: Table<T>, id: string): Promise<T | null> {
+    const at = now();
+    const c = counted[t.name];
+    const usable = !t.pinned.has(id) && useCached();
+    if (usable) {
+      const e = t.lru.get(id, at);
+      if (e) {
+        c?.hit.inc();
+        metrics?.hitWindow.record(t.name, true, at);
+        return Promise.resolve(e.value);
+      }
+      c?.miss.inc();
+    } else {
+      c?.bypass.inc();
     }
-    hit?.inc({ cache: name, result: "miss" });
-    let p = pending.get(id);
-    if (!p) {
-      const gen = generation;
-      p = fetch(id).then(
-        (v) => {
-          pending.delete(id);
-          if (gen === generation) cache.set(id, v, t + options.ttlMs);
-          return v;
-        },
-        (err) => {
-          pending.delete(id);
-          throw err;
-        },
-      );
-      pending.set(id, p);
+    metrics?.hitWindow.record(t.name, false, at);
+    const shared = t.pending.get(id);
+    if (shared && (usable || at - shared.started < SHARE_READ_MS)) return shared.promise;
+    const fill: Fill<T> = { promise: null as unknown as Promise<T | null>, started: at, stale: false };
+    fill.promise = t.fetch(id).then(
+      (v) => {
+        if (t.pending.get(id) === fill) t.pending.delete(id);
+        if (!fill.stale && !t.pinned.has(id) && keepFills()) setNewer(t, id, v, at + options.ttlMs);
+        return v;
+      },
+      (err) => {
+        if (t.pending.get(id) === fill) t.pending.delete(id);
+        throw err;
+      },
+    );
+    t.pending.set(id, fill);
+    return fill.promise;
+  }
+
+  function evict<T extends Versioned>(t: Table<T>, id: string): void {
+    t.lru.delete(id);
+    const fill = t.pending.get(id);
+    if (fill) {
+      fill.stale = true;
+      t.pending.delete(id);
     }
-    return p;
+  }
+
+  function pin<T extends Versioned>(t: Table<T>, id: string): void {
+    t.pinned.set(id, (t.pinned.get(id) ?? 0) + 1);
+    evict(t, id);
+  }
+
+  function unpin<T extends Versioned>(t: Table<T>, id: string): void {
+    const n = t.pinned.get(id) ?? 0;
+    if (n <= 1) t.pinned.delete(id);
+    else t.pinned.set(id, n - 1);
+    evict(t, id);
+  }
+
+  /** Replaces a cached record with `rec` only while the entry holds the very version `rec` was read at. */
+  function patch<T extends Versioned & { id: string }>(t: Table<T>, id: string, rec: T): void {
+    if (t.pinned.has(id)) return;
+    const cur = t.lru.peek(id, now())?.value;
+    if (cur && cur.id === rec.id && (cur.version ?? 0) === (rec.version ?? 0)) t.lru.replace(id, rec);
+  }
+
+  function clear<T extends Versioned>(t: Table<T>): void {
+    t.lru.clear();
+    for (const fill of t.pending.values()) fill.stale = true;
+    t.pending.clear();
   }
 
   return {
-    getKeyByHash: (hash: string) => load(keys, pendingKeys, hash, (h) => store.getKeyByHash(h), "key"),
-    getIdentity: (id: string) => load(identities, pendingIdentities, id, (i) => store.getIdentity(i), "identity"),
-    evictKey(hash: string) {
-      generation++;
-      keys.delete(hash);
-      pendingKeys.delete(hash);
-    },
-    evictIdentity(id: string) {
-      generation++;
-      identities.delete(id);
-      pendingIdentities.delete(id);
-    },
+    getKeyByHash: (hash: string) => load(keys, hash),
+    getIdentity: (id: string) => load(identities, id),
+    evictKey: (hash: string) => evict(keys, hash),
+    evictIdentity: (id: string) => evict(identities, id),
+    /** A write of this key is in flight: read it from the store, never cache it, until unpinned. */
+    pinKey: (hash: string) => pin(keys, hash),
+    unpinKey: (hash: string) => unpin(keys, hash),
+    pinIdentity: (id: string) => pin(identities, id),
+    unpinIdentity: (id: string) => unpin(identities, id),
+    /** Forgets every entry and every store read in flight (pins stay). */
     clear() {
-      generation++;
-      keys.clear();
-      identities.clear();
+      clear(keys);
+      clear(identities);
     },
-    /** Refresh a cached record after a local write we know the result of (refill time). */
-    patchKey(hash: string, rec: KeyRecord) {
-      const e = keys.get(hash, now());
-      if (e && e.value?.id === rec.id) keys.set(hash, rec, now() + options.ttlMs);
+    /** Set by the change feed: when cached entries may be used, and when store reads may be cached. */
+    setPolicy(p: { useCached: () => boolean; keepFills: () => boolean }) {
+      useCached = p.useCached;
+      keepFills = p.keepFills;
     },
-    patchIdentity(rec: IdentityRecord) {
-      const e = identities.get(rec.id, now());
-      if (e && e.value) identities.set(rec.id, rec, now() + options.ttlMs);
-    },
-    stats: () => ({ keys: keys.size, identities: identities.size }),
+    /**
+     * Refreshes the cached record after a write this instance knows the result
+     * of (a credit spend, which keeps the version): applies only while the
+     * entry still holds the version `rec` was read at, and keeps its expiry.
+     */
+    patchKey: (hash: string, rec: KeyRecord) => patch(keys, hash, rec),
+    patchIdentity: (rec: IdentityRecord) => patch(identities, rec.id, rec),
+    stats: () => ({ keys: keys.lru.size, identities: identities.lru.size, pinned: keys.pinned.size + identities.pinned.size }),
   };
 }
 

@@ -35,6 +35,8 @@ export interface IdentityRecord {
   credits: Credits | null;
   createdAt: number;
   updatedAt: number;
+  /** Update counter, see KeyRecord.version. */
+  version?: number;
 }
 
 export interface KeyRecord {
@@ -67,6 +69,13 @@ export interface KeyRecord {
    * a reroll chain, so old and new key share one set of windows. Absent: its own.
    */
   ratelimitKeyId?: string;
+  /**
+   * Update counter: raised by one, atomically with the write, by every store
+   * write that records a change (absent on a record never updated: 0). A credit
+   * spend does not raise it. The verification cache compares it so that a write
+   * into the cache never replaces a newer record (docs/revocation.md).
+   */
+  version?: number;
 }
 
 export type RootAction = "read" | "write" | "verify" | "usage";

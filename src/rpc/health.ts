@@ -11,12 +11,16 @@ function deferred(): { promise: Promise<void>; resolve: () => void } {
 }
 
 /**
- * Serving state of the process: SERVING while the store answers pings and the
- * server is not draining, NOT_SERVING otherwise.
+ * Serving state of the process: SERVING while the store answers pings, every
+ * other condition set with `setCondition` holds and the server is not
+ * draining, NOT_SERVING otherwise.
  */
 export class HealthState {
   private status: Status = Status.NOT_SERVING;
   private draining = false;
+  private storeOk = false;
+  /** Conditions that do not hold, with why (e.g. the change feed is behind). */
+  private readonly failing = new Map<string, string>();
   private timer: NodeJS.Timeout | null = null;
   readonly events = new EventEmitter();
   /** Most concurrent Watch streams; each holds a stream and listeners until its client goes. */
@@ -64,7 +68,7 @@ export class HealthState {
   private set(s: Status): void {
     if (s === this.status) return;
     this.status = s;
-    this.logger.info({ status: Status[s] }, "health changed");
+    this.logger.info({ status: Status[s], ...(this.failing.size > 0 ? { failing: Object.fromEntries(this.failing) } : {}) }, "health changed");
     this.events.emit("change", s);
     this.notify();
   }
@@ -73,11 +77,24 @@ export class HealthState {
     if (this.draining) return;
     try {
       await this.store.ping();
-      if (!this.draining) this.set(Status.SERVING);
+      this.storeOk = true;
     } catch (err) {
       this.logger.warn({ err: (err as Error).message }, "store unreachable");
-      this.set(Status.NOT_SERVING);
+      this.storeOk = false;
     }
+    this.update();
+  }
+
+  /** Sets whether another condition of serving holds: `failing` says why not, null that it does. */
+  setCondition(name: string, failing: string | null): void {
+    if (failing === null) this.failing.delete(name);
+    else this.failing.set(name, failing);
+    this.update();
+  }
+
+  private update(): void {
+    if (this.draining) return;
+    this.set(this.storeOk && this.failing.size === 0 ? Status.SERVING : Status.NOT_SERVING);
   }
 
   /** Pings now and then every `intervalMs`. */

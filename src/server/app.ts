@@ -27,6 +27,7 @@ export type CoreOptions = Pick<
   | "cacheMaxEntries"
   | "cacheTtlMs"
   | "invalidationPollMs"
+  | "feedStalePolicy"
   | "usageCounting"
   | "commitMarginMs"
   | "usageFlushMs"
@@ -41,6 +42,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   cacheMaxEntries: 100_000,
   cacheTtlMs: 60_000,
   invalidationPollMs: 250,
+  feedStalePolicy: "read-through",
   usageCounting: "on",
   commitMarginMs: 1,
   usageFlushMs: 1000,
@@ -56,6 +58,8 @@ export interface CoreDeps {
   metrics?: Metrics;
   counter?: RateLimitCounter;
   onVerification?: VerificationListener;
+  /** Monotonic clock of the change feed (tests drive the revocation bound with it). */
+  feedClock?: () => number;
 }
 
 /**
@@ -68,7 +72,20 @@ export function createCore(deps: CoreDeps) {
   const options = deps.options ?? DEFAULT_CORE_OPTIONS;
   const metrics = deps.metrics ?? createMetrics();
   const cache = createVerificationCache({ store, metrics, options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs } });
-  const feed = createInvalidationFeed({ store, cache, logger, options: { pollMs: options.invalidationPollMs } });
+  const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
+  const stalePolicy = options.feedStalePolicy ?? "read-through";
+  const feed = createInvalidationFeed({
+    store,
+    cache,
+    logger,
+    metrics,
+    clock: deps.feedClock,
+    options: { pollMs: options.invalidationPollMs, stalePolicy },
+    // not-serving: a feed behind the revocation bound takes the instance out of service.
+    onFreshness: (fresh) => {
+      if (stalePolicy === "not-serving") health.setCondition("change-feed", fresh ? null : "the change feed was not read within 1 s");
+    },
+  });
   const identities = createIdentityManager({ store, afterWrite: feed.sync });
   const keys = createKeyManager({ store, afterWrite: feed.sync });
   const minuteRetentionMs = options.usageMinuteRetentionHours * 3_600_000;
@@ -94,7 +111,6 @@ export function createCore(deps: CoreDeps) {
       deps.onVerification?.(v, input, at);
     },
   });
-  const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
   const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {

@@ -1,9 +1,61 @@
-import { Counter, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+
+const WINDOW_S = 60;
+
+/** Cache lookups and hits per second over the last minute, per cache, for the hit ratio gauge. */
+export class HitRatioWindow {
+  private readonly caches = new Map<string, { sec: Float64Array; hits: Float64Array; total: Float64Array }>();
+
+  record(cache: string, hit: boolean, nowMs: number): void {
+    let c = this.caches.get(cache);
+    if (!c) {
+      c = { sec: new Float64Array(WINDOW_S).fill(-1), hits: new Float64Array(WINDOW_S), total: new Float64Array(WINDOW_S) };
+      this.caches.set(cache, c);
+    }
+    const s = Math.floor(nowMs / 1000);
+    const i = s % WINDOW_S;
+    if (c.sec[i] !== s) {
+      c.sec[i] = s;
+      c.hits[i] = 0;
+      c.total[i] = 0;
+    }
+    c.total[i]++;
+    if (hit) c.hits[i]++;
+  }
+
+  /** Hits ÷ lookups over the last minute per cache (caches without lookups in it are left out). */
+  ratios(nowMs: number): Map<string, number> {
+    const s = Math.floor(nowMs / 1000);
+    const out = new Map<string, number>();
+    for (const [name, c] of this.caches) {
+      let hits = 0;
+      let total = 0;
+      for (let i = 0; i < WINDOW_S; i++) {
+        if (c.sec[i] > s - WINDOW_S) {
+          hits += c.hits[i];
+          total += c.total[i];
+        }
+      }
+      if (total > 0) out.set(name, hits / total);
+    }
+    return out;
+  }
+}
+
+/** What the change feed reports to the metrics (set by src/cache/invalidation.ts). */
+export interface FeedProbe {
+  /** Milliseconds since the feed was last read to its end. */
+  lagMs(): number;
+  /** Whether the feed was read to its end within the revocation bound. */
+  fresh(): boolean;
+}
 
 /** Prometheus metrics of one server, on their own registry. */
 export function createMetrics() {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: "latchkey_process_" });
+  const hitWindow = new HitRatioWindow();
+  const feed: { probe: FeedProbe | null } = { probe: null };
   return {
     registry,
     rpcRequests: new Counter({
@@ -27,8 +79,47 @@ export function createMetrics() {
     }),
     cacheLookups: new Counter({
       name: "latchkey_cache_lookups_total",
-      help: "Verification cache lookups, by cache and result (hit, miss).",
+      help: "Verification cache lookups, by cache (key, identity) and result: hit, miss, or bypass (read from the store because the entry has a write in flight or the change feed is behind).",
       labelNames: ["cache", "result"] as const,
+      registers: [registry],
+    }),
+    hitWindow,
+    cacheHitRatio: new Gauge({
+      name: "latchkey_cache_hit_ratio",
+      help: "Share of verification cache lookups over the last minute answered from the cache, by cache (key, identity).",
+      labelNames: ["cache"] as const,
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [cache, r] of hitWindow.ratios(Date.now())) this.set({ cache }, r);
+      },
+    }),
+    /** Set by the change feed when it starts. */
+    feed,
+    feedLag: new Gauge({
+      name: "latchkey_change_feed_lag_seconds",
+      help: "Seconds since this instance last read the change feed to its end (revocations older than this have reached its cache).",
+      registers: [registry],
+      collect() {
+        if (feed.probe) this.set(feed.probe.lagMs() / 1000);
+      },
+    }),
+    feedFresh: new Gauge({
+      name: "latchkey_change_feed_fresh",
+      help: "1 while the change feed was read to its end within the last second (revocation bound), else 0: cached answers are then not used (LATCHKEY_FEED_STALE_POLICY=read-through) or health is NOT_SERVING (not-serving).",
+      registers: [registry],
+      collect() {
+        if (feed.probe) this.set(feed.probe.fresh() ? 1 : 0);
+      },
+    }),
+    feedResyncs: new Counter({
+      name: "latchkey_change_feed_resyncs_total",
+      help: "Times the verification cache was emptied because change feed entries this instance had not read were missing (pruned while it was behind, or lost).",
+      registers: [registry],
+    }),
+    feedReadErrors: new Counter({
+      name: "latchkey_change_feed_read_errors_total",
+      help: "Failed reads of the change feed.",
       registers: [registry],
     }),
     usageDropped: new Counter({

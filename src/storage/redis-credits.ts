@@ -474,14 +474,17 @@ export class RedisCreditsStore implements Store {
     );
     return this.key1(stored);
   }
-  changesSince(afterSeq: number, limit: number): Promise<Change[]> {
-    return this.inner.changesSince(afterSeq, limit);
+  changesSince(afterSeq: number, limit: number, opts?: { pastGaps?: boolean }): Promise<Change[]> {
+    return this.inner.changesSince(afterSeq, limit, opts);
+  }
+  changeFeedStart(): Promise<number> {
+    return this.inner.changeFeedStart();
   }
   lastChangeSeq(): Promise<number> {
     return this.inner.lastChangeSeq();
   }
-  pruneChanges(olderThanMs: number): Promise<void> {
-    return this.inner.pruneChanges(olderThanMs);
+  pruneChanges(beforeSeq: number): Promise<void> {
+    return this.inner.pruneChanges(beforeSeq);
   }
   writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     return this.inner.writeUsage(rows, batch);

@@ -109,7 +109,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
       await store().createIdentity(rec);
       const renamed = unique("renamed");
       const updated = await store().updateIdentity(rec.id, { externalId: renamed, meta: HOSTILE_META }, rec.updatedAt + 10);
-      expect(updated).toEqual({ ...rec, externalId: renamed, meta: HOSTILE_META, updatedAt: rec.updatedAt + 10 });
+      expect(updated).toEqual({ ...rec, externalId: renamed, meta: HOSTILE_META, updatedAt: rec.updatedAt + 10, version: 1 });
       expect(await store().getIdentity(rec.id)).toEqual(updated);
       expect(await store().getIdentityByExternalId(rec.externalId)).toBeNull();
       expect(await store().updateIdentity(newId("id"), { meta: {} }, Date.now())).toBeNull();
@@ -285,7 +285,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
       const rec = identity();
       await store().createIdentity(rec);
       const next = await store().updateKey(k.id, { name: "after", enabled: false, identityId: rec.id, meta: HOSTILE_META }, k.updatedAt + 5);
-      expect(next).toEqual({ ...k, name: "after", enabled: false, identityId: rec.id, meta: HOSTILE_META, updatedAt: k.updatedAt + 5 });
+      expect(next).toEqual({ ...k, name: "after", enabled: false, identityId: rec.id, meta: HOSTILE_META, updatedAt: k.updatedAt + 5, version: 1 });
       expect(await store().getKey(k.id)).toEqual(next);
       expect(await store().listKeys({ identityId: rec.id }, { limit: 10, afterId: null })).toEqual([next]);
       expect(await store().updateKey(newId("key"), { name: "x" }, Date.now())).toBeNull();
@@ -310,10 +310,11 @@ describe.each(KINDS)("%s store contract", (kind) => {
       );
       for (const k of keys) expect(await store().getKeyByHash(k.hash)).not.toBeNull();
       const changes = await store().changesSince(before, 10_000);
-      const ours = new Set(keys.map((k) => k.id));
-      const recorded = changes.filter((c) => ours.has(c.id)).map((c) => c.id);
-      expect(recorded.length).toBe(200);
-      expect(new Set(recorded).size).toBe(200);
+      // Seqs without a gap, and each key recorded once: in its write, or by an intent before it and a done after.
+      expect(changes.map((c) => c.seq)).toEqual(changes.map((_, i) => before + 1 + i));
+      const phases = new Map<string, string[]>();
+      for (const c of changes) for (const k of c.keys) phases.set(k.id, [...(phases.get(k.id) ?? []), c.phase]);
+      for (const k of keys) expect([["write"], ["intent", "done"]]).toContainEqual(phases.get(k.id));
     });
   });
 
@@ -325,7 +326,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
       const expiresAt = Date.now() + 1000;
       expect(await store().rerollKey(old.id, next, expiresAt, old.updatedAt + 1)).toEqual(next);
       expect(await store().getKey(next.id)).toEqual(next);
-      expect(await store().getKey(old.id)).toEqual({ ...old, expiresAt, updatedAt: old.updatedAt + 1 });
+      expect(await store().getKey(old.id)).toEqual({ ...old, expiresAt, updatedAt: old.updatedAt + 1, version: 1 });
     });
 
     it("writes nothing when the old key does not exist", async () => {
@@ -459,7 +460,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
 
     const reopened = await ts.reopen();
     await reopened.ping();
-    expect(await reopened.getIdentity(rec.id)).toEqual({ ...rec, credits: { remaining: 5, refill: null }, updatedAt: rec.updatedAt + 1 });
+    expect(await reopened.getIdentity(rec.id)).toEqual({ ...rec, credits: { remaining: 5, refill: null }, updatedAt: rec.updatedAt + 1, version: 1 });
     expect(await reopened.getKeyByHash(k.hash)).toEqual(k);
     expect(await reopened.getRootKeyByHash(r.hash)).toEqual(r);
   });

@@ -17,7 +17,7 @@ import { InvalidArgumentError } from "../../domain/errors.js";
 import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
 import { asStoreError } from "./sqlite-errors.js";
 import { UsageWriter } from "./usage-writer.js";
-import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS identities (
@@ -39,12 +39,11 @@ CREATE TABLE IF NOT EXISTS root_keys (
   hash TEXT NOT NULL UNIQUE,
   doc TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS changes (
+DROP TABLE IF EXISTS changes;
+CREATE TABLE IF NOT EXISTS change_feed (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   at INTEGER NOT NULL,
-  kind TEXT NOT NULL,
-  id TEXT NOT NULL,
-  hash TEXT
+  targets TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (
   g TEXT NOT NULL,
@@ -81,6 +80,8 @@ type Row = { doc: string };
 const BUSY_WAIT_MS = 5000;
 /** How many reroll moves a key's balance is followed through. */
 const MAX_CREDIT_HOPS = 8;
+/** Keys per change row when one operation touches many (DeleteIdentity). */
+const TARGETS_PER_CHANGE = 500;
 
 function isUniqueViolation(err: unknown): boolean {
   return typeof err === "object" && err !== null && (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE";
@@ -180,26 +181,32 @@ export class SqliteStore implements Store {
     return (this.stmt(sql).all(...params) as Row[]).map((r) => JSON.parse(r.doc) as T);
   }
 
-  private putIdentity(rec: IdentityRecord, insert: boolean): void {
+  /** Writes an identity and its change; an update raises its version. Returns what was stored. */
+  private putIdentity(rec: IdentityRecord, insert: boolean): IdentityRecord {
     const sql = insert
       ? "INSERT INTO identities (id, external_id, doc) VALUES (@id, @externalId, @doc)"
       : "UPDATE identities SET external_id = @externalId, doc = @doc WHERE id = @id";
+    const stored = insert ? rec : { ...rec, version: (rec.version ?? 0) + 1 };
     // Named parameters: better-sqlite3 refuses positional values for `?NNN`.
-    this.stmt(sql).run({ id: rec.id, externalId: rec.externalId, doc: JSON.stringify(rec) });
-    this.recordChange("identity", rec.id, null);
+    this.stmt(sql).run({ id: rec.id, externalId: rec.externalId, doc: JSON.stringify(stored) });
+    this.recordChange({ keys: [], identities: [rec.id] });
+    return stored;
   }
 
-  /** Called inside the writing transaction, so a change is visible with its data. */
-  private recordChange(kind: "key" | "identity", id: string, hash: string | null): void {
-    this.stmt("INSERT INTO changes (at, kind, id, hash) VALUES (?, ?, ?, ?)").run(Date.now(), kind, id, hash);
+  /** Called inside the writing transaction, so a change is visible with its data (phase "write"). */
+  private recordChange(targets: ChangeTargets): void {
+    this.stmt("INSERT INTO change_feed (at, targets) VALUES (?, ?)").run(Date.now(), JSON.stringify(targets));
   }
 
-  private putKey(rec: KeyRecord, insert: boolean): void {
+  /** Writes a key (and its change unless `change` is false); an update raises its version. Returns what was stored. */
+  private putKey(rec: KeyRecord, insert: boolean, change = true): KeyRecord {
     const sql = insert
       ? "INSERT INTO keys (id, api_id, identity_id, hash, doc) VALUES (@id, @apiId, @identityId, @hash, @doc)"
       : "UPDATE keys SET api_id = @apiId, identity_id = @identityId, hash = @hash, doc = @doc WHERE id = @id";
-    this.stmt(sql).run({ id: rec.id, apiId: rec.apiId, identityId: rec.identityId, hash: rec.hash, doc: JSON.stringify(rec) });
-    this.recordChange("key", rec.id, rec.hash);
+    const stored = insert ? rec : { ...rec, version: (rec.version ?? 0) + 1 };
+    this.stmt(sql).run({ id: rec.id, apiId: rec.apiId, identityId: rec.identityId, hash: rec.hash, doc: JSON.stringify(stored) });
+    if (change) this.recordChange({ keys: [{ id: rec.id, hash: rec.hash }], identities: [] });
+    return stored;
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -243,9 +250,7 @@ export class SqliteStore implements Store {
     return this.tx(() => {
       const cur = this.getDoc<IdentityRecord>("SELECT doc FROM identities WHERE id = ?", id);
       if (!cur) return null;
-      const next: IdentityRecord = { ...cur, ...patch, updatedAt: now };
-      this.putIdentity(next, false);
-      return next;
+      return this.putIdentity({ ...cur, ...patch, updatedAt: now }, false);
     });
   }
 
@@ -255,17 +260,19 @@ export class SqliteStore implements Store {
       if (!exists) return null;
       let deletedKeys = 0;
       let unlinkedKeys = 0;
+      const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
       if (deleteKeys) {
-        const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
         deletedKeys = this.stmt("DELETE FROM keys WHERE identity_id = ?").run(id).changes;
-        for (const k of keys) this.recordChange("key", k.id, k.hash);
       } else {
-        const keys = this.allDocs<KeyRecord>("SELECT doc FROM keys WHERE identity_id = ?", id);
-        for (const k of keys) this.putKey({ ...k, identityId: null }, false);
+        for (const k of keys) this.putKey({ ...k, identityId: null }, false, false);
         unlinkedKeys = keys.length;
       }
       this.stmt("DELETE FROM identities WHERE id = ?").run(id);
-      this.recordChange("identity", id, null);
+      // One change row per batch of keys, in the same transaction.
+      for (let i = 0; i < keys.length; i += TARGETS_PER_CHANGE) {
+        this.recordChange({ keys: keys.slice(i, i + TARGETS_PER_CHANGE).map((k) => ({ id: k.id, hash: k.hash })), identities: [] });
+      }
+      this.recordChange({ keys: [], identities: [id] });
       return { deletedKeys, unlinkedKeys };
     });
   }
@@ -318,8 +325,7 @@ export class SqliteStore implements Store {
       // New credits are the key's own, also for a key whose balance had moved by a reroll.
       const next: KeyRecord = { ...cur, ...patch, updatedAt: now };
       if (patch.credits !== undefined) delete next.creditsKeyId;
-      this.putKey(next, false);
-      return this.withMovedBalance(next)!;
+      return this.withMovedBalance(this.putKey(next, false))!;
     });
   }
 
@@ -328,7 +334,7 @@ export class SqliteStore implements Store {
       const cur = this.getDoc<KeyRecord>("SELECT doc FROM keys WHERE id = ?", id);
       if (!cur) return false;
       this.stmt("DELETE FROM keys WHERE id = ?").run(id);
-      this.recordChange("key", id, cur.hash);
+      this.recordChange({ keys: [{ id, hash: cur.hash }], identities: [] });
       return true;
     });
   }
@@ -401,21 +407,31 @@ export class SqliteStore implements Store {
 
   async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
     return wrap(() =>
-      (this.stmt("SELECT seq, kind, id, hash FROM changes WHERE seq > ? ORDER BY seq LIMIT ?").all(afterSeq, limit) as {
-        seq: number;
-        kind: "key" | "identity";
-        id: string;
-        hash: string | null;
-      }[]).map((r) => (r.kind === "key" ? { seq: r.seq, kind: "key", id: r.id, hash: r.hash! } : { seq: r.seq, kind: "identity", id: r.id })),
+      (this.stmt("SELECT seq, targets FROM change_feed WHERE seq > ? ORDER BY seq LIMIT ?").all(afterSeq, limit) as { seq: number; targets: string }[]).map(
+        (r) => ({ seq: r.seq, phase: "write" as const, ...(JSON.parse(r.targets) as ChangeTargets) }),
+      ),
     );
   }
 
-  async lastChangeSeq(): Promise<number> {
-    return wrap(() => (this.stmt("SELECT coalesce(max(seq), 0) AS seq FROM changes").get() as { seq: number }).seq);
+  async changeFeedStart(): Promise<number> {
+    return wrap(() => {
+      const oldest = (this.stmt("SELECT min(seq) AS seq FROM change_feed").get() as { seq: number | null }).seq;
+      return oldest !== null ? oldest - 1 : this.newestSeq();
+    });
   }
 
-  async pruneChanges(olderThanMs: number): Promise<void> {
-    await this.tx(() => this.stmt("DELETE FROM changes WHERE at < ?").run(olderThanMs));
+  /** The newest seq ever issued (AUTOINCREMENT remembers it after its row is pruned). */
+  private newestSeq(): number {
+    const row = this.stmt("SELECT seq FROM sqlite_sequence WHERE name = 'change_feed'").get() as { seq: number } | undefined;
+    return row?.seq ?? 0;
+  }
+
+  async lastChangeSeq(): Promise<number> {
+    return wrap(() => this.newestSeq());
+  }
+
+  async pruneChanges(beforeSeq: number): Promise<void> {
+    await this.tx(() => this.stmt("DELETE FROM change_feed WHERE seq < ?").run(beforeSeq));
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {

@@ -1,3 +1,4 @@
+import { performance } from "node:perf_hooks";
 import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
@@ -15,7 +16,7 @@ import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
-import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 
 /*
@@ -35,7 +36,6 @@ type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: st
 type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
 type SettingDoc = { _id: string; value: string };
-type CounterDoc = { _id: string; seq: number };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
 type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
 type ActivityDoc = { _id: string; lastUsedAt: number };
@@ -55,7 +55,44 @@ type PendingSpend = {
 const MAX_CREDIT_HOPS = 8;
 /** How often a conditional credit write is tried again after a concurrent write changed its document. */
 const MAX_CAS_TRIES = 20;
-type ChangeDoc = { _id: number; at: number; kind: "key" | "identity"; id: string; hash: string | null };
+/**
+ * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
+ * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
+ * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
+ * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
+ * (`change_feed_<seq / feedBucket>`): FerretDB answers even an `_id` lookup by
+ * scanning its table, so there buckets are small (500) and a lookup costs at
+ * most one bucket whatever the history; pruning drops whole collections instead
+ * of deleting documents (which FerretDB does by reading every document of the
+ * collection). MongoDB's `_id` index needs no such help: 100,000 a bucket.
+ */
+export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
+type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
+const seqId = (seq: number) => String(seq).padStart(16, "0");
+const FEED_PREFIX = "change_feed_";
+/** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
+export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
+  return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
+}
+/**
+ * A write announced by an intent lands within this long of the intent becoming
+ * visible, or never: readers pin its entries this long at most.
+ */
+const WRITE_BOUND_MS = 5000;
+/** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
+const WRITE_MAX_MS = 2000;
+/**
+ * How long a seq known to have been the newest may number the next change:
+ * half the readers' pruning retention (5 s, src/cache/invalidation.ts), so the
+ * entries above it cannot have been pruned meanwhile.
+ */
+const HEAD_HINT_MS = 2500;
+/** Keys per change record when one operation touches many (DeleteIdentity). */
+const TARGETS_PER_CHANGE = 500;
+/** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
+const LOCKED_TARGETS_PER_CHANGE = 50;
+const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys, identities: [] });
+const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
 
 /** The stored form of an identity (exported for bulk seeding in the benchmark). */
 export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
@@ -74,6 +111,10 @@ export function toKeyDoc(r: KeyRecord): KeyDoc {
 function fromKeyDoc(d: KeyDoc): KeyRecord {
   const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+function fromFeedDoc(d: FeedDoc): Change {
+  const base = { seq: d.seq, keys: d.keys, identities: d.identities };
+  return d.phase === "intent" ? { ...base, phase: "intent", boundMs: d.boundMs } : { ...base, phase: "done", intent: d.intent };
 }
 function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
   const { _id, ...rest } = d;
@@ -156,8 +197,8 @@ export class MongoStore implements Store {
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
   private settings!: Collection<SettingDoc>;
-  private counters!: Collection<CounterDoc>;
-  private changes!: Collection<ChangeDoc>;
+  /** One document holding (about) the newest seq, see newestSeq. */
+  private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
   private usage!: Collection<UsageDoc>;
   private locks!: Collection<LockDoc>;
   private lockManager!: LockManager;
@@ -165,6 +206,11 @@ export class MongoStore implements Store {
   private usageWriters!: Collection<SlotDoc>;
   /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
   private readonly usageSlots: ReturnType<typeof createUsageSlots>;
+  /** A seq that was the newest in the change feed at `at` (performance.now()): where the next change is numbered from. */
+  private feedHead: { seq: number; at: number } | null = null;
+  private appendTail: Promise<unknown> = Promise.resolve();
+  /** Seqs per change feed collection (set by `init` for the server, see FeedDoc). */
+  feedBucket = 100_000;
   /** "ferretdb" when the server is FerretDB (see `init`). */
   flavor: "mongodb" | "ferretdb" = "mongodb";
   /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
@@ -208,15 +254,15 @@ export class MongoStore implements Store {
       this.keys = this.db.collection<KeyDoc>("keys");
       this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
       this.settings = this.db.collection<SettingDoc>("settings");
-      this.counters = this.db.collection<CounterDoc>("counters");
-      this.changes = this.db.collection<ChangeDoc>("changes");
-      await this.changes.createIndex({ at: 1 }, { name: "at" });
+      // "change_feed_<n>", not the "changes" of earlier versions (numeric ids, written after the data).
+      this.feedHeadDoc = this.db.collection("change_feed_head");
       this.locks = this.db.collection<LockDoc>("locks");
       this.lockManager = createLockManager(this.locks, this.opts.lock);
       this.activity = this.db.collection<ActivityDoc>("key_activity");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
       this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
       this.creditWrites = this.opts.creditWrites ?? (this.flavor === "ferretdb" ? "locked" : "conditional");
+      this.feedBucket = this.flavor === "ferretdb" ? 500 : 100_000;
       this.usage = this.db.collection<UsageDoc>("usage");
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
@@ -246,27 +292,130 @@ export class MongoStore implements Store {
     return this.lockManager.locked(name, fn, signal);
   }
 
+  /** The name of the change feed collection holding `seq` (public for writing history in bulk in the benchmark). */
+  feedCollectionName(seq: number): string {
+    return `${FEED_PREFIX}${Math.floor(seq / this.feedBucket)}`;
+  }
+
+  /** The change feed collection holding `seq`. */
+  private feedOf(seq: number): Collection<FeedDoc> {
+    return this.db.collection<FeedDoc>(this.feedCollectionName(seq));
+  }
+
+  /** The buckets of the change feed that exist, ascending. */
+  private async feedBuckets(): Promise<number[]> {
+    const names = await this.db.listCollections({}, { nameOnly: true }).toArray();
+    return names
+      .map((c) => c.name)
+      .filter((n) => n.startsWith(FEED_PREFIX) && /^\d+$/.test(n.slice(FEED_PREFIX.length)))
+      .map((n) => Number(n.slice(FEED_PREFIX.length)))
+      .sort((a, b) => a - b);
+  }
+
+  private async feedHas(seq: number): Promise<boolean> {
+    return (await this.feedOf(seq).findOne({ _id: seqId(seq) }, { projection: { _id: 1 } })) !== null;
+  }
+
+  /** The newest or oldest entry of one bucket (FerretDB sorts in Go, over one bucket at most). */
+  private async feedEnd(bucket: number, end: 1 | -1): Promise<number | null> {
+    const d = await this.feedOf(bucket * this.feedBucket).find({}, { projection: { seq: 1 } }).sort({ _id: end }).limit(1).next();
+    return d?.seq ?? null;
+  }
+
   /**
-   * Appends to the change feed after the write it describes. The seq comes from
-   * one atomic counter, so it increases across instances; a reader tolerates the
-   * short gaps that concurrent writers leave (src/cache/invalidation.ts).
+   * The newest seq in the change feed (0 when empty). A head document, raised
+   * after each append, is a hint (FerretDB may lose a concurrent raise): if seq
+   * H exists and H+1 does not, H is the newest (entries are written without
+   * gaps, and pruned from the oldest up). Otherwise the newest bucket answers.
    */
-  private async recordChange(kind: "key" | "identity", id: string, hash: string | null): Promise<void> {
-    // A duplicate seq (racing first upserts; servers such as FerretDB that do not
-    // apply $inc atomically, where lost increments leave the counter behind the
-    // feed) takes another one instead of failing the write, after moving the
-    // counter up to the newest change so the next try does not collide again.
-    for (let attempt = 0; ; attempt++) {
+  private async newestSeq(): Promise<number> {
+    let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
+    if (h > 0 && (await this.feedHas(h))) {
+      for (let steps = 0; steps < 64; steps++, h++) if (!(await this.feedHas(h + 1))) return h;
+    }
+    const buckets = await this.feedBuckets();
+    for (let i = buckets.length - 1; i >= 0; i--) {
+      const newest = await this.feedEnd(buckets[i], -1);
+      if (newest !== null) return newest;
+    }
+    return 0;
+  }
+
+  /**
+   * Appends one entry to the change feed and returns its seq. The seq is taken
+   * by inserting `_id` = newest + 1, the one atomic primitive this store relies
+   * on (a unique `_id` insert); a duplicate means another writer took it, so the
+   * next one is tried. Seq N is thus only ever written once N-1 exists: the
+   * feed has no gaps. "Newest" must be fresh: readers prune what they saw 10 s
+   * ago, and a stale guess below the pruned range would insert a seq that
+   * readers have passed (docs/revocation.md). Appends of this process go one
+   * at a time, so its writers do not race each other for the same seq.
+   * Returns the seq and when its insert was sent.
+   */
+  private appendChange(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
+    const run = this.appendTail.then(() => this.appendNow(entry));
+    this.appendTail = run.catch(() => undefined);
+    return run;
+  }
+
+  private async appendNow(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
+    let base = this.feedHead;
+    let seq = base?.seq ?? 0;
+    for (;;) {
+      if (!base || performance.now() - base.at >= HEAD_HINT_MS) {
+        const at = performance.now();
+        base = { seq: await this.newestSeq(), at };
+        seq = base.seq;
+      }
+      const sentAt = performance.now();
       try {
-        const c = await this.counters.findOneAndUpdate({ _id: "changes" }, { $inc: { seq: 1 } }, { upsert: true, returnDocument: "after" });
-        await this.changes.insertOne({ _id: c!.seq, at: Date.now(), kind, id, hash });
-        return;
+        await this.feedOf(seq + 1).insertOne(toFeedDoc(seq + 1, entry));
+        if (!this.feedHead || this.feedHead.seq <= seq + 1) this.feedHead = { seq: seq + 1, at: sentAt };
+        // A hint for newestSeq: not waited for, and a lost raise is harmless.
+        void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
+        return { seq: seq + 1, sentAt };
       } catch (err) {
-        if (!isDuplicateKey(err) || attempt >= 1000) throw err;
-        const newest = await this.changes.find({}, { projection: { _id: 1 } }).sort({ _id: -1 }).limit(1).next();
-        if (newest) await this.counters.updateOne({ _id: "changes" }, { $max: { seq: newest._id } });
+        if (!isDuplicateKey(err)) throw err;
+        seq++;
       }
     }
+  }
+
+  /**
+   * Runs a write of keys or identities between an intent and a done entry in
+   * the change feed. Readers stop caching the targets on the intent; the write
+   * lands within WRITE_BOUND_MS of the intent or never (it is not sent later
+   * than WRITE_BOUND_MS - WRITE_MAX_MS after it, and the server gives it
+   * WRITE_MAX_MS); the done entry lets readers cache the targets again at once.
+   * A crash or lost connection anywhere leaves at worst an open intent, which
+   * readers release after its bound: no revocation is lost.
+   */
+  private async changing<T>(
+    targets: ChangeTargets,
+    write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
+  ): Promise<T> {
+    // The bound runs from the intent's insert: it is visible no earlier than that.
+    const { seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets });
+    const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
+    // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
+    const done = () => this.appendChange({ phase: "done", intent, ...targets }).then(
+      () => undefined,
+      () => undefined,
+    );
+    if (!inTime()) {
+      await done();
+      throw new UnavailableError("the change feed answered too slowly; nothing was written");
+    }
+    let res: T;
+    try {
+      res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
+    } catch (err) {
+      // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
+      if (err instanceof MongoServerError) await done();
+      throw err;
+    }
+    await done();
+    return res;
   }
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
@@ -313,44 +462,62 @@ export class MongoStore implements Store {
 
   async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
     const d = await this.run(() =>
-      this.locked(`identity:${id}`, () =>
-        this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { [FENCE]: 1 } }, { returnDocument: "after" }),
-      ),
+      this.locked(`identity:${id}`, async () => {
+        if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
+        return this.changing(identityTargets(id), (o) =>
+          this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { version: 1, [FENCE]: 1 } }, { returnDocument: "after", ...o }),
+        );
+      }),
     );
-    if (!d) return null;
-    await this.run(() => this.recordChange("identity", id, null));
-    return fromIdentityDoc(d);
+    return d ? fromIdentityDoc(d) : null;
   }
 
   async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
     return this.run(async () => {
       if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
       // Keys first: a failure half-way leaves an identity with fewer keys, never keys
-      // pointing at a deleted identity.
+      // pointing at a deleted identity. Rounds, so that keys linked meanwhile go too;
+      // one change entry (intent and done) per batch of keys, not per key.
       let deletedKeys = 0;
       let unlinkedKeys = 0;
-      const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
-      if (deleteKeys) {
-        deletedKeys = (await this.keys.deleteMany({ identityId: id })).deletedCount;
-      } else {
-        for (const k of affected) {
-          const res = await this.locked(`key:${k._id}`, () =>
-            this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { [FENCE]: 1 } }),
-          );
-          unlinkedKeys += res.modifiedCount;
+      for (let round = 0; round < 10; round++) {
+        const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
+        if (affected.length === 0) break;
+        const targetsOf = (batch: typeof affected) => keyTargets(...batch.map((k) => ({ id: k._id, hash: k.hash })));
+        if (deleteKeys) {
+          for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
+            const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
+            const res = await this.changing(targetsOf(batch), (o) => this.keys.deleteMany({ _id: { $in: batch.map((k) => k._id) }, identityId: id }, o));
+            deletedKeys += res.deletedCount;
+          }
+          continue;
+        }
+        // Each key under its own lock: a batch ends early when its intent's time is up, and the rest go in the next.
+        for (let rest = affected; rest.length > 0; ) {
+          const batch = rest.slice(0, LOCKED_TARGETS_PER_CHANGE);
+          let written = 0;
+          await this.changing(targetsOf(batch), async (_o, inTime) => {
+            for (const k of batch) {
+              if (!inTime()) break;
+              const res = await this.locked(`key:${k._id}`, () =>
+                this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
+              );
+              unlinkedKeys += res.modifiedCount;
+              written++;
+            }
+          });
+          if (written === 0) throw new UnavailableError("unlinking the identity's keys is too slow; retry");
+          rest = rest.slice(written);
         }
       }
-      const res = await this.identities.deleteOne({ _id: id });
-      for (const k of affected) await this.recordChange("key", k._id, k.hash);
-      await this.recordChange("identity", id, null);
+      const res = await this.changing(identityTargets(id), (o) => this.identities.deleteOne({ _id: id }, o));
       return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
     });
   }
 
   async createKey(rec: KeyRecord): Promise<void> {
-    await this.run(() => this.keys.insertOne(toKeyDoc(rec)));
-    // Clears negative cache entries for this hash on every instance.
-    await this.run(() => this.recordChange("key", rec.id, rec.hash));
+    // The change clears negative cache entries for this hash on every instance.
+    await this.run(() => this.changing(keyTargets({ id: rec.id, hash: rec.hash }), (o) => this.keys.insertOne(toKeyDoc(rec), o)));
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
@@ -393,17 +560,27 @@ export class MongoStore implements Store {
 
   async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
     // New credits are the key's own, also for a key whose balance had moved by a reroll.
-    const update = { $set: setOf(patch, now), $inc: { [FENCE]: 1 }, ...(patch.credits !== undefined ? { $unset: { creditsKeyId: "" as const } } : {}) };
-    const d = await this.run(() => this.locked(`key:${id}`, () => this.keys.findOneAndUpdate({ _id: id }, update, { returnDocument: "after" })));
+    const update = {
+      $set: setOf(patch, now),
+      $inc: { version: 1, [FENCE]: 1 },
+      ...(patch.credits !== undefined ? { $unset: { creditsKeyId: "" as const } } : {}),
+    };
+    const d = await this.run(() =>
+      this.locked(`key:${id}`, async () => {
+        const cur = await this.keys.findOne({ _id: id }, { projection: { hash: 1 } });
+        if (!cur) return null;
+        return this.changing(keyTargets({ id, hash: cur.hash }), (o) => this.keys.findOneAndUpdate({ _id: id }, update, { returnDocument: "after", ...o }));
+      }),
+    );
     if (!d) return null;
-    await this.run(() => this.recordChange("key", id, d.hash));
     return (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0];
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const d = await this.run(() => this.keys.findOneAndDelete({ _id: id }));
+    const cur = await this.run(() => this.keys.findOne({ _id: id }, { projection: { hash: 1 } }));
+    if (!cur) return false;
+    const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => this.keys.findOneAndDelete({ _id: id }, o)));
     if (!d) return false;
-    await this.run(() => this.recordChange("key", id, d.hash));
     await this.run(() => this.activity.deleteOne({ _id: id }));
     return true;
   }
@@ -427,25 +604,28 @@ export class MongoStore implements Store {
         let stored = withBalanceOf(old);
         await this.createKey(stored);
         try {
-          for (let tries = 0; ; tries++) {
-            const moves = old.credits !== null && !old.creditsKeyId;
-            const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
-            const res = await this.keys.updateOne({ _id: oldId, ...fenceFilter(old) }, { $set: moved, $inc: { [FENCE]: 1 } });
-            if (res.matchedCount === 1) break;
-            old = await this.keys.findOne({ _id: oldId });
-            if (!old || tries >= MAX_CAS_TRIES) {
-              await this.deleteKey(next.id);
-              if (!old) return null;
-              throw new UnavailableError("the key's balance kept changing during the reroll; retry");
+          // The old key's write sits between an intent and a done entry of the change feed, like every key write.
+          const gone = await this.changing(keyTargets({ id: oldId, hash: old.hash }), async (o) => {
+            for (let tries = 0; ; tries++) {
+              const moves = old!.credits !== null && !old!.creditsKeyId;
+              const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
+              const res = await this.keys.updateOne({ _id: oldId, ...fenceFilter(old!) }, { $set: moved, $inc: { version: 1, [FENCE]: 1 } }, o);
+              if (res.matchedCount === 1) return false;
+              old = await this.keys.findOne({ _id: oldId });
+              if (!old) return true;
+              if (tries >= MAX_CAS_TRIES) throw new UnavailableError("the key's balance kept changing during the reroll; retry");
+              stored = withBalanceOf(old);
+              await this.keys.updateOne({ _id: next.id }, { $set: { credits: stored.credits } });
             }
-            stored = withBalanceOf(old);
-            await this.keys.updateOne({ _id: next.id }, { $set: { credits: stored.credits } });
+          });
+          if (gone) {
+            await this.deleteKey(next.id);
+            return null;
           }
         } catch (err) {
-          await this.keys.deleteOne({ _id: next.id }).catch(() => undefined);
+          await this.deleteKey(next.id).catch(() => undefined);
           throw err;
         }
-        await this.recordChange("key", oldId, old.hash);
         return (await this.withMovedBalances([stored]))[0];
       }),
     );
@@ -487,7 +667,7 @@ export class MongoStore implements Store {
   private async rmwCredits<T>(
     target: CreditsTarget,
     compute: (doc: CreditsDoc) => { credits: Credits | null; result: T },
-    opts: { updatedAt?: number } = {},
+    opts: { updatedAt?: number; record?: boolean } = {},
   ): Promise<{ result: T; doc: CreditsDoc } | "missing" | "gone"> {
     let current = target;
     for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
@@ -498,7 +678,11 @@ export class MongoStore implements Store {
         if (cur.creditsKeyId) return { moved: cur.creditsKeyId };
         const { credits, result } = compute(cur);
         const set = { credits, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
-        const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: { [FENCE]: 1 } });
+        // A change of the balance's rule or amount (UpdateCredits) is recorded for the caches; a return of spent credits is not.
+        const write = (o: { maxTimeMS?: number } = {}) =>
+          coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.record ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
+        const targets = "keyId" in current ? keyTargets({ id, hash: cur.hash! }) : identityTargets(id);
+        const res = opts.record ? await this.changing(targets, write) : await write();
         if (res.matchedCount === 1) return { result, doc: cur };
         if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
         return "retry" as const;
@@ -524,12 +708,10 @@ export class MongoStore implements Store {
           const credits = applyCreditsOp(doc.credits, op, refill);
           return { credits, result: credits };
         },
-        { updatedAt: now },
+        { updatedAt: now, record: true },
       );
       if (out === "missing") return undefined;
       if (out === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
-      const holder = "keyId" in target ? "key" : "identity";
-      await this.recordChange(holder, out.doc._id, out.doc.hash ?? null);
       return out.result;
     });
   }
@@ -693,7 +875,11 @@ export class MongoStore implements Store {
       const credits: Credits | null =
         state.remaining === null ? null : { remaining: state.remaining, refill: refill ? { ...refill, lastRefillAt: state.lastRefillAt ?? refill.lastRefillAt } : null };
       const set = { credits, creditsSeq: seq, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
-      const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: { [FENCE]: 1 } });
+      // A write-through of an operator's change is recorded for the caches (between an intent and a done entry); a write-back of spends is not.
+      const write = (o: { maxTimeMS?: number } = {}) =>
+        coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.recordChange ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
+      const targets = "keyId" in target ? keyTargets({ id, hash: cur.hash! }) : identityTargets(id);
+      const res = opts.recordChange ? await this.changing(targets, write) : await write();
       if (res.matchedCount === 1) return { hash: cur.hash ?? null };
       if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
       return "retry" as const;
@@ -703,7 +889,6 @@ export class MongoStore implements Store {
         const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
         if (out === "retry") continue;
         if (typeof out === "string") return out;
-        if (opts.recordChange) await this.recordChange("keyId" in target ? "key" : "identity", id, out.hash);
         return "written";
       }
       throw new UnavailableError(`the balance of ${lock} kept changing; retry`);
@@ -753,18 +938,95 @@ export class MongoStore implements Store {
     throw new UnavailableError("the balance kept changing; retry");
   }
 
-  async changesSince(afterSeq: number, limit: number): Promise<Change[]> {
-    const docs = await this.run(() => this.changes.find({ _id: { $gt: afterSeq } }).sort({ _id: 1 }).limit(limit).toArray());
-    return docs.map((d) => (d.kind === "key" ? { seq: d._id, kind: "key", id: d.id, hash: d.hash! } : { seq: d._id, kind: "identity", id: d.id }));
+  /** Entries of one bucket with a seq above `afterSeq`, at most `limit`, in seq order. */
+  private async bucketRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+    const coll = this.feedOf(afterSeq + 1);
+    const filter = { _id: { $gt: seqId(afterSeq) } };
+    if (this.flavor === "mongodb") return coll.find(filter).sort({ _id: 1 }).limit(limit).toArray();
+    // FerretDB sorts in Go after reading every entry; without a sort it stops at
+    // `limit`, reading in insertion order, which is seq order (written without gaps).
+    const docs = await coll.find(filter).limit(limit).toArray();
+    return docs.sort((a, b) => a.seq - b.seq);
+  }
+
+  /** Entries above `afterSeq` in seq order, at most `limit`, across buckets while each read ends at its bucket's last seq. */
+  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
+    const out: FeedDoc[] = [];
+    for (let after = afterSeq; out.length < limit; ) {
+      const docs = await this.bucketRange(after, limit - out.length);
+      out.push(...docs);
+      const bucketLast = (Math.floor((after + 1) / this.feedBucket) + 1) * this.feedBucket - 1;
+      if (docs.length === 0 || docs[docs.length - 1].seq !== bucketLast) break;
+      after = bucketLast;
+    }
+    return out;
+  }
+
+  /**
+   * A point lookup of `afterSeq + 1` first: on an idle feed that is all a
+   * poll costs (on FerretDB a scan of one bucket at most, whatever the
+   * history). Only when it exists are the next ones read, in one range.
+   */
+  async changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
+    return this.run(async () => {
+      if (opts.pastGaps) {
+        // From the first bucket that holds anything above `afterSeq`.
+        for (const b of await this.feedBuckets()) {
+          if ((b + 1) * this.feedBucket - 1 <= afterSeq) continue;
+          const docs = await this.feedRange(Math.max(afterSeq, b * this.feedBucket - 1), limit);
+          if (docs.length > 0) return docs.map(fromFeedDoc);
+        }
+        return [];
+      }
+      const first = await this.feedOf(afterSeq + 1).findOne({ _id: seqId(afterSeq + 1) });
+      if (!first) return [];
+      if (limit <= 1) return [fromFeedDoc(first)];
+      const sentAt = performance.now();
+      const rest = await this.feedRange(afterSeq + 1, limit - 1);
+      const all = [first, ...rest];
+      // The end of the feed was reached: its last seq was the newest when the range was read.
+      const last = all[all.length - 1].seq;
+      if (rest.length < limit - 1 && last === afterSeq + all.length && (!this.feedHead || this.feedHead.seq <= last)) {
+        this.feedHead = { seq: last, at: sentAt };
+      }
+      return all.map(fromFeedDoc);
+    });
+  }
+
+  async changeFeedStart(): Promise<number> {
+    return this.run(async () => {
+      for (const b of await this.feedBuckets()) {
+        // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
+        const oldest = this.feedOf(b * this.feedBucket).find({}, { projection: { seq: 1 } });
+        const d = await (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next();
+        if (d) return d.seq - 1;
+      }
+      return 0;
+    });
   }
 
   async lastChangeSeq(): Promise<number> {
-    const c = await this.run(() => this.counters.findOne({ _id: "changes" }));
-    return c?.seq ?? 0;
+    return this.run(() => this.newestSeq());
   }
 
-  async pruneChanges(olderThanMs: number): Promise<void> {
-    await this.run(() => this.changes.deleteMany({ at: { $lt: olderThanMs } }));
+  /**
+   * Drops the buckets whose every seq is below `beforeSeq` (which exists or
+   * existed, so the newest entry is never deleted), then deletes the entries
+   * below it in its own bucket (one bucket: FerretDB reads at most that many).
+   */
+  async pruneChanges(beforeSeq: number): Promise<void> {
+    await this.run(async () => {
+      for (const b of await this.feedBuckets()) {
+        if ((b + 1) * this.feedBucket > beforeSeq) break;
+        await this.feedOf(b * this.feedBucket)
+          .drop()
+          .catch((err: unknown) => {
+            // Another instance dropped it first.
+            if (!(err instanceof MongoServerError && (err.code === 26 || /not found/i.test(err.message)))) throw err;
+          });
+      }
+      if (beforeSeq % this.feedBucket !== 0) await this.feedOf(beforeSeq).deleteMany({ _id: { $lt: seqId(beforeSeq) } });
+    });
   }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
