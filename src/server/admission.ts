@@ -126,14 +126,13 @@ export function refuseStream(stream: http2.ServerHttp2Stream, headers: http2.Inc
 /**
  * Answers an HTTP/1.1 request with `err` without reading its body. The
  * connection is closed after the response when the body was not read, so the
- * rest of it is never read either.
+ * rest of it is never read either (http-server.ts, Http1Response).
  */
 export function refuseHttp1(req: http.IncomingMessage, res: http.ServerResponse, err: ConnectError): void {
   if (res.headersSent || res.destroyed) return;
   const ct = req.headers["content-type"];
   const a = errorAnswer(protocolOf(ct), ct, err);
   try {
-    if (!req.complete) res.shouldKeepAlive = false;
     res.writeHead(a.status, { ...a.headers, "content-length": String(a.body?.length ?? 0) });
     res.end(a.body ?? undefined);
   } catch {

@@ -100,6 +100,44 @@ const SESSION = Symbol("session");
 type Stream = http2.ServerHttp2Stream & { [SESSION]?: Session };
 
 /**
+ * How long a connection closed after an early answer stays half-closed (our FIN
+ * sent, its unread bytes not read) before it is destroyed: closing a socket with
+ * unread bytes sends RST, which can cost a client the answer it has not read yet.
+ * Go's net/http waits the same 500 ms for the same reason.
+ */
+const LINGER_MS = 500;
+
+/** socket.destroySoon for a connection closed after an early answer: FIN now, destroyed after LINGER_MS or once the client closes. */
+function lingeringClose(this: net.Socket): void {
+  if (this.writable) this.end();
+  if (this.destroyed) return;
+  const timer = setTimeout(() => this.destroy(), LINGER_MS);
+  timer.unref();
+  this.once("close", () => clearTimeout(timer));
+}
+
+/**
+ * The HTTP/1.1 response. An answer written before its request was read whole —
+ * a message over the limit, an error in the middle of a client stream, a
+ * refusal at the door — leaves the rest of that request unread: Connect-Node
+ * has started reading it (so Node does not discard it on its own) and stops,
+ * the request stays paused and the parser stops reading the socket. On a
+ * keep-alive connection the client's next request would then wait behind it
+ * until the request timeout answered it 408. Such an answer says `Connection:
+ * close` instead, and the connection is closed after it (lingeringClose).
+ */
+class Http1Response extends http.ServerResponse {
+  override writeHead(...args: unknown[]): this {
+    if (!this.req.complete) {
+      this.shouldKeepAlive = false;
+      // Node ends a connection after a `Connection: close` answer with destroySoon.
+      if (this.socket) this.socket.destroySoon = lingeringClose;
+    }
+    return (super.writeHead as (...a: unknown[]) => this)(...args);
+  }
+}
+
+/**
  * One port for every protocol: gRPC, gRPC-Web and Connect, over HTTP/2 and
  * HTTP/1.1. Without TLS, the first bytes of a connection decide: the HTTP/2
  * preface goes to the HTTP/2 server, anything else to the HTTP/1.1 server. With
@@ -289,6 +327,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
 
   const h1 = http.createServer(
     {
+      ServerResponse: Http1Response,
       maxHeaderSize: limits.maxHeaderBytes,
       headersTimeout: limits.headersTimeoutMs,
       requestTimeout: limits.requestTimeoutMs,
