@@ -7,7 +7,7 @@ import net from "node:net";
 import tls from "node:tls";
 import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
 import { toConnectError } from "../rpc/interceptors.js";
-import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf } from "./admission.js";
+import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf, stopUpload } from "./admission.js";
 import { createGrpcUnaryHandler, type LeanCall, type ResponseEncoder, type ServiceRegistration } from "./grpc-unary.js";
 import type { Logger } from "./logger.js";
 import type { Metrics } from "./metrics.js";
@@ -86,7 +86,7 @@ export interface LatchkeyServer {
 }
 
 const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
-const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_STREAM_STATE_OPEN, NGHTTP2_STREAM_STATE_HALF_CLOSED_LOCAL } = http2.constants;
+const { NGHTTP2_CANCEL } = http2.constants;
 const noop = () => undefined;
 
 /** Open streams of an HTTP/2 session, kept on the session itself. */
@@ -290,26 +290,17 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
 
   /**
    * Connect-Node answered (e.g. a message over the limit) while the client is
-   * still sending: once our END_STREAM is out — after the trailers, which the
-   * writable side's 'finish' precedes — ask the client to stop (RST_STREAM
-   * NO_ERROR, RFC 9113 §8.1) instead of leaving the stream to the request timeout.
+   * still sending: ask the client to stop instead of leaving the stream to the
+   * request timeout.
    */
-  function stopUpload(this: http2.ServerHttp2Stream) {
-    if (!clientStillSending(this)) return;
-    let tries = 0;
-    const check = () => {
-      if (this.closed || this.destroyed) return;
-      const s = this.state.state;
-      if (s === NGHTTP2_STREAM_STATE_HALF_CLOSED_LOCAL) this.close(NGHTTP2_NO_ERROR);
-      else if (s === NGHTTP2_STREAM_STATE_OPEN && ++tries < 100) setTimeout(check, tries < 3 ? 0 : 10);
-    };
-    setImmediate(check);
+  function onConnectFinish(this: http2.ServerHttp2Stream) {
+    if (clientStillSending(this)) stopUpload(this);
   }
 
   function admit(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, rawHeaders: string[], call: LeanCall | null, isPublic: boolean) {
     if (stream.destroyed || stream.closed) return;
     if (call) return call.start(isPublic ? limits.publicMaxMessageBytes : limits.maxMessageBytes);
-    stream.once("finish", stopUpload);
+    stream.once("finish", onConnectFinish);
     try {
       const req = new http2.Http2ServerRequest(stream, headers, {}, rawHeaders);
       // Node ends an empty request body on its own, without a reader; if that
