@@ -417,7 +417,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     front.on("tlsClientError", (_err, socket) => socket.destroy());
   } else {
     front = net.createServer((socket) => {
-      let head = Buffer.alloc(0);
+      let head: Buffer = Buffer.alloc(0);
       const onData = (chunk: Buffer) => {
         head = head.length === 0 ? chunk : Buffer.concat([head, chunk]);
         const n = Math.min(head.length, H2_PREFACE.length);
