@@ -112,7 +112,12 @@ export function createInvalidationFeed(deps: {
   const fresh = () => clock() - lastComplete <= boundMs;
   const lagMs = () => clock() - (Number.isFinite(lastComplete) ? lastComplete : startedAt);
   const settled = () => clock() >= quarantineUntil;
-  cache.setPolicy({ useCached: policy === "read-through" ? () => fresh() && settled() : settled, keepFills: settled });
+  cache.setPolicy({
+    useCached: policy === "read-through" ? () => fresh() && settled() : settled,
+    keepFills: settled,
+    clock,
+    lastComplete: () => lastComplete,
+  });
 
   function each(t: ChangeTargets, key: (hash: string) => void, identity: (id: string) => void): void {
     for (const k of t.keys) key(k.hash);

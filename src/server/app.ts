@@ -14,6 +14,7 @@ import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
+import { createStoreGuard, storeGuardOf } from "../storage/store-guard.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
 import { createMetrics, type Metrics } from "./metrics.js";
@@ -34,6 +35,9 @@ export type CoreOptions = Pick<
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
   | "usageDayRetentionDays"
+  | "outageCacheMs"
+  | "storeProbeTimeoutMs"
+  | "storeFailFastMs"
 > &
   Partial<Pick<Config, "maxHealthWatchers">>;
 
@@ -49,6 +53,9 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
   usageDayRetentionDays: 0,
+  outageCacheMs: 600_000,
+  storeProbeTimeoutMs: 1000,
+  storeFailFastMs: 25,
 };
 
 export interface CoreDeps {
@@ -66,13 +73,30 @@ export interface CoreDeps {
  * Everything behind the port, wired: use cases, verification cache and its
  * change feed, routes and interceptors. Servers (createApp) and tests
  * (createRouterTransport over `routes` and `interceptors`) build on this.
+ * The store is used behind its circuit breaker (src/storage/store-guard.ts):
+ * the one it comes with (createServerStore), or one made here.
  */
 export function createCore(deps: CoreDeps) {
-  const { store, logger } = deps;
-  const options = deps.options ?? DEFAULT_CORE_OPTIONS;
+  const { logger } = deps;
+  const options = { ...DEFAULT_CORE_OPTIONS, ...deps.options };
   const metrics = deps.metrics ?? createMetrics();
-  const cache = createVerificationCache({ store, metrics, options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs } });
+  const ownGuard = storeGuardOf(deps.store) === null;
+  const guard =
+    storeGuardOf(deps.store) ??
+    createStoreGuard(deps.store, { probeTimeoutMs: options.storeProbeTimeoutMs, failFastMs: options.storeFailFastMs }, { logger });
+  const store = ownGuard ? guard.store : deps.store;
+  const cache = createVerificationCache({
+    store,
+    metrics,
+    options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
+  });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
+  // Health follows the breaker at once, not at its next ping.
+  const onStoreChange = () => void health.check();
+  const onRefused = (op: string) => metrics.storeRefused.inc({ op });
+  guard.events.on("change", onStoreChange);
+  guard.events.on("refused", onRefused);
+  metrics.store.probe = guard;
   const stalePolicy = options.feedStalePolicy ?? "read-through";
   const feed = createInvalidationFeed({
     store,
@@ -111,10 +135,17 @@ export function createCore(deps: CoreDeps) {
       deps.onVerification?.(v, input, at);
     },
   });
-  const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
+  const authenticate = createRootKeyAuthenticator({
+    store,
+    cacheMs: options.rootKeyCacheMs,
+    outageMs: options.outageCacheMs,
+    onStaleAnswer: () => metrics.cacheStaleAnswers.inc({ cache: "root_key" }),
+  });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
     store,
+    /** The store's circuit breaker. */
+    guard,
     metrics,
     cache,
     feed,
@@ -137,7 +168,13 @@ export function createCore(deps: CoreDeps) {
     /** Stops background work and writes pending usage counts. */
     async stop() {
       feed.stop();
-      await recorder.stop();
+      try {
+        await recorder.stop();
+      } finally {
+        guard.events.off("change", onStoreChange);
+        guard.events.off("refused", onRefused);
+        if (ownGuard) guard.stop();
+      }
     },
   };
 }

@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
 import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import { AlreadyExistsError, FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -241,7 +241,8 @@ export class MongoStore implements Store {
         const msg = String(err.message);
         throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
       }
-      if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new UnavailableError(`mongodb: ${err.name}`);
+      // Says nothing of whether a write was applied: a connection lost after sending leaves it unknown.
+      if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new StoreUnreachableError(`mongodb: ${err.name}`);
       throw err;
     }
   }
