@@ -71,7 +71,15 @@ interface Table<T extends Versioned> {
  * a cached entry still answers if the store or the change feed vouched for it
  * within `outageMs` (fallBack); otherwise the read's UNAVAILABLE stands.
  */
-export function createVerificationCache(deps: { store: Store; options: CacheOptions; metrics?: Metrics; now?: () => number }) {
+export function createVerificationCache(deps: {
+  store: Store;
+  options: CacheOptions;
+  metrics?: Metrics;
+  now?: () => number;
+  /** Whether the store is reachable (its guard's view): while it is not, a usable cached entry answers without trying it. */
+  reachable?: () => boolean;
+}) {
+  const reachable = deps.reachable ?? (() => true);
   const { store, options, metrics } = deps;
   const now = deps.now ?? Date.now;
   const outageMs = options.outageMs ?? 0;
@@ -108,13 +116,19 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
    * changed before then). Never an entry with a write in flight (pinned).
    */
   function fallBack<T extends Versioned>(t: Table<T>, id: string, err: unknown): T | null {
-    if (!(err instanceof StoreUnreachableError) || outageMs <= 0 || t.pinned.has(id)) throw err;
-    const e = t.lru.stale(id);
+    if (!(err instanceof StoreUnreachableError)) throw err;
+    const e = outageEntry(t, id);
     if (!e) throw err;
-    const age = policy.clock() - Math.max(e.at, policy.lastComplete());
-    if (age > outageMs) throw err;
-    staleAnswers[t.name]?.inc();
     return e.value;
+  }
+
+  /** The cached entry that may answer while the store cannot be reached (counted), if there is one. */
+  function outageEntry<T extends Versioned>(t: Table<T>, id: string): { value: T | null } | undefined {
+    if (outageMs <= 0 || t.pinned.has(id)) return undefined;
+    const e = t.lru.stale(id);
+    if (!e || policy.clock() - Math.max(e.at, policy.lastComplete()) > outageMs) return undefined;
+    staleAnswers[t.name]?.inc();
+    return e;
   }
 
   function load<T extends Versioned>(t: Table<T>, id: string): Promise<T | null> {
@@ -133,6 +147,11 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
       c?.bypass.inc();
     }
     metrics?.hitWindow.record(t.name, false, at);
+    if (!reachable()) {
+      // Known unreachable: no store call (and no wait for it) when the cache can answer.
+      const e = outageEntry(t, id);
+      if (e) return Promise.resolve(e.value);
+    }
     return readThrough(t, id, at, usable).catch((err: unknown) => fallBack(t, id, err));
   }
 

@@ -65,6 +65,8 @@ export function createRootKeyAuthenticator(deps: {
   outageMs?: number;
   /** Called for each call let in that way. */
   onStaleAnswer?: () => void;
+  /** Whether the store is reachable (its guard's view): while it is not, such a root key is let in without trying it. */
+  reachable?: () => boolean;
 }) {
   const now = deps.now ?? Date.now;
   const limits = deps.limits ?? DEFAULT_ROOT_KEY_CACHE_LIMITS;
@@ -128,13 +130,18 @@ export function createRootKeyAuthenticator(deps: {
     if (!known && !inflight.has(token) && !takeBudget(t)) {
       throw new ResourceExhaustedError("too many unknown root keys are being tried; retry shortly");
     }
+    const stale = () => known && now() - known.checkedAt <= outageMs;
+    if (deps.reachable && !deps.reachable() && stale()) {
+      deps.onStaleAnswer?.();
+      return known!.principal;
+    }
     let principal: Principal | null;
     try {
       principal = await lookup(token, hash);
     } catch (err) {
-      if (!(known && err instanceof StoreUnreachableError && now() - known.checkedAt <= outageMs)) throw err;
+      if (!(err instanceof StoreUnreachableError && stale())) throw err;
       deps.onStaleAnswer?.();
-      return known.principal;
+      return known!.principal;
     }
     if (!principal) throw new UnauthenticatedError("invalid root key");
     return principal;

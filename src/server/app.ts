@@ -88,6 +88,7 @@ export function createCore(deps: CoreDeps) {
   const cache = createVerificationCache({
     store,
     metrics,
+    reachable: guard.reachable,
     options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
   });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
@@ -140,6 +141,7 @@ export function createCore(deps: CoreDeps) {
     cacheMs: options.rootKeyCacheMs,
     outageMs: options.outageCacheMs,
     onStaleAnswer: () => metrics.cacheStaleAnswers.inc({ cache: "root_key" }),
+    reachable: guard.reachable,
   });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
