@@ -14,7 +14,8 @@ import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
-import { createStoreGuard, storeGuardOf } from "../storage/store-guard.js";
+import { guardStore } from "../storage/create-store.js";
+import { storeGuardOf } from "../storage/store-guard.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
 import { createMetrics, type Metrics } from "./metrics.js";
@@ -83,7 +84,7 @@ export function createCore(deps: CoreDeps) {
   const ownGuard = storeGuardOf(deps.store) === null;
   const guard =
     storeGuardOf(deps.store) ??
-    createStoreGuard(deps.store, { probeTimeoutMs: options.storeProbeTimeoutMs, failFastMs: options.storeFailFastMs }, { logger });
+    guardStore(deps.store, { probeTimeoutMs: options.storeProbeTimeoutMs, failFastMs: options.storeFailFastMs }, logger);
   const store = ownGuard ? guard.store : deps.store;
   const cache = createVerificationCache({
     store,
@@ -92,8 +93,11 @@ export function createCore(deps: CoreDeps) {
     options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
   });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
-  // Health follows the breaker at once, not at its next ping.
-  const onStoreChange = () => void health.check();
+  // Health follows the breaker at once, not at its next ping; the change feed is read as soon as the store is back.
+  const onStoreChange = (reachable: boolean) => {
+    void health.check();
+    if (reachable) void feed.sync();
+  };
   const onRefused = (op: string) => metrics.storeRefused.inc({ op });
   guard.events.on("change", onStoreChange);
   guard.events.on("refused", onRefused);
@@ -169,12 +173,12 @@ export function createCore(deps: CoreDeps) {
     },
     /** Stops background work and writes pending usage counts. */
     async stop() {
+      guard.events.off("change", onStoreChange);
+      guard.events.off("refused", onRefused);
       feed.stop();
       try {
         await recorder.stop();
       } finally {
-        guard.events.off("change", onStoreChange);
-        guard.events.off("refused", onRefused);
         if (ownGuard) guard.stop();
       }
     },

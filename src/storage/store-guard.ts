@@ -102,6 +102,8 @@ export interface StoreGuard<T extends Store = Store> {
   readonly events: EventEmitter;
   /** Probes the store now (joins a probe in flight); rejects when it is unreachable. */
   probe(): Promise<void>;
+  /** Probes the store soon, if it is thought reachable: for signs from outside the calls (the MongoDB driver losing its server). */
+  suspect(): void;
   /** Stops probing (the store is being closed). */
   stop(): void;
 }
@@ -228,9 +230,9 @@ export function createStoreGuard<T extends Store>(store: T, options: StoreGuardO
     return probing;
   }
 
-  /** A call failed as if the store were gone: find out. */
-  function suspect(err: unknown): void {
-    if (err instanceof StoreUnreachableError && !(err instanceof StoreRefusedError) && up) void probe().catch(() => undefined);
+  /** Something suggests the store is gone (a failed call, the driver losing its server): find out now. */
+  function suspect(): void {
+    if (up && !stopped) void probe().catch(() => undefined);
   }
 
   /** Runs a read, released with UNAVAILABLE if the store turns unreachable before it answers. */
@@ -254,7 +256,7 @@ export function createStoreGuard<T extends Store>(store: T, options: StoreGuardO
     const p = Promise.resolve(fn.apply(target, args)) as Promise<unknown>;
     const guarded = access === "read" ? releasable(p) : p;
     return guarded.catch((err: unknown) => {
-      suspect(err);
+      if (err instanceof StoreUnreachableError && !(err instanceof StoreRefusedError)) suspect();
       throw err;
     });
   }
@@ -319,6 +321,7 @@ export function createStoreGuard<T extends Store>(store: T, options: StoreGuardO
     unreachableForMs,
     events,
     probe,
+    suspect,
     stop() {
       stopped = true;
     },
