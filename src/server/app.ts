@@ -1,4 +1,5 @@
 import http from "node:http";
+import { performance } from "node:perf_hooks";
 import { Gauge } from "prom-client";
 import { createInvalidationFeed } from "../cache/invalidation.js";
 import { createVerificationCache } from "../cache/verification-cache.js";
@@ -41,6 +42,9 @@ export type CoreOptions = Pick<
   | "storeFailFastMs"
 > &
   Partial<Pick<Config, "maxHealthWatchers">>;
+
+/** After the store comes back, how long the cache may go on answering as during the outage while the change feed is read (catchingUp in createCore). */
+const CATCH_UP_MS = 2000;
 
 export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   rootKeyCacheMs: 5000,
@@ -86,17 +90,30 @@ export function createCore(deps: CoreDeps) {
     storeGuardOf(deps.store) ??
     guardStore(deps.store, { probeTimeoutMs: options.storeProbeTimeoutMs, failFastMs: options.storeFailFastMs }, logger);
   const store = ownGuard ? guard.store : deps.store;
+  const feedClock = deps.feedClock ?? (() => performance.now());
+  /** When (on the feed's clock) the store last came back. */
+  let backAt = -Infinity;
+  /**
+   * The store answers again but the change feed has not been read since: the
+   * cache goes on answering as during the outage, for at most CATCH_UP_MS, so
+   * that the store that just came back gets the feed's read first instead of
+   * every verification (read-through, the feed being behind). README, "Store outages".
+   */
+  const catchingUp = () => feedClock() - backAt < CATCH_UP_MS && feed.lastComplete() < backAt;
   const cache = createVerificationCache({
     store,
     metrics,
-    reachable: guard.reachable,
+    reachable: () => guard.reachable() && !catchingUp(),
     options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
   });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
   // Health follows the breaker at once, not at its next ping; the change feed is read as soon as the store is back.
   const onStoreChange = (reachable: boolean) => {
     void health.check();
-    if (reachable) void feed.sync();
+    if (reachable) {
+      backAt = feedClock();
+      void feed.sync();
+    }
   };
   const onRefused = (op: string) => metrics.storeRefused.inc({ op });
   guard.events.on("change", onStoreChange);
@@ -108,12 +125,14 @@ export function createCore(deps: CoreDeps) {
     cache,
     logger,
     metrics,
-    clock: deps.feedClock,
+    clock: feedClock,
     options: { pollMs: options.invalidationPollMs, stalePolicy },
     // not-serving: a feed behind the revocation bound takes the instance out of service.
     onFreshness: (fresh) => {
       if (stalePolicy === "not-serving") health.setCondition("change-feed", fresh ? null : "the change feed was not read within 1 s");
     },
+    // A feed read that hangs: find out now whether the store answers at all.
+    onStalled: guard.suspect,
   });
   const identities = createIdentityManager({ store, afterWrite: feed.sync });
   const keys = createKeyManager({ store, afterWrite: feed.sync });

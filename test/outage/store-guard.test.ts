@@ -131,6 +131,19 @@ function guardSays(guard: Pick<Core["guard"], "reachable" | "events">, want: boo
 }
 const reachableAgain = (core: Core) => guardSays(core.guard, true);
 
+/** Resolves when health reports `want` (at once if it does). */
+function healthSays(core: Core, want: Serving): Promise<void> {
+  return new Promise((resolve) => {
+    const on = () => {
+      if (core.health.current !== want) return;
+      core.health.events.off("change", on);
+      resolve();
+    };
+    core.health.events.on("change", on);
+    on();
+  });
+}
+
 async function metricValue(m: Metrics, name: string, labels: Record<string, string> = {}): Promise<number> {
   const metric = m.registry.getSingleMetric(name);
   if (!metric) return NaN;
@@ -235,6 +248,26 @@ describeEachStore("verification while the store cannot be reached", (kind) => {
     expect(res.creditsRemaining).toBe(8n);
     expect(res.ratelimits[0].remaining, "the refused call's token came back").toBe(3n);
     expect((await a.clients.identities.getIdentity({ lookup: { case: "id", value: identityId } })).identity?.credits?.remaining).toBe(8n);
+  });
+
+  it("once the store is back, answers from the cache until the change feed is read (for at most 2 s), instead of sending every verification to the store", async () => {
+    const a = await instance();
+    const k = await createKey(a.clients);
+    expect((await verify(a.clients, k.plaintext)).codeName).toBe("VALID");
+    await storeGoes(a);
+    a.advance(5000); // the feed is behind: read-through, were the store reachable
+    const read = outage.hold("changesSince"); // the feed's first read once the store is back
+    outage.up();
+    await reachableAgain(a.core);
+    await read.reached;
+    outage.sent.clear();
+    expect((await verify(a.clients, k.plaintext)).codeName).toBe("VALID");
+    expect(outage.sent.get("getKeyByHash") ?? 0, "answered from the cache while the feed is read").toBe(0);
+    // The feed not read 2 s after the store came back: read-through again.
+    a.advance(2000);
+    expect((await verify(a.clients, k.plaintext)).codeName).toBe("VALID");
+    expect(outage.sent.get("getKeyByHash") ?? 0, "read through to the store").toBe(1);
+    read.release();
   });
 
   it("stops answering from the cache once it is older than LATCHKEY_OUTAGE_CACHE_MS", async () => {
@@ -358,6 +391,32 @@ describe("the store guard", () => {
       expect(await guard.store.getKey("key_x")).toBeNull();
     } finally {
       guard.stop();
+    }
+  });
+
+  it("probes the store when a read of the change feed hangs, and turns NOT_SERVING without waiting for a health check", async () => {
+    // A store that stops answering (a hung server, a lost network) raises no error: the feed's read just hangs.
+    // No health check runs here (createCore starts none): only the feed's hanging read can set off the probe.
+    ts = await openTestStore("embedded");
+    const outage = outageStore(ts.store);
+    const core = createCore({ store: outage.store, logger: quietLogger, metrics: createMetrics(), options: { ...DEFAULT_CORE_OPTIONS, invalidationPollMs: 50 } });
+    await core.start();
+    try {
+      await core.health.check();
+      expect(core.health.current).toBe(Serving.SERVING);
+      const read = outage.hold("changesSince");
+      await read.reached;
+      outage.down();
+      outage.sent.clear();
+      await guardSays(core.guard, false);
+      expect(outage.sent.get("ping"), "the guard pinged the store").toBeGreaterThan(0);
+      await healthSays(core, Serving.NOT_SERVING);
+      outage.up();
+      read.release();
+      await reachableAgain(core);
+      await healthSays(core, Serving.SERVING);
+    } finally {
+      await core.stop();
     }
   });
 
