@@ -19,8 +19,10 @@ import { MongoClient } from "mongodb";
  * credits — and verifies each once, so they are cached. Then ghz drives
  * VerifyKey over those keys at BENCH_OUTAGE_RPS [400] calls/s (10 workers)
  * for BENCH_OUTAGE_BEFORE_S [10] s, FerretDB is killed (SIGKILL) for
- * BENCH_OUTAGE_S [30] s and started again on the same data, and the load goes
- * on for BENCH_OUTAGE_AFTER_S [10] s. Meanwhile a health Watch stream times
+ * BENCH_OUTAGE_S [30] s and started again on the same data — or, with
+ * BENCH_OUTAGE_HOW=stop, stopped (SIGSTOP: connections hang instead of being
+ * refused, as behind a lost network) and continued — and the load goes on for
+ * BENCH_OUTAGE_AFTER_S [10] s. Meanwhile a health Watch stream times
  * the health transitions, and every 200 ms during the outage one VerifyKey of
  * a key never verified (uncached) and one CreateKey time how long a call that
  * needs the store takes to fail.
@@ -37,6 +39,9 @@ const BEFORE_S = Number(process.env.BENCH_OUTAGE_BEFORE_S ?? 10);
 const OUTAGE_S = Number(process.env.BENCH_OUTAGE_S ?? 30);
 const AFTER_S = Number(process.env.BENCH_OUTAGE_AFTER_S ?? 10);
 const REDIS = process.env.REDIS_URL ?? "";
+/** `kill`: FerretDB is killed (SIGKILL: connections refused) and started again; `stop`: it is stopped (SIGSTOP: connections hang, nothing answers) and continued (SIGCONT). */
+const HOW = process.env.BENCH_OUTAGE_HOW ?? "kill";
+if (HOW !== "kill" && HOW !== "stop") throw new Error("BENCH_OUTAGE_HOW must be kill or stop");
 const ROOT = new URL("../..", import.meta.url).pathname;
 const progress = (msg: string) => process.stderr.write(`bench:outage: ${msg}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -73,11 +78,17 @@ async function startFerretDb(dir: string, port: number): Promise<ChildProcess> {
     { stdio: "ignore" },
   );
   children.add(proc);
+  await answering(port);
+  return proc;
+}
+
+/** Resolves once FerretDB on `port` answers a ping (tried every 50 ms, each try given 500 ms). */
+async function answering(port: number): Promise<void> {
   for (let i = 0; ; i++) {
     const probe = new MongoClient(`mongodb://127.0.0.1:${port}/`, { serverSelectionTimeoutMS: 500 });
     try {
       await probe.db("admin").command({ ping: 1 });
-      return proc;
+      return;
     } catch (err) {
       if (i > 100) throw err;
       await sleep(50);
@@ -205,9 +216,10 @@ async function main() {
     const ghzDone = new Promise((r) => ghz.once("exit", r));
 
     await sleep(BEFORE_S * 1000);
-    await kill(ferret);
+    if (HOW === "kill") await kill(ferret);
+    else ferret.kill("SIGSTOP");
     const killedAt = Date.now();
-    progress("FerretDB killed");
+    progress(HOW === "kill" ? "FerretDB killed" : "FerretDB stopped");
 
     // Calls that need the store, every 200 ms while it is gone.
     const failTimes: { verify: number[]; write: number[]; codes: Set<string> } = { verify: [], write: [], codes: new Set() };
@@ -237,7 +249,11 @@ async function main() {
     probing = false;
     await prober;
     const restartedAt = Date.now();
-    ferret = await startFerretDb(dir, mongoPort);
+    if (HOW === "kill") ferret = await startFerretDb(dir, mongoPort);
+    else {
+      ferret.kill("SIGCONT");
+      await answering(mongoPort);
+    }
     const answeringAt = Date.now();
     progress(`FerretDB answering again after ${answeringAt - restartedAt} ms`);
     await ghzDone;
@@ -249,7 +265,10 @@ async function main() {
     const endAt = Math.max(...all.map((d) => d.at + d.ms));
     const cutOff = all.filter((d) => d.status !== "OK" && d.at + d.ms >= endAt - 50);
     const details = all.filter((d) => !cutOff.includes(d));
-    if (process.env.BENCH_VERBOSE) for (const d of all.filter((x) => x.status !== "OK")) progress(`error at +${d.at - ghzStarted} ms (${d.ms.toFixed(1)} ms): ${d.status} ${d.error}`);
+    if (process.env.BENCH_VERBOSE) {
+      for (const d of all.filter((x) => x.status !== "OK")) progress(`error at +${d.at - ghzStarted} ms (${d.ms.toFixed(1)} ms): ${d.status} ${d.error}`);
+      for (const d of all.filter((x) => x.ms > 250)) progress(`slow: started ${d.at - killedAt} ms after the ${HOW}, ${d.at - restartedAt} ms after the restart: ${d.ms.toFixed(1)} ms ${d.status}`);
+    }
     const phase = (from: number, to: number) => {
       const inIt = details.filter((d) => d.at >= from && d.at < to);
       const lat = inIt.filter((d) => d.status === "OK").map((d) => d.ms).sort((a, b) => a - b);
@@ -267,7 +286,7 @@ async function main() {
     ] as const;
     const sortedFail = (a: number[]) => [...a].sort((x, y) => x - y);
     const lines = [
-      `FerretDB killed for ${OUTAGE_S} s under ${RPS} VerifyKey/s over ${loadKeys.length} cached keys (ghz, 10 workers)${REDIS ? ", Redis counters and credits" : ", credits in the store"}`,
+      `FerretDB ${HOW === "kill" ? "killed (SIGKILL)" : "stopped (SIGSTOP)"} for ${OUTAGE_S} s under ${RPS} VerifyKey/s over ${loadKeys.length} cached keys (ghz, 10 workers)${REDIS ? ", Redis counters and credits" : ", credits in the store"}`,
       "",
       `(${cutOff.length} calls cut off by the end of the ghz run left out)`,
       "",
@@ -275,8 +294,8 @@ async function main() {
       "|---|---|---|---|---|---|",
       ...rows.map(([name, r]) => `| ${name} | ${r.calls} | ${Object.entries(r.errors).map(([k, v]) => `${v} ${k}`).join(", ") || 0} | ${f(r.p50)} | ${f(r.p99)} | ${f(r.max)} |`),
       "",
-      `- kill → NOT_SERVING: ${notServing ? notServing - killedAt : "never"} ms`,
-      `- restart (FerretDB spawned) → SERVING: ${serving ? serving - restartedAt : "never"} ms (this script's own client, retrying every 50 ms, got FerretDB's first answer after ${answeringAt - restartedAt} ms)`,
+      `- ${HOW} → NOT_SERVING: ${notServing ? notServing - killedAt : "never"} ms`,
+      `- ${HOW === "kill" ? "restart (FerretDB spawned)" : "SIGCONT"} → SERVING: ${serving ? serving - restartedAt : "never"} ms (this script's own client, retrying every 50 ms, got FerretDB's first answer after ${answeringAt - restartedAt} ms)`,
       `- time to fail, once NOT_SERVING: uncached VerifyKey p50 ${f(pct(sortedFail(failTimes.verify), 50))} ms, max ${f(Math.max(...failTimes.verify))} ms (${failTimes.verify.length} calls); CreateKey p50 ${f(pct(sortedFail(failTimes.write), 50))} ms, max ${f(Math.max(...failTimes.write))} ms (${failTimes.write.length} calls); answers seen: ${[...failTimes.codes].join(", ")}`,
     ];
     process.stdout.write(lines.join("\n") + "\n");
