@@ -99,7 +99,9 @@ describeWith("REDIS_URL", redisUrl(), "a MongoDB outage under load", () => {
       const s = await node(ferret, { LATCHKEY_CREDITS_BACKEND: "store" });
       const t0 = Date.now();
 
-      const pool = [{ name: "requests", limit: "100000", duration: { seconds: "3600" }, auto_apply: true }];
+      // Windows are aligned to multiples of their duration: a 30-day one (the longest) is not crossed during the test,
+      // where an hour's was (a run at 19:59 counted the tokens of the new window only).
+      const pool = [{ name: "requests", limit: "100000", duration: { seconds: String(30 * 86_400) }, auto_apply: true }];
       const setUp = async (n: Node) => {
         const identity = (await n.call("identities", "CreateIdentity", { external_id: uniqueName("org"), meta: { plan: "pro" }, ratelimits: pool })).identity;
         const create = async (req: Msg) => {
