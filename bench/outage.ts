@@ -222,7 +222,7 @@ async function main() {
     progress(HOW === "kill" ? "FerretDB killed" : "FerretDB stopped");
 
     // Calls that need the store, every 200 ms while it is gone.
-    const failTimes: { verify: number[]; write: number[]; codes: Set<string> } = { verify: [], write: [], codes: new Set() };
+    const failTimes: { verify: number[]; write: number[]; early: string[]; codes: Set<string> } = { verify: [], write: [], early: [], codes: new Set() };
     let probing = true;
     const prober = (async () => {
       for (let i = 0; probing; i++) {
@@ -239,6 +239,7 @@ async function main() {
           } catch (err) {
             failTimes.codes.add(`${kind}:${grpc.status[(err as grpc.ServiceError).code]}`);
             if (known) failTimes[kind].push(Date.now() - t);
+            else failTimes.early.push(`${kind} sent ${t - killedAt} ms after the ${HOW}: ${Date.now() - t} ms`);
           }
         }
         await sleep(200);
@@ -297,6 +298,7 @@ async function main() {
       `- ${HOW} → NOT_SERVING: ${notServing ? notServing - killedAt : "never"} ms`,
       `- ${HOW === "kill" ? "restart (FerretDB spawned)" : "SIGCONT"} → SERVING: ${serving ? serving - restartedAt : "never"} ms (this script's own client, retrying every 50 ms, got FerretDB's first answer after ${answeringAt - restartedAt} ms)`,
       `- time to fail, once NOT_SERVING: uncached VerifyKey p50 ${f(pct(sortedFail(failTimes.verify), 50))} ms, max ${f(Math.max(...failTimes.verify))} ms (${failTimes.verify.length} calls); CreateKey p50 ${f(pct(sortedFail(failTimes.write), 50))} ms, max ${f(Math.max(...failTimes.write))} ms (${failTimes.write.length} calls); answers seen: ${[...failTimes.codes].join(", ")}`,
+      `- calls that need the store, sent before NOT_SERVING: ${failTimes.early.join("; ") || "none"}`,
     ];
     process.stdout.write(lines.join("\n") + "\n");
     children.forEach((p) => p.kill("SIGKILL"));
