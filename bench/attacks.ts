@@ -10,7 +10,7 @@ import { performance } from "node:perf_hooks";
 import { createGzip, gzipSync } from "node:zlib";
 
 /*
- * node dist/bench/attacks.js — replays the front-door attacks of issue 8 against
+ * npm run bench:attacks (node dist/bench/attacks.js) — replays the front-door attacks of issue 8 against
  * a started server, one fresh server per attack, while sampling the server's
  * RSS and the latency of a health Check on a connection of its own. Not a test:
  * it reports figures. Settings (defaults in brackets):
