@@ -262,9 +262,11 @@ async function main() {
 
     const report = JSON.parse(ghzOut) as { details?: { timestamp: string; latency: number; status: string; error: string }[] };
     const all = (report.details ?? []).map((d) => ({ at: Date.parse(d.timestamp), ms: d.latency / 1e6, status: d.status, error: d.error }));
-    // ghz cancels the calls in flight when its time is up (answered Unavailable / Canceled): not the server's answers.
+    // ghz cancels the calls in flight when its time is up (answered Unavailable "use of closed network connection",
+    // or Canceled, by ghz itself): not the server's answers.
     const endAt = Math.max(...all.map((d) => d.at + d.ms));
-    const cutOff = all.filter((d) => d.status !== "OK" && d.at + d.ms >= endAt - 50);
+    const closedByGhz = /use of closed network connection|context canceled|transport is closing/;
+    const cutOff = all.filter((d) => d.status !== "OK" && d.at + d.ms >= endAt - 1000 && (d.status === "Canceled" || closedByGhz.test(d.error)));
     const details = all.filter((d) => !cutOff.includes(d));
     if (process.env.BENCH_VERBOSE) {
       for (const d of all.filter((x) => x.status !== "OK")) progress(`error at +${d.at - ghzStarted} ms (${d.ms.toFixed(1)} ms): ${d.status} ${d.error}`);
