@@ -1,6 +1,6 @@
 import type { Store } from "../storage/store.js";
 import { Principal } from "./access.js";
-import { ResourceExhaustedError, UnauthenticatedError } from "./errors.js";
+import { ResourceExhaustedError, StoreUnreachableError, UnauthenticatedError } from "./errors.js";
 import { newId } from "./ids.js";
 import { generateKey, hasValidChecksum, hashKey } from "./key-format.js";
 import type { RootKeyRecord, RootPermission } from "./types.js";
@@ -50,12 +50,29 @@ export const DEFAULT_ROOT_KEY_CACHE_LIMITS: RootKeyCacheLimits = { validEntries:
  *   key seen valid before is rechecked outside the budget, so a flood of made-up
  *   keys cannot lock out the root keys in use; concurrent checks of one key share
  *   one lookup.
+ *
+ * While the store cannot be reached (the lookup fails with
+ * StoreUnreachableError), a root key found valid at most `outageMs` ago keeps
+ * working, and is checked again at its next use once the store answers. A root
+ * key never seen valid gets UNAVAILABLE.
  */
-export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number; now?: () => number; limits?: RootKeyCacheLimits }) {
+export function createRootKeyAuthenticator(deps: {
+  store: Store;
+  cacheMs: number;
+  now?: () => number;
+  limits?: RootKeyCacheLimits;
+  /** How long a root key checked valid keeps working while the store cannot be reached (LATCHKEY_OUTAGE_CACHE_MS). Default 0. */
+  outageMs?: number;
+  /** Called for each call let in that way. */
+  onStaleAnswer?: () => void;
+  /** Whether the store is reachable (its guard's view): while it is not, such a root key is let in without trying it. */
+  reachable?: () => boolean;
+}) {
   const now = deps.now ?? Date.now;
   const limits = deps.limits ?? DEFAULT_ROOT_KEY_CACHE_LIMITS;
   // Keyed by the plaintext so a hit costs no hashing; only keys found in the store get here.
-  const valid = new Map<string, { principal: Principal; until: number }>();
+  const valid = new Map<string, { principal: Principal; until: number; checkedAt: number }>();
+  const outageMs = deps.outageMs ?? 0;
   // Keyed by hash: a bounded size per entry whatever the client sent.
   const invalid = new Map<string, number>();
   const inflight = new Map<string, Promise<Principal | null>>();
@@ -79,6 +96,7 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
   function lookup(token: string, hash: string): Promise<Principal | null> {
     let p = inflight.get(token);
     if (!p) {
+      const checkedAt = now();
       p = deps.store.getRootKeyByHash(hash).then((rec) => {
         const until = now() + deps.cacheMs;
         if (!rec) {
@@ -87,7 +105,7 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
           return null;
         }
         const principal = new Principal(rec.id, rec.permissions);
-        remember(valid, token, { principal, until }, limits.validEntries);
+        remember(valid, token, { principal, until, checkedAt }, limits.validEntries);
         return principal;
       });
       inflight.set(token, p);
@@ -112,7 +130,19 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
     if (!known && !inflight.has(token) && !takeBudget(t)) {
       throw new ResourceExhaustedError("too many unknown root keys are being tried; retry shortly");
     }
-    const principal = await lookup(token, hash);
+    const stale = () => known && now() - known.checkedAt <= outageMs;
+    if (deps.reachable && !deps.reachable() && stale()) {
+      deps.onStaleAnswer?.();
+      return known!.principal;
+    }
+    let principal: Principal | null;
+    try {
+      principal = await lookup(token, hash);
+    } catch (err) {
+      if (!(err instanceof StoreUnreachableError && stale())) throw err;
+      deps.onStaleAnswer?.();
+      return known!.principal;
+    }
     if (!principal) throw new UnauthenticatedError("invalid root key");
     return principal;
   };

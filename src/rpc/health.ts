@@ -73,15 +73,27 @@ export class HealthState {
     this.notify();
   }
 
+  /** Checks started, so that a slow check does not overwrite the answer of a later one. */
+  private checks = 0;
+
+  /** Pings the store (through its guard: a ping that does not answer in time marks it unreachable). */
   async check(): Promise<void> {
     if (this.draining) return;
+    const n = ++this.checks;
+    let ok = true;
+    let why = "";
     try {
       await this.store.ping();
-      this.storeOk = true;
     } catch (err) {
-      this.logger.warn({ err: (err as Error).message }, "store unreachable");
-      this.storeOk = false;
+      ok = false;
+      why = (err as Error).message;
     }
+    if (n !== this.checks) return;
+    if (ok !== this.storeOk) {
+      if (ok) this.logger.info("store answers the health check");
+      else this.logger.warn({ err: why }, "store does not answer the health check");
+    }
+    this.storeOk = ok;
     this.update();
   }
 

@@ -5,6 +5,7 @@ import type { Logger } from "../server/logger.js";
 import { SqliteStore } from "./embedded/sqlite-store.js";
 import { MongoStore } from "./mongodb/mongo-store.js";
 import { RedisCreditsStore } from "./redis-credits.js";
+import { createStoreGuard, type StoreGuard, type StoreGuardOptions } from "./store-guard.js";
 import type { Store } from "./store.js";
 
 /** The store the configuration selects (not yet initialised). */
@@ -16,15 +17,38 @@ export function createStore(config: Config): Store {
 }
 
 /**
- * The store a server runs on: with the redis credits backend, the MongoDB store
- * with its balances held in Redis (src/storage/redis-credits.ts).
+ * The store a server runs on, behind its circuit breaker (store-guard.ts): with
+ * the redis credits backend, the MongoDB store with its balances held in Redis
+ * (src/storage/redis-credits.ts) — guarded on both layers by one breaker, so
+ * that spends from Redis go on while MongoDB cannot be reached and a balance
+ * that must be loaded from MongoDB fails fast.
  */
 export function createServerStore(config: Config, logger?: Logger): Store {
   const store = createStore(config);
-  if (config.creditsBackend !== "redis" || !(store instanceof MongoStore)) return store;
+  const guard = guardStore(store, { probeTimeoutMs: config.storeProbeTimeoutMs, failFastMs: config.storeFailFastMs }, logger);
+  if (config.creditsBackend !== "redis" || !(store instanceof MongoStore)) return guard.store;
   const client = new Redis(config.redisUrl!, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
   client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
-  return new RedisCreditsStore(store, client, { flushMs: config.creditsFlushMs, logger, ownsClient: true });
+  const ledger = new RedisCreditsStore(guard.store as MongoStore, client, { flushMs: config.creditsFlushMs, logger, ownsClient: true });
+  return guard.wrap(ledger, ["spendCredits", "returnCredits"]);
+}
+
+/**
+ * `store` behind a circuit breaker (store-guard.ts). On MongoDB the driver's
+ * own signs of a lost server — a pooled connection closed, a failed heartbeat —
+ * make it probe at once: operations issued meanwhile would only wait in server
+ * selection, without failing, for serverSelectionTimeoutMS.
+ */
+export function guardStore<T extends Store>(store: T, options: StoreGuardOptions, logger?: Logger): StoreGuard<T> {
+  const guard = createStoreGuard(store, options, { logger });
+  const mongo = mongoStoreOf(store);
+  if (mongo) {
+    mongo.client.on("serverHeartbeatFailed", guard.suspect);
+    mongo.client.on("serverDescriptionChanged", (e) => {
+      if (e.newDescription.type === "Unknown") guard.suspect();
+    });
+  }
+  return guard;
 }
 
 /** The MongoDB store behind `store`, if there is one. */

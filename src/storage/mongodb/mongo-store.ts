@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
-import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import { MongoClient, MongoNetworkError, MongoServerError, MongoServerSelectionError, type Collection, type Db } from "mongodb";
+import { AlreadyExistsError, FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -138,7 +138,19 @@ const UNAVAILABLE = new Set([
   "MongoNotConnectedError",
   "MongoTopologyClosedError",
   "MongoPoolClearedError",
+  "MongoServerClosedError",
+  "MongoPoolClosedError",
 ]);
+
+/**
+ * The server could not be reached. By class as well as by name: the driver's
+ * network errors have subclasses named otherwise (an operation waiting for a
+ * connection when the pool is cleared after another one lost its connection
+ * gets a `PoolClearedOnNetworkError`).
+ */
+function isUnreachable(err: unknown): err is Error {
+  return err instanceof MongoNetworkError || err instanceof MongoServerSelectionError || (err instanceof Error && UNAVAILABLE.has(err.name));
+}
 
 /**
  * A unique index refused the write. FerretDB (SQLite backend) reports a
@@ -241,7 +253,8 @@ export class MongoStore implements Store {
         const msg = String(err.message);
         throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
       }
-      if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new UnavailableError(`mongodb: ${err.name}`);
+      // Says nothing of whether a write was applied: a connection lost after sending leaves it unknown.
+      if (isUnreachable(err)) throw new StoreUnreachableError(`mongodb: ${err.name}`);
       throw err;
     }
   }
