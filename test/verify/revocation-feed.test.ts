@@ -299,7 +299,7 @@ describeWith("MONGODB_URI", mongodbUri(), "revocation when a MongoDB write is cu
     gated.reset();
     await verify(b.clients, k.plaintext);
     expect(gated.calls.get("getKeyByHash"), "read from the store while the write may still land").toBe(1);
-    b.advance(5001);
+    b.advance(10_001);
     await b.core.feed.sync();
     // ...and caches it again after.
     await verify(b.clients, k.plaintext);

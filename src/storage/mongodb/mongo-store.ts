@@ -78,7 +78,7 @@ export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedD
  * A write announced by an intent lands within this long of the intent becoming
  * visible, or never: readers pin its entries this long at most.
  */
-const WRITE_BOUND_MS = 5000;
+const WRITE_BOUND_MS = 10_000;
 /** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
 const WRITE_MAX_MS = 2000;
 /**
@@ -408,26 +408,32 @@ export class MongoStore implements Store {
     write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
   ): Promise<T> {
     // The bound runs from the intent's insert: it is visible no earlier than that.
-    const { seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets });
+    // An intent whose insert took so long that the write could no longer land
+    // within the bound is closed and announced once more (nothing was written
+    // yet); a second slow one refuses the write.
+    let intent = 0;
+    let sentAt = 0;
     const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
     // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
-    const done = () => this.appendChange({ phase: "done", intent, ...targets }).then(
+    const done = (seq: number) => this.appendChange({ phase: "done", intent: seq, ...targets }).then(
       () => undefined,
       () => undefined,
     );
-    if (!inTime()) {
-      await done();
-      throw new UnavailableError("the change feed answered too slowly; nothing was written");
+    for (let attempt = 1; ; attempt++) {
+      ({ seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets }));
+      if (inTime()) break;
+      await done(intent);
+      if (attempt === 2) throw new UnavailableError("the change feed answered too slowly; nothing was written");
     }
     let res: T;
     try {
       res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
     } catch (err) {
       // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
-      if (err instanceof MongoServerError) await done();
+      if (err instanceof MongoServerError) await done(intent);
       throw err;
     }
-    await done();
+    await done(intent);
     return res;
   }
 
