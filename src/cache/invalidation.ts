@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
-import type { Logger } from "../server/logger.js";
-import type { Metrics } from "../server/metrics.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
 import type { Change, ChangeTargets, Store } from "../storage/store.js";
 import type { VerificationCache } from "./verification-cache.js";
 

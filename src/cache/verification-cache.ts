@@ -1,5 +1,5 @@
 import type { IdentityRecord, KeyRecord } from "../domain/types.js";
-import type { Metrics } from "../server/metrics.js";
+import type { Metrics } from "../observability/metrics.js";
 import type { Store } from "../storage/store.js";
 import { LruCache } from "./lru.js";
 

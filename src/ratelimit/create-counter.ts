@@ -2,7 +2,7 @@ import { Redis } from "ioredis";
 import type { Config } from "../config/config.js";
 import { mongoStoreOf } from "../storage/create-store.js";
 import type { Store } from "../storage/store.js";
-import type { Logger } from "../server/logger.js";
+import type { Logger } from "../observability/logger.js";
 import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "./counter.js";
 
 /**

@@ -15,8 +15,8 @@ import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/in
 import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
-import type { Logger } from "./logger.js";
-import { createMetrics, type Metrics } from "./metrics.js";
+import type { Logger } from "../observability/logger.js";
+import { createMetrics, type Metrics } from "../observability/metrics.js";
 import { createServiceRegistrations, routesOf } from "./routes.js";
 import { createUsageReader } from "../usage/reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";

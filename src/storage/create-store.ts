@@ -1,7 +1,7 @@
 import { Redis } from "ioredis";
 import { join } from "node:path";
 import type { Config } from "../config/config.js";
-import type { Logger } from "../server/logger.js";
+import type { Logger } from "../observability/logger.js";
 import { SqliteStore } from "./embedded/sqlite-store.js";
 import { MongoStore } from "./mongodb/mongo-store.js";
 import { RedisCreditsStore } from "./redis-credits.js";

@@ -11,7 +11,7 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../domain/types.js";
-import type { Logger } from "../server/logger.js";
+import type { Logger } from "../observability/logger.js";
 import type { UsageQuery, UsageRow } from "../usage/types.js";
 import type { MongoStore } from "./mongodb/mongo-store.js";
 import type { Change, KeyFilter, PageQuery, SpendResult, Store } from "./store.js";

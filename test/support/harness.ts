@@ -14,8 +14,8 @@ import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from ".
 import { parseRootPermission } from "../../src/domain/access.js";
 import type { IdentityRecord, KeyRecord } from "../../src/domain/types.js";
 import { createMemoryCounter } from "../../src/ratelimit/counter.js";
-import { createLogger } from "../../src/server/logger.js";
-import { createMetrics, type Metrics } from "../../src/server/metrics.js";
+import { createLogger } from "../../src/observability/logger.js";
+import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
