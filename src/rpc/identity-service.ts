@@ -3,7 +3,7 @@ import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import type { IdentityLookup, IdentityManager } from "../domain/identities.js";
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityPatch } from "../domain/types.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { withWellFormedRequests } from "./well-formed.js";

@@ -8,7 +8,7 @@ import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { MAX_KEY_LENGTH } from "../domain/key-format.js";
 import { principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";

@@ -18,7 +18,7 @@ import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "../observability/logger.js";
 import { createMetrics, type Metrics } from "../observability/metrics.js";
 import { createServiceRegistrations, routesOf } from "./routes.js";
-import { createUsageReader } from "../usage/reader.js";
+import { createUsageReader } from "../domain/usage-reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";
 
 export type CoreOptions = Pick<

@@ -8,7 +8,7 @@ import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb.j
 import type { IdentityManager } from "../domain/identities.js";
 import type { KeyManager } from "../domain/keys.js";
 import type { Verifier } from "../domain/verify.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { createHealthService, type HealthState } from "../rpc/health.js";
 import { createIdentityService } from "../rpc/identity-service.js";
 import { createKeyService } from "../rpc/key-service.js";

@@ -12,7 +12,7 @@ import type {
   RootKeyRecord,
 } from "../domain/types.js";
 import type { Logger } from "../observability/logger.js";
-import type { UsageQuery, UsageRow } from "../usage/types.js";
+import type { UsageQuery, UsageRow } from "../domain/usage.js";
 import type { MongoStore } from "./mongodb/mongo-store.js";
 import type { Change, KeyFilter, PageQuery, SpendResult, Store } from "./store.js";
 

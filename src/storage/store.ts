@@ -1,5 +1,5 @@
 import type { RefillDue } from "../domain/credits.js";
-import type { UsageQuery, UsageRow } from "../usage/types.js";
+import type { UsageQuery, UsageRow } from "../domain/usage.js";
 import type {
   CreditsOp,
   CreditsTarget,

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { Verification, VerificationCode, VerifyInput } from "../domain/verify.js";
 import type { Logger } from "../observability/logger.js";
 import type { Store } from "../storage/store.js";
-import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./types.js";
+import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "../domain/usage.js";
 
 const OUTCOME: Record<VerificationCode, CounterName> = {
   VALID: "valid",

@@ -12,7 +12,7 @@ import type { Verification, VerifyInput } from "../../src/domain/verify.js";
 import { createLogger } from "../../src/observability/logger.js";
 import type { Store } from "../../src/storage/store.js";
 import { createUsageRecorder } from "../../src/usage/recorder.js";
-import type { UsageRow } from "../../src/usage/types.js";
+import type { UsageRow } from "../../src/domain/usage.js";
 
 const quiet = createLogger("silent", new Writable({ write: (_c, _e, cb) => cb() }));
 const input: VerifyInput = { key: "k", apiId: "api", permissions: "", ratelimits: [], cost: null, tags: [] };

@@ -14,7 +14,7 @@ import type {
 } from "../../domain/types.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
+import type { Counts, UsageQuery, UsageRow } from "../../domain/usage.js";
 import { asStoreError } from "./sqlite-errors.js";
 import { UsageWriter } from "./usage-writer.js";
 import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";

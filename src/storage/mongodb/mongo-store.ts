@@ -13,7 +13,7 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
+import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
 import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";

@@ -1,10 +1,10 @@
-import type { Principal } from "../domain/access.js";
-import { InvalidArgumentError, NotFoundError } from "../domain/errors.js";
-import type { IdentityLookup } from "../domain/identities.js";
-import { ID_PATTERNS } from "../domain/ids.js";
-import { checkExternalId, checkId } from "../domain/validation.js";
+import type { Principal } from "./access.js";
+import { InvalidArgumentError, NotFoundError } from "./errors.js";
+import type { IdentityLookup } from "./identities.js";
+import { ID_PATTERNS } from "./ids.js";
+import { checkExternalId, checkId } from "./validation.js";
 import type { Store } from "../storage/store.js";
-import { BUCKET_MS, addCounts, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./types.js";
+import { BUCKET_MS, addCounts, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./usage.js";
 
 export type GroupBy = "none" | "key" | "outcome" | "tag";
 
