@@ -1,7 +1,7 @@
 import { performance } from "node:perf_hooks";
 import type { Logger } from "../observability/logger.js";
 import type { Metrics } from "../observability/metrics.js";
-import type { Change, ChangeTargets, Store } from "../storage/store.js";
+import type { Change, ChangeFeed, ChangeTargets } from "../domain/ports/change-feed.js";
 import type { VerificationCache } from "./verification-cache.js";
 
 /**
@@ -72,7 +72,7 @@ const DEEP_CHECK_MS = 5000;
  *   not used (read-through) or health says NOT_SERVING (not-serving).
  */
 export function createInvalidationFeed(deps: {
-  store: Store;
+  store: ChangeFeed;
   cache: VerificationCache;
   logger: Logger;
   metrics?: Metrics;

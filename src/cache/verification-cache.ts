@@ -1,6 +1,7 @@
 import type { IdentityRecord, KeyRecord } from "../domain/types.js";
 import type { Metrics } from "../observability/metrics.js";
-import type { Store } from "../storage/store.js";
+import type { IdentityRepository } from "../domain/ports/identities.js";
+import type { KeyRepository } from "../domain/ports/keys.js";
 import { LruCache } from "./lru.js";
 
 export interface CacheOptions {
@@ -48,7 +49,7 @@ interface Table<T extends Versioned> {
  *   through to the store, and while `keepFills()` is false (after changes may
  *   have been missed) what they read is not cached either.
  */
-export function createVerificationCache(deps: { store: Store; options: CacheOptions; metrics?: Metrics; now?: () => number }) {
+export function createVerificationCache(deps: { store: Pick<KeyRepository, "getKeyByHash"> & Pick<IdentityRepository, "getIdentity">; options: CacheOptions; metrics?: Metrics; now?: () => number }) {
   const { store, options, metrics } = deps;
   const now = deps.now ?? Date.now;
   let useCached: () => boolean = () => true;

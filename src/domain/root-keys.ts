@@ -1,4 +1,4 @@
-import type { Store } from "../storage/store.js";
+import type { RootKeyRepository } from "./ports/root-keys.js";
 import { Principal } from "./access.js";
 import { ResourceExhaustedError, UnauthenticatedError } from "./errors.js";
 import { newId } from "./ids.js";
@@ -9,7 +9,7 @@ export const ROOT_KEY_PREFIX = "lkroot";
 
 /** Creates a root key; the plaintext is returned here only. */
 export async function createRootKey(
-  store: Store,
+  store: RootKeyRepository,
   name: string,
   permissions: RootPermission[],
   opts: { first?: boolean; now?: number } = {},
@@ -51,7 +51,7 @@ export const DEFAULT_ROOT_KEY_CACHE_LIMITS: RootKeyCacheLimits = { validEntries:
  *   keys cannot lock out the root keys in use; concurrent checks of one key share
  *   one lookup.
  */
-export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number; now?: () => number; limits?: RootKeyCacheLimits }) {
+export function createRootKeyAuthenticator(deps: { store: RootKeyRepository; cacheMs: number; now?: () => number; limits?: RootKeyCacheLimits }) {
   const now = deps.now ?? Date.now;
   const limits = deps.limits ?? DEFAULT_ROOT_KEY_CACHE_LIMITS;
   // Keyed by the plaintext so a hit costs no hashing; only keys found in the store get here.
