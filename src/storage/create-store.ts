@@ -26,10 +26,3 @@ export function createServerStore(config: Config, logger?: Logger): Store {
   client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
   return new RedisCreditsStore(store, client, { flushMs: config.creditsFlushMs, logger, ownsClient: true });
 }
-
-/** The MongoDB store behind `store`, if there is one. */
-export function mongoStoreOf(store: Store): MongoStore | null {
-  if (store instanceof MongoStore) return store;
-  if (store instanceof RedisCreditsStore) return store.inner;
-  return null;
-}
