@@ -2,9 +2,9 @@
 import { mkdir, open, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import { ConfigError, loadConfig } from "./config/config.js";
-import { bootstrapRootKey, createApp } from "./server/app.js";
+import { bootstrapRootKey, createApp } from "./app/compose.js";
 import { createLogger, type RootLogger } from "./observability/logger.js";
-import { createServerStore } from "./storage/create-store.js";
+import { createServerStore } from "./app/stores.js";
 
 /** Where a fresh install leaves its bootstrap root key, in LATCHKEY_DATA_DIR. */
 export const BOOTSTRAP_KEY_FILE = "bootstrap-root-key";

@@ -180,7 +180,7 @@ function isDuplicate(err: unknown): boolean {
  * `$inc`. It relies on MongoDB applying a single-document update with its filter
  * atomically, and on the unique `_id` (a refused take's upsert collides with the
  * existing window document). FerretDB applies updates as a read and a write,
- * so the server refuses this backend there (src/ratelimit/create-counter.ts).
+ * so the server refuses this backend there (src/app/counters.ts).
  * Windows follow this process's clock.
  */
 export function createMongoCounter(client: MongoClient, dbName: string, opts: { now?: () => number } = {}): RateLimitCounter {

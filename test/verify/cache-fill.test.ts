@@ -13,7 +13,7 @@ import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
-import { DEFAULT_CORE_OPTIONS, createCore, type Core } from "../../src/server/app.js";
+import { DEFAULT_CORE_OPTIONS, createCore, type Core } from "../../src/app/compose.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
 import type { Store } from "../../src/storage/store.js";

@@ -13,7 +13,7 @@ import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import { generateKey } from "../../src/domain/key-format.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
-import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/server/app.js";
+import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/app/compose.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { createMetrics } from "../../src/observability/metrics.js";
 import type { Store } from "../../src/storage/store.js";

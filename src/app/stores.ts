@@ -2,10 +2,10 @@ import { Redis } from "ioredis";
 import { join } from "node:path";
 import type { Config } from "../config/config.js";
 import type { Logger } from "../observability/logger.js";
-import { SqliteStore } from "./embedded/sqlite-store.js";
-import { MongoStore } from "./mongodb/mongo-store.js";
-import { RedisCreditsStore } from "./redis-credits.js";
-import type { Store } from "./store.js";
+import { SqliteStore } from "../storage/embedded/sqlite-store.js";
+import { MongoStore } from "../storage/mongodb/mongo-store.js";
+import { RedisCreditsStore } from "../storage/redis-credits.js";
+import type { Store } from "../storage/store.js";
 
 /** The store the configuration selects (not yet initialised). */
 export function createStore(config: Config): Store {

@@ -2,7 +2,7 @@ import { Redis } from "ioredis";
 import type { Config } from "../config/config.js";
 import type { Store } from "../storage/store.js";
 import type { Logger } from "../observability/logger.js";
-import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "./counter.js";
+import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "../ratelimit/counter.js";
 
 /**
  * The counter backend the configuration selects, and how to release it.
