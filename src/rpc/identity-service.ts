@@ -22,7 +22,7 @@ export function createIdentityService(deps: {
   identities: IdentityManager;
   usage: UsageReader;
   now?: () => number;
-}): Partial<ServiceImpl<typeof IdentityService>> {
+}): ServiceImpl<typeof IdentityService> {
   const { identities, usage } = deps;
   const now = deps.now ?? Date.now;
   return withWellFormedRequests(IdentityService, {
@@ -65,5 +65,5 @@ export function createIdentityService(deps: {
     async getIdentityUsage(req, ctx) {
       return usageReportToProto(await usage.identityUsage(principalOf(ctx), lookupOf(req.lookup), usageRequestOf(req)));
     },
-  } satisfies Partial<ServiceImpl<typeof IdentityService>>);
+  } satisfies ServiceImpl<typeof IdentityService>);
 }

@@ -84,7 +84,7 @@ export function createKeyService(deps: {
   verify: Verifier;
   usage: UsageReader;
   now?: () => number;
-}): Partial<ServiceImpl<typeof KeyService>> {
+}): ServiceImpl<typeof KeyService> {
   const { keys, verify, usage } = deps;
   const now = deps.now ?? Date.now;
   return withWellFormedRequests(KeyService, {
@@ -203,5 +203,5 @@ export function createKeyService(deps: {
     async getKeyUsage(req, ctx) {
       return usageReportToProto(await usage.keyUsage(principalOf(ctx), req.id, usageRequestOf(req)));
     },
-  } satisfies Partial<ServiceImpl<typeof KeyService>>);
+  } satisfies ServiceImpl<typeof KeyService>);
 }
