@@ -47,7 +47,7 @@ export const SETTINGS = {
 export type SettingName = keyof typeof SETTINGS;
 
 /** A number from the environment; text that is not one is refused naming the variable. */
-const num = (name: string) => z.coerce.number({ invalid_type_error: `${name} must be a number` });
+const num = (name: string) => z.coerce.number({ error: `${name} must be a number` });
 const port = (name: string) =>
   num(name)
     .int(`${name} must be a whole number`)
