@@ -1,7 +1,7 @@
 import { performance } from "node:perf_hooks";
-import type { Logger } from "../server/logger.js";
-import type { Metrics } from "../server/metrics.js";
-import type { Change, ChangeTargets, Store } from "../storage/store.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
+import type { Change, ChangeFeed, ChangeTargets } from "../domain/ports/change-feed.js";
 import type { VerificationCache } from "./verification-cache.js";
 
 /**
@@ -76,7 +76,7 @@ const DEEP_CHECK_MS = 5000;
  *   as soon as the feed is behind, not at the next health check.
  */
 export function createInvalidationFeed(deps: {
-  store: Store;
+  store: ChangeFeed;
   cache: VerificationCache;
   logger: Logger;
   metrics?: Metrics;

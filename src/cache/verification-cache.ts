@@ -1,8 +1,9 @@
 import { performance } from "node:perf_hooks";
 import { StoreUnreachableError } from "../domain/errors.js";
 import type { IdentityRecord, KeyRecord } from "../domain/types.js";
-import type { Metrics } from "../server/metrics.js";
-import type { Store } from "../storage/store.js";
+import type { Metrics } from "../observability/metrics.js";
+import type { IdentityRepository } from "../domain/ports/identities.js";
+import type { KeyRepository } from "../domain/ports/keys.js";
 import { LruCache } from "./lru.js";
 
 export interface CacheOptions {
@@ -72,7 +73,7 @@ interface Table<T extends Versioned> {
  * within `outageMs` (fallBack); otherwise the read's UNAVAILABLE stands.
  */
 export function createVerificationCache(deps: {
-  store: Store;
+  store: Pick<KeyRepository, "getKeyByHash"> & Pick<IdentityRepository, "getIdentity">;
   options: CacheOptions;
   metrics?: Metrics;
   now?: () => number;

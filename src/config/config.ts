@@ -133,7 +133,7 @@ const schema = z
     mongodbUri: c.mongodbUri || null,
     tls: c.tlsCert ? { certFile: c.tlsCert, keyFile: c.tlsKey } : null,
     redisUrl: c.redisUrl || null,
-    /** "auto": chosen at start by src/ratelimit/create-counter.ts. */
+    /** "auto": chosen at start by src/app/counters.ts. */
     ratelimitBackend: (c.ratelimitBackend || "auto") as "auto" | "memory" | "mongodb" | "redis",
     creditsBackend: (c.creditsBackend ||
       (c.redisUrl && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "redis" : "store")) as "store" | "redis",

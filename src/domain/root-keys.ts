@@ -1,4 +1,4 @@
-import type { Store } from "../storage/store.js";
+import type { RootKeyRepository } from "./ports/root-keys.js";
 import { Principal } from "./access.js";
 import { ResourceExhaustedError, StoreUnreachableError, UnauthenticatedError } from "./errors.js";
 import { newId } from "./ids.js";
@@ -9,7 +9,7 @@ export const ROOT_KEY_PREFIX = "lkroot";
 
 /** Creates a root key; the plaintext is returned here only. */
 export async function createRootKey(
-  store: Store,
+  store: RootKeyRepository,
   name: string,
   permissions: RootPermission[],
   opts: { first?: boolean; now?: number } = {},
@@ -57,7 +57,7 @@ export const DEFAULT_ROOT_KEY_CACHE_LIMITS: RootKeyCacheLimits = { validEntries:
  * key never seen valid gets UNAVAILABLE.
  */
 export function createRootKeyAuthenticator(deps: {
-  store: Store;
+  store: RootKeyRepository;
   cacheMs: number;
   now?: () => number;
   limits?: RootKeyCacheLimits;

@@ -1,6 +1,6 @@
-import type { VerificationCache } from "../cache/verification-cache.js";
-import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
-import type { SpendResult, Store } from "../storage/store.js";
+import type { CreditLedger, SpendResult } from "./ports/credit-ledger.js";
+import type { RateLimitCounter, Taken } from "./ports/rate-limit-counter.js";
+import type { VerificationCache } from "./ports/verification-cache.js";
 import type { Principal } from "./access.js";
 import { refillDueAt } from "./credits.js";
 import { CanceledError, DeadlineExceededError, DomainError, InvalidArgumentError } from "./errors.js";
@@ -110,7 +110,7 @@ function checkInput(input: VerifyInput): void {
  * README "Deadlines and the commit point".
  */
 export function createVerifier(deps: {
-  store: Store;
+  store: Pick<CreditLedger, "spendCredits" | "returnCredits">;
   cache: VerificationCache;
   counter: RateLimitCounter;
   now?: () => number;

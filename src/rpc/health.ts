@@ -1,8 +1,8 @@
 import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
 import { EventEmitter } from "node:events";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
-import type { Logger } from "../server/logger.js";
-import type { Store } from "../storage/store.js";
+import type { Logger } from "../observability/logger.js";
+import type { StoreProbe } from "../domain/ports/store-probe.js";
 
 function deferred(): { promise: Promise<void>; resolve: () => void } {
   let resolve!: () => void;
@@ -29,7 +29,7 @@ export class HealthState {
   watchers = 0;
 
   constructor(
-    private readonly store: Store,
+    private readonly store: StoreProbe,
     private readonly logger: Logger,
     opts: { maxWatchers?: number } = {},
   ) {

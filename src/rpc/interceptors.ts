@@ -14,8 +14,8 @@ import {
   UnavailableError,
 } from "../domain/errors.js";
 import type { RootKeyAuthenticator } from "../domain/root-keys.js";
-import type { Logger } from "../server/logger.js";
-import type { Metrics } from "../server/metrics.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
 import { principalKey, requestIdKey } from "./context.js";
 import { badRequestDetail } from "./status-details.js";
 

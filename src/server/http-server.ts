@@ -9,8 +9,8 @@ import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js
 import { toConnectError } from "../rpc/interceptors.js";
 import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf, stopUpload } from "./admission.js";
 import { createGrpcUnaryHandler, type LeanCall, type ResponseEncoder, type ServiceRegistration } from "./grpc-unary.js";
-import type { Logger } from "./logger.js";
-import type { Metrics } from "./metrics.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
 import { encodeVerifyKeyResponse } from "./verify-response-encoder.js";
 
 /** What one client may cost the port; every field is a setting (README, configuration). */

@@ -1,6 +1,6 @@
 import { EventEmitter } from "node:events";
 import { StoreUnreachableError } from "../domain/errors.js";
-import type { Logger } from "../server/logger.js";
+import type { Logger } from "../observability/logger.js";
 import type { Store } from "./store.js";
 
 /*
@@ -31,6 +31,7 @@ type Access = "read" | "write" | "free" | "ping" | "open" | "close";
 
 const STORE_METHODS: Record<keyof Store, Access> = {
   kind: "free",
+  capabilities: "free",
   init: "open",
   ping: "ping",
   close: "close",

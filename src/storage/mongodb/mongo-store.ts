@@ -13,10 +13,10 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
+import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 
 /*
@@ -202,6 +202,10 @@ export interface MongoStoreOptions {
  */
 export class MongoStore implements Store {
   readonly kind = "mongodb" as const;
+  /** Shared by every instance; FerretDB (known after `init`) applies a conditional $inc as a read and a write. */
+  get capabilities(): StoreCapabilities {
+    return { shared: true, atomicUpdates: this.flavor === "mongodb", counterClient: this.client };
+  }
   /** Shared with the MongoDB rate-limit counter, so one deployment holds one connection pool. */
   readonly client: MongoClient;
   private db!: Db;

@@ -1,12 +1,12 @@
 import { Redis } from "ioredis";
 import { join } from "node:path";
 import type { Config } from "../config/config.js";
-import type { Logger } from "../server/logger.js";
-import { SqliteStore } from "./embedded/sqlite-store.js";
-import { MongoStore } from "./mongodb/mongo-store.js";
-import { RedisCreditsStore } from "./redis-credits.js";
-import { createStoreGuard, type StoreGuard, type StoreGuardOptions } from "./store-guard.js";
-import type { Store } from "./store.js";
+import type { Logger } from "../observability/logger.js";
+import { SqliteStore } from "../storage/embedded/sqlite-store.js";
+import { MongoStore } from "../storage/mongodb/mongo-store.js";
+import { RedisCreditsStore } from "../storage/redis-credits.js";
+import { createStoreGuard, type StoreGuard, type StoreGuardOptions } from "../storage/store-guard.js";
+import type { Store } from "../storage/store.js";
 
 /** The store the configuration selects (not yet initialised). */
 export function createStore(config: Config): Store {
@@ -51,8 +51,8 @@ export function guardStore<T extends Store>(store: T, options: StoreGuardOptions
   return guard;
 }
 
-/** The MongoDB store behind `store`, if there is one. */
-export function mongoStoreOf(store: Store): MongoStore | null {
+/** The MongoDB store behind `store`, if there is one (its client's events tell the guard of a lost server). */
+function mongoStoreOf(store: Store): MongoStore | null {
   if (store instanceof MongoStore) return store;
   if (store instanceof RedisCreditsStore) return store.inner;
   return null;

@@ -9,19 +9,19 @@ import { createKeyManager } from "../domain/keys.js";
 import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.js";
 import { createVerifier, type VerificationListener } from "../domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
-import { createCounter } from "../ratelimit/create-counter.js";
+import { createCounter } from "./counters.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
-import { guardStore } from "../storage/create-store.js";
+import { guardStore } from "./stores.js";
 import { storeGuardOf } from "../storage/store-guard.js";
-import { createServer, type LatchkeyServer } from "./http-server.js";
-import type { Logger } from "./logger.js";
-import { createMetrics, type Metrics } from "./metrics.js";
-import { createServiceRegistrations, routesOf } from "./routes.js";
-import { createUsageReader } from "../usage/reader.js";
+import { createServer, type LatchkeyServer } from "../server/http-server.js";
+import type { Logger } from "../observability/logger.js";
+import { createMetrics, type Metrics } from "../observability/metrics.js";
+import { createServiceRegistrations, routesOf } from "../server/routes.js";
+import { createUsageReader } from "../domain/usage-reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";
 
 export type CoreOptions = Pick<
