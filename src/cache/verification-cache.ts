@@ -75,6 +75,21 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
     t.lru.set(id, v, expires);
   }
 
+  /**
+   * The entry, when the cache may answer for it now (counted as a hit);
+   * undefined otherwise, and nothing counted: `load` then reads it. Lets a
+   * cached verification go on without waiting for a promise.
+   */
+  function cached<T extends Versioned>(t: Table<T>, id: string): T | null | undefined {
+    if (t.pinned.has(id) || !useCached()) return undefined;
+    const at = now();
+    const e = t.lru.get(id, at);
+    if (!e) return undefined;
+    counted[t.name]?.hit.inc();
+    metrics?.hitWindow.record(t.name, true, at);
+    return e.value;
+  }
+
   function load<T extends Versioned>(t: Table<T>, id: string): Promise<T | null> {
     const at = now();
     const c = counted[t.name];
@@ -146,6 +161,10 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
   return {
     getKeyByHash: (hash: string) => load(keys, hash),
     getIdentity: (id: string) => load(identities, id),
+    /** The cached key (null: cached as unknown) when the cache may answer now; undefined: use getKeyByHash. */
+    cachedKey: (hash: string) => cached(keys, hash),
+    /** The cached identity (null: cached as unknown) when the cache may answer now; undefined: use getIdentity. */
+    cachedIdentity: (id: string) => cached(identities, id),
     evictKey: (hash: string) => evict(keys, hash),
     evictIdentity: (id: string) => evict(identities, id),
     /** A write of this key is in flight: read it from the store, never cache it, until unpinned. */

@@ -100,13 +100,20 @@ export function createCore(deps: CoreDeps) {
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });
   const counting = options.usageCounting === "on";
+  // One child per outcome, looked up by code: prom-client would hash a labels object per call.
+  const outcomes = new Map<string, { inc(): void }>();
+  const outcome = (code: string) => {
+    let c = outcomes.get(code);
+    if (!c) outcomes.set(code, (c = metrics.verifications.labels({ code })));
+    return c;
+  };
   const verify = createVerifier({
     store,
     cache,
     commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
-      metrics.verifications.inc({ code: v.code });
+      outcome(v.code).inc();
       if (counting) recorder.record(v, input, at);
       deps.onVerification?.(v, input, at);
     },

@@ -70,6 +70,14 @@ export interface GrpcUnaryOptions {
  */
 const PRE_ADMISSION_BYTES = 16 * 1024;
 
+/**
+ * The reason ctx.signal aborts with once a call is answered: Connect-Node
+ * aborts it without one, which makes Node build a DOMException (and capture a
+ * stack) per call — the largest single item of the lean path's profile. The
+ * same kind of error, made once.
+ */
+const CALL_OVER = new DOMException("This operation was aborted", "AbortError");
+
 const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
 
 /** grpc-timeout: at most 8 digits and a unit; null when invalid. */
@@ -209,7 +217,7 @@ class UnaryCall implements LeanCall {
   private timer: NodeJS.Timeout | undefined;
   private controller: AbortController | undefined;
   private aborted = false;
-  private reason: ConnectError | undefined;
+  private reason: ConnectError | DOMException | undefined;
   /** Answered (or abandoned): nothing more is written, a late result is dropped. */
   private done = false;
   private header: Headers | undefined;
@@ -399,7 +407,7 @@ class UnaryCall implements LeanCall {
     return this.controller.signal;
   }
 
-  private abort(reason: ConnectError | undefined): void {
+  private abort(reason: ConnectError | DOMException): void {
     if (this.aborted) return;
     this.aborted = true;
     this.reason = reason;
@@ -469,7 +477,7 @@ class UnaryCall implements LeanCall {
     } catch {
       stream.destroy();
     }
-    this.abort(undefined);
+    this.abort(CALL_OVER);
   }
 
   sendTrailers(): void {
