@@ -4,6 +4,7 @@ import { join } from "node:path";
 /*
  * Per-stage CPU of the server in each measured run of `BENCH_PROFILE=<dir> npm run bench`:
  *   node dist/bench/profile-stages.js <dir> [run filter]
+ * TOP=n lists the n functions with the most self time (STAGE=<part of a stage's name>: within that stage).
  * Only the samples taken while that run's load generator ran are read (windows.json,
  * on the monotonic clock the profiles use). Each sample goes to the stage of the
  * innermost frame that belongs to one (walking from the leaf to the root), so work
@@ -90,6 +91,7 @@ function stagesOf(p: Profile, from: number, to: number): { byStage: Map<string, 
     if (stage === null) continue;
     busyUs += dt;
     byStage.set(stage, (byStage.get(stage) ?? 0) + dt);
+    if (process.env.STAGE && !stage.includes(process.env.STAGE)) continue;
     const f = byId.get(p.samples[i])!.callFrame;
     const name = `${f.functionName || "(anonymous)"} ${f.url.replace(/^.*\/(node_modules\/)?/, "")}`;
     top.set(name, (top.get(name) ?? 0) + dt);

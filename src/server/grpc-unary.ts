@@ -40,10 +40,15 @@ export interface ServiceRegistration {
   impl: Partial<ServiceImpl<DescService>>;
 }
 
-/** A hand-written encoder for a response type, taking the handler's (init-shaped) result. */
-export type ResponseEncoder = (message: object) => Uint8Array;
+/**
+ * A hand-written encoder for a response type, taking the handler's
+ * (init-shaped) result; it leaves the first `reserve` bytes of what it returns
+ * for the caller (the gRPC frame prefix, so the message is not copied again).
+ */
+export type ResponseEncoder = (message: object, reserve: number) => Uint8Array;
 
 interface Method {
+  /** The message framed: 5 bytes for the prefix, then the message. */
   encode: (message: object) => Uint8Array;
   service: DescService;
   input: DescMessage;
@@ -136,7 +141,14 @@ export function createGrpcUnaryHandler(
         return call.response(custom || isMessage(out, m.output) ? out : create(m.output, out as never));
       };
       const run = interceptors.reduceRight<(r: UnaryRequest) => Promise<UnaryResponse>>((next, i) => i(next as never) as never, base);
-      const encode: (message: object) => Uint8Array = custom ?? ((msg) => toBinary(m.output, msg as never));
+      const encode: (message: object) => Uint8Array = custom
+        ? (msg) => custom(msg, 5)
+        : (msg) => {
+            const bytes = toBinary(m.output, msg as never);
+            const out = new Uint8Array(5 + bytes.length);
+            out.set(bytes, 5);
+            return out;
+          };
       methods.set(`/${service.typeName}/${m.name}`, { encode, service, input: m.input, methodDesc: m, run });
     }
   }
@@ -452,17 +464,19 @@ class UnaryCall implements LeanCall {
     this.finish();
     const stream = this.stream;
     if (stream.destroyed || stream.closed) return this.abort(new ConnectError("the client cancelled the call", Code.Canceled));
-    let bytes: Uint8Array;
+    let out: Uint8Array;
     try {
-      bytes = this.method.encode(res.message);
+      out = this.method.encode(res.message);
     } catch {
       return this.writeError(new ConnectError("internal error", Code.Internal));
     }
-    if (bytes.length > this.writeMaxBytes) return this.writeError(tooLarge("response message", bytes.length, this.writeMaxBytes));
-    const out = Buffer.allocUnsafe(5 + bytes.length);
+    const length = out.length - 5;
+    if (length > this.writeMaxBytes) return this.writeError(tooLarge("response message", length, this.writeMaxBytes));
     out[0] = 0;
-    out.writeUInt32BE(bytes.length, 1);
-    out.set(bytes, 5);
+    out[1] = length >>> 24;
+    out[2] = (length >>> 16) & 255;
+    out[3] = (length >>> 8) & 255;
+    out[4] = length & 255;
     const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
     const header = res === this.baseResponse ? this.header : res.header;
     header?.forEach((v, k) => (headers[k] = v));
