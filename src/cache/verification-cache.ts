@@ -1,5 +1,5 @@
 import type { IdentityRecord, KeyRecord } from "../domain/types.js";
-import type { Metrics } from "../server/metrics.js";
+import { fastSeries, type Metrics } from "../server/metrics.js";
 import type { Store } from "../storage/store.js";
 import { LruCache } from "./lru.js";
 
@@ -62,9 +62,9 @@ export function createVerificationCache(deps: { store: Store; options: CacheOpti
 
   const counters = (name: string) =>
     metrics && {
-      hit: metrics.cacheLookups.labels({ cache: name, result: "hit" }),
-      miss: metrics.cacheLookups.labels({ cache: name, result: "miss" }),
-      bypass: metrics.cacheLookups.labels({ cache: name, result: "bypass" }),
+      hit: fastSeries(metrics.cacheLookups, { cache: name, result: "hit" }),
+      miss: fastSeries(metrics.cacheLookups, { cache: name, result: "miss" }),
+      bypass: fastSeries(metrics.cacheLookups, { cache: name, result: "bypass" }),
     };
   const counted = { key: counters("key"), identity: counters("identity") };
 

@@ -68,6 +68,8 @@ interface Held {
   window: number;
 }
 
+const NO_LIMITS: Ratelimit[] = [];
+
 function checkInput(input: VerifyInput): void {
   if (input.key === "") throw new InvalidArgumentError("key", "is required");
   if (input.apiId !== "") checkApiId("api_id", input.apiId);
@@ -143,6 +145,18 @@ export function createVerifier(deps: {
    * share one set of windows during the grace period.
    */
   function selectLimits(key: KeyRecord, identity: IdentityRecord | null, input: VerifyInput): Applied[] {
+    const own = identity?.ratelimits ?? NO_LIMITS;
+    if (input.ratelimits.length === 0 && (own.length === 0 || key.ratelimits.length === 0)) {
+      // Limits of one record only, none named in the request (names are unique within a record): its auto-applied ones.
+      const out: Applied[] = [];
+      if (own.length > 0) {
+        for (const l of own) if (l.autoApply) out.push({ limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
+      } else {
+        const windowsOf = key.ratelimitKeyId ?? key.id;
+        for (const l of key.ratelimits) if (l.autoApply) out.push({ limit: l, counterKey: `k:${windowsOf}:${l.name}:${l.durationMs}`, cost: 1 });
+      }
+      return out;
+    }
     const byName = new Map<string, Applied>();
     const windowsOf = key.ratelimitKeyId ?? key.id;
     for (const l of identity?.ratelimits ?? []) byName.set(l.name, { limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
@@ -159,6 +173,14 @@ export function createVerifier(deps: {
 
   /** Takes every applied limit; all or nothing: if one refuses (or fails), the others are given back. */
   async function takeLimits(applied: Applied[]): Promise<{ ok: boolean; results: AppliedRatelimit[]; held: Held[] }> {
+    if (applied.length === 1) {
+      // One limit (the usual case): nothing to give back to another window if it refuses or fails.
+      const { limit, counterKey, cost } = applied[0];
+      const r = await counter.take(counterKey, cost, limit.limit, limit.durationMs);
+      const held: Held[] = r.ok && cost > 0 ? [{ counterKey, cost, durationMs: limit.durationMs, window: r.window }] : [];
+      const result = { name: limit.name, limit: limit.limit, remaining: Math.min(limit.limit, Math.max(0, limit.limit - r.total)), resetAt: r.resetAt, exceeded: !r.ok };
+      return { ok: r.ok, results: [result], held };
+    }
     const taken = await Promise.allSettled(applied.map((a) => counter.take(a.counterKey, a.cost, a.limit.limit, a.limit.durationMs)));
     const held: Held[] = [];
     let ok = true;

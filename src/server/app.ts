@@ -16,7 +16,7 @@ import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
 import { createServer, type LatchkeyServer } from "./http-server.js";
 import type { Logger } from "./logger.js";
-import { createMetrics, type Metrics } from "./metrics.js";
+import { createMetrics, fastSeries, type Metrics } from "./metrics.js";
 import { createServiceRegistrations, routesOf } from "./routes.js";
 import { createUsageReader } from "../usage/reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";
@@ -100,11 +100,11 @@ export function createCore(deps: CoreDeps) {
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });
   const counting = options.usageCounting === "on";
-  // One child per outcome, looked up by code: prom-client would hash a labels object per call.
+  // One series per outcome, counted in a plain number (metrics.ts, fastSeries).
   const outcomes = new Map<string, { inc(): void }>();
   const outcome = (code: string) => {
     let c = outcomes.get(code);
-    if (!c) outcomes.set(code, (c = metrics.verifications.labels({ code })));
+    if (!c) outcomes.set(code, (c = fastSeries(metrics.verifications, { code })));
     return c;
   };
   const verify = createVerifier({
