@@ -54,9 +54,27 @@ interface Applied {
   cost: number;
 }
 
+/**
+ * Whether the call a verification runs for has ended, and why: its AbortSignal,
+ * or (from the lean gRPC path) something as cheap to ask that makes the
+ * AbortSignal only when a credit spend needs one — making one per call and
+ * aborting it at the end was the largest single item of a cached
+ * verification's profile (docs/performance.md).
+ */
+export type CallSignal = AbortSignal | LazyCallSignal;
+
+export interface LazyCallSignal {
+  readonly aborted: boolean;
+  readonly reason: unknown;
+  throwIfAborted(): void;
+  toAbortSignal(): AbortSignal;
+}
+
+const abortSignalOf = (s: CallSignal | undefined): AbortSignal | undefined => (s === undefined || s instanceof AbortSignal ? s : s.toAbortSignal());
+
 /** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
 interface Call {
-  signal?: AbortSignal;
+  signal?: CallSignal;
   deadline?: number;
 }
 
@@ -226,9 +244,9 @@ export function createVerifier(deps: {
   }
 
   /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
-  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined): Promise<SpendResult> {
+  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: CallSignal | undefined): Promise<SpendResult> {
     if (owner === null) return { ok: true, remaining: null };
-    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
+    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
   }
 
   async function run(principal: Principal, input: VerifyInput, t: number, call: Call): Promise<Verification> {
@@ -310,7 +328,7 @@ export function createVerifier(deps: {
    * its deadline: with no more than the commit margin left at the commit point,
    * the verification does not commit (DEADLINE_EXCEEDED).
    */
-  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Verification> {
+  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: CallSignal; timeoutMs?: number } = {}): Promise<Verification> {
     const t = now();
     const { signal } = call;
     let v: Verification;

@@ -13,6 +13,8 @@ import {
 } from "@connectrpc/connect";
 import http2 from "node:http2";
 import { performance } from "node:perf_hooks";
+import type { LazyCallSignal } from "../domain/verify.js";
+import { callSignalKey } from "../rpc/context.js";
 import { clientStillSending, grpcStatusHeaders, stopUpload, tooLarge } from "./admission.js";
 
 /*
@@ -214,7 +216,7 @@ interface LeanContext {
   values: ContextValues;
 }
 
-class UnaryCall implements LeanCall {
+class UnaryCall implements LeanCall, LazyCallSignal {
   private chunks: Buffer[] = [];
   private size = 0;
   /** Message length from the 5-byte prefix, once read; -1 before. */
@@ -228,8 +230,9 @@ class UnaryCall implements LeanCall {
   private deadline = 0;
   private timer: NodeJS.Timeout | undefined;
   private controller: AbortController | undefined;
-  private aborted = false;
-  private reason: ConnectError | DOMException | undefined;
+  /** The call has ended (answered, failed, expired or cancelled); ctx.signal aborts with `reason`. */
+  aborted = false;
+  reason: ConnectError | DOMException | undefined;
   /** Answered (or abandoned): nothing more is written, a late result is dropped. */
   private done = false;
   private header: Headers | undefined;
@@ -339,6 +342,7 @@ class UnaryCall implements LeanCall {
     const method = this.method;
     const header = headersOf(this.raw);
     const values = createContextValues();
+    values.set(callSignalKey, this);
     const ctx = {
       method: method.methodDesc,
       service: method.service,
@@ -408,6 +412,15 @@ class UnaryCall implements LeanCall {
 
   private getUrl(): string {
     return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);
+  }
+
+  /** As AbortSignal.throwIfAborted (LazyCallSignal: a verification asks this, not ctx.signal). */
+  throwIfAborted(): void {
+    if (this.aborted) throw this.reason;
+  }
+
+  toAbortSignal(): AbortSignal {
+    return this.signal();
   }
 
   /** ctx.signal: allocated on first read only. */
