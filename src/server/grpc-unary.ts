@@ -216,6 +216,47 @@ interface LeanContext {
   values: ContextValues;
 }
 
+/**
+ * The handler context of a lean call. A class, not an object literal: a literal
+ * with getters builds its accessors and closures anew for every call.
+ */
+class LeanHandlerContext implements LeanContext {
+  readonly method: DescMethod;
+  readonly service: DescService;
+  readonly protocolName = "grpc";
+  readonly requestMethod = "POST";
+
+  constructor(
+    private readonly call: UnaryCall,
+    m: Method,
+    public requestHeader: Headers,
+    public values: ContextValues,
+  ) {
+    this.method = m.methodDesc;
+    this.service = m.service;
+  }
+
+  get url(): string {
+    return this.call.getUrl();
+  }
+
+  get signal(): AbortSignal {
+    return this.call.toAbortSignal();
+  }
+
+  timeoutMs(): number | undefined {
+    return this.call.timeLeft();
+  }
+
+  get responseHeader(): Headers {
+    return this.call.responseHeader();
+  }
+
+  get responseTrailer(): Headers {
+    return this.call.responseTrailer();
+  }
+}
+
 class UnaryCall implements LeanCall, LazyCallSignal {
   private chunks: Buffer[] = [];
   private size = 0;
@@ -343,28 +384,7 @@ class UnaryCall implements LeanCall, LazyCallSignal {
     const header = headersOf(this.raw);
     const values = createContextValues();
     values.set(callSignalKey, this);
-    const ctx = {
-      method: method.methodDesc,
-      service: method.service,
-      protocolName: "grpc",
-      requestMethod: "POST",
-      get url() {
-        return call.getUrl();
-      },
-      get signal() {
-        return call.signal();
-      },
-      timeoutMs: () => (call.deadline === 0 ? undefined : call.deadline - performance.now()),
-      requestHeader: header,
-      get responseHeader() {
-        return (call.header ??= new Headers());
-      },
-      get responseTrailer() {
-        return (call.trailer ??= new Headers());
-      },
-      values,
-    };
-    this.ctx = ctx;
+    this.ctx = new LeanHandlerContext(this, method, header, values);
     const req = {
       stream: false,
       service: method.service,
@@ -410,7 +430,20 @@ class UnaryCall implements LeanCall, LazyCallSignal {
     } as unknown as UnaryResponse);
   }
 
-  private getUrl(): string {
+  /** ctx.timeoutMs(). */
+  timeLeft(): number | undefined {
+    return this.deadline === 0 ? undefined : this.deadline - performance.now();
+  }
+
+  responseHeader(): Headers {
+    return (this.header ??= new Headers());
+  }
+
+  responseTrailer(): Headers {
+    return (this.trailer ??= new Headers());
+  }
+
+  getUrl(): string {
     return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);
   }
 

@@ -69,14 +69,14 @@ function structBytes(obj: JsonObject): Uint8Array {
  * ASCII are copied byte for byte; others go through encodeInto. Encoding is
  * synchronous, so one buffer serves every call; the result is a copy.
  */
-let buf = new Uint8Array(4096);
+let buf = Buffer.alloc(4096);
 let pos = 0;
 const textEncoder = new TextEncoder();
 
 function ensure(n: number): void {
   if (pos + n <= buf.length) return;
-  const bigger = new Uint8Array(Math.max(buf.length * 2, pos + n));
-  bigger.set(buf.subarray(0, pos));
+  const bigger = Buffer.alloc(Math.max(buf.length * 2, pos + n));
+  buf.copy(bigger, 0, 0, pos);
   buf = bigger;
 }
 
@@ -235,5 +235,8 @@ export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
     join(at);
   }
   str(12, m.apiId);
-  return buf.slice(0, pos);
+  // A copy from Node's buffer pool (a typed array's slice allocates an ArrayBuffer of its own).
+  const out = Buffer.allocUnsafe(pos);
+  buf.copy(out, 0, 0, pos);
+  return out;
 }
