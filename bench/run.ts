@@ -12,7 +12,10 @@ import { MongoStore, toIdentityDoc, toKeyDoc } from "../src/storage/mongodb/mong
 import type { Store } from "../src/storage/store.js";
 
 /*
- * npm run bench: VerifyKey over native gRPC against two baselines, with ghz.
+ * npm run bench: VerifyKey over native gRPC against two baselines, with ghz;
+ * the same do-nothing call through Latchkey's own transport (baseline-lean.ts)
+ * and on the real server; VerifyKey over Connect JSON on HTTP/1.1
+ * (http1-load.ts); the issue-11 targets as ratios of this run.
  * Settings come from the environment (defaults in brackets):
  *   BENCH_DURATION [10s], BENCH_CONCURRENCY [50], BENCH_CONNECTIONS [1],
  *   BENCH_IDENTITIES [1000], BENCH_KEYS [10000], MONGODB_URI and REDIS_URL for
