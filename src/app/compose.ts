@@ -19,7 +19,7 @@ import { guardStore } from "./stores.js";
 import { storeGuardOf } from "../storage/store-guard.js";
 import { createServer, type LatchkeyServer } from "../server/http-server.js";
 import type { Logger } from "../observability/logger.js";
-import { createMetrics, type Metrics } from "../observability/metrics.js";
+import { createMetrics, fastSeries, type Metrics } from "../observability/metrics.js";
 import { createServiceRegistrations, routesOf } from "../server/routes.js";
 import { createUsageReader } from "../domain/usage-reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";
@@ -148,13 +148,20 @@ export function createCore(deps: CoreDeps) {
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });
   const counting = options.usageCounting === "on";
+  // One series per outcome, counted in a plain number (metrics.ts, fastSeries).
+  const outcomes = new Map<string, { inc(): void }>();
+  const outcome = (code: string) => {
+    let c = outcomes.get(code);
+    if (!c) outcomes.set(code, (c = fastSeries(metrics.verifications, { code })));
+    return c;
+  };
   const verify = createVerifier({
     store,
     cache,
     commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
-      metrics.verifications.inc({ code: v.code });
+      outcome(v.code).inc();
       if (counting) recorder.record(v, input, at);
       deps.onVerification?.(v, input, at);
     },

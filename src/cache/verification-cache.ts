@@ -1,7 +1,7 @@
 import { performance } from "node:perf_hooks";
 import { StoreUnreachableError } from "../domain/errors.js";
 import type { IdentityRecord, KeyRecord } from "../domain/types.js";
-import type { Metrics } from "../observability/metrics.js";
+import { fastSeries, type Metrics } from "../observability/metrics.js";
 import type { IdentityRepository } from "../domain/ports/identities.js";
 import type { KeyRepository } from "../domain/ports/keys.js";
 import { LruCache } from "./lru.js";
@@ -95,9 +95,9 @@ export function createVerificationCache(deps: {
 
   const counters = (name: string) =>
     metrics && {
-      hit: metrics.cacheLookups.labels({ cache: name, result: "hit" }),
-      miss: metrics.cacheLookups.labels({ cache: name, result: "miss" }),
-      bypass: metrics.cacheLookups.labels({ cache: name, result: "bypass" }),
+      hit: fastSeries(metrics.cacheLookups, { cache: name, result: "hit" }),
+      miss: fastSeries(metrics.cacheLookups, { cache: name, result: "miss" }),
+      bypass: fastSeries(metrics.cacheLookups, { cache: name, result: "bypass" }),
     };
   const counted = { key: counters("key"), identity: counters("identity") };
   const staleAnswers = { key: metrics?.cacheStaleAnswers.labels({ cache: "key" }), identity: metrics?.cacheStaleAnswers.labels({ cache: "identity" }) };
@@ -130,6 +130,21 @@ export function createVerificationCache(deps: {
     if (!e || policy.clock() - Math.max(e.at, policy.lastComplete()) > outageMs) return undefined;
     staleAnswers[t.name]?.inc();
     return e;
+  }
+
+  /**
+   * The entry, when the cache may answer for it now (counted as a hit);
+   * undefined otherwise, and nothing counted: `load` then reads it. Lets a
+   * cached verification go on without waiting for a promise.
+   */
+  function cached<T extends Versioned>(t: Table<T>, id: string): T | null | undefined {
+    if (t.pinned.has(id) || !policy.useCached()) return undefined;
+    const at = now();
+    const e = t.lru.get(id, at);
+    if (!e) return undefined;
+    counted[t.name]?.hit.inc();
+    metrics?.hitWindow.record(t.name, true, at);
+    return e.value;
   }
 
   function load<T extends Versioned>(t: Table<T>, id: string): Promise<T | null> {
@@ -214,6 +229,10 @@ export function createVerificationCache(deps: {
   return {
     getKeyByHash: (hash: string) => load(keys, hash),
     getIdentity: (id: string) => load(identities, id),
+    /** The cached key (null: cached as unknown) when the cache may answer now; undefined: use getKeyByHash. */
+    cachedKey: (hash: string) => cached(keys, hash),
+    /** The cached identity (null: cached as unknown) when the cache may answer now; undefined: use getIdentity. */
+    cachedIdentity: (id: string) => cached(identities, id),
     evictKey: (hash: string) => evict(keys, hash),
     evictIdentity: (id: string) => evict(identities, id),
     /** A write of this key is in flight: read it from the store, never cache it, until unpinned. */

@@ -10,7 +10,7 @@ import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
 import type { UsageReader } from "../domain/usage-reader.js";
 import { MAX_KEY_LENGTH } from "../domain/key-format.js";
-import { principalOf } from "./context.js";
+import { callSignalKey, principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { withWellFormedRequests } from "./well-formed.js";
 import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
@@ -196,7 +196,7 @@ export function createKeyService(deps: {
         })),
         cost: req.cost === undefined ? null : toNumber("cost", req.cost),
         tags: req.tags,
-      }, { signal: ctx.signal, timeoutMs: commitTimeoutMs(ctx) });
+      }, { signal: ctx.values.get(callSignalKey) ?? ctx.signal, timeoutMs: commitTimeoutMs(ctx) });
       return verificationToProto(v);
     },
 

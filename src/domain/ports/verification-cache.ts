@@ -8,4 +8,11 @@ import type { IdentityRecord, KeyRecord } from "../types.js";
 export interface VerificationCache {
   getKeyByHash(hash: string): Promise<KeyRecord | null>;
   getIdentity(id: string): Promise<IdentityRecord | null>;
+  /**
+   * What the cache can answer at once, without a promise (counted as a hit), or
+   * undefined when it cannot (then the get above reads it): the hot path of a
+   * cached verification does not wait for a microtask per read.
+   */
+  cachedKey(hash: string): KeyRecord | null | undefined;
+  cachedIdentity(id: string): IdentityRecord | null | undefined;
 }
