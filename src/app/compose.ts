@@ -6,6 +6,7 @@ import { createVerificationCache } from "../cache/verification-cache.js";
 import type { Config } from "../config/config.js";
 import { createIdentityManager } from "../domain/identities.js";
 import { createKeyManager } from "../domain/keys.js";
+import { createOutageCredits } from "../domain/outage-credits.js";
 import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.js";
 import { createVerifier, type VerificationListener } from "../domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
@@ -41,7 +42,10 @@ export type CoreOptions = Pick<
   | "storeProbeTimeoutMs"
   | "storeFailFastMs"
 > &
-  Partial<Pick<Config, "maxHealthWatchers">>;
+  Partial<Pick<Config, "maxHealthWatchers" | "outageCreditAllowance">>;
+
+/** How soon a reconciliation of credits admitted during an outage that failed is tried again (while the store answers). */
+const RECONCILE_RETRY_MS = 1000;
 
 /** After the store comes back, how long the cache may go on answering as during the outage while the change feed is read (catchingUp in createCore). */
 const CATCH_UP_MS = 2000;
@@ -107,12 +111,50 @@ export function createCore(deps: CoreDeps) {
     options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
   });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
+  const allowance = options.outageCreditAllowance ?? 0;
+  const reconciled = { balances: 0, charged: 0, uncharged: 0 };
+  const outageCredits = createOutageCredits({
+    ledger: store,
+    allowance,
+    reachable: guard.reachable,
+    onOutageAdmission: () =>
+      logger.warn({ allowance }, "the store cannot be reached: admitting credit spends from cached balances on trust, up to LATCHKEY_OUTAGE_CREDIT_ALLOWANCE per balance; they are charged once it answers"),
+    onAdmitted: (n) => metrics.outageCreditsAdmitted.inc(n),
+    onCharged: (c, ref) => {
+      reconciled.balances++;
+      reconciled.charged += c.charged;
+      reconciled.uncharged += c.admitted - c.charged;
+      if (c.charged < c.admitted) metrics.outageCreditsUncharged.inc(c.admitted - c.charged);
+      // The cached balance predates the outage: read it again.
+      if (ref.keyHash) cache.evictKey(ref.keyHash);
+      if (ref.identityId) cache.evictIdentity(ref.identityId);
+    },
+  });
+  let reconcileTimer: NodeJS.Timeout | undefined;
+  let stopping = false;
+  /** Charges what was admitted on trust, retried every RECONCILE_RETRY_MS while the store answers (and at its next return). */
+  const reconcile = async (): Promise<boolean> => {
+    clearTimeout(reconcileTimer);
+    try {
+      const done = await outageCredits.reconcile();
+      if (done && reconciled.balances > 0) {
+        logger.info({ ...reconciled }, "charged the credits admitted on trust during the store outage");
+        Object.assign(reconciled, { balances: 0, charged: 0, uncharged: 0 });
+      }
+      if (done) return true;
+    } catch (err) {
+      logger.warn({ err, pending: outageCredits.pending() }, "could not charge the credits admitted during the store outage yet; retrying");
+    }
+    if (!stopping && guard.reachable()) reconcileTimer = setTimeout(() => void reconcile(), RECONCILE_RETRY_MS).unref();
+    return false;
+  };
   // Health follows the breaker at once, not at its next ping; the change feed is read as soon as the store is back.
   const onStoreChange = (reachable: boolean) => {
     void health.check();
     if (reachable) {
       backAt = feedClock();
       void feed.sync();
+      if (outageCredits.enabled) void reconcile();
     }
   };
   const onRefused = (op: string) => metrics.storeRefused.inc({ op });
@@ -160,6 +202,7 @@ export function createCore(deps: CoreDeps) {
     cache,
     commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
+    outageCredits,
     onVerification: (v, input, at) => {
       outcome(v.code).inc();
       if (counting) recorder.record(v, input, at);
@@ -188,6 +231,10 @@ export function createCore(deps: CoreDeps) {
     usage,
     health,
     services,
+    /** Credits admitted on trust during a store outage, and their reconciliation. */
+    outageCredits,
+    /** Charges what was admitted during an outage now (once; it is retried by itself while the store answers). */
+    reconcileOutageCredits: reconcile,
     routes: routesOf(services),
     /** Checks `authorization: Bearer <root key>`; the transport calls it before reading a body. */
     authenticate,
@@ -203,6 +250,11 @@ export function createCore(deps: CoreDeps) {
       guard.events.off("refused", onRefused);
       feed.stop();
       try {
+        // Credits admitted during an outage are charged before the store closes.
+        stopping = true;
+        if (outageCredits.enabled && !(await reconcile())) {
+          logger.error({ pending: outageCredits.pending() }, "could not charge the credits admitted on trust during the store outage; they are lost");
+        }
         await recorder.stop();
       } finally {
         if (ownGuard) guard.stop();

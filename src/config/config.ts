@@ -34,6 +34,7 @@ export const SETTINGS = {
   usageDayRetentionDays: { env: "LATCHKEY_USAGE_DAY_RETENTION_DAYS", default: "0", doc: "How long day buckets are kept; 0 keeps them for ever." },
   healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service (a ping not answered within LATCHKEY_STORE_PROBE_TIMEOUT_MS marks the store unreachable)." },
   outageCacheMs: { env: "LATCHKEY_OUTAGE_CACHE_MS", default: "600000", doc: "While the store cannot be reached, how long VerifyKey keeps answering from the cache: keys, identities and root keys as of this instance's last read of the change feed (or of the store), at most this old. Past it, or for what is not cached, UNAVAILABLE. 0: never answer without the store. At most 3600000. See README, \"Store outages\"." },
+  outageCreditAllowance: { env: "LATCHKEY_OUTAGE_CREDIT_ALLOWANCE", default: "0", doc: "With the `store` credits backend: credits one instance may admit from one key's or identity's balance while the store cannot be reached (a cached balance, never more than it holds), charged once the store answers again. 0 refuses such spends with UNAVAILABLE. A platform may over-admit up to this many per balance per instance. See README, \"Store outages\"." },
   storeProbeTimeoutMs: { env: "LATCHKEY_STORE_PROBE_TIMEOUT_MS", default: "1000", doc: "A store ping (the health check, or the probe after a call found the store unreachable) not answered within this long marks the store unreachable: calls that need it then fail fast, health turns NOT_SERVING, and the store is probed until it answers." },
   storeFailFastMs: { env: "LATCHKEY_STORE_FAIL_FAST_MS", default: "25", doc: "Once the store is known unreachable, how long a call that needs it waits for it to come back before failing with UNAVAILABLE (a write refused so wrote nothing). 0 fails at once; a few seconds rides out a short failover." },
   maxMessageBytes: { env: "LATCHKEY_MAX_MESSAGE_BYTES", default: "4194304", doc: "Largest message, request or response, on every protocol (gRPC, gRPC-Web, Connect), counted after decompression; larger is RESOURCE_EXHAUSTED." },
@@ -78,6 +79,7 @@ const schema = z
     rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
     healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
     outageCacheMs: positiveMs("LATCHKEY_OUTAGE_CACHE_MS", 0).max(3_600_000, "LATCHKEY_OUTAGE_CACHE_MS must be at most 3600000 (1 hour)"),
+    outageCreditAllowance: whole("LATCHKEY_OUTAGE_CREDIT_ALLOWANCE", 0).max(Number.MAX_SAFE_INTEGER, "LATCHKEY_OUTAGE_CREDIT_ALLOWANCE must be at most 9007199254740991"),
     storeProbeTimeoutMs: positiveMs("LATCHKEY_STORE_PROBE_TIMEOUT_MS", 10).max(60_000, "LATCHKEY_STORE_PROBE_TIMEOUT_MS must be at most 60000"),
     storeFailFastMs: positiveMs("LATCHKEY_STORE_FAIL_FAST_MS", 0).max(30_000, "LATCHKEY_STORE_FAIL_FAST_MS must be at most 30000"),
     usageCounting: z.enum(["on", "off"], { message: "LATCHKEY_USAGE_COUNTING must be on or off" }),
@@ -119,6 +121,10 @@ const schema = z
     }
     if (c.creditsBackend === "redis" && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) !== "mongodb") {
       ctx.addIssue({ code: "custom", message: "LATCHKEY_CREDITS_BACKEND=redis needs the mongodb store (MONGODB_URI)" });
+    }
+    const creditsBackend = c.creditsBackend || (c.redisUrl && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "redis" : "store");
+    if (c.outageCreditAllowance > 0 && creditsBackend === "redis") {
+      ctx.addIssue({ code: "custom", message: "LATCHKEY_OUTAGE_CREDIT_ALLOWANCE applies to the store credits backend only: with the redis backend credits are spent exactly through a store outage; set it to 0 or LATCHKEY_CREDITS_BACKEND=store" });
     }
     if (c.requestTimeoutMs < c.headersTimeoutMs) {
       ctx.addIssue({ code: "custom", message: "LATCHKEY_REQUEST_TIMEOUT_MS must be at least LATCHKEY_HEADERS_TIMEOUT_MS" });

@@ -1,3 +1,4 @@
+import type { OutageCredits } from "./outage-credits.js";
 import type { CreditLedger, SpendResult } from "./ports/credit-ledger.js";
 import type { RateLimitCounter, Taken } from "./ports/rate-limit-counter.js";
 import type { VerificationCache } from "./ports/verification-cache.js";
@@ -139,8 +140,11 @@ export function createVerifier(deps: {
   /** A monotonic clock in ms for deadlines (default performance.now). */
   monotonic?: () => number;
   onVerification?: VerificationListener;
+  /** Credits admitted on trust while the store cannot be reached (LATCHKEY_OUTAGE_CREDIT_ALLOWANCE); none without. */
+  outageCredits?: Pick<OutageCredits, "admit" | "observe" | "enabled">;
 }) {
   const { store, cache, counter } = deps;
+  const trust = deps.outageCredits?.enabled ? deps.outageCredits : null;
   const now = deps.now ?? Date.now;
   const monotonic = deps.monotonic ?? (() => performance.now());
   const margin = deps.commitMarginMs ?? 1;
@@ -244,8 +248,23 @@ export function createVerifier(deps: {
   }
 
   /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
-  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: CallSignal | undefined): Promise<SpendResult> {
+  async function spend(
+    owner: { target: CreditsTarget; credits: Credits } | null,
+    cost: number,
+    t: number,
+    signal: CallSignal | undefined,
+    key: KeyRecord,
+    identity: IdentityRecord | null,
+  ): Promise<SpendResult> {
     if (owner === null) return { ok: true, remaining: null };
+    if (trust !== null) {
+      // The store cannot be reached and the balance is the cached one: admitted on trust, within the allowance.
+      const admitted = trust.admit(owner.target, owner.credits, cost, t, "keyId" in owner.target ? { keyHash: key.hash } : { identityId: identity?.id });
+      if (admitted !== null) return admitted;
+      const spent = await store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
+      if (spent.remaining !== null) trust.observe(owner.target, spent.remaining, spent.refilledAt ?? null);
+      return spent;
+    }
     return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
   }
 
@@ -294,12 +313,12 @@ export function createVerifier(deps: {
       if (deadline !== undefined && deadline - monotonic() <= margin) {
         throw new DeadlineExceededError("too little of the call's deadline was left to commit the verification; nothing was spent");
       }
-      credits = await spend(owner, cost, t, signal);
+      credits = await spend(owner, cost, t, signal, key, identity);
     } catch (err) {
       await giveBack(limits.held);
       throw err;
     }
-    if (credits.ok && credits.remaining !== null && cost > 0 && (signal?.aborted || (deadline !== undefined && monotonic() >= deadline))) {
+    if (credits.ok && credits.remaining !== null && cost > 0 && !("onTrust" in credits) && (signal?.aborted || (deadline !== undefined && monotonic() >= deadline))) {
       // The call ended while the spend was being written (a slow write, an fsync):
       // the client will not see this answer, so the spend is given back if it still
       // can be (same refill period). If it cannot, the verification stands.

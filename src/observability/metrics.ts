@@ -197,6 +197,16 @@ export function createMetrics() {
       labelNames: ["op"] as const,
       registers: [registry],
     }),
+    outageCreditsAdmitted: new Counter({
+      name: "latchkey_outage_credits_admitted_total",
+      help: "Credits admitted on trust while the store could not be reached (LATCHKEY_OUTAGE_CREDIT_ALLOWANCE), charged once it answers.",
+      registers: [registry],
+    }),
+    outageCreditsUncharged: new Counter({
+      name: "latchkey_outage_credits_uncharged_total",
+      help: "Credits admitted on trust during a store outage that could not be charged afterwards (the balance held less, or had become unlimited or was deleted).",
+      registers: [registry],
+    }),
     usageDropped: new Counter({
       name: "latchkey_usage_dropped_total",
       help: "Verification counts dropped because too many were pending while the store could not be written.",

@@ -26,4 +26,16 @@ describe("credits settings", () => {
     expect(() => loadConfig({ LATCHKEY_CREDITS_FLUSH_MS: "10" })).toThrow(/LATCHKEY_CREDITS_FLUSH_MS must be at least 50/);
     expect(() => loadConfig({ LATCHKEY_CREDITS_FLUSH_MS: "soon" })).toThrow(/LATCHKEY_CREDITS_FLUSH_MS must be a number/);
   });
+
+  it("takes an outage credit allowance of 0 (refuse) or more, with the store backend only, naming the variable", () => {
+    expect(loadConfig({ ...mongo }).outageCreditAllowance).toBe(0);
+    expect(loadConfig({ ...mongo, LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "50" }).outageCreditAllowance).toBe(50);
+    expect(loadConfig({ ...mongo, ...redis, LATCHKEY_CREDITS_BACKEND: "store", LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "50" }).outageCreditAllowance).toBe(50);
+    expect(() => loadConfig({ LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "-1" })).toThrow(/LATCHKEY_OUTAGE_CREDIT_ALLOWANCE must be at least 0/);
+    expect(() => loadConfig({ LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "1.5" })).toThrow(/LATCHKEY_OUTAGE_CREDIT_ALLOWANCE must be a whole number/);
+    expect(() => loadConfig({ LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "lots" })).toThrow(/LATCHKEY_OUTAGE_CREDIT_ALLOWANCE must be a number/);
+    expect(() => loadConfig({ LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "" })).toThrow(/LATCHKEY_OUTAGE_CREDIT_ALLOWANCE must be a number/);
+    // The redis backend spends exactly through an outage: an allowance there is a mistake, not ignored.
+    expect(() => loadConfig({ ...mongo, ...redis, LATCHKEY_OUTAGE_CREDIT_ALLOWANCE: "50" })).toThrow(/LATCHKEY_OUTAGE_CREDIT_ALLOWANCE applies to the store credits backend only/);
+  });
 });
