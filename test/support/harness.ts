@@ -18,6 +18,7 @@ import { createLogger } from "../../src/server/logger.js";
 import { createMetrics, type Metrics } from "../../src/server/metrics.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
+import { storeDatabases } from "../../src/storage/mongodb/key-layout.js";
 import type { Store } from "../../src/storage/store.js";
 
 export type StoreKind = "embedded" | "mongodb";
@@ -94,10 +95,11 @@ export function randomDatabaseName(): string {
   return `latchkey_test_${randomBytes(6).toString("hex")}`;
 }
 
+/** Drops a store's database and its companion databases (src/storage/mongodb/key-layout.ts). */
 export async function dropDatabase(uri: string, database: string): Promise<void> {
   const client = new MongoClient(uri, { serverSelectionTimeoutMS: 5000 });
   try {
-    await client.db(database).dropDatabase();
+    for (const name of storeDatabases(database)) await client.db(name).dropDatabase();
   } finally {
     await client.close();
   }
