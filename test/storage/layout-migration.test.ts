@@ -13,7 +13,7 @@ import { AlreadyExistsError } from "../../src/domain/errors.js";
 import { newId } from "../../src/domain/ids.js";
 import { hashKey } from "../../src/domain/key-format.js";
 import type { IdentityRecord, KeyRecord, RootKeyRecord } from "../../src/domain/types.js";
-import { bucketCollections, companionDatabase } from "../../src/storage/mongodb/key-layout.js";
+import { createKeyBuckets } from "../../src/storage/mongodb/key-layout.js";
 import { LAYOUT_SETTING } from "../../src/storage/mongodb/layout-migration.js";
 import { MongoStore, toKeyDoc, type MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
@@ -105,9 +105,8 @@ describeWith("MONGODB_URI", mongodbUri(), "moving a database of an earlier versi
 
   /** Key documents in the buckets (each counted once: a key copied twice would show here). */
   async function bucketedKeyCount(store: MongoStore): Promise<number> {
-    const db = store.client.db(companionDatabase(database, "kh"));
     let n = 0;
-    for (const name of await bucketCollections(db, "h")) n += await db.collection(name).countDocuments();
+    for (const coll of await createKeyBuckets(store.client, database).hashBuckets()) n += await coll.countDocuments();
     return n;
   }
 

@@ -8,7 +8,7 @@
  */
 import { afterEach, beforeEach, expect, it } from "vitest";
 import { UnavailableError } from "../../src/domain/errors.js";
-import { keyHashCollection } from "../../src/storage/mongodb/key-layout.js";
+import { keyHashLocation } from "../../src/storage/mongodb/key-layout.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
 import { keyRecord } from "../support/records.js";
@@ -43,7 +43,7 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
     return k.record;
   }
   /** The collection holding a key's document (key-layout.ts). */
-  const keyCollectionOf = (store: MongoStore, k: { hash: string }) => (store.layout === "bucketed" ? keyHashCollection(k.hash) : "keys");
+  const keyCollectionOf = (store: MongoStore, k: { hash: string }) => (store.layout === "bucketed" ? keyHashLocation(k.hash).collection : "keys");
   const locksOf = (store: MongoStore) => store.client.db(database).collection<LockDoc>("locks");
 
   it("takes over the lock of a holder that died, within a lease, and spends", async () => {

@@ -285,7 +285,7 @@ describeWith("MONGODB_URI", mongodbUri(), "revocation when a MongoDB write is cu
     expect((await verify(b.clients, k.plaintext)).codeName).toBe("VALID");
 
     // The key's document: in `keys`, or in a bucket of the bucketed layout (key-layout.ts).
-    const fault = severAfter(aStore, (aStore as MongoStore).layout === "bucketed" ? "keyHashDb" : "keys", "findOneAndUpdate");
+    const fault = severAfter(aStore, (aStore as MongoStore).layout === "bucketed" ? "buckets" : "keys", "findOneAndUpdate");
     const err = await disable(a.clients, k.id).then(
       () => null,
       (e: Error) => e,

@@ -79,15 +79,17 @@ export function gatedStore(store: Store): GatedStore {
  * A network fault in the middle of a MongoStore operation: once `method` of
  * the collection held in the store's field `field` has succeeded, every later
  * call on any of the store's collections fails as a lost connection would,
- * until `heal()`. `field` may also name one of the store's databases (`db`,
- * `keyHashDb`: the buckets of the bucketed key layout), for a call on any
- * collection of it. (Reaches into the store's private fields: the fault sits
+ * until `heal()`. `field` may also name one of the store's databases (`db`;
+ * `buckets`: those of the bucketed key layout), for a call on any collection
+ * of them. (Reaches into the store's private fields: the fault sits
  * between two driver calls of one store method.)
  */
 export function severAfter(store: Store, field: string, method: string): { severed(): boolean; heal(): void } {
   let severed = false;
   const target = store as unknown as Record<string, unknown>;
   const originals = new Map<string, unknown>();
+  const dbFields = new Set<string>();
+  const restore: (() => void)[] = [];
   const lost = (prop: string | symbol) => {
     const err = new Error("connection lost (injected)");
     err.name = "MongoNetworkError";
@@ -119,23 +121,24 @@ export function severAfter(store: Store, field: string, method: string): { sever
     if (value.constructor?.name === "Collection") {
       originals.set(name, value);
       target[name] = wrap(value, name);
-    } else if (value.constructor?.name === "Db") {
-      // Collections the store asks a Db for later (the change feed's, key buckets) fail the same way.
-      const db = value as { collection: (n: string) => object };
-      const collection = db.collection;
-      originals.set(`${name}.collection`, collection);
-      db.collection = (n: string) => wrap(collection.call(db, n), name);
+    } else {
+      // Collections the store asks a Db for later (the change feed's; key buckets, in `buckets.databases`) fail the same way.
+      const dbs = value.constructor?.name === "Db" ? [value] : Array.isArray((value as { databases?: unknown }).databases) ? (value as { databases: object[] }).databases : [];
+      for (const db of dbs as { collection: (n: string) => object }[]) {
+        const collection = db.collection;
+        restore.push(() => (db.collection = collection));
+        dbFields.add(name);
+        db.collection = (n: string) => wrap(collection.call(db, n), name);
+      }
     }
   }
-  if (!originals.has(field) && !originals.has(`${field}.collection`)) throw new Error(`no collection or database field ${field} on the store`);
+  if (!originals.has(field) && !dbFields.has(field)) throw new Error(`no collection or database field ${field} on the store`);
   return {
     severed: () => severed,
     heal() {
       severed = false;
-      for (const [name, value] of originals) {
-        if (name.endsWith(".collection")) (target[name.slice(0, -".collection".length)] as { collection: unknown }).collection = value;
-        else target[name] = value;
-      }
+      for (const [name, value] of originals) target[name] = value;
+      for (const r of restore) r();
     },
   };
 }

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import type { Db } from "mongodb";
+import type { Collection, Db, Document, MongoClient } from "mongodb";
 
 /*
  * Where key documents live on MongoDB (docs/storage-layout.md).
@@ -10,70 +10,106 @@ import type { Db } from "mongodb";
  *
  * "bucketed" (FerretDB 1.x): FerretDB uses no index for reading: it pushes down
  * only a filter that is exactly `{_id: <string>}`, and answers even that by
- * scanning the SQLite table (decoding every document's JSON); any other filter
- * is a scan decoded in Go, ten times dearer per document. A lookup therefore
- * costs what the collection holds, so documents are spread over small
+ * scanning the collection's SQLite table, parsing every document's JSON (a few
+ * µs each); any other filter is a scan decoded in Go, ten times dearer. A
+ * lookup costs what its collection holds, so keys are spread over small
  * collections and every hot read is an `_id` lookup in one of them:
  *
- * - key documents by hash: `_id` = the key's hash, in collection `h<xx>` of the
- *   companion database `<db>_kh`, `xx` the hash's first two hex digits (256
- *   buckets). A verification's lookup by hash reads one bucket. The `_id`
- *   makes the hash unique: two keys with one hash fall into one bucket under
- *   one `_id`.
- * - key ids: `{_id: <key id>, hash, lastUsedAt}` in collection `i<xx>` of
- *   `<db>_ki`, `xx` from the SHA-256 of the id: how a key is found by id
- *   (GetKey, updates, spends), and its last-used time. A key's hash never
- *   changes, so this pointer is written once, before the key, and removed after it.
+ * - key documents by hash: `_id` = the key's hash, `keyId` = its id. Bucket =
+ *   the hash's first three hex digits (4,096 buckets): the first names the
+ *   companion database `<db>_kh<d>`, the next two the collection `h<dd>` in it.
+ *   A verification's lookup by hash reads one bucket (about 25 keys of
+ *   100,000). The `_id` makes the hash unique: two keys with one hash fall
+ *   into one bucket under one `_id`.
+ * - key ids: `{_id: <key id>, hash, lastUsedAt}` in collection `i<dd>` of
+ *   `<db>_ki`, `dd` from the SHA-256 of the id (256 buckets of small
+ *   documents): how a key is found by id (GetKey, updates, spends), and when it
+ *   was last used. A key's hash never changes, so this pointer is written once,
+ *   before the key, and removed after it.
  *
- * Companion databases, not collections of the main one: FerretDB lists every
- * collection of a database for every query it answers (about 1 µs each), so
- * 512 buckets there would slow every query of the main database.
+ * Companion databases, not collections of the main one: FerretDB lists (copies
+ * and sorts) every collection of a database for every query it answers, about
+ * 1 µs each, so thousands of buckets in one database would slow every query of
+ * it. No companion database holds more than 256 collections.
  */
 
 export type KeyLayout = "indexed" | "bucketed";
 
-/** Buckets per family: 256 (two hex digits). Recorded with the layout, so a later version can tell. */
-export const BUCKET_HEX = 2;
+/** Hex digits of the hash a key bucket is chosen by (one for the database, two for the collection). */
+export const KEY_BUCKET_HEX = 3;
+/** Hex digits of an id's SHA-256 its pointer's bucket is chosen by. */
+export const ID_BUCKET_HEX = 2;
 
-const HEX = /^[0-9a-f]+$/;
-
-/** The two hex digits a hash is bucketed by (a hash is hex SHA-256; anything else is hashed first). */
-export function hashBucket(hash: string): string {
-  const head = hash.slice(0, BUCKET_HEX);
-  return head.length === BUCKET_HEX && HEX.test(head) ? head : sha256Hex(hash).slice(0, BUCKET_HEX);
-}
-
-/** The bucket of a key id: the first hex digits of its SHA-256 (ids begin with their creation time). */
-export function idBucket(id: string): string {
-  return sha256Hex(id).slice(0, BUCKET_HEX);
-}
+const HEX3 = /^[0-9a-f]{3}/;
 
 function sha256Hex(s: string): string {
   return createHash("sha256").update(s).digest("hex");
 }
 
-/** Collection names in the companion databases. */
-export const keyHashCollection = (hash: string) => `h${hashBucket(hash)}`;
+/** The hex digits a hash is bucketed by (a key hash is hex SHA-256; anything else is hashed first). */
+export function hashBucket(hash: string): string {
+  return (HEX3.test(hash) ? hash : sha256Hex(hash)).slice(0, KEY_BUCKET_HEX);
+}
+
+/** The bucket of a key id: the first hex digits of its SHA-256 (ids begin with their creation time). */
+export function idBucket(id: string): string {
+  return sha256Hex(id).slice(0, ID_BUCKET_HEX);
+}
+
+/** The companion database (suffix) and collection of the key with this hash. */
+export function keyHashLocation(hash: string): { suffix: string; collection: string } {
+  const b = hashBucket(hash);
+  return { suffix: `kh${b[0]}`, collection: `h${b.slice(1)}` };
+}
+
+/** The collection of the key-id pointer of this key, in companion database `ki`. */
 export const keyIdCollection = (id: string) => `i${idBucket(id)}`;
+
+const HEX_DIGITS = "0123456789abcdef";
+const KEY_HASH_SUFFIXES = [...HEX_DIGITS].map((d) => `kh${d}`);
 
 /**
  * The name of a companion database of `database` (FerretDB allows 63
  * characters of `[A-Za-z0-9_-]`): `<database>_<suffix>`, or, when that is too
  * long, the database's name shortened and told apart by a hash of it.
  */
-export function companionDatabase(database: string, suffix: "kh" | "ki"): string {
+export function companionDatabase(database: string, suffix: string): string {
   const name = `${database}_${suffix}`;
   if (name.length <= 63) return name;
   return `${database.slice(0, 63 - suffix.length - 10)}_${sha256Hex(database).slice(0, 8)}_${suffix}`;
 }
 
-/** The bucket collections of a companion database that exist (names starting with `prefix`). */
-export async function bucketCollections(db: Db, prefix: "h" | "i"): Promise<string[]> {
-  const names = await db.listCollections({ name: { $regex: `^${prefix}[0-9a-f]{${BUCKET_HEX}}$` } }, { nameOnly: true }).toArray();
-  return names.map((c) => c.name).sort();
-}
-
 /** Every database a store on `database` may write, the companions included (for dropping them all). */
 export function storeDatabases(database: string): string[] {
-  return [database, companionDatabase(database, "kh"), companionDatabase(database, "ki")];
+  return [database, ...KEY_HASH_SUFFIXES.map((s) => companionDatabase(database, s)), companionDatabase(database, "ki")];
 }
+
+/** The bucketed layout's collections, for a store on `database`. */
+export function createKeyBuckets(client: MongoClient, database: string) {
+  const hashDbs = new Map<string, Db>(KEY_HASH_SUFFIXES.map((s) => [s, client.db(companionDatabase(database, s))]));
+  const idDb = client.db(companionDatabase(database, "ki"));
+  return {
+    /** The bucket holding the key document with this hash. */
+    byHash<T extends Document>(hash: string): Collection<T> {
+      const { suffix, collection } = keyHashLocation(hash);
+      return hashDbs.get(suffix)!.collection<T>(collection);
+    },
+    /** The bucket holding the id pointer of the key with this id. */
+    byId<T extends Document>(id: string): Collection<T> {
+      return idDb.collection<T>(keyIdCollection(id));
+    },
+    /** The key-document buckets that exist (for reads by anything but the hash). */
+    async hashBuckets<T extends Document>(): Promise<Collection<T>[]> {
+      const out: Collection<T>[] = [];
+      for (const db of hashDbs.values()) {
+        const names = await db.listCollections({ name: { $regex: "^h[0-9a-f]{2}$" } }, { nameOnly: true }).toArray();
+        for (const n of names.map((c) => c.name).sort()) out.push(db.collection<T>(n));
+      }
+      return out;
+    },
+    /** The companion databases (a fault-injecting test wraps their `collection`). */
+    databases: [...hashDbs.values(), idDb],
+  };
+}
+
+export type KeyBuckets = ReturnType<typeof createKeyBuckets>;

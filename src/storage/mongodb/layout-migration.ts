@@ -3,7 +3,7 @@ import { MongoServerError, type Collection, type Db } from "mongodb";
 /** A document with a string `_id` (every collection here). */
 type Document = { _id: string; [field: string]: unknown };
 import { UnavailableError } from "../../domain/errors.js";
-import { BUCKET_HEX, keyHashCollection, keyIdCollection, type KeyLayout } from "./key-layout.js";
+import { ID_BUCKET_HEX, KEY_BUCKET_HEX, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
 
 /*
  * Moving a database written by an earlier version (keys in one `keys`
@@ -46,9 +46,9 @@ function isNamespaceMissing(err: unknown): boolean {
 export async function readLayout(settings: Collection<{ _id: string; value: string }>): Promise<KeyLayout | null> {
   const d = await settings.findOne({ _id: LAYOUT_SETTING });
   if (!d) return null;
-  const v = JSON.parse(d.value) as { keys: KeyLayout; bucketHex?: number };
-  if (v.keys === "bucketed" && v.bucketHex !== BUCKET_HEX) {
-    throw new Error(`this database's keys are in ${16 ** (v.bucketHex ?? 0)} buckets; this version reads ${16 ** BUCKET_HEX}`);
+  const v = JSON.parse(d.value) as { keys: KeyLayout; keyBucketHex?: number; idBucketHex?: number };
+  if (v.keys === "bucketed" && (v.keyBucketHex !== KEY_BUCKET_HEX || v.idBucketHex !== ID_BUCKET_HEX)) {
+    throw new Error(`this database's keys are in ${16 ** (v.keyBucketHex ?? 0)} buckets; this version reads ${16 ** KEY_BUCKET_HEX}`);
   }
   return v.keys;
 }
@@ -59,7 +59,8 @@ export async function readLayout(settings: Collection<{ _id: string; value: stri
  */
 export async function recordLayout(settings: Collection<{ _id: string; value: string }>, layout: KeyLayout): Promise<KeyLayout> {
   try {
-    await settings.insertOne({ _id: LAYOUT_SETTING, value: JSON.stringify({ keys: layout, bucketHex: layout === "bucketed" ? BUCKET_HEX : undefined }) });
+    const buckets = layout === "bucketed" ? { keyBucketHex: KEY_BUCKET_HEX, idBucketHex: ID_BUCKET_HEX } : {};
+    await settings.insertOne({ _id: LAYOUT_SETTING, value: JSON.stringify({ keys: layout, ...buckets }) });
     return layout;
   } catch (err) {
     if (!isDuplicate(err)) throw err;
@@ -69,8 +70,7 @@ export async function recordLayout(settings: Collection<{ _id: string; value: st
 
 export interface MigrationContext {
   db: Db;
-  keyHashDb: Db;
-  keyIdDb: Db;
+  buckets: KeyBuckets;
   /** Runs `fn` under the store's lease lock `name` (lease-lock.ts). */
   locked<T>(name: string, fn: () => Promise<T>): Promise<T>;
   /** Tests: called after each batch of keys copied (the count so far); throwing stops the migration there, as a crash would. */
@@ -141,15 +141,18 @@ async function copyKeys(ctx: MigrationContext, docs: Document[], lastUsed: Map<s
     docs.map((d) => ({ _id: d._id, hash: d.hash as string, ...(lastUsed.has(d._id) ? { lastUsedAt: lastUsed.get(d._id)! } : {}) })),
     (p) => keyIdCollection(p._id),
   );
-  for (const [name, group] of pointers) {
-    await insertKeepingExisting(ctx.keyIdDb.collection(name), group, (existing, doc) => existing.hash === doc.hash, "key id");
+  for (const group of pointers.values()) {
+    await insertKeepingExisting(ctx.buckets.byId<Document>(group[0]._id), group, (existing, doc) => existing.hash === doc.hash, "key id");
   }
   const moved = groupBy(
     docs.map((d) => ({ ...d, _id: d.hash as string, keyId: d._id })),
-    (d) => keyHashCollection(d._id),
+    (d) => {
+      const l = keyHashLocation(d._id);
+      return `${l.suffix}/${l.collection}`;
+    },
   );
-  for (const [name, group] of moved) {
-    await insertKeepingExisting(ctx.keyHashDb.collection(name), group, (existing, doc) => existing.keyId === doc.keyId, "key hash");
+  for (const group of moved.values()) {
+    await insertKeepingExisting(ctx.buckets.byHash<Document>(group[0]._id), group, (existing, doc) => existing.keyId === doc.keyId, "key hash");
   }
 }
 

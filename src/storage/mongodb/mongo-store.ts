@@ -18,7 +18,7 @@ import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
 import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
-import { bucketCollections, companionDatabase, keyHashCollection, keyIdCollection, type KeyLayout } from "./key-layout.js";
+import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
 import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
 
 /*
@@ -113,6 +113,11 @@ const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => (
  * layout also its key id (`_id` is the hash, see MongoStore.readKey).
  */
 const filterOf = (ref: { id: string; keyId?: string }): Record<string, unknown> => (ref.keyId && ref.keyId !== ref.id ? { _id: ref.id, keyId: ref.keyId } : { _id: ref.id });
+/** Keys in one bucket of the bucketed layout have equal values of this. */
+const hashBucketKey = (hash: string) => {
+  const l = keyHashLocation(hash);
+  return `${l.suffix}/${l.collection}`;
+};
 /** The lease lock of a balance's document. */
 const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`);
 /** Bucketed layout: most key ids whose hash a store remembers. */
@@ -251,9 +256,8 @@ export class MongoStore implements Store {
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
   private rootKeyHashes!: Collection<RootKeyHashDoc>;
-  /** Bucketed layout: the companion databases of key documents by hash and of key ids (key-layout.ts). */
-  private keyHashDb!: Db;
-  private keyIdDb!: Db;
+  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (key-layout.ts). */
+  private buckets!: KeyBuckets;
   /**
    * Bucketed layout: hashes of key ids seen (a key's hash never changes), so
    * that finding a key by id (a spend, an update) needs no read of its pointer.
@@ -338,16 +342,14 @@ export class MongoStore implements Store {
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");
-      this.keyHashDb = this.client.db(companionDatabase(this.opts.database, "kh"));
-      this.keyIdDb = this.client.db(companionDatabase(this.opts.database, "ki"));
+      this.buckets = createKeyBuckets(this.client, this.opts.database);
       // The layout this database recorded wins; a database without one is new, or was written by an earlier version (indexed).
       const recorded = await readLayout(this.settings);
       const layout = recorded ?? this.opts.layout ?? (this.flavor === "ferretdb" ? "bucketed" : "indexed");
       if (layout === "bucketed") {
         this.migrated = await settleBucketedLayout({
           db: this.db,
-          keyHashDb: this.keyHashDb,
-          keyIdDb: this.keyIdDb,
+          buckets: this.buckets,
           locked: (name, fn) => this.locked(name, fn),
           afterBatch: this.opts.migrationAfterBatch,
         });
@@ -604,12 +606,12 @@ export class MongoStore implements Store {
 
   /** Bucketed layout: the bucket holding the key with this hash. */
   private keyHashColl(hash: string): Collection<KeyDoc> {
-    return this.keyHashDb.collection<KeyDoc>(keyHashCollection(hash));
+    return this.buckets.byHash<KeyDoc>(hash);
   }
 
   /** Bucketed layout: the bucket holding the id pointer (and last-used time) of this key. */
   private keyIdColl(id: string): Collection<KeyIdDoc> {
-    return this.keyIdDb.collection<KeyIdDoc>(keyIdCollection(id));
+    return this.buckets.byId<KeyIdDoc>(id);
   }
 
   private rememberHash(id: string, hash: string): void {
@@ -658,8 +660,8 @@ export class MongoStore implements Store {
       return docs.map((d) => ({ id: d._id, hash: d.hash }));
     }
     const out: { id: string; hash: string }[] = [];
-    for (const name of await bucketCollections(this.keyHashDb, "h")) {
-      const docs = await this.keyHashDb.collection<KeyDoc>(name).find(filter, { projection: { _id: 1, keyId: 1 } }).toArray();
+    for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
+      const docs = await coll.find(filter, { projection: { _id: 1, keyId: 1 } }).toArray();
       for (const d of docs) out.push({ id: d.keyId!, hash: d._id });
     }
     return out;
@@ -669,8 +671,8 @@ export class MongoStore implements Store {
   private async deleteKeyDocs(keys: { id: string; hash: string }[], filter: Record<string, unknown>, o: { maxTimeMS?: number }): Promise<number> {
     if (this.layout === "indexed") return (await this.keys.deleteMany({ _id: { $in: keys.map((k) => k.id) }, ...filter }, o)).deletedCount;
     let n = 0;
-    for (const [name, group] of groupBy(keys, (k) => keyHashCollection(k.hash))) {
-      const coll = this.keyHashDb.collection<KeyDoc>(name);
+    for (const group of groupBy(keys, (k) => hashBucketKey(k.hash)).values()) {
+      const coll = this.keyHashColl(group[0].hash);
       n += (await coll.deleteMany({ _id: { $in: group.map((k) => k.hash) }, keyId: { $in: group.map((k) => k.id) }, ...filter }, o)).deletedCount;
     }
     return n;
@@ -682,8 +684,8 @@ export class MongoStore implements Store {
       await this.activity.deleteMany({ _id: { $in: keys.map((k) => k.id) } });
       return;
     }
-    for (const [name, group] of groupBy(keys, (k) => keyIdCollection(k.id))) {
-      await this.keyIdDb.collection<KeyIdDoc>(name).deleteMany({ _id: { $in: group.map((k) => k.id) } });
+    for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
+      await this.keyIdColl(group[0].id).deleteMany({ _id: { $in: group.map((k) => k.id) } });
     }
   }
 
@@ -734,11 +736,11 @@ export class MongoStore implements Store {
         for (let i = 0; i < records.length; i += 1000) await this.keys.insertMany(records.slice(i, i + 1000).map(toKeyDoc));
         return;
       }
-      for (const [name, group] of groupBy(records, (r) => keyIdCollection(r.id))) {
-        await this.keyIdDb.collection<KeyIdDoc>(name).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash })));
+      for (const group of groupBy(records, (r) => keyIdCollection(r.id)).values()) {
+        await this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash })));
       }
-      for (const [name, group] of groupBy(records, (r) => keyHashCollection(r.hash))) {
-        await this.keyHashDb.collection<KeyDoc>(name).insertMany(group.map(toBucketedKeyDoc));
+      for (const group of groupBy(records, (r) => hashBucketKey(r.hash)).values()) {
+        await this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc));
       }
     });
   }
@@ -764,8 +766,8 @@ export class MongoStore implements Store {
         for (const d of await this.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray()) at.set(d._id, d.lastUsedAt);
         return;
       }
-      for (const [name, group] of groupBy(keys, (k) => keyIdCollection(k.id))) {
-        const coll = this.keyIdDb.collection<KeyIdDoc>(name);
+      for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
+        const coll = this.keyIdColl(group[0].id);
         // One id: an `_id` lookup, the one filter FerretDB pushes down.
         const docs = group.length === 1 ? [await coll.findOne({ _id: group[0].id })].filter((d) => d !== null) : await coll.find({ _id: { $in: group.map((k) => k.id) } }).toArray();
         for (const d of docs) if (d.lastUsedAt !== undefined) at.set(d._id, d.lastUsedAt);
@@ -803,8 +805,7 @@ export class MongoStore implements Store {
       if (this.layout === "indexed") return this.keys.find({ _id: { $gt: page.afterId ?? "" }, ...q }).sort({ _id: 1 }).limit(page.limit).toArray();
       // Every bucket's first page, merged: keys are spread by hash, listed by id.
       const merged: KeyDoc[] = [];
-      for (const name of await bucketCollections(this.keyHashDb, "h")) {
-        const coll = this.keyHashDb.collection<KeyDoc>(name);
+      for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
         merged.push(...(await coll.find({ keyId: { $gt: page.afterId ?? "" }, ...q }).sort({ keyId: 1 }).limit(page.limit).toArray()));
       }
       return merged.sort((a, b) => (a.keyId! < b.keyId! ? -1 : 1)).slice(0, page.limit);
@@ -1384,9 +1385,8 @@ export class MongoStore implements Store {
     }
     // Bucketed: on the key's id pointer, one bucket at a time; a key deleted meanwhile has none and gets none.
     await this.run(async () => {
-      for (const [name, group] of groupBy([...times], ([id]) => keyIdCollection(id))) {
-        await this.keyIdDb
-          .collection<KeyIdDoc>(name)
+      for (const group of groupBy([...times], ([id]) => keyIdCollection(id)).values()) {
+        await this.keyIdColl(group[0][0])
           .bulkWrite(group.map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } } } })), { ordered: false });
       }
     });
