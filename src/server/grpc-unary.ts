@@ -13,7 +13,7 @@ import {
 } from "@connectrpc/connect";
 import http2 from "node:http2";
 import { performance } from "node:perf_hooks";
-import { clientStillSending, grpcStatusHeaders, tooLarge } from "./admission.js";
+import { clientStillSending, grpcStatusHeaders, stopUpload, tooLarge } from "./admission.js";
 
 /*
  * A lean transport for unary gRPC calls over HTTP/2. Connect-Node serves every
@@ -69,7 +69,6 @@ export interface GrpcUnaryOptions {
  * and flow control stops the client — the same bound as Node's own buffer.
  */
 const PRE_ADMISSION_BYTES = 16 * 1024;
-const { NGHTTP2_NO_ERROR } = http2.constants;
 
 const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
 
@@ -78,6 +77,11 @@ function parseTimeout(v: string | undefined): number | undefined | null {
   if (v === undefined) return undefined;
   const m = /^(\d{1,8})([HMSmun])$/.exec(v);
   return m ? Number(m[1]) * TIMEOUT_UNIT_MS[m[2]] : null;
+}
+
+function hasEntries(h: Headers): boolean {
+  for (const _ of h.keys()) return true;
+  return false;
 }
 
 function headersOf(raw: http2.IncomingHttpHeaders): Headers {
@@ -484,17 +488,31 @@ class UnaryCall implements LeanCall {
     this.abort(err);
   }
 
-  /** A trailers-only response carrying the status; stops the client's upload if it is still sending. */
+  /**
+   * The error status, with the metadata the handler set, as Connect-Node and
+   * grpc-go send it: the status, the error's metadata and the handler's
+   * trailers in the trailers; the handler's headers, if it set any, in a
+   * headers frame of their own before them — otherwise one trailers-only
+   * response. Stops the client's upload if it is still sending.
+   */
   private writeError(err: ConnectError): void {
     const stream = this.stream;
     if (stream.destroyed || stream.closed || stream.headersSent) return;
     const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
-    this.header?.forEach((v, k) => (headers[k] = v));
-    Object.assign(headers, grpcStatusHeaders(err));
+    const status = grpcStatusHeaders(err, this.trailer);
     try {
       const sending = clientStillSending(stream);
-      stream.respond(headers, { endStream: true });
-      if (sending) stream.close(NGHTTP2_NO_ERROR);
+      if (this.header && hasEntries(this.header)) {
+        this.header.forEach((v, k) => (headers[k] = v));
+        this.trailers = status;
+        stream.respond(headers, { waitForTrailers: true });
+        stream.on("wantTrailers", onWantTrailers);
+        stream.end();
+      } else {
+        Object.assign(headers, status);
+        stream.respond(headers, { endStream: true });
+      }
+      if (sending) stopUpload(stream);
     } catch {
       stream.destroy();
     }

@@ -7,7 +7,7 @@ import net from "node:net";
 import tls from "node:tls";
 import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
 import { toConnectError } from "../rpc/interceptors.js";
-import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf } from "./admission.js";
+import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf, stopUpload } from "./admission.js";
 import { createGrpcUnaryHandler, type LeanCall, type ResponseEncoder, type ServiceRegistration } from "./grpc-unary.js";
 import type { Logger } from "./logger.js";
 import type { Metrics } from "./metrics.js";
@@ -86,7 +86,7 @@ export interface LatchkeyServer {
 }
 
 const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n");
-const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_STREAM_STATE_OPEN, NGHTTP2_STREAM_STATE_HALF_CLOSED_LOCAL } = http2.constants;
+const { NGHTTP2_CANCEL } = http2.constants;
 const noop = () => undefined;
 
 /** Open streams of an HTTP/2 session, kept on the session itself. */
@@ -98,6 +98,44 @@ type Proven = { [RAW]?: net.Socket };
 /** The session of a stream: Node clears `stream.session` before the stream's 'close'. */
 const SESSION = Symbol("session");
 type Stream = http2.ServerHttp2Stream & { [SESSION]?: Session };
+
+/**
+ * How long a connection closed after an early answer stays half-closed (our FIN
+ * sent, its unread bytes not read) before it is destroyed: closing a socket with
+ * unread bytes sends RST, which can cost a client the answer it has not read yet.
+ * Go's net/http waits the same 500 ms for the same reason.
+ */
+const LINGER_MS = 500;
+
+/** socket.destroySoon for a connection closed after an early answer: FIN now, destroyed after LINGER_MS or once the client closes. */
+function lingeringClose(this: net.Socket): void {
+  if (this.writable) this.end();
+  if (this.destroyed) return;
+  const timer = setTimeout(() => this.destroy(), LINGER_MS);
+  timer.unref();
+  this.once("close", () => clearTimeout(timer));
+}
+
+/**
+ * The HTTP/1.1 response. An answer written before its request was read whole —
+ * a message over the limit, an error in the middle of a client stream, a
+ * refusal at the door — leaves the rest of that request unread: Connect-Node
+ * has started reading it (so Node does not discard it on its own) and stops,
+ * the request stays paused and the parser stops reading the socket. On a
+ * keep-alive connection the client's next request would then wait behind it
+ * until the request timeout answered it 408. Such an answer says `Connection:
+ * close` instead, and the connection is closed after it (lingeringClose).
+ */
+class Http1Response extends http.ServerResponse {
+  override writeHead(...args: unknown[]): this {
+    if (!this.req.complete) {
+      this.shouldKeepAlive = false;
+      // Node ends a connection after a `Connection: close` answer with destroySoon.
+      if (this.socket) this.socket.destroySoon = lingeringClose;
+    }
+    return (super.writeHead as (...a: unknown[]) => this)(...args);
+  }
+}
 
 /**
  * One port for every protocol: gRPC, gRPC-Web and Connect, over HTTP/2 and
@@ -252,26 +290,17 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
 
   /**
    * Connect-Node answered (e.g. a message over the limit) while the client is
-   * still sending: once our END_STREAM is out — after the trailers, which the
-   * writable side's 'finish' precedes — ask the client to stop (RST_STREAM
-   * NO_ERROR, RFC 9113 §8.1) instead of leaving the stream to the request timeout.
+   * still sending: ask the client to stop instead of leaving the stream to the
+   * request timeout.
    */
-  function stopUpload(this: http2.ServerHttp2Stream) {
-    if (!clientStillSending(this)) return;
-    let tries = 0;
-    const check = () => {
-      if (this.closed || this.destroyed) return;
-      const s = this.state.state;
-      if (s === NGHTTP2_STREAM_STATE_HALF_CLOSED_LOCAL) this.close(NGHTTP2_NO_ERROR);
-      else if (s === NGHTTP2_STREAM_STATE_OPEN && ++tries < 100) setTimeout(check, tries < 3 ? 0 : 10);
-    };
-    setImmediate(check);
+  function onConnectFinish(this: http2.ServerHttp2Stream) {
+    if (clientStillSending(this)) stopUpload(this);
   }
 
   function admit(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, rawHeaders: string[], call: LeanCall | null, isPublic: boolean) {
     if (stream.destroyed || stream.closed) return;
     if (call) return call.start(isPublic ? limits.publicMaxMessageBytes : limits.maxMessageBytes);
-    stream.once("finish", stopUpload);
+    stream.once("finish", onConnectFinish);
     try {
       const req = new http2.Http2ServerRequest(stream, headers, {}, rawHeaders);
       // Node ends an empty request body on its own, without a reader; if that
@@ -289,6 +318,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
 
   const h1 = http.createServer(
     {
+      ServerResponse: Http1Response,
       maxHeaderSize: limits.maxHeaderBytes,
       headersTimeout: limits.headersTimeoutMs,
       requestTimeout: limits.requestTimeoutMs,

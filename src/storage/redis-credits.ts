@@ -208,7 +208,9 @@ export class RedisCreditsStore implements Store {
   private prefix = "";
   private dirty = "";
   private timer: NodeJS.Timeout | null = null;
+  /** The write-back pass in flight, and the one queued behind it (see flush()). */
   private flushing: Promise<void> | null = null;
+  private queued: Promise<void> | null = null;
 
   constructor(
     readonly inner: MongoStore,
@@ -256,7 +258,9 @@ export class RedisCreditsStore implements Store {
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
-    // Any instance writes balances back; writing this one's share now is a courtesy.
+    // Any instance writes balances back; writing this one's share now is a courtesy. The
+    // calls are drained by now, so a pass started after this point (flush() waits for one
+    // in flight first) writes every spend this instance made.
     await this.flush().catch((err: Error) => this.opts.logger?.warn({ err: err.message }, "credits write-back at close failed; another instance will write them"));
     if (this.opts.ownsClient) await this.redis.quit().catch(() => this.redis.disconnect());
     await this.inner.close();
@@ -373,10 +377,32 @@ export class RedisCreditsStore implements Store {
     return i ? (await this.identities([i]))[0] : null;
   }
 
-  /** Writes dirty balances back to MongoDB (any instance's); one pass at a time. */
+  /**
+   * Writes back every balance that is dirty when it is called (any instance's);
+   * one pass at a time. A pass in flight may have read a balance before the
+   * spends this caller wants written (it reads, then waits for the lock — for a
+   * killed instance's lease, up to 1.5 s — then writes what it read), so joining
+   * it is not enough: the caller gets the pass queued behind it, one shared by
+   * every caller that comes while it waits.
+   */
   flush(): Promise<void> {
-    this.flushing ??= this.flushOnce().finally(() => (this.flushing = null));
-    return this.flushing;
+    if (this.queued) return this.queued;
+    if (!this.flushing) return this.pass();
+    this.queued = this.flushing
+      .catch(() => undefined)
+      .then(() => {
+        this.queued = null;
+        return this.pass();
+      });
+    return this.queued;
+  }
+
+  private pass(): Promise<void> {
+    const p: Promise<void> = this.flushOnce().finally(() => {
+      if (this.flushing === p) this.flushing = null;
+    });
+    this.flushing = p;
+    return p;
   }
 
   private async flushOnce(): Promise<void> {

@@ -11,7 +11,7 @@
  * Run by .ci/conformance; see docs/conformance.md.
  */
 import { create, createRegistry, fromBinary, toBinary } from "@bufbuild/protobuf";
-import type { ConnectRouter } from "@connectrpc/connect";
+import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -23,6 +23,38 @@ import { createMetrics } from "../../src/server/metrics.js";
 import { ServerCompatRequestSchema, ServerCompatResponseSchema } from "./gen/connectrpc/conformance/v1/server_compat_pb.js";
 import { ConformanceService, file_connectrpc_conformance_v1_service } from "./gen/connectrpc/conformance/v1/service_pb.js";
 import { createConformanceService } from "./service.js";
+
+/** Handler calls by path and method, and unary gRPC calls the lean path should have taken but Connect-Node served. */
+interface Stats {
+  lean: Record<string, number>;
+  connect: Record<string, number>;
+  fellThrough: number;
+}
+
+/** What the lean path takes (grpc-unary.ts): unary gRPC, proto, no compression (gRPC runs over HTTP/2 only). */
+function leanShaped(ctx: HandlerContext): boolean {
+  const ct = ctx.requestHeader.get("content-type");
+  const enc = ctx.requestHeader.get("grpc-encoding");
+  return ctx.protocolName === "grpc" && (ct === "application/grpc" || ct === "application/grpc+proto") && (enc === null || enc === "identity");
+}
+
+/**
+ * The implementation with every handler call counted for `path`, so a run can
+ * show that the lean path served the calls it is meant to take (and that none
+ * of them fell through to Connect-Node).
+ */
+function countCalls(impl: object, stats: Stats, path: "lean" | "connect"): object {
+  const out: Record<string, unknown> = {};
+  for (const [name, fn] of Object.entries(impl as Record<string, (req: unknown, ctx: HandlerContext) => unknown>)) {
+    const unary = ConformanceService.method[name as keyof typeof ConformanceService.method].methodKind === "unary";
+    out[name] = (req: unknown, ctx: HandlerContext) => {
+      stats[path][name] = (stats[path][name] ?? 0) + 1;
+      if (path === "connect" && unary && leanShaped(ctx)) stats.fellThrough++;
+      return fn(req, ctx);
+    };
+  }
+  return out;
+}
 
 async function readRequest(): Promise<Uint8Array> {
   const chunks: Buffer[] = [];
@@ -48,21 +80,31 @@ async function main(): Promise<void> {
     writeFileSync(tls.keyFile, req.serverCreds.key, { mode: 0o600 });
   }
 
-  const services: ServiceRegistration[] = [{ service: ConformanceService, impl: createConformanceService() } as unknown as ServiceRegistration];
-  const routes = (router: ConnectRouter) => {
-    for (const s of services) router.service(s.service, s.impl);
-  };
+  // The same implementation behind both paths, counted per path (see countCalls).
+  const impl = createConformanceService();
+  const stats: Stats = { lean: {}, connect: {}, fellThrough: 0 };
+  const services = [{ service: ConformanceService, impl: countCalls(impl, stats, "lean") } as unknown as ServiceRegistration];
+  const connectImpl = countCalls(impl, stats, "connect");
+  const routes = (router: ConnectRouter) => router.service(ConformanceService, connectImpl);
   const logger = createLogger(process.env.CONFORMANCE_LOG_LEVEL ?? "silent", process.stderr);
   const server = createServer({
     routes,
-    services,
+    // CONFORMANCE_LEAN_PATH=off serves every call through Connect-Node, to compare the two.
+    services: process.env.CONFORMANCE_LEAN_PATH === "off" ? undefined : services,
     interceptors: [createObservabilityInterceptor({ logger, metrics: createMetrics() })],
     tls,
     // Error details and echoed requests are google.protobuf.Any; the JSON codec needs their types.
     jsonOptions: { registry: createRegistry(file_connectrpc_conformance_v1_service) },
-    // The suite's receive limit when it asks for one (responses, which echo the
-    // request, keep the default limit).
-    limits: req.messageReceiveLimit > 0 ? { maxMessageBytes: req.messageReceiveLimit, maxResponseBytes: 4 * 1024 * 1024 } : {},
+    // Shorter request timeouts than a deployment's: a request that never
+    // completes fails its case within 10 s instead of stalling the runner
+    // (connectconformance v1.0.7 deadlocks when its client reports nothing for
+    // 20 s; docs/conformance.md). The suite's receive limit when it asks for
+    // one (responses, which echo the request, keep the default limit).
+    limits: {
+      headersTimeoutMs: 5000,
+      requestTimeoutMs: 10_000,
+      ...(req.messageReceiveLimit > 0 ? { maxMessageBytes: req.messageReceiveLimit, maxResponseBytes: 4 * 1024 * 1024 } : {}),
+    },
     // The conformance service needs no root key: no `authenticate`.
   });
   const port = await server.listen(0, "127.0.0.1");
@@ -76,6 +118,8 @@ async function main(): Promise<void> {
   process.stdout.write(Buffer.concat([size, res]));
 
   const stop = () => {
+    const statsDir = process.env.CONFORMANCE_STATS_DIR;
+    if (statsDir) writeFileSync(path.join(statsDir, `server-${process.pid}.json`), JSON.stringify({ tls: req.useTls, ...stats }));
     void server.close(0).finally(() => {
       if (dir) rmSync(dir, { recursive: true, force: true });
       process.exit(0);

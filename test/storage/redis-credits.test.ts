@@ -11,8 +11,10 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { KeyRecord } from "../../src/domain/types.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { RedisCreditsStore } from "../../src/storage/redis-credits.js";
+import type { Store } from "../../src/storage/store.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
 import { identityRecord, keyRecord } from "../support/records.js";
+import { gatedStore, type GatedStore } from "../verify/store-gates.js";
 import { describeWith, mongodbUri, redisUrl } from "../verify/support.js";
 import { creditWritesContract } from "./credit-writes-contract.js";
 
@@ -21,10 +23,16 @@ const today = Math.floor(Date.now() / DAY) * DAY;
 
 /** One "instance": a MongoDB store with its own Redis client, write-back every `flushMs`. */
 async function instance(database: string, flushMs = 60_000): Promise<RedisCreditsStore> {
+  return (await gatedInstance(database, flushMs)).store;
+}
+
+/** The same, with gates in front of the MongoDB store's methods (the write-back's persistCredits among them). */
+async function gatedInstance(database: string, flushMs = 60_000): Promise<{ store: RedisCreditsStore; gates: GatedStore }> {
   const client = new Redis(redisUrl()!, { maxRetriesPerRequest: 2 });
-  const store = new RedisCreditsStore(new MongoStore({ uri: mongodbUri()!, database }), client, { flushMs, ownsClient: true });
+  const gates = gatedStore(new MongoStore({ uri: mongodbUri()!, database }) as unknown as Store);
+  const store = new RedisCreditsStore(gates.store as unknown as MongoStore, client, { flushMs, ownsClient: true });
   await store.init();
-  return store;
+  return { store, gates };
 }
 
 describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
@@ -112,6 +120,53 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
         expect((await other.getKey(k.id))!.credits!.remaining).toBe(6);
         await other.flush();
         expect((await stored(other, k.id))!.remaining).toBe(6);
+      });
+
+      it("writes back at close what was spent while a write-back pass was held (a dead instance's lock): the stored balance is the last one", async () => {
+        // The fault test's failure, by gates: B's timer pass reads the balance (9) and
+        // waits in persistCredits — there, for the lock a killed instance held, until
+        // its lease ran out. Meanwhile B's last spends take the balance to 6, and the
+        // server, drained, closes the store. Before the fix close() joined the pass in
+        // flight: it wrote 9, left the balance dirty (n had moved) and nobody was left
+        // to write 6 — the stored balance admitted 3 credits that were answered VALID.
+        const { store: b, gates } = await gatedInstance(database);
+        open.push(b);
+        const i = identityRecord({ credits: { remaining: 10, refill: null } });
+        await b.createIdentity(i);
+        expect(await b.spendCredits({ identityId: i.id }, 1, null)).toMatchObject({ ok: true, remaining: 9 });
+        const held = gates.hold("persistCredits" as keyof Store);
+        const pass = b.flush();
+        const [, state, seq] = await held.reached;
+        expect(state).toMatchObject({ remaining: 9 });
+        for (let n = 0; n < 3; n++) expect(await b.spendCredits({ identityId: i.id }, 1, null)).toMatchObject({ ok: true });
+        const closed = b.close();
+        held.release();
+        await pass;
+        await closed;
+        const reader = new MongoStore({ uri: mongodbUri()!, database });
+        await reader.init();
+        try {
+          expect((await reader.getIdentity(i.id))!.credits!.remaining, `stored after close (the held pass wrote seq ${String(seq)})`).toBe(6);
+          expect((await reader.readCreditsHolder({ identityId: i.id }))!.seq).toBe(4);
+        } finally {
+          await reader.close();
+        }
+      });
+
+      it("a flush asked for while a pass is in flight writes what was spent before it was asked", async () => {
+        const { store: a, gates } = await gatedInstance(database);
+        open.push(a);
+        const k = await keyWith(a, 10);
+        await a.spendCredits({ keyId: k.id }, 1, null);
+        const held = gates.hold("persistCredits" as keyof Store);
+        const timerPass = a.flush();
+        await held.reached;
+        await a.spendCredits({ keyId: k.id }, 2, null);
+        const asked = a.flush();
+        held.release();
+        await Promise.all([timerPass, asked]);
+        expect((await stored(a, k.id))!.remaining).toBe(7);
+        expect(await a.pendingWriteBacks()).toBe(0);
       });
 
       it("never writes an older balance over a newer one, whatever order write-backs run in", async () => {

@@ -1,9 +1,11 @@
 /**
  * What the lean gRPC path writes besides the message: error details and error
- * metadata, response headers and trailers set by a handler, and the statuses
- * for malformed framing — the same as Connect-Node answers them.
+ * metadata, response headers and trailers set by a handler (on success and on
+ * error), binary metadata, and the statuses for malformed framing — the same
+ * as Connect-Node answers them.
  */
-import { fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
 import { StringValueSchema } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
 import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
@@ -45,6 +47,74 @@ describe("the lean gRPC path", () => {
     expect(o.headers["x-fixture-header"]).toBe("h");
     expect(o.trailers["x-fixture-trailer"]).toBe("t");
   });
+
+  it("an error keeps the headers and trailers its handler set: the headers in a frame of their own, then the status with the trailers and the error's metadata", async () => {
+    const o = await grpcCall(fx.port, GET, message(GetKeyRequestSchema, { id: "meta-fail" }), { ...AUTH, "x-want-served-by": "1" });
+    expect(o.headers["x-served-by"]).toBe("lean");
+    expect(o.headers["x-fixture-header"]).toBe("h");
+    expect(o.headers["grpc-status"]).toBeUndefined();
+    expect(o.trailers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    expect(o.trailers["x-fixture-trailer"]).toBe("t");
+    expect(o.trailers["x-fixture"]).toBe("failed");
+    expect(findTrailerError(asHeaders(o.trailers))?.details).toHaveLength(1);
+  });
+
+  it("an error whose handler set trailers only is one trailers-only response carrying them", async () => {
+    const o = await grpcCall(fx.port, GET, message(GetKeyRequestSchema, { id: "trailer-fail" }), AUTH);
+    expect(o.headers["grpc-status"]).toBe(String(Code.InvalidArgument));
+    expect(o.headers["x-fixture-trailer"]).toBe("t");
+    expect(o.headers["x-fixture"]).toBe("failed");
+    expect(o.trailers).toEqual({});
+  });
+
+  // The lean path takes identity calls; grpc-js with gzip goes to Connect-Node. Both must agree.
+  for (const [path, options] of [
+    ["lean", {}],
+    ["connect", { "grpc.default_compression_algorithm": 2 }],
+  ] as const) {
+    it(`grpc-js (${path} path): a failed call's headers arrive as headers, its trailers and error metadata as the status's metadata`, async () => {
+      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
+      const md = new grpc.Metadata();
+      md.set("authorization", "Bearer good");
+      md.set("x-want-served-by", "1");
+      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "meta-fail" })));
+      let headers: grpc.Metadata | undefined;
+      const status = await new Promise<grpc.StatusObject>((resolve) => {
+        const call = client.makeUnaryRequest(GET, (b: Buffer) => b, (b: Buffer) => b, bytes, md, () => undefined);
+        call.on("metadata", (m) => (headers = m));
+        call.on("status", resolve);
+      });
+      client.close();
+      expect(headers?.get("x-served-by")).toEqual([path]);
+      expect(headers?.get("x-fixture-header")).toEqual(["h"]);
+      expect(status.code).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(status.metadata.get("x-fixture-trailer")).toEqual(["t"]);
+      expect(status.metadata.get("x-fixture")).toEqual(["failed"]);
+    });
+
+    it(`grpc-js (${path} path): binary metadata (every byte value, two values of one key) comes back byte for byte in headers and trailers`, async () => {
+      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
+      const md = new grpc.Metadata();
+      md.set("authorization", "Bearer good");
+      md.set("x-want-served-by", "1");
+      const a = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
+      const b = Buffer.from([0xff, 0x00, 0x2c, 0x20, 0x0a]);
+      md.add("x-echo-bin", a);
+      md.add("x-echo-bin", b);
+      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "echo-bin" })));
+      let headers: grpc.Metadata | undefined;
+      const status = await new Promise<grpc.StatusObject>((resolve) => {
+        const call = client.makeUnaryRequest(GET, (x: Buffer) => x, (x: Buffer) => x, bytes, md, () => undefined);
+        call.on("metadata", (m) => (headers = m));
+        call.on("status", resolve);
+      });
+      client.close();
+      expect(status.code).toBe(grpc.status.OK);
+      expect(headers?.get("x-served-by")).toEqual([path]);
+      expect(headers?.get("x-echo-bin")).toEqual([a, b]);
+      expect(status.metadata.get("x-echo-trailer-bin")).toEqual([a, b]);
+    });
+  }
 
   it("answers malformed framing as Connect-Node does", async () => {
     const body = message(GetKeyRequestSchema, { id: "x" });

@@ -47,6 +47,12 @@ async function verifyValid(c: Clients, key: string, n = 1, tags: string[] = []):
   }
 }
 
+/** An explicit MINUTE range ending a minute from now: reports read at different moments cover the same buckets. */
+function pinnedRange(): { start: number; end: number } {
+  const now = Date.now();
+  return { start: now - HOUR, end: now - (now % MINUTE) + 2 * MINUTE };
+}
+
 function totalsOf(r: PlainReport): Record<string, number> {
   return Object.fromEntries(r.series.map((s) => [s.group, s.totals.total]));
 }
@@ -204,16 +210,18 @@ describeEachStore("usage queries", (kind) => {
     await verifyValid(c, keys[0].plaintext, 3, ["t"]);
     await verifyValid(c, keys[1].plaintext, 2);
     await h().core.recorder.flush();
-    const before = await identityUsage(c, { id: identityId }, { groupBy: "KEY" });
+    // One range for every report compared below, so they cannot straddle a minute boundary.
+    const range = pinnedRange();
+    const before = await identityUsage(c, { id: identityId }, { groupBy: "KEY", ...range });
     expect(before.totals.total).toBe(5);
 
     const detached = await c.keys.updateKey({ key: { id: keys[0].id, identityId: "" }, updateMask: { paths: ["identity_id"] } });
     expect(detached.key!.identityId).toBe("");
-    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY" })).toEqual(before);
+    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY", ...range })).toEqual(before);
 
     await verifyValid(c, keys[0].plaintext, 4);
     await h().core.recorder.flush();
-    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY" })).toEqual(before);
+    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY", ...range })).toEqual(before);
     expect((await keyUsage(c, keys[0].id)).totals.total).toBe(7);
   });
 
@@ -237,15 +245,16 @@ describeEachStore("usage queries", (kind) => {
     await verifyValid(c, keys[0].plaintext, 3);
     await verifyValid(c, keys[1].plaintext, 1);
     await h().core.recorder.flush();
-    const before = await identityUsage(c, { id: identityId }, { groupBy: "KEY" });
-    const keyBefore = await keyUsage(c, keys[0].id);
+    const range = pinnedRange();
+    const before = await identityUsage(c, { id: identityId }, { groupBy: "KEY", ...range });
+    const keyBefore = await keyUsage(c, keys[0].id, range);
 
     await c.keys.deleteKey({ id: keys[0].id });
     expect((await c.keys.verifyKey({ key: keys[0].plaintext })).valid).toBe(false);
     await h().core.recorder.flush();
-    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY" })).toEqual(before);
+    expect(await identityUsage(c, { id: identityId }, { groupBy: "KEY", ...range })).toEqual(before);
     expect(before.totals.total).toBe(4);
-    expect(await keyUsage(c, keys[0].id)).toEqual(keyBefore);
+    expect(await keyUsage(c, keys[0].id, range)).toEqual(keyBefore);
     expect(keyBefore.totals).toEqual(counts({ total: 3, valid: 3 }));
   });
 

@@ -7,9 +7,12 @@
  * the proxy), and B carries on alone. Once B has stopped gracefully (writing
  * balances back), the stored balance must account for every VALID answer and
  * the increment: never more VALID than the balance or the pool allows, never
- * below zero, nothing acknowledged lost. Once per credits backend (redis: the
- * default with Redis; store: the lease lock, which B must take over from the
- * dead A). The figures are printed.
+ * below zero, nothing acknowledged lost. Meanwhile a third key (credits of its
+ * own) is verified on both instances and disabled through B while A, slowed by
+ * its proxies, still serves it: no call on either instance that started more
+ * than one second after the disable was acknowledged may answer VALID. Once per
+ * credits backend (redis: the default with Redis; store: the lease lock, which
+ * B must take over from the dead A). The figures are printed.
  */
 import { MongoClient } from "mongodb";
 import { afterEach, describe, expect, it } from "vitest";
@@ -32,7 +35,16 @@ const POOL = 120;
 const CALLS = 400; // per identity, over both instances
 const WORKERS = 6; // concurrent callers per instance
 
-type Outcome = { identity: "credits" | "pool"; instance: "A" | "B"; code: string | null; resetAt: string | null; error: string | null; at: number };
+type Outcome = {
+  identity: "credits" | "pool" | "revoked";
+  instance: "A" | "B";
+  code: string | null;
+  resetAt: string | null;
+  error: string | null;
+  /** When the call was sent, and when its answer came. */
+  start: number;
+  at: number;
+};
 
 describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
   describeWith("REDIS_URL", redisUrl(), "on MongoDB and Redis", () => {
@@ -80,7 +92,8 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           const poolId = await identity({ ratelimits: [{ name: "requests", limit: String(POOL), duration: { seconds: "3600" }, auto_apply: true }] });
           const keysOf = async (identityId: string) =>
             Promise.all([0, 1, 2].map(async () => (await call("B", "CreateKey", { api_id: "api_fault", identity_id: identityId })).plaintext as string));
-          const keys = { credits: await keysOf(creditsId.id), pool: await keysOf(poolId.id) };
+          const revoked = await call("B", "CreateKey", { api_id: "api_fault", credits: { remaining: "1000000000" } });
+          const keys = { credits: await keysOf(creditsId.id), pool: await keysOf(poolId.id), revoked: [revoked.plaintext as string] };
 
           const outcomes: Outcome[] = [];
           const issued = { credits: 0, pool: 0 };
@@ -90,23 +103,28 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           let killedMidSpend = false;
           let allIssued: Promise<void> | null = null;
           let issuedAll: (() => void) | null = null;
+          let revokedAt = 0;
 
           const worker = async (instance: "A" | "B", n: number) => {
             for (let i = n; ; i++) {
               if (instance === "A" && aDead) return;
-              const which = i % 2 ? "credits" : "pool";
-              if (issued[which] >= CALLS) {
+              // First the revocation phase: every call verifies the key to be disabled, until a
+              // second and a half after the disable; then the shared credits and pool (and that key).
+              const revocationPhase = revokedAt === 0 || Date.now() < revokedAt + 1500;
+              const which = revocationPhase ? "revoked" : (["credits", "pool", "revoked"] as const)[i % 3];
+              if (which !== "revoked" && issued[which] >= CALLS) {
                 if (issued.credits >= CALLS && issued.pool >= CALLS) return;
                 continue;
               }
-              issued[which]++;
+              if (which !== "revoked") issued[which]++;
               if (issued.credits >= CALLS && issued.pool >= CALLS) issuedAll?.();
+              const start = Date.now();
               try {
-                const res = await call(instance, "VerifyKey", { key: keys[which][i % 3] });
+                const res = await call(instance, "VerifyKey", { key: keys[which][i % keys[which].length] });
                 const limit = (res.ratelimits as Msg[])[0];
-                outcomes.push({ identity: which, instance, code: res.code, resetAt: limit ? String(limit.reset_at?.seconds) : null, error: null, at: Date.now() });
+                outcomes.push({ identity: which, instance, code: res.code, resetAt: limit ? String(limit.reset_at?.seconds) : null, error: null, start, at: Date.now() });
               } catch (err) {
-                outcomes.push({ identity: which, instance, code: null, resetAt: null, error: (err as Error).message, at: Date.now() });
+                outcomes.push({ identity: which, instance, code: null, resetAt: null, error: (err as Error).message, start, at: Date.now() });
               }
             }
           };
@@ -114,7 +132,14 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           // A killer: after A has answered a while and acknowledged the increment,
           // hold A's next spend on the wire and kill A while it is held.
           const killer = (async () => {
-            while (outcomes.filter((o) => o.instance === "A" && o.code).length < 60) await new Promise((r) => setTimeout(r, 5));
+            // The revocation first, through B, while A (slowed by its proxies) serves the key too;
+            // A goes on serving for over a second after it before it is killed.
+            while (outcomes.filter((o) => o.instance === "A" && o.identity === "revoked" && o.code === "VERIFICATION_CODE_VALID").length < 10) {
+              await new Promise((r) => setTimeout(r, 5));
+            }
+            await call("B", "UpdateKey", { key: { id: revoked.key.id, enabled: false }, update_mask: { paths: ["enabled"] } });
+            revokedAt = Date.now();
+            while (outcomes.filter((o) => o.instance === "A" && o.identity !== "revoked" && o.code).length < 60) await new Promise((r) => setTimeout(r, 5));
             await call("A", "UpdateCredits", { identity_id: creditsId.id, operation: "CREDITS_OPERATION_INCREMENT", value: String(INCREMENT) });
             incremented = true;
             const spendOnTheWire =
@@ -154,15 +179,25 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           const perWindow = new Map<string, number>();
           for (const o of valid("pool")) perWindow.set(o.resetAt!, (perWindow.get(o.resetAt!) ?? 0) + 1);
           const resumed = valid("credits").find((o) => o.instance === "B" && o.at > killedAt);
+          // Revocation: VALID answers to calls sent after the disable was acknowledged, per instance.
+          const validAfterRevoke = valid("revoked").filter((o) => o.start > revokedAt);
+          const worstDelay = Math.max(0, ...validAfterRevoke.map((o) => o.start - revokedAt));
+          const servedAfter = (i: "A" | "B") => of("revoked").filter((o) => o.instance === i && o.code && o.start > revokedAt + 1000).length;
           process.stdout.write(
             `[fault test, credits backend ${backend}] credits: ${valid("credits").length} VALID of ${of("credits").length} calls ` +
               `(${unknown("credits").length} without an answer: A killed), balance ${total} → stored ${remaining}; ` +
               `pool: ${valid("pool").length} VALID of ${of("pool").length} (limit ${POOL} per window, per window: ${[...perWindow.values()].join(", ")}); ` +
               `B answered ${outcomes.filter((o) => o.instance === "B").length}, A ${outcomes.filter((o) => o.instance === "A" && o.code).length} before its kill; ` +
               `A killed ${killedMidSpend ? "while its spend was held on the wire" : "after the callers finished"}; ` +
-              `B's first VALID on the shared balance ${resumed ? resumed.at - killedAt : "—"} ms after the kill\n`,
+              `B's first VALID on the shared balance ${resumed ? resumed.at - killedAt : "—"} ms after the kill; ` +
+              `revocation: the last VALID for the disabled key was sent ${worstDelay} ms after the disable was acknowledged ` +
+              `(${validAfterRevoke.length} VALID sent after it; answers to calls sent over 1 s after it: A ${servedAfter("A")}, B ${servedAfter("B")}, all DISABLED)\n`,
           );
 
+          // Revoked stays revoked: no VALID for a call sent over a second after the disable, on either instance.
+          expect(worstDelay, "ms between the acknowledged disable and the last VALID call sent").toBeLessThanOrEqual(1000);
+          expect(servedAfter("A"), "A served the disabled key for over a second after the disable").toBeGreaterThan(0);
+          expect(of("revoked").filter((o) => o.code && o.start > revokedAt + 1000 && o.code !== "VERIFICATION_CODE_DISABLED")).toEqual([]);
           // Never more VALID than the balance (with the acknowledged increment) or the pool.
           expect(valid("credits").length).toBeLessThanOrEqual(total);
           for (const n of perWindow.values()) expect(n).toBeLessThanOrEqual(POOL);
