@@ -139,19 +139,19 @@ describeWith("MONGODB_URI", mongodbUri(), "moving a database of an earlier versi
   });
 
   it("finishes a move stopped half-way on the next start, with no key lost or copied twice", async () => {
-    const old = await oldDatabase(1200);
+    const old = await oldDatabase(120);
     const crash = new Error("the process died here");
-    // The first start copies one batch (500 keys), then stops as a crash would.
-    await expect(open({ migrationAfterBatch: (n) => { if (n >= 500) throw crash; } })).rejects.toBe(crash);
+    // The first start copies one batch (50 keys), then stops as a crash would.
+    await expect(open({ migrationBatch: 50, migrationAfterBatch: (n) => { if (n >= 50) throw crash; } })).rejects.toBe(crash);
     const half = stores[stores.length - 1];
-    expect(await bucketedKeyCount(half)).toBe(500);
+    expect(await bucketedKeyCount(half)).toBe(50);
     expect(await half.client.db(database).collection("settings").findOne({ _id: LAYOUT_SETTING } as never), "no layout recorded yet").toBeNull();
-    expect(await half.client.db(database).collection("keys").countDocuments(), "the old collection is kept until everything is copied").toBe(1200);
+    expect(await half.client.db(database).collection("keys").countDocuments(), "the old collection is kept until everything is copied").toBe(120);
     await half.close();
 
-    const store = await open();
-    expect(store.migrated?.keys).toBe(1200);
-    expect(await bucketedKeyCount(store)).toBe(1200);
+    const store = await open({ migrationBatch: 50 });
+    expect(store.migrated?.keys).toBe(120);
+    expect(await bucketedKeyCount(store)).toBe(120);
     await expectAllThere(store, old);
   }, 120_000);
 

@@ -80,8 +80,8 @@ export function gatedStore(store: Store): GatedStore {
  * the collection held in the store's field `field` has succeeded, every later
  * call on any of the store's collections fails as a lost connection would,
  * until `heal()`. `field` may also name one of the store's databases (`db`;
- * `buckets`: those of the bucketed key layout), for a call on any collection
- * of them. (Reaches into the store's private fields: the fault sits
+ * `buckets`: the bucketed key layout's), for a call on any collection of
+ * them. (Reaches into the store's private fields: the fault sits
  * between two driver calls of one store method.)
  */
 export function severAfter(store: Store, field: string, method: string): { severed(): boolean; heal(): void } {
@@ -121,15 +121,22 @@ export function severAfter(store: Store, field: string, method: string): { sever
     if (value.constructor?.name === "Collection") {
       originals.set(name, value);
       target[name] = wrap(value, name);
-    } else {
-      // Collections the store asks a Db for later (the change feed's; key buckets, in `buckets.databases`) fail the same way.
-      const dbs = value.constructor?.name === "Db" ? [value] : Array.isArray((value as { databases?: unknown }).databases) ? (value as { databases: object[] }).databases : [];
-      for (const db of dbs as { collection: (n: string) => object }[]) {
-        const collection = db.collection;
-        restore.push(() => (db.collection = collection));
-        dbFields.add(name);
-        db.collection = (n: string) => wrap(collection.call(db, n), name);
-      }
+    } else if (value.constructor?.name === "Db") {
+      // Collections the store asks a Db for later (the change feed's) fail the same way.
+      const db = value as { collection: (n: string) => object };
+      const collection = db.collection;
+      restore.push(() => (db.collection = collection));
+      dbFields.add(name);
+      db.collection = (n: string) => wrap(collection.call(db, n), name);
+    } else if (typeof (value as { byHash?: unknown }).byHash === "function") {
+      // The key buckets of the bucketed layout (key-layout.ts createKeyBuckets): every bucket they hand out.
+      const b = value as { byHash: (h: string) => object; byId: (id: string) => object; hashBuckets: () => Promise<object[]> };
+      const { byHash, byId, hashBuckets } = b;
+      restore.push(() => Object.assign(b, { byHash, byId, hashBuckets }));
+      dbFields.add(name);
+      b.byHash = (h: string) => wrap(byHash.call(b, h), name);
+      b.byId = (id: string) => wrap(byId.call(b, id), name);
+      b.hashBuckets = async () => (await hashBuckets.call(b)).map((c) => wrap(c, name));
     }
   }
   if (!originals.has(field) && !dbFields.has(field)) throw new Error(`no collection or database field ${field} on the store`);

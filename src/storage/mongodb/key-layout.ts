@@ -16,8 +16,9 @@ import type { Collection, Db, Document, MongoClient } from "mongodb";
  * collections and every hot read is an `_id` lookup in one of them:
  *
  * - key documents by hash: `_id` = the key's hash, `keyId` = its id. Bucket =
- *   the hash's first three hex digits (4,096 buckets): the first names the
- *   companion database `<db>_kh<d>`, the next two the collection `h<dd>` in it.
+ *   the hash's first three hex digits (12 bits, 4,096 buckets): the high six
+ *   bits name the companion database `<db>_kh<xx>`, the low six the collection
+ *   `h<xx>` in it (64 databases of 64 collections).
  *   A verification's lookup by hash reads one bucket (about 25 keys of
  *   100,000). The `_id` makes the hash unique: two keys with one hash fall
  *   into one bucket under one `_id`.
@@ -30,7 +31,8 @@ import type { Collection, Db, Document, MongoClient } from "mongodb";
  * Companion databases, not collections of the main one: FerretDB lists (copies
  * and sorts) every collection of a database for every query it answers, about
  * 1 µs each, so thousands of buckets in one database would slow every query of
- * it. No companion database holds more than 256 collections.
+ * it; with 256 buckets a database, that listing was a quarter of FerretDB's CPU
+ * for a cold lookup (docs/performance.md), hence 64.
  */
 
 export type KeyLayout = "indexed" | "bucketed";
@@ -56,17 +58,20 @@ export function idBucket(id: string): string {
   return sha256Hex(id).slice(0, ID_BUCKET_HEX);
 }
 
+/** Key-hash buckets a companion database holds (and companion databases of key hashes). */
+export const KEY_BUCKETS_PER_DATABASE = 64;
+const hex2 = (n: number) => n.toString(16).padStart(2, "0");
+
 /** The companion database (suffix) and collection of the key with this hash. */
 export function keyHashLocation(hash: string): { suffix: string; collection: string } {
-  const b = hashBucket(hash);
-  return { suffix: `kh${b[0]}`, collection: `h${b.slice(1)}` };
+  const n = parseInt(hashBucket(hash), 16);
+  return { suffix: `kh${hex2(Math.floor(n / KEY_BUCKETS_PER_DATABASE))}`, collection: `h${hex2(n % KEY_BUCKETS_PER_DATABASE)}` };
 }
 
 /** The collection of the key-id pointer of this key, in companion database `ki`. */
 export const keyIdCollection = (id: string) => `i${idBucket(id)}`;
 
-const HEX_DIGITS = "0123456789abcdef";
-const KEY_HASH_SUFFIXES = [...HEX_DIGITS].map((d) => `kh${d}`);
+const KEY_HASH_SUFFIXES = Array.from({ length: 16 ** KEY_BUCKET_HEX / KEY_BUCKETS_PER_DATABASE }, (_, i) => `kh${hex2(i)}`);
 
 /**
  * The name of a companion database of `database` (FerretDB allows 63
@@ -88,15 +93,23 @@ export function storeDatabases(database: string): string[] {
 export function createKeyBuckets(client: MongoClient, database: string) {
   const hashDbs = new Map<string, Db>(KEY_HASH_SUFFIXES.map((s) => [s, client.db(companionDatabase(database, s))]));
   const idDb = client.db(companionDatabase(database, "ki"));
+  // Collection objects made once per bucket (the driver builds one per `collection()` call).
+  const made = new Map<string, Collection<Document>>();
+  const collectionOf = (db: Db, name: string): Collection<Document> => {
+    const k = `${db.databaseName}/${name}`;
+    let c = made.get(k);
+    if (!c) made.set(k, (c = db.collection(name)));
+    return c;
+  };
   return {
     /** The bucket holding the key document with this hash. */
     byHash<T extends Document>(hash: string): Collection<T> {
       const { suffix, collection } = keyHashLocation(hash);
-      return hashDbs.get(suffix)!.collection<T>(collection);
+      return collectionOf(hashDbs.get(suffix)!, collection) as unknown as Collection<T>;
     },
     /** The bucket holding the id pointer of the key with this id. */
     byId<T extends Document>(id: string): Collection<T> {
-      return idDb.collection<T>(keyIdCollection(id));
+      return collectionOf(idDb, keyIdCollection(id)) as unknown as Collection<T>;
     },
     /** The key-document buckets that exist (for reads by anything but the hash). */
     async hashBuckets<T extends Document>(): Promise<Collection<T>[]> {
@@ -107,8 +120,6 @@ export function createKeyBuckets(client: MongoClient, database: string) {
       }
       return out;
     },
-    /** The companion databases (a fault-injecting test wraps their `collection`). */
-    databases: [...hashDbs.values(), idDb],
   };
 }
 

@@ -3,7 +3,7 @@ import { MongoServerError, type Collection, type Db } from "mongodb";
 /** A document with a string `_id` (every collection here). */
 type Document = { _id: string; [field: string]: unknown };
 import { UnavailableError } from "../../domain/errors.js";
-import { ID_BUCKET_HEX, KEY_BUCKET_HEX, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
+import { ID_BUCKET_HEX, KEY_BUCKET_HEX, KEY_BUCKETS_PER_DATABASE, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
 
 /*
  * Moving a database written by an earlier version (keys in one `keys`
@@ -46,9 +46,11 @@ function isNamespaceMissing(err: unknown): boolean {
 export async function readLayout(settings: Collection<{ _id: string; value: string }>): Promise<KeyLayout | null> {
   const d = await settings.findOne({ _id: LAYOUT_SETTING });
   if (!d) return null;
-  const v = JSON.parse(d.value) as { keys: KeyLayout; keyBucketHex?: number; idBucketHex?: number };
-  if (v.keys === "bucketed" && (v.keyBucketHex !== KEY_BUCKET_HEX || v.idBucketHex !== ID_BUCKET_HEX)) {
-    throw new Error(`this database's keys are in ${16 ** (v.keyBucketHex ?? 0)} buckets; this version reads ${16 ** KEY_BUCKET_HEX}`);
+  const v = JSON.parse(d.value) as { keys: KeyLayout; keyBucketHex?: number; keyBucketsPerDatabase?: number; idBucketHex?: number };
+  if (v.keys === "bucketed" && (v.keyBucketHex !== KEY_BUCKET_HEX || v.keyBucketsPerDatabase !== KEY_BUCKETS_PER_DATABASE || v.idBucketHex !== ID_BUCKET_HEX)) {
+    throw new Error(
+      `this database's keys are in ${16 ** (v.keyBucketHex ?? 0)} buckets, ${v.keyBucketsPerDatabase ?? "?"} a database; this version reads ${16 ** KEY_BUCKET_HEX}, ${KEY_BUCKETS_PER_DATABASE} a database`,
+    );
   }
   return v.keys;
 }
@@ -59,7 +61,7 @@ export async function readLayout(settings: Collection<{ _id: string; value: stri
  */
 export async function recordLayout(settings: Collection<{ _id: string; value: string }>, layout: KeyLayout): Promise<KeyLayout> {
   try {
-    const buckets = layout === "bucketed" ? { keyBucketHex: KEY_BUCKET_HEX, idBucketHex: ID_BUCKET_HEX } : {};
+    const buckets = layout === "bucketed" ? { keyBucketHex: KEY_BUCKET_HEX, keyBucketsPerDatabase: KEY_BUCKETS_PER_DATABASE, idBucketHex: ID_BUCKET_HEX } : {};
     await settings.insertOne({ _id: LAYOUT_SETTING, value: JSON.stringify({ keys: layout, ...buckets }) });
     return layout;
   } catch (err) {
@@ -75,6 +77,8 @@ export interface MigrationContext {
   locked<T>(name: string, fn: () => Promise<T>): Promise<T>;
   /** Tests: called after each batch of keys copied (the count so far); throwing stops the migration there, as a crash would. */
   afterBatch?: (copied: number) => void | Promise<void>;
+  /** Keys copied per batch (default BATCH). */
+  batch?: number;
   /** How long to wait for another instance's migration (default 10 min). */
   waitMs?: number;
 }
@@ -109,7 +113,8 @@ async function migrate(ctx: MigrationContext): Promise<MigrationReport> {
   if (await legacy.findOne({ _id: { $nin: FENCE_IDS } }, { projection: { _id: 1 } })) {
     const lastUsed = new Map<string, number>();
     for await (const a of activity.find({})) lastUsed.set(a._id, a.lastUsedAt);
-    const cursor = legacy.find({ _id: { $nin: FENCE_IDS } }, { batchSize: BATCH });
+    const size = ctx.batch ?? BATCH;
+    const cursor = legacy.find({ _id: { $nin: FENCE_IDS } }, { batchSize: size });
     let batch: Document[] = [];
     const flush = async () => {
       await copyKeys(ctx, batch, lastUsed);
@@ -119,7 +124,7 @@ async function migrate(ctx: MigrationContext): Promise<MigrationReport> {
     };
     for await (const d of cursor) {
       batch.push(d);
-      if (batch.length >= BATCH) await flush();
+      if (batch.length >= size) await flush();
     }
     if (batch.length > 0) await flush();
     // Everything is copied: only now does the old collection go.

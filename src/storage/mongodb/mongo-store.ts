@@ -123,6 +123,25 @@ const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.key
 /** Bucketed layout: most key ids whose hash a store remembers. */
 const HASH_OF_ID_MAX = 100_000;
 
+/** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
+async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+  let next = 0;
+  let stop = false;
+  const worker = async () => {
+    while (!stop && next < items.length) {
+      try {
+        await fn(items[next++]);
+      } catch (err) {
+        stop = true;
+        throw err;
+      }
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, worker));
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+}
+
 function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
   const out = new Map<string, T[]>();
   for (const it of items) {
@@ -231,6 +250,8 @@ export interface MongoStoreOptions {
   layout?: KeyLayout;
   /** Tests: called after each batch of keys the start-up migration copied; throwing stops it there, as a crash would. */
   migrationAfterBatch?: (copied: number) => void | Promise<void>;
+  /** Tests: keys copied per batch by the start-up migration (default 500). */
+  migrationBatch?: number;
   /** Tests: emit the driver's command events on `client` (counting what a lookup reads). */
   monitorCommands?: boolean;
 }
@@ -352,6 +373,7 @@ export class MongoStore implements Store {
           buckets: this.buckets,
           locked: (name, fn) => this.locked(name, fn),
           afterBatch: this.opts.migrationAfterBatch,
+          batch: this.opts.migrationBatch,
         });
       } else {
         await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
@@ -736,12 +758,13 @@ export class MongoStore implements Store {
         for (let i = 0; i < records.length; i += 1000) await this.keys.insertMany(records.slice(i, i + 1000).map(toKeyDoc));
         return;
       }
-      for (const group of groupBy(records, (r) => keyIdCollection(r.id)).values()) {
-        await this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash })));
-      }
-      for (const group of groupBy(records, (r) => hashBucketKey(r.hash)).values()) {
-        await this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc));
-      }
+      // Buckets written 8 at a time: most of the time here is FerretDB creating thousands of collections.
+      await eachLimited([...groupBy(records, (r) => keyIdCollection(r.id)).values()], 8, (group) =>
+        this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
+      );
+      await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
+        this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
+      );
     });
   }
 
