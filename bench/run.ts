@@ -268,7 +268,7 @@ interface ColdKeys {
 /**
  * Cold keys on MongoDB: COLD_KEYS keys (100 per identity), loaded in bulk, and
  * a server started with an empty cache, warmed up (JIT, connection pool, root
- * key) by a pass over the last 2,000 keys. The cold run sends every other key
+ * key) by a pass over the last 2,000 keys. The cold run sends each of the others
  * once, in order (ghz sends the data file's messages round-robin), for BENCH_DURATION:
  * every call looks its key up in the store (and the first of each identity its
  * identity). The warm run then verifies keys the cold run looked up, for the
