@@ -13,7 +13,7 @@
 # prune, start the pruned install with each store and rate-limit backend); it checks
 # that the lines it replays are still here, so change both together.
 
-FROM node:22-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 # better-sqlite3 compiles its native addon when no prebuilt binary fits.
 RUN apt-get update \
@@ -28,7 +28,7 @@ COPY src ./src
 RUN npm run build \
  && npm prune --omit=dev --no-audit --no-fund
 
-FROM node:22-bookworm-slim
+FROM node:24-bookworm-slim
 ENV NODE_ENV=production \
     LATCHKEY_HOST=0.0.0.0 \
     LATCHKEY_PORT=8080 \

@@ -9,6 +9,5 @@ export default defineConfig({
     hookTimeout: 60_000,
     // Integration tests start servers and external tools; keep the 2-core machine calm.
     maxWorkers: 2,
-    minWorkers: 1,
   },
 });

@@ -10,7 +10,7 @@ import { performance } from "node:perf_hooks";
 import { createGzip, gzipSync } from "node:zlib";
 
 /*
- * node dist/bench/attacks.js — replays the front-door attacks of issue 8 against
+ * npm run bench:attacks (node dist/bench/attacks.js) — replays the front-door attacks of issue 8 against
  * a started server, one fresh server per attack, while sampling the server's
  * RSS and the latency of a health Check on a connection of its own. Not a test:
  * it reports figures. Settings (defaults in brackets):
@@ -69,6 +69,11 @@ async function startServer(): Promise<Server> {
       }
     });
   });
+  // The bootstrap root key is handed over in a file readable by its owner only
+  // (never on stdout among the log lines): read it from there.
+  const keyFile = join(dataDir, "bootstrap-root-key");
+  if (!server.rootKey && existsSync(keyFile)) server.rootKey = readFileSync(keyFile, "utf8").trim();
+  if (!server.rootKey) throw new Error(`no bootstrap root key in ${keyFile} or on stdout:\n${out}`);
   return server;
 }
 
@@ -128,6 +133,7 @@ async function measure(server: Server, attack: () => Promise<string>): Promise<S
   let rssPeak = rssBefore;
   let healthMaxMs = 0;
   let healthFailures = 0;
+  const healthErrors = new Set<string>();
   let running = true;
   const rssTimer = setInterval(() => {
     const r = rssMiB(pid);
@@ -137,8 +143,9 @@ async function measure(server: Server, attack: () => Promise<string>): Promise<S
     while (running) {
       try {
         healthMaxMs = Math.max(healthMaxMs, await healthCheck(server.port));
-      } catch {
+      } catch (err) {
         healthFailures++;
+        healthErrors.add((err as Error).message);
       }
       await sleep(250);
     }
@@ -154,6 +161,7 @@ async function measure(server: Server, attack: () => Promise<string>): Promise<S
   await prober;
   clearInterval(rssTimer);
   const rssAfter = rssMiB(pid);
+  if (healthErrors.size > 0) progress(`health Check failures: ${[...healthErrors].join("; ")}`);
   return { rssBefore, rssPeak: Math.max(rssPeak, Number.isNaN(rssAfter) ? 0 : rssAfter), rssAfter, healthMaxMs, healthFailures, alive: !server.exited, outcome };
 }
 

@@ -1,7 +1,7 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { newId } from "../src/domain/ids.js";
 import { generateKey } from "../src/domain/key-format.js";
@@ -13,7 +13,10 @@ import { MongoStore } from "../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../src/storage/store.js";
 
 /*
- * npm run bench: VerifyKey over native gRPC against two baselines, with ghz.
+ * npm run bench: VerifyKey over native gRPC against two baselines, with ghz;
+ * the same do-nothing call through Latchkey's own transport (baseline-lean.ts)
+ * and on the real server; VerifyKey over Connect JSON on HTTP/1.1
+ * (http1-load.ts); the issue-11 targets as ratios of this run.
  * Settings come from the environment (defaults in brackets):
  *   BENCH_DURATION [10s], BENCH_CONCURRENCY [50], BENCH_CONNECTIONS [1],
  *   BENCH_IDENTITIES [1000], BENCH_KEYS [10000], MONGODB_URI and REDIS_URL for
@@ -21,10 +24,12 @@ import type { Store } from "../src/storage/store.js";
  *   BENCH_MONGO_KEYS [BENCH_KEYS] (an option to measure MongoDB on fewer keys;
  *   the full set is the default and what docs/performance.md reports),
  *   BENCH_COLD_KEYS [100000] (keys of the cold-key run on MongoDB),
- *   BENCH_VERBOSE (echo the servers' logs), BENCH_SERVER_NODE_ARGS (node flags
- *   for the Latchkey servers, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"), BENCH_ONLY=hot (only the
+ *   BENCH_VERBOSE (echo the servers' logs), BENCH_ONLY=hot (only the
  *   hot-identity runs: two instances, MongoDB + Redis), BENCH_ONLY=cold (only
- *   the cold-key runs).
+ *   the cold-key runs), BENCH_PROFILE=<dir> (every server runs under `node
+ *   --cpu-prof` into <dir>, and <dir>/windows.json says when each measured run
+ *   was; summarise with `node dist/bench/profile-stages.js <dir>`; CPU figures
+ *   of such a run include the profiler's cost).
  */
 const DURATION = process.env.BENCH_DURATION ?? "10s";
 const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 50);
@@ -43,6 +48,13 @@ const MONGO_KEYS = Math.min(KEYS, Number(process.env.BENCH_MONGO_KEYS ?? KEYS));
 /** Keys in the database of the cold-key run (MongoDB). */
 const COLD_KEYS = Number(process.env.BENCH_COLD_KEYS ?? 100_000);
 const progress = (msg: string) => process.stderr.write(`bench: ${msg}\n`);
+const PROFILE_DIR = process.env.BENCH_PROFILE ? resolve(process.env.BENCH_PROFILE) : null;
+/** Measured runs, on the monotonic clock every process shares (µs, as in a .cpuprofile): what bench/profile-stages.ts reads. */
+const windows: { profile: string; run: string; fromUs: number; toUs: number; calls: number; cpuUs: number }[] = [];
+const monoUs = () => Number(process.hrtime.bigint() / 1000n);
+/** The profile file of each server process started. */
+const profileOf = new Map<ChildProcess, string>();
+let profiles = 0;
 const ROOT = new URL("../..", import.meta.url).pathname;
 
 function findTool(name: string): string {
@@ -58,9 +70,14 @@ process.on("exit", () => children.forEach((c) => c.kill("SIGKILL")));
 
 /** Starts a process and resolves with the port from its first JSON line that has one. */
 function start(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; port: number }> {
-  const nodeArgs = args[0].startsWith("dist/src/") ? (process.env.BENCH_SERVER_NODE_ARGS ?? "").split(" ").filter(Boolean) : [];
-  const proc = spawn(process.execPath, [...nodeArgs, ...args], { cwd: ROOT, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "inherit"] });
+  let name = "";
+  if (PROFILE_DIR) {
+    name = `${String(++profiles).padStart(2, "0")}-${args[0].split("/").pop()!.replace(/\.js$/, "")}.cpuprofile`;
+    args = ["--cpu-prof", "--cpu-prof-dir", PROFILE_DIR, "--cpu-prof-name", name, ...args];
+  }
+  const proc = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "inherit"] });
   children.add(proc);
+  if (name) profileOf.set(proc, name);
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${args.join(" ")} did not start`)), 30_000);
     proc.once("exit", (code) => reject(new Error(`${args.join(" ")} exited with ${code}`)));
@@ -86,9 +103,20 @@ async function stop(proc: ChildProcess): Promise<void> {
   children.delete(proc);
 }
 
+/**
+ * A freshly seeded store holds every seeding write in its change feed; a server
+ * that starts on it is more than 5,000 changes behind, empties its cache and
+ * caches nothing for 5 s (docs/revocation.md). A warm-up pass in those 5 s left
+ * the keys it read uncached — ~1,150 of 10,000 here, each a store read in the
+ * measured runs — so the warm-up waits them out.
+ */
+const settle = () => new Promise((r) => setTimeout(r, 5500));
+
 interface Result {
   /** Server CPU time (user + system) per completed call, microseconds. */
   cpuUs: number;
+  /** Of which the server's main thread. */
+  mainUs: number;
   rps: number;
   p50: number;
   p99: number;
@@ -98,8 +126,17 @@ interface Result {
 
 /** CPU seconds (user + system) a process has used so far, from /proc. */
 function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks
+  return ticks(`/proc/${pid}/stat`) / 100;
+}
+
+/** CPU seconds of a process's main thread (the event loop), apart from its other threads (GC helpers, libuv's pool, the usage writer). */
+function mainThreadSeconds(pid: number): number {
+  return ticks(`/proc/${pid}/task/${pid}/stat`) / 100;
+}
+
+function ticks(statFile: string): number {
+  const fields = readFileSync(statFile, "utf8").split(") ")[1].split(" ");
+  return Number(fields[11]) + Number(fields[12]); // utime, stime in clock ticks
 }
 
 function ghz(
@@ -107,10 +144,11 @@ function ghz(
   call: string,
   proto: string,
   dataFile: string,
-  opts: { metadata?: Record<string, string>; duration?: string; rps?: number; total?: number; concurrency?: number } = {},
+  opts: { metadata?: Record<string, string>; duration?: string; rps?: number; total?: number; concurrency?: number; warmup?: boolean } = {},
 ): Result {
   const port = server.port;
   const cpuBefore = cpuSeconds(server.proc.pid!);
+  const mainBefore = mainThreadSeconds(server.proc.pid!);
   const args = [
     "--insecure",
     "--proto", join(ROOT, "proto", proto),
@@ -126,7 +164,9 @@ function ghz(
   if (opts.rps) args.push("--rps", String(Math.round(opts.rps)));
   args.push(`127.0.0.1:${port}`);
   progress(`${call}${opts.rps ? ` at ${Math.round(opts.rps)}/s` : ""} ${opts.total ? `${opts.total} calls` : `for ${opts.duration ?? DURATION}`}`);
+  const fromUs = monoUs();
   const out = spawnSync(findTool("ghz"), args, { encoding: "utf8", maxBuffer: 256 * 1024 * 1024 });
+  const toUs = monoUs();
   if (out.status !== 0 && !out.stdout) throw new Error(`ghz failed: ${out.stderr}`);
   const r = JSON.parse(out.stdout) as {
     rps: number;
@@ -138,7 +178,39 @@ function ghz(
   // Calls cut off by the end of the run come back as Canceled / Unavailable; they are not errors.
   const errors = Object.entries(r.statusCodeDistribution ?? {}).reduce((n, [k, v]) => (["OK", "Canceled", "Unavailable"].includes(k) ? n : n + v), 0);
   const cpuUs = ((cpuSeconds(server.proc.pid!) - cpuBefore) * 1e6) / Math.max(1, ok);
-  return { cpuUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
+  const mainUs = ((mainThreadSeconds(server.proc.pid!) - mainBefore) * 1e6) / Math.max(1, ok);
+  record(server, `${call}${opts.rps ? ` at ${Math.round(opts.rps)}/s` : opts.total || opts.warmup ? " (warm-up)" : ""}`, fromUs, toUs, ok, cpuUs);
+  return { cpuUs, mainUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
+}
+
+function record(server: { proc: ChildProcess }, run: string, fromUs: number, toUs: number, calls: number, cpuUs: number): void {
+  const profile = profileOf.get(server.proc);
+  if (profile) windows.push({ profile, run, fromUs, toUs, calls, cpuUs });
+}
+
+/**
+ * VerifyKey over the Connect protocol, JSON on HTTP/1.1 (what curl and browsers
+ * send), from bench/http1-load.ts: `CONCURRENCY` keep-alive connections, each
+ * sending its next call once the last is answered.
+ */
+function http1(server: { port: number; proc: ChildProcess }, path: string, bodies: string, headers: Record<string, string>, duration = DURATION, warmup = false): Result {
+  const headersFile = `${bodies}.headers.json`;
+  writeFileSync(headersFile, JSON.stringify(headers));
+  const seconds = parseFloat(duration) * (duration.endsWith("ms") ? 0.001 : duration.endsWith("m") ? 60 : 1);
+  progress(`${path} over HTTP/1.1 (Connect, JSON), ${CONCURRENCY} connections for ${duration}`);
+  const cpuBefore = cpuSeconds(server.proc.pid!);
+  const mainBefore = mainThreadSeconds(server.proc.pid!);
+  const fromUs = monoUs();
+  const out = spawnSync(process.execPath, ["dist/bench/http1-load.js", String(server.port), path, bodies, headersFile, String(CONCURRENCY), String(seconds)], { cwd: ROOT, encoding: "utf8" });
+  const toUs = monoUs();
+  if (out.status !== 0) throw new Error(`http1-load failed: ${out.stderr}`);
+  const r = JSON.parse(out.stdout) as { rps: number; p50: number; p99: number; ok: number; codes: Record<string, number> };
+  // Every answer the loader read is one the server made (200s and errors alike).
+  const answered = Object.entries(r.codes).reduce((n, [k, v]) => (k === "error" ? n : n + v), 0);
+  const cpuUs = ((cpuSeconds(server.proc.pid!) - cpuBefore) * 1e6) / Math.max(1, answered);
+  const mainUs = ((mainThreadSeconds(server.proc.pid!) - mainBefore) * 1e6) / Math.max(1, answered);
+  record(server, `${path} over HTTP/1.1${warmup ? " (warm-up)" : ""}`, fromUs, toUs, answered, cpuUs);
+  return { cpuUs, mainUs, rps: r.rps, p50: r.p50, p99: r.p99, ok: r.ok, errors: answered - r.ok };
 }
 
 /** ghz without blocking: for loads that several ghz processes put on several servers at once. */
@@ -327,7 +399,7 @@ function coldNote(c: ColdKeys): string {
 
 function row(name: string, r: Result, base?: Result): string {
   const ratio = base ? (r.rps / base.rps).toFixed(2) : "";
-  return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} | ${r.errors} | ${ratio} |`;
+  return `| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} | ${Math.round(r.mainUs)} | ${r.errors} | ${ratio} |`;
 }
 
 interface Pair {
@@ -487,13 +559,18 @@ async function main() {
 
     // Baselines.
     const connect = await start(["dist/bench/baseline-connect.js"]);
-    ghz(connect, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    ghz(connect, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s", warmup: true });
     const connectBase = ghz(connect, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
     await stop(connect.proc);
     const grpcjs = await start(["dist/bench/baseline-grpcjs.js"]);
-    ghz(grpcjs, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s" });
+    ghz(grpcjs, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s", warmup: true });
     const grpcjsBase = ghz(grpcjs, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
     await stop(grpcjs.proc);
+    // The same do-nothing call through Latchkey's own transport (createServer + the lean path, no interceptors).
+    const leanSrv = await start(["dist/bench/baseline-lean.js"]);
+    ghz(leanSrv, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s", warmup: true });
+    const leanBase = ghz(leanSrv, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+    await stop(leanSrv.proc);
 
     // VerifyKey on the embedded store.
     const dataDir = join(work, "data");
@@ -520,17 +597,29 @@ async function main() {
      * state, every key cached (each first lookup is a store read — on FerretDB,
      * which does not use the hash index, a scan of the keys collection).
      */
-    const warm = (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data = verifyData, keys = KEYS) =>
+    const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data = verifyData, keys = KEYS) => {
+      await settle();
       ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", data, { metadata, total: keys, concurrency: 8 });
-    const runVerify = async (env: Record<string, string>) => {
+    };
+    const verifyJson = join(work, "verify-connect.json");
+    writeFileSync(verifyJson, JSON.stringify(data.plaintexts.map((key) => ({ key, apiId: "bench" }))));
+    const runVerify = async (env: Record<string, string>, more = false) => {
       const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
-      warm(srv, md);
+      await warm(srv, md);
       const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
       const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, rps: peak.rps / 2 });
+      let health: Result | null = null;
+      let connectH1: Result | null = null;
+      if (more) {
+        // The do-nothing call on the real server: transport plus the whole interceptor chain (metrics, request id, logging).
+        health = ghz(srv, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+        http1(srv, "/latchkey.v1.KeyService/VerifyKey", verifyJson, md, "2s", true);
+        connectH1 = http1(srv, "/latchkey.v1.KeyService/VerifyKey", verifyJson, md);
+      }
       await stop(srv.proc);
-      return { peak, half };
+      return { peak, half, health, connectH1 };
     };
-    const embedded = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+    const embedded = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir }, true);
     const uncounted = await runVerify({ LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir, LATCHKEY_USAGE_COUNTING: "off" });
     // The floor for latency at that rate on this machine: the do-nothing grpc-js server, same tool and settings.
     const grpcjsAgain = await start(["dist/bench/baseline-grpcjs.js"]);
@@ -566,7 +655,7 @@ async function main() {
       if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
       const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
       const mmd = { authorization: `Bearer ${mRootKey}` };
-      warm(srv, mmd, mVerifyData, MONGO_KEYS);
+      await warm(srv, mmd, mVerifyData, MONGO_KEYS);
       const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd });
       const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, rps: peak.rps / 2 });
       await stop(srv.proc);
@@ -589,23 +678,39 @@ async function main() {
     lines.push(
       `ghz ${DURATION}, concurrency ${CONCURRENCY} (${RATE_CONCURRENCY} for the fixed-rate runs), connections ${CONNECTIONS}; ${IDENTITIES} identities, ${KEYS} keys (seeded in ${seedMs} ms)`,
       "",
-      "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | errors | ÷ grpc-js |",
-      "|---|---|---|---|---|---|---|",
+      "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | errors | ÷ grpc-js |",
+      "|---|---|---|---|---|---|---|---|",
       row("grpc-js baseline (Health/Check)", grpcjsBase, grpcjsBase),
       row("Connect-Node baseline (Health/Check)", connectBase, grpcjsBase),
+      row("Latchkey transport, do-nothing (Health/Check, lean path, no interceptors)", leanBase, grpcjsBase),
+      row("Latchkey server, Health/Check (lean path + interceptors)", embedded.health!, grpcjsBase),
       row("VerifyKey, embedded store, peak", embedded.peak, grpcjsBase),
       row(`VerifyKey, embedded store, at ${Math.round(embedded.peak.rps / 2)}/s`, embedded.half),
       row(`grpc-js baseline at the same ${Math.round(embedded.peak.rps / 2)}/s`, grpcjsHalf),
       row("VerifyKey, embedded store, usage counting off, peak", uncounted.peak, grpcjsBase),
+      row("VerifyKey, embedded store, Connect JSON over HTTP/1.1, peak", embedded.connectH1!, grpcjsBase),
     );
     if (mongo) {
       lines.push(row("VerifyKey, MongoDB store, peak", mongo.peak, grpcjsBase), row(`VerifyKey, MongoDB store, at ${Math.round(mongo.peak.rps / 2)}/s`, mongo.half));
     }
     if (cold) lines.push(...coldRows(cold));
     if (hot) {
-      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
+      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  |  | ${r.errors} |  |`);
     }
+    const cpuRatio = embedded.peak.cpuUs / grpcjsBase.cpuUs;
+    const rpsRatio = embedded.peak.rps / grpcjsBase.rps;
+    const p99Ratio = embedded.half.p99 / grpcjsHalf.p99;
+    const met = (ok: boolean) => (ok ? "met" : "NOT met");
     lines.push(
+      "",
+      "Targets (issue 11), VerifyKey on the embedded store (one identity pool, usage counting on) against the grpc-js do-nothing call, this run:",
+      `- server CPU per call ${Math.round(embedded.peak.cpuUs)} ÷ ${Math.round(grpcjsBase.cpuUs)} µs = ${cpuRatio.toFixed(2)} × (target ≤ 1.3: ${met(cpuRatio <= 1.3)})`,
+      `- calls/s ${Math.round(embedded.peak.rps)} ÷ ${Math.round(grpcjsBase.rps)} = ${rpsRatio.toFixed(2)} × (target ≥ 0.8: ${met(rpsRatio >= 0.8)})`,
+      `- p99 at half of peak (${Math.round(embedded.peak.rps / 2)}/s) ${embedded.half.p99.toFixed(2)} ÷ ${grpcjsHalf.p99.toFixed(2)} ms = ${p99Ratio.toFixed(2)} × (target ≤ 1.5: ${met(p99Ratio <= 1.5)})`,
+      `- where VerifyKey's CPU goes: main thread ${Math.round(embedded.peak.mainUs)} µs/call (${(embedded.peak.mainUs / grpcjsBase.mainUs).toFixed(2)} × grpc-js's main thread), other threads ${Math.round(embedded.peak.cpuUs - embedded.peak.mainUs)} µs/call (usage writer, GC helpers); ` +
+        `with usage counting off ${Math.round(uncounted.peak.cpuUs)} µs/call = ${(uncounted.peak.cpuUs / grpcjsBase.cpuUs).toFixed(2)} × grpc-js`,
+      `- Latchkey's transport, do-nothing: ${(leanBase.cpuUs / grpcjsBase.cpuUs).toFixed(2)} × grpc-js CPU per call; with the interceptors ${(embedded.health!.cpuUs / grpcjsBase.cpuUs).toFixed(2)} ×; ` +
+        `VerifyKey over Connect JSON/HTTP/1.1 ${(embedded.connectH1!.cpuUs / grpcjsBase.cpuUs).toFixed(2)} ×`,
       "",
       `Usage counting costs ${(100 * (1 - embedded.peak.rps / uncounted.peak.rps)).toFixed(1)}% of peak VerifyKey throughput (embedded store).`,
       `MongoDB run: ${mongoNote}${mongo ? `; MongoDB${process.env.REDIS_URL ? " + Redis" : ""} ÷ embedded = ${(mongo.peak.rps / embedded.peak.rps).toFixed(2)} (target ≥ 0.8)` : ""}`,
@@ -617,6 +722,7 @@ async function main() {
     );
     lines.push(cold ? coldNote(cold) : "Cold keys: skipped: MONGODB_URI not set");
     process.stdout.write(lines.join("\n") + "\n");
+    if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

@@ -3,7 +3,7 @@ import { ConfigError, loadConfig } from "./config/config.js";
 import { formatRootPermission, parseRootPermission } from "./domain/access.js";
 import { createRootKey } from "./domain/root-keys.js";
 import { main as serve } from "./main.js";
-import { createStore } from "./storage/create-store.js";
+import { createStore } from "./app/stores.js";
 
 const USAGE = `usage:
   latchkey [serve] [--port N ...]          start the server (flags mirror the environment variables)

@@ -2,9 +2,9 @@
 import { mkdir, open, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import { ConfigError, loadConfig } from "./config/config.js";
-import { bootstrapRootKey, createApp } from "./server/app.js";
-import { createLogger, type Logger } from "./server/logger.js";
-import { createServerStore } from "./storage/create-store.js";
+import { bootstrapRootKey, createApp } from "./app/compose.js";
+import { createLogger, type RootLogger } from "./observability/logger.js";
+import { createServerStore } from "./app/stores.js";
 
 /** Where a fresh install leaves its bootstrap root key, in LATCHKEY_DATA_DIR. */
 export const BOOTSTRAP_KEY_FILE = "bootstrap-root-key";
@@ -15,7 +15,7 @@ export const BOOTSTRAP_KEY_FILE = "bootstrap-root-key";
  * file is written whole or not at all (temporary file, then rename). Only if it
  * cannot be written is the key printed on stderr, which carries no log lines.
  */
-async function handOverBootstrapKey(key: string, file: string, logger: Logger): Promise<void> {
+async function handOverBootstrapKey(key: string, file: string, logger: RootLogger): Promise<void> {
   const tmp = `${file}.${process.pid}.tmp`;
   try {
     await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });

@@ -1,7 +1,7 @@
 import { performance } from "node:perf_hooks";
-import type { Logger } from "../server/logger.js";
-import type { Metrics } from "../server/metrics.js";
-import type { Change, ChangeTargets, Store } from "../storage/store.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
+import type { Change, ChangeFeed, ChangeTargets } from "../domain/ports/change-feed.js";
 import type { VerificationCache } from "./verification-cache.js";
 
 /**
@@ -70,9 +70,13 @@ const DEEP_CHECK_MS = 5000;
  *   `done` arrives or its bound has passed on this reader's clock.
  * - While the last complete read is older than `boundMs`, cached answers are
  *   not used (read-through) or health says NOT_SERVING (not-serving).
+ * - A read unanswered for longer than `pollMs` is reported (onStalled): the
+ *   store guard then pings the store, so that a store that stopped answering
+ *   (a hung server, a lost network: no error, just silence) is found out about
+ *   as soon as the feed is behind, not at the next health check.
  */
 export function createInvalidationFeed(deps: {
-  store: Store;
+  store: ChangeFeed;
   cache: VerificationCache;
   logger: Logger;
   metrics?: Metrics;
@@ -81,6 +85,12 @@ export function createInvalidationFeed(deps: {
   clock?: () => number;
   /** Called when the feed turns fresh or behind. */
   onFreshness?: (fresh: boolean) => void;
+  /**
+   * Called once per read of the feed still unanswered a poll interval after it
+   * was sent: a sign that the store may have stopped answering (the store
+   * guard probes it), well before the feed falls behind the revocation bound.
+   */
+  onStalled?: () => void;
 }) {
   const { store, cache, logger, metrics } = deps;
   const clock = deps.clock ?? (() => performance.now());
@@ -104,6 +114,9 @@ export function createInvalidationFeed(deps: {
   let timer: NodeJS.Timeout | null = null;
   let watchdog: NodeJS.Timeout | null = null;
   let running: Promise<void> | null = null;
+  /** When (on `clock`) the poll in flight started, and whether it has been reported stalled. */
+  let runningSince = 0;
+  let stallReported = false;
   let stopped = false;
   let readable = true;
   let wasFresh: boolean | null = null;
@@ -112,7 +125,12 @@ export function createInvalidationFeed(deps: {
   const fresh = () => clock() - lastComplete <= boundMs;
   const lagMs = () => clock() - (Number.isFinite(lastComplete) ? lastComplete : startedAt);
   const settled = () => clock() >= quarantineUntil;
-  cache.setPolicy({ useCached: policy === "read-through" ? () => fresh() && settled() : settled, keepFills: settled });
+  cache.setPolicy({
+    useCached: policy === "read-through" ? () => fresh() && settled() : settled,
+    keepFills: settled,
+    clock,
+    lastComplete: () => lastComplete,
+  });
 
   function each(t: ChangeTargets, key: (hash: string) => void, identity: (id: string) => void): void {
     for (const k of t.keys) key(k.hash);
@@ -220,8 +238,19 @@ export function createInvalidationFeed(deps: {
     }
   }
 
+  /** A poll unanswered for longer than the poll interval: reported once (onStalled). */
+  function checkStalled(): void {
+    if (!running || stallReported || clock() - runningSince <= deps.options.pollMs) return;
+    stallReported = true;
+    deps.onStalled?.();
+  }
+
   /** Runs one poll, or joins the one in flight. */
   function poll(): Promise<void> {
+    if (!running) {
+      runningSince = clock();
+      stallReported = false;
+    }
     running ??= pollOnce()
       .then(
         () => {
@@ -268,6 +297,7 @@ export function createInvalidationFeed(deps: {
       watchdog = setInterval(() => {
         expireIntents();
         checkFreshness();
+        checkStalled();
       }, Math.min(100, boundMs / 4));
       watchdog.unref();
     },
@@ -282,6 +312,8 @@ export function createInvalidationFeed(deps: {
     /** Whether the feed was read to its end within the revocation bound. */
     fresh,
     state: () => ({ cursor, lagMs: lagMs(), fresh: fresh(), openIntents: intents.size, policy }),
+    /** When (on the feed's clock) the last read that reached the end of the feed was issued. */
+    lastComplete: () => lastComplete,
     stop() {
       stopped = true;
       if (timer) clearTimeout(timer);

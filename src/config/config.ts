@@ -17,11 +17,11 @@ export const SETTINGS = {
   tlsKey: { env: "LATCHKEY_TLS_KEY", default: "", doc: "PEM private key file for LATCHKEY_TLS_CERT." },
   logLevel: { env: "LATCHKEY_LOG_LEVEL", default: "info", doc: "`debug`, `info`, `warn`, `error` or `silent`. Logs are JSON lines on stdout." },
   shutdownGraceMs: { env: "LATCHKEY_SHUTDOWN_GRACE_MS", default: "10000", doc: "On SIGTERM/SIGINT: how long in-flight calls may take before connections are closed, and then how long the last usage counts may take to write." },
-  rootKeyCacheMs: { env: "LATCHKEY_ROOT_KEY_CACHE_MS", default: "5000", doc: "How long a checked root key is remembered; a revoked root key stops working within this time." },
+  rootKeyCacheMs: { env: "LATCHKEY_ROOT_KEY_CACHE_MS", default: "5000", doc: "How long a checked root key is remembered; a revoked root key stops working within this time (while the store can be reached; see LATCHKEY_OUTAGE_CACHE_MS)." },
   cacheMaxEntries: { env: "LATCHKEY_CACHE_MAX_ENTRIES", default: "100000", doc: "Most keys (and as many identities) kept in the verification cache of each instance." },
   cacheTtlMs: { env: "LATCHKEY_CACHE_TTL_MS", default: "60000", doc: "Longest time a cached key or identity is used without a change event (a safety net; changes arrive through the change feed)." },
   invalidationPollMs: { env: "LATCHKEY_INVALIDATION_POLL_MS", default: "250", doc: "How often each instance reads the change feed (at most 500); revocation reaches every instance within this time plus a store round trip." },
-  feedStalePolicy: { env: "LATCHKEY_FEED_STALE_POLICY", default: "read-through", doc: "What an instance does while it has not read the change feed for over 1 s, so a revocation may not have reached it: `read-through` verifies against the store instead of the cache (UNAVAILABLE if the store cannot answer); `not-serving` answers from the cache and reports NOT_SERVING through health, for the load balancer to take it out. See docs/revocation.md." },
+  feedStalePolicy: { env: "LATCHKEY_FEED_STALE_POLICY", default: "read-through", doc: "What an instance does while it has not read the change feed for over 1 s, so a revocation may not have reached it: `read-through` verifies against the store instead of the cache; `not-serving` answers from the cache and reports NOT_SERVING through health, for the load balancer to take it out. Either way, while the store cannot be reached the cache answers as LATCHKEY_OUTAGE_CACHE_MS says. See docs/revocation.md." },
   ratelimitBackend: { env: "LATCHKEY_RATELIMIT_BACKEND", default: "", doc: "`memory`, `mongodb` or `redis`. Default: `redis` when LATCHKEY_REDIS_URL is set, else `mongodb` on a MongoDB server, else `memory` (embedded store, or FerretDB, whose updates are not atomic). Several instances need a shared backend." },
   redisUrl: { env: "LATCHKEY_REDIS_URL", default: "", doc: "Redis URL (`redis://host:6379`) for the redis rate-limit backend and the redis credits backend." },
   creditsBackend: { env: "LATCHKEY_CREDITS_BACKEND", default: "", doc: "`store` or `redis`: where credit balances are spent. `redis` holds them in Redis and writes them back to MongoDB (docs/credits.md). Default: `redis` with the mongodb store when LATCHKEY_REDIS_URL is set, else `store`. Every instance must use the same." },
@@ -32,7 +32,10 @@ export const SETTINGS = {
   usageMinuteRetentionHours: { env: "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS", default: "48", doc: "How long minute buckets are kept (hour buckets: LATCHKEY_USAGE_HOUR_RETENTION_DAYS; day buckets are kept)." },
   usageHourRetentionDays: { env: "LATCHKEY_USAGE_HOUR_RETENTION_DAYS", default: "90", doc: "How long hour buckets are kept." },
   usageDayRetentionDays: { env: "LATCHKEY_USAGE_DAY_RETENTION_DAYS", default: "0", doc: "How long day buckets are kept; 0 keeps them for ever." },
-  healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service." },
+  healthCheckIntervalMs: { env: "LATCHKEY_HEALTH_CHECK_INTERVAL_MS", default: "2000", doc: "How often the store is pinged for the health service (a ping not answered within LATCHKEY_STORE_PROBE_TIMEOUT_MS marks the store unreachable)." },
+  outageCacheMs: { env: "LATCHKEY_OUTAGE_CACHE_MS", default: "600000", doc: "While the store cannot be reached, how long VerifyKey keeps answering from the cache: keys, identities and root keys as of this instance's last read of the change feed (or of the store), at most this old. Past it, or for what is not cached, UNAVAILABLE. 0: never answer without the store. At most 3600000. See README, \"Store outages\"." },
+  storeProbeTimeoutMs: { env: "LATCHKEY_STORE_PROBE_TIMEOUT_MS", default: "1000", doc: "A store ping (the health check, or the probe after a call found the store unreachable) not answered within this long marks the store unreachable: calls that need it then fail fast, health turns NOT_SERVING, and the store is probed until it answers." },
+  storeFailFastMs: { env: "LATCHKEY_STORE_FAIL_FAST_MS", default: "25", doc: "Once the store is known unreachable, how long a call that needs it waits for it to come back before failing with UNAVAILABLE (a write refused so wrote nothing). 0 fails at once; a few seconds rides out a short failover." },
   maxMessageBytes: { env: "LATCHKEY_MAX_MESSAGE_BYTES", default: "4194304", doc: "Largest message, request or response, on every protocol (gRPC, gRPC-Web, Connect), counted after decompression; larger is RESOURCE_EXHAUSTED." },
   publicMaxMessageBytes: { env: "LATCHKEY_PUBLIC_MAX_MESSAGE_BYTES", default: "65536", doc: "Largest request message to the services that need no root key (health, reflection)." },
   maxConnections: { env: "LATCHKEY_MAX_CONNECTIONS", default: "1000", doc: "Most open connections on the API port. Past it, the oldest connection that has not sent a request yet is closed to make room (the new one, if every other has sent one)." },
@@ -47,7 +50,7 @@ export const SETTINGS = {
 export type SettingName = keyof typeof SETTINGS;
 
 /** A number from the environment; text that is not one is refused naming the variable. */
-const num = (name: string) => z.coerce.number({ invalid_type_error: `${name} must be a number` });
+const num = (name: string) => z.coerce.number({ error: `${name} must be a number` });
 const port = (name: string) =>
   num(name)
     .int(`${name} must be a whole number`)
@@ -74,6 +77,9 @@ const schema = z
     shutdownGraceMs: positiveMs("LATCHKEY_SHUTDOWN_GRACE_MS", 0),
     rootKeyCacheMs: positiveMs("LATCHKEY_ROOT_KEY_CACHE_MS", 0),
     healthCheckIntervalMs: positiveMs("LATCHKEY_HEALTH_CHECK_INTERVAL_MS", 100),
+    outageCacheMs: positiveMs("LATCHKEY_OUTAGE_CACHE_MS", 0).max(3_600_000, "LATCHKEY_OUTAGE_CACHE_MS must be at most 3600000 (1 hour)"),
+    storeProbeTimeoutMs: positiveMs("LATCHKEY_STORE_PROBE_TIMEOUT_MS", 10).max(60_000, "LATCHKEY_STORE_PROBE_TIMEOUT_MS must be at most 60000"),
+    storeFailFastMs: positiveMs("LATCHKEY_STORE_FAIL_FAST_MS", 0).max(30_000, "LATCHKEY_STORE_FAIL_FAST_MS must be at most 30000"),
     usageCounting: z.enum(["on", "off"], { message: "LATCHKEY_USAGE_COUNTING must be on or off" }),
     usageFlushMs: positiveMs("LATCHKEY_USAGE_FLUSH_MS", 50).max(60_000, "LATCHKEY_USAGE_FLUSH_MS must be at most 60000"),
     usageMinuteRetentionHours: num("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS").int("LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be a whole number").min(1, "LATCHKEY_USAGE_MINUTE_RETENTION_HOURS must be at least 1"),
@@ -127,7 +133,7 @@ const schema = z
     mongodbUri: c.mongodbUri || null,
     tls: c.tlsCert ? { certFile: c.tlsCert, keyFile: c.tlsKey } : null,
     redisUrl: c.redisUrl || null,
-    /** "auto": chosen at start by src/ratelimit/create-counter.ts. */
+    /** "auto": chosen at start by src/app/counters.ts. */
     ratelimitBackend: (c.ratelimitBackend || "auto") as "auto" | "memory" | "mongodb" | "redis",
     creditsBackend: (c.creditsBackend ||
       (c.redisUrl && (c.store || (c.mongodbUri ? "mongodb" : "embedded")) === "mongodb" ? "redis" : "store")) as "store" | "redis",

@@ -28,6 +28,13 @@ export class PermissionDeniedError extends DomainError {}
 export class ResourceExhaustedError extends DomainError {}
 /** The store (or another dependency) cannot be reached; retrying may help. */
 export class UnavailableError extends DomainError {}
+/**
+ * The store itself could not be reached — connection refused or lost, no
+ * server, an I/O failure — as opposed to contention (a busy lock). The store
+ * guard (src/storage/store-guard.ts) probes the store on it, and the caches
+ * may answer from what they hold (README, "Store outages").
+ */
+export class StoreUnreachableError extends UnavailableError {}
 /** The call's deadline passed before it was done. */
 export class DeadlineExceededError extends DomainError {}
 /** The client cancelled the call before it was done. */

@@ -1,4 +1,4 @@
-import type { Store } from "../storage/store.js";
+import type { IdentityRepository } from "./ports/identities.js";
 import type { Principal } from "./access.js";
 import { InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ID_PATTERNS, newId } from "./ids.js";
@@ -16,7 +16,7 @@ export interface CreateIdentityInput {
 export type IdentityLookup = { id: string } | { externalId: string };
 
 /** Identity use cases. Identities are global: every call needs a global permission. */
-export function createIdentityManager(deps: { store: Store; now?: () => number; afterWrite?: () => Promise<void> }) {
+export function createIdentityManager(deps: { store: IdentityRepository; now?: () => number; afterWrite?: () => Promise<void> }) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
   // Lets this instance's verification cache see the write before the RPC returns.

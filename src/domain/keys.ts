@@ -1,4 +1,6 @@
-import type { Store } from "../storage/store.js";
+import type { CreditLedger } from "./ports/credit-ledger.js";
+import type { IdentityRepository } from "./ports/identities.js";
+import type { KeyRepository } from "./ports/keys.js";
 import type { Principal } from "./access.js";
 import { InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ID_PATTERNS, newId } from "./ids.js";
@@ -44,7 +46,7 @@ export interface CreateKeyInput {
 export type KeyView = KeyRecord & { externalId: string | null };
 
 /** Key-management use cases (verification lives in verify.ts). */
-export function createKeyManager(deps: { store: Store; now?: () => number; afterWrite?: () => Promise<void> }) {
+export function createKeyManager(deps: { store: KeyRepository & IdentityRepository & Pick<CreditLedger, "updateCredits">; now?: () => number; afterWrite?: () => Promise<void> }) {
   const { store } = deps;
   const now = deps.now ?? Date.now;
   // Lets this instance's verification cache see the write before the RPC returns.

@@ -1,6 +1,6 @@
-import type { Store } from "../storage/store.js";
+import type { RootKeyRepository } from "./ports/root-keys.js";
 import { Principal } from "./access.js";
-import { ResourceExhaustedError, UnauthenticatedError } from "./errors.js";
+import { ResourceExhaustedError, StoreUnreachableError, UnauthenticatedError } from "./errors.js";
 import { newId } from "./ids.js";
 import { generateKey, hasValidChecksum, hashKey } from "./key-format.js";
 import type { RootKeyRecord, RootPermission } from "./types.js";
@@ -9,7 +9,7 @@ export const ROOT_KEY_PREFIX = "lkroot";
 
 /** Creates a root key; the plaintext is returned here only. */
 export async function createRootKey(
-  store: Store,
+  store: RootKeyRepository,
   name: string,
   permissions: RootPermission[],
   opts: { first?: boolean; now?: number } = {},
@@ -50,12 +50,29 @@ export const DEFAULT_ROOT_KEY_CACHE_LIMITS: RootKeyCacheLimits = { validEntries:
  *   key seen valid before is rechecked outside the budget, so a flood of made-up
  *   keys cannot lock out the root keys in use; concurrent checks of one key share
  *   one lookup.
+ *
+ * While the store cannot be reached (the lookup fails with
+ * StoreUnreachableError), a root key found valid at most `outageMs` ago keeps
+ * working, and is checked again at its next use once the store answers. A root
+ * key never seen valid gets UNAVAILABLE.
  */
-export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number; now?: () => number; limits?: RootKeyCacheLimits }) {
+export function createRootKeyAuthenticator(deps: {
+  store: RootKeyRepository;
+  cacheMs: number;
+  now?: () => number;
+  limits?: RootKeyCacheLimits;
+  /** How long a root key checked valid keeps working while the store cannot be reached (LATCHKEY_OUTAGE_CACHE_MS). Default 0. */
+  outageMs?: number;
+  /** Called for each call let in that way. */
+  onStaleAnswer?: () => void;
+  /** Whether the store is reachable (its guard's view): while it is not, such a root key is let in without trying it. */
+  reachable?: () => boolean;
+}) {
   const now = deps.now ?? Date.now;
   const limits = deps.limits ?? DEFAULT_ROOT_KEY_CACHE_LIMITS;
   // Keyed by the plaintext so a hit costs no hashing; only keys found in the store get here.
-  const valid = new Map<string, { principal: Principal; until: number }>();
+  const valid = new Map<string, { principal: Principal; until: number; checkedAt: number }>();
+  const outageMs = deps.outageMs ?? 0;
   // Keyed by hash: a bounded size per entry whatever the client sent.
   const invalid = new Map<string, number>();
   const inflight = new Map<string, Promise<Principal | null>>();
@@ -79,6 +96,7 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
   function lookup(token: string, hash: string): Promise<Principal | null> {
     let p = inflight.get(token);
     if (!p) {
+      const checkedAt = now();
       p = deps.store.getRootKeyByHash(hash).then((rec) => {
         const until = now() + deps.cacheMs;
         if (!rec) {
@@ -87,7 +105,7 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
           return null;
         }
         const principal = new Principal(rec.id, rec.permissions);
-        remember(valid, token, { principal, until }, limits.validEntries);
+        remember(valid, token, { principal, until, checkedAt }, limits.validEntries);
         return principal;
       });
       inflight.set(token, p);
@@ -97,11 +115,22 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
     return p;
   }
 
+  // The last header parsed and its token: a call is checked at the door and again by the
+  // auth interceptor, and a client sends the same header call after call.
+  let lastHeader = "";
+  let lastToken = "";
+
   return async function authenticate(header: string | null): Promise<Principal> {
     if (!header) throw new UnauthenticatedError("missing authorization header: send `authorization: Bearer <root key>`");
-    const m = /^Bearer\s+(\S+)$/i.exec(header.trim());
-    if (!m) throw new UnauthenticatedError("authorization header must be `Bearer <root key>`");
-    const token = m[1];
+    let token: string;
+    if (header === lastHeader) token = lastToken;
+    else {
+      const m = /^Bearer\s+(\S+)$/i.exec(header.trim());
+      if (!m) throw new UnauthenticatedError("authorization header must be `Bearer <root key>`");
+      token = m[1];
+      lastHeader = header;
+      lastToken = token;
+    }
     const t = now();
     const known = valid.get(token);
     if (known && known.until > t) return known.principal;
@@ -112,7 +141,19 @@ export function createRootKeyAuthenticator(deps: { store: Store; cacheMs: number
     if (!known && !inflight.has(token) && !takeBudget(t)) {
       throw new ResourceExhaustedError("too many unknown root keys are being tried; retry shortly");
     }
-    const principal = await lookup(token, hash);
+    const stale = () => known && now() - known.checkedAt <= outageMs;
+    if (deps.reachable && !deps.reachable() && stale()) {
+      deps.onStaleAnswer?.();
+      return known!.principal;
+    }
+    let principal: Principal | null;
+    try {
+      principal = await lookup(token, hash);
+    } catch (err) {
+      if (!(err instanceof StoreUnreachableError && stale())) throw err;
+      deps.onStaleAnswer?.();
+      return known!.principal;
+    }
     if (!principal) throw new UnauthenticatedError("invalid root key");
     return principal;
   };

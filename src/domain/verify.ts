@@ -1,6 +1,6 @@
-import type { VerificationCache } from "../cache/verification-cache.js";
-import type { RateLimitCounter, Taken } from "../ratelimit/counter.js";
-import type { SpendResult, Store } from "../storage/store.js";
+import type { CreditLedger, SpendResult } from "./ports/credit-ledger.js";
+import type { RateLimitCounter, Taken } from "./ports/rate-limit-counter.js";
+import type { VerificationCache } from "./ports/verification-cache.js";
 import type { Principal } from "./access.js";
 import { refillDueAt } from "./credits.js";
 import { CanceledError, DeadlineExceededError, DomainError, InvalidArgumentError } from "./errors.js";
@@ -54,9 +54,27 @@ interface Applied {
   cost: number;
 }
 
+/**
+ * Whether the call a verification runs for has ended, and why: its AbortSignal,
+ * or (from the lean gRPC path) something as cheap to ask that makes the
+ * AbortSignal only when a credit spend needs one — making one per call and
+ * aborting it at the end was the largest single item of a cached
+ * verification's profile (docs/performance.md).
+ */
+export type CallSignal = AbortSignal | LazyCallSignal;
+
+export interface LazyCallSignal {
+  readonly aborted: boolean;
+  readonly reason: unknown;
+  throwIfAborted(): void;
+  toAbortSignal(): AbortSignal;
+}
+
+const abortSignalOf = (s: CallSignal | undefined): AbortSignal | undefined => (s === undefined || s instanceof AbortSignal ? s : s.toAbortSignal());
+
 /** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
 interface Call {
-  signal?: AbortSignal;
+  signal?: CallSignal;
   deadline?: number;
 }
 
@@ -67,6 +85,8 @@ interface Held {
   durationMs: number;
   window: number;
 }
+
+const NO_LIMITS: Ratelimit[] = [];
 
 function checkInput(input: VerifyInput): void {
   if (input.key === "") throw new InvalidArgumentError("key", "is required");
@@ -110,7 +130,7 @@ function checkInput(input: VerifyInput): void {
  * README "Deadlines and the commit point".
  */
 export function createVerifier(deps: {
-  store: Store;
+  store: Pick<CreditLedger, "spendCredits" | "returnCredits">;
   cache: VerificationCache;
   counter: RateLimitCounter;
   now?: () => number;
@@ -143,6 +163,18 @@ export function createVerifier(deps: {
    * share one set of windows during the grace period.
    */
   function selectLimits(key: KeyRecord, identity: IdentityRecord | null, input: VerifyInput): Applied[] {
+    const own = identity?.ratelimits ?? NO_LIMITS;
+    if (input.ratelimits.length === 0 && (own.length === 0 || key.ratelimits.length === 0)) {
+      // Limits of one record only, none named in the request (names are unique within a record): its auto-applied ones.
+      const out: Applied[] = [];
+      if (own.length > 0) {
+        for (const l of own) if (l.autoApply) out.push({ limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
+      } else {
+        const windowsOf = key.ratelimitKeyId ?? key.id;
+        for (const l of key.ratelimits) if (l.autoApply) out.push({ limit: l, counterKey: `k:${windowsOf}:${l.name}:${l.durationMs}`, cost: 1 });
+      }
+      return out;
+    }
     const byName = new Map<string, Applied>();
     const windowsOf = key.ratelimitKeyId ?? key.id;
     for (const l of identity?.ratelimits ?? []) byName.set(l.name, { limit: l, counterKey: `i:${identity!.id}:${l.name}:${l.durationMs}`, cost: 1 });
@@ -159,6 +191,14 @@ export function createVerifier(deps: {
 
   /** Takes every applied limit; all or nothing: if one refuses (or fails), the others are given back. */
   async function takeLimits(applied: Applied[]): Promise<{ ok: boolean; results: AppliedRatelimit[]; held: Held[] }> {
+    if (applied.length === 1) {
+      // One limit (the usual case): nothing to give back to another window if it refuses or fails.
+      const { limit, counterKey, cost } = applied[0];
+      const r = await counter.take(counterKey, cost, limit.limit, limit.durationMs);
+      const held: Held[] = r.ok && cost > 0 ? [{ counterKey, cost, durationMs: limit.durationMs, window: r.window }] : [];
+      const result = { name: limit.name, limit: limit.limit, remaining: Math.min(limit.limit, Math.max(0, limit.limit - r.total)), resetAt: r.resetAt, exceeded: !r.ok };
+      return { ok: r.ok, results: [result], held };
+    }
     const taken = await Promise.allSettled(applied.map((a) => counter.take(a.counterKey, a.cost, a.limit.limit, a.limit.durationMs)));
     const held: Held[] = [];
     let ok = true;
@@ -204,9 +244,9 @@ export function createVerifier(deps: {
   }
 
   /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
-  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: AbortSignal | undefined): Promise<SpendResult> {
+  async function spend(owner: { target: CreditsTarget; credits: Credits } | null, cost: number, t: number, signal: CallSignal | undefined): Promise<SpendResult> {
     if (owner === null) return { ok: true, remaining: null };
-    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
+    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
   }
 
   async function run(principal: Principal, input: VerifyInput, t: number, call: Call): Promise<Verification> {
@@ -216,12 +256,24 @@ export function createVerifier(deps: {
     checkInput(input);
     const query = input.permissions.trim() === "" ? null : parseQuery("permissions", input.permissions);
 
-    if (input.key.length > MAX_KEY_LENGTH || !hasValidChecksum(input.key)) return answer("NOT_FOUND", null, null);
-    const key = await cache.getKeyByHash(hashKey(input.key));
+    if (input.key.length > MAX_KEY_LENGTH) return answer("NOT_FOUND", null, null);
+    const hash = hashKey(input.key);
+    // The checksum keeps made-up keys away from the store. A key the cache holds
+    // (as a key or as unknown) passed it when it was first looked up, so only a
+    // lookup the cache cannot answer checks it; a cached one needs no await either.
+    let key = cache.cachedKey(hash);
+    if (key === undefined) {
+      if (!hasValidChecksum(input.key)) return answer("NOT_FOUND", null, null);
+      key = await cache.getKeyByHash(hash);
+    }
     if (!key || !principal.can("verify", key.apiId)) return answer("NOT_FOUND", null, null);
     // A key of another api is NOT_FOUND to the caller, but still counted in the key's usage.
     if (input.apiId !== "" && key.apiId !== input.apiId) return answer("NOT_FOUND", key, null);
-    const identity = key.identityId ? await cache.getIdentity(key.identityId) : null;
+    let identity: IdentityRecord | null = null;
+    if (key.identityId) {
+      const held = cache.cachedIdentity(key.identityId);
+      identity = held === undefined ? await cache.getIdentity(key.identityId) : held;
+    }
     const applied = selectLimits(key, identity, input);
 
     if (!key.enabled) return answer("DISABLED", key, identity);
@@ -276,7 +328,7 @@ export function createVerifier(deps: {
    * its deadline: with no more than the commit margin left at the commit point,
    * the verification does not commit (DEADLINE_EXCEEDED).
    */
-  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Verification> {
+  return async function verify(principal: Principal, input: VerifyInput, call: { signal?: CallSignal; timeoutMs?: number } = {}): Promise<Verification> {
     const t = now();
     const { signal } = call;
     let v: Verification;

@@ -1,8 +1,8 @@
 import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
 import { EventEmitter } from "node:events";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../../gen/grpc/health/v1/health_pb.js";
-import type { Logger } from "../server/logger.js";
-import type { Store } from "../storage/store.js";
+import type { Logger } from "../observability/logger.js";
+import type { StoreProbe } from "../domain/ports/store-probe.js";
 
 function deferred(): { promise: Promise<void>; resolve: () => void } {
   let resolve!: () => void;
@@ -29,7 +29,7 @@ export class HealthState {
   watchers = 0;
 
   constructor(
-    private readonly store: Store,
+    private readonly store: StoreProbe,
     private readonly logger: Logger,
     opts: { maxWatchers?: number } = {},
   ) {
@@ -73,15 +73,27 @@ export class HealthState {
     this.notify();
   }
 
+  /** Checks started, so that a slow check does not overwrite the answer of a later one. */
+  private checks = 0;
+
+  /** Pings the store (through its guard: a ping that does not answer in time marks it unreachable). */
   async check(): Promise<void> {
     if (this.draining) return;
+    const n = ++this.checks;
+    let ok = true;
+    let why = "";
     try {
       await this.store.ping();
-      this.storeOk = true;
     } catch (err) {
-      this.logger.warn({ err: (err as Error).message }, "store unreachable");
-      this.storeOk = false;
+      ok = false;
+      why = (err as Error).message;
     }
+    if (n !== this.checks) return;
+    if (ok !== this.storeOk) {
+      if (ok) this.logger.info("store answers the health check");
+      else this.logger.warn({ err: why }, "store does not answer the health check");
+    }
+    this.storeOk = ok;
     this.update();
   }
 

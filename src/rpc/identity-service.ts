@@ -3,7 +3,7 @@ import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import type { IdentityLookup, IdentityManager } from "../domain/identities.js";
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityPatch } from "../domain/types.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { withWellFormedRequests } from "./well-formed.js";
@@ -22,7 +22,7 @@ export function createIdentityService(deps: {
   identities: IdentityManager;
   usage: UsageReader;
   now?: () => number;
-}): Partial<ServiceImpl<typeof IdentityService>> {
+}): ServiceImpl<typeof IdentityService> {
   const { identities, usage } = deps;
   const now = deps.now ?? Date.now;
   return withWellFormedRequests(IdentityService, {
@@ -65,5 +65,5 @@ export function createIdentityService(deps: {
     async getIdentityUsage(req, ctx) {
       return usageReportToProto(await usage.identityUsage(principalOf(ctx), lookupOf(req.lookup), usageRequestOf(req)));
     },
-  } satisfies Partial<ServiceImpl<typeof IdentityService>>);
+  } satisfies ServiceImpl<typeof IdentityService>);
 }

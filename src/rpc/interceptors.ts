@@ -14,8 +14,8 @@ import {
   UnavailableError,
 } from "../domain/errors.js";
 import type { RootKeyAuthenticator } from "../domain/root-keys.js";
-import type { Logger } from "../server/logger.js";
-import type { Metrics } from "../server/metrics.js";
+import type { Logger } from "../observability/logger.js";
+import { fastSeries, type Metrics } from "../observability/metrics.js";
 import { principalKey, requestIdKey } from "./context.js";
 import { badRequestDetail } from "./status-details.js";
 
@@ -57,9 +57,22 @@ export function toConnectError(err: unknown): { error: ConnectError; internal: b
  * errors become INTERNAL with a generic message and are logged with the request id.
  */
 export function createObservabilityInterceptor(deps: { logger: Logger; metrics: Metrics }): Interceptor {
+  // Per method and code, the series: counted in a plain number (metrics.ts, fastSeries), and the histogram's child.
+  type Series = { requests: { inc(): void }; duration: { observe(v: number): void } };
+  const byMethod = new Map<object, { name: string; codes: Map<string, Series> }>();
+  const seriesOf = (m: { name: string; codes: Map<string, Series> }, code: string): Series => {
+    let s = m.codes.get(code);
+    if (!s) {
+      s = { requests: fastSeries(deps.metrics.rpcRequests, { method: m.name, code }), duration: deps.metrics.rpcDuration.labels({ method: m.name, code }) };
+      m.codes.set(code, s);
+    }
+    return s;
+  };
   return (next) => async (req) => {
-    const started = process.hrtime.bigint();
-    const method = `${req.service.typeName}/${req.method.name}`;
+    const started = performance.now();
+    let m = byMethod.get(req.method);
+    if (!m) byMethod.set(req.method, (m = { name: `${req.service.typeName}/${req.method.name}`, codes: new Map() }));
+    const method = m.name;
     const requestId = req.header.get("x-request-id")?.slice(0, 128) || `${ID_PREFIX}-${(++idCounter).toString(36)}`;
     req.contextValues.set(requestIdKey, requestId);
     let code = "ok";
@@ -72,9 +85,10 @@ export function createObservabilityInterceptor(deps: { logger: Logger; metrics: 
       else if (error.code === Code.Unavailable) deps.logger.warn({ requestId, method, reason: error.rawMessage }, "unavailable");
       throw error;
     } finally {
-      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-      deps.metrics.rpcRequests.inc({ method, code });
-      deps.metrics.rpcDuration.observe({ method, code }, seconds);
+      const seconds = (performance.now() - started) / 1000;
+      const series = seriesOf(m, code);
+      series.requests.inc();
+      series.duration.observe(seconds);
       if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId, method, code, ms: seconds * 1000 }, "rpc");
     }
   };

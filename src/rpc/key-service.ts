@@ -8,9 +8,9 @@ import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_
 import { InvalidArgumentError } from "../domain/errors.js";
 import type { IdentityRef, KeyManager } from "../domain/keys.js";
 import type { CreditsOp, KeyPatch } from "../domain/types.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { MAX_KEY_LENGTH } from "../domain/key-format.js";
-import { principalOf } from "./context.js";
+import { callSignalKey, principalOf } from "./context.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { withWellFormedRequests } from "./well-formed.js";
 import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
@@ -84,7 +84,7 @@ export function createKeyService(deps: {
   verify: Verifier;
   usage: UsageReader;
   now?: () => number;
-}): Partial<ServiceImpl<typeof KeyService>> {
+}): ServiceImpl<typeof KeyService> {
   const { keys, verify, usage } = deps;
   const now = deps.now ?? Date.now;
   return withWellFormedRequests(KeyService, {
@@ -196,12 +196,12 @@ export function createKeyService(deps: {
         })),
         cost: req.cost === undefined ? null : toNumber("cost", req.cost),
         tags: req.tags,
-      }, { signal: ctx.signal, timeoutMs: commitTimeoutMs(ctx) });
+      }, { signal: ctx.values.get(callSignalKey) ?? ctx.signal, timeoutMs: commitTimeoutMs(ctx) });
       return verificationToProto(v);
     },
 
     async getKeyUsage(req, ctx) {
       return usageReportToProto(await usage.keyUsage(principalOf(ctx), req.id, usageRequestOf(req)));
     },
-  } satisfies Partial<ServiceImpl<typeof KeyService>>);
+  } satisfies ServiceImpl<typeof KeyService>);
 }

@@ -1,8 +1,8 @@
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Granularity, UsageGroupBy } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import type { GroupBy, UsageReport, UsageRequest } from "../usage/reader.js";
-import { COUNTERS, type Counts } from "../usage/types.js";
+import type { GroupBy, UsageReport, UsageRequest } from "../domain/usage-reader.js";
+import { COUNTERS, type Counts } from "../domain/usage.js";
 import { toMs } from "./convert.js";
 
 /** Usage request and report ⇄ protobuf, shared by GetIdentityUsage and GetKeyUsage. */

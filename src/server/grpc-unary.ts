@@ -13,6 +13,8 @@ import {
 } from "@connectrpc/connect";
 import http2 from "node:http2";
 import { performance } from "node:perf_hooks";
+import type { LazyCallSignal } from "../domain/verify.js";
+import { callSignalKey } from "../rpc/context.js";
 import { clientStillSending, grpcStatusHeaders, stopUpload, tooLarge } from "./admission.js";
 
 /*
@@ -40,10 +42,15 @@ export interface ServiceRegistration {
   impl: Partial<ServiceImpl<DescService>>;
 }
 
-/** A hand-written encoder for a response type, taking the handler's (init-shaped) result. */
-export type ResponseEncoder = (message: object) => Uint8Array;
+/**
+ * A hand-written encoder for a response type, taking the handler's
+ * (init-shaped) result; it leaves the first `reserve` bytes of what it returns
+ * for the caller (the gRPC frame prefix, so the message is not copied again).
+ */
+export type ResponseEncoder = (message: object, reserve: number) => Uint8Array;
 
 interface Method {
+  /** The message framed: 5 bytes for the prefix, then the message. */
   encode: (message: object) => Uint8Array;
   service: DescService;
   input: DescMessage;
@@ -69,6 +76,14 @@ export interface GrpcUnaryOptions {
  * and flow control stops the client — the same bound as Node's own buffer.
  */
 const PRE_ADMISSION_BYTES = 16 * 1024;
+
+/**
+ * The reason ctx.signal aborts with once a call is answered: Connect-Node
+ * aborts it without one, which makes Node build a DOMException (and capture a
+ * stack) per call — the largest single item of the lean path's profile. The
+ * same kind of error, made once.
+ */
+const CALL_OVER = new DOMException("This operation was aborted", "AbortError");
 
 const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
 
@@ -128,7 +143,14 @@ export function createGrpcUnaryHandler(
         return call.response(custom || isMessage(out, m.output) ? out : create(m.output, out as never));
       };
       const run = interceptors.reduceRight<(r: UnaryRequest) => Promise<UnaryResponse>>((next, i) => i(next as never) as never, base);
-      const encode: (message: object) => Uint8Array = custom ?? ((msg) => toBinary(m.output, msg as never));
+      const encode: (message: object) => Uint8Array = custom
+        ? (msg) => custom(msg, 5)
+        : (msg) => {
+            const bytes = toBinary(m.output, msg as never);
+            const out = new Uint8Array(5 + bytes.length);
+            out.set(bytes, 5);
+            return out;
+          };
       methods.set(`/${service.typeName}/${m.name}`, { encode, service, input: m.input, methodDesc: m, run });
     }
   }
@@ -194,7 +216,48 @@ interface LeanContext {
   values: ContextValues;
 }
 
-class UnaryCall implements LeanCall {
+/**
+ * The handler context of a lean call. A class, not an object literal: a literal
+ * with getters builds its accessors and closures anew for every call.
+ */
+class LeanHandlerContext implements LeanContext {
+  readonly method: DescMethod;
+  readonly service: DescService;
+  readonly protocolName = "grpc";
+  readonly requestMethod = "POST";
+
+  constructor(
+    private readonly call: UnaryCall,
+    m: Method,
+    public requestHeader: Headers,
+    public values: ContextValues,
+  ) {
+    this.method = m.methodDesc;
+    this.service = m.service;
+  }
+
+  get url(): string {
+    return this.call.getUrl();
+  }
+
+  get signal(): AbortSignal {
+    return this.call.toAbortSignal();
+  }
+
+  timeoutMs(): number | undefined {
+    return this.call.timeLeft();
+  }
+
+  get responseHeader(): Headers {
+    return this.call.responseHeader();
+  }
+
+  get responseTrailer(): Headers {
+    return this.call.responseTrailer();
+  }
+}
+
+class UnaryCall implements LeanCall, LazyCallSignal {
   private chunks: Buffer[] = [];
   private size = 0;
   /** Message length from the 5-byte prefix, once read; -1 before. */
@@ -208,8 +271,9 @@ class UnaryCall implements LeanCall {
   private deadline = 0;
   private timer: NodeJS.Timeout | undefined;
   private controller: AbortController | undefined;
-  private aborted = false;
-  private reason: ConnectError | undefined;
+  /** The call has ended (answered, failed, expired or cancelled); ctx.signal aborts with `reason`. */
+  aborted = false;
+  reason: ConnectError | DOMException | undefined;
   /** Answered (or abandoned): nothing more is written, a late result is dropped. */
   private done = false;
   private header: Headers | undefined;
@@ -319,28 +383,8 @@ class UnaryCall implements LeanCall {
     const method = this.method;
     const header = headersOf(this.raw);
     const values = createContextValues();
-    const ctx = {
-      method: method.methodDesc,
-      service: method.service,
-      protocolName: "grpc",
-      requestMethod: "POST",
-      get url() {
-        return call.getUrl();
-      },
-      get signal() {
-        return call.signal();
-      },
-      timeoutMs: () => (call.deadline === 0 ? undefined : call.deadline - performance.now()),
-      requestHeader: header,
-      get responseHeader() {
-        return (call.header ??= new Headers());
-      },
-      get responseTrailer() {
-        return (call.trailer ??= new Headers());
-      },
-      values,
-    };
-    this.ctx = ctx;
+    values.set(callSignalKey, this);
+    this.ctx = new LeanHandlerContext(this, method, header, values);
     const req = {
       stream: false,
       service: method.service,
@@ -386,8 +430,30 @@ class UnaryCall implements LeanCall {
     } as unknown as UnaryResponse);
   }
 
-  private getUrl(): string {
+  /** ctx.timeoutMs(). */
+  timeLeft(): number | undefined {
+    return this.deadline === 0 ? undefined : this.deadline - performance.now();
+  }
+
+  responseHeader(): Headers {
+    return (this.header ??= new Headers());
+  }
+
+  responseTrailer(): Headers {
+    return (this.trailer ??= new Headers());
+  }
+
+  getUrl(): string {
     return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);
+  }
+
+  /** As AbortSignal.throwIfAborted (LazyCallSignal: a verification asks this, not ctx.signal). */
+  throwIfAborted(): void {
+    if (this.aborted) throw this.reason;
+  }
+
+  toAbortSignal(): AbortSignal {
+    return this.signal();
   }
 
   /** ctx.signal: allocated on first read only. */
@@ -399,7 +465,7 @@ class UnaryCall implements LeanCall {
     return this.controller.signal;
   }
 
-  private abort(reason: ConnectError | undefined): void {
+  private abort(reason: ConnectError | DOMException): void {
     if (this.aborted) return;
     this.aborted = true;
     this.reason = reason;
@@ -444,17 +510,19 @@ class UnaryCall implements LeanCall {
     this.finish();
     const stream = this.stream;
     if (stream.destroyed || stream.closed) return this.abort(new ConnectError("the client cancelled the call", Code.Canceled));
-    let bytes: Uint8Array;
+    let out: Uint8Array;
     try {
-      bytes = this.method.encode(res.message);
+      out = this.method.encode(res.message);
     } catch {
       return this.writeError(new ConnectError("internal error", Code.Internal));
     }
-    if (bytes.length > this.writeMaxBytes) return this.writeError(tooLarge("response message", bytes.length, this.writeMaxBytes));
-    const out = Buffer.allocUnsafe(5 + bytes.length);
+    const length = out.length - 5;
+    if (length > this.writeMaxBytes) return this.writeError(tooLarge("response message", length, this.writeMaxBytes));
     out[0] = 0;
-    out.writeUInt32BE(bytes.length, 1);
-    out.set(bytes, 5);
+    out[1] = length >>> 24;
+    out[2] = (length >>> 16) & 255;
+    out[3] = (length >>> 8) & 255;
+    out[4] = length & 255;
     const headers: http2.OutgoingHttpHeaders = { ":status": 200, "content-type": this.ct };
     const header = res === this.baseResponse ? this.header : res.header;
     header?.forEach((v, k) => (headers[k] = v));
@@ -469,7 +537,7 @@ class UnaryCall implements LeanCall {
     } catch {
       stream.destroy();
     }
-    this.abort(undefined);
+    this.abort(CALL_OVER);
   }
 
   sendTrailers(): void {

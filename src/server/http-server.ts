@@ -9,8 +9,8 @@ import { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js
 import { toConnectError } from "../rpc/interceptors.js";
 import { PUBLIC_SERVICES, clientStillSending, refuseHttp1, refuseStream, serviceOf, stopUpload } from "./admission.js";
 import { createGrpcUnaryHandler, type LeanCall, type ResponseEncoder, type ServiceRegistration } from "./grpc-unary.js";
-import type { Logger } from "./logger.js";
-import type { Metrics } from "./metrics.js";
+import type { Logger } from "../observability/logger.js";
+import type { Metrics } from "../observability/metrics.js";
 import { encodeVerifyKeyResponse } from "./verify-response-encoder.js";
 
 /** What one client may cost the port; every field is a setting (README, configuration). */
@@ -136,6 +136,28 @@ class Http1Response extends http.ServerResponse {
     return (super.writeHead as (...a: unknown[]) => this)(...args);
   }
 }
+
+/*
+ * `shouldKeepAlive` reads false while the request is still arriving. Connect-Node
+ * 2.3 answers early on a keep-alive connection only after draining up to 256 KiB
+ * of the unread body (its own fix for the stuck connection above), so an answer
+ * to a request whose body never ends — a client stream with a message over the
+ * limit, still open — waited for the request timeout and became a 408. Reading
+ * false, Connect-Node answers at once and writeHead above closes the connection.
+ * Node itself sets the flag (from the request's Connection header) and reads it
+ * when the answer is written, so it stays an ordinary flag underneath; an
+ * accessor on the prototype, since @types/node declares it as a field.
+ */
+const KEEP_ALIVE = Symbol("keep-alive");
+Object.defineProperty(Http1Response.prototype, "shouldKeepAlive", {
+  get(this: Http1Response & { [KEEP_ALIVE]?: boolean }): boolean {
+    return (this[KEEP_ALIVE] ?? false) && this.req.complete;
+  },
+  set(this: Http1Response & { [KEEP_ALIVE]?: boolean }, value: boolean) {
+    this[KEEP_ALIVE] = value;
+  },
+  configurable: true,
+});
 
 /**
  * One port for every protocol: gRPC, gRPC-Web and Connect, over HTTP/2 and
@@ -417,7 +439,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
     front.on("tlsClientError", (_err, socket) => socket.destroy());
   } else {
     front = net.createServer((socket) => {
-      let head = Buffer.alloc(0);
+      let head: Buffer = Buffer.alloc(0);
       const onData = (chunk: Buffer) => {
         head = head.length === 0 ? chunk : Buffer.concat([head, chunk]);
         const n = Math.min(head.length, H2_PREFACE.length);

@@ -1,4 +1,5 @@
-import type { ConnectRouter } from "@connectrpc/connect";
+import type { DescService } from "@bufbuild/protobuf";
+import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import * as reflectionV1 from "../../gen/grpc/reflection/v1/reflection_pb.js";
 import * as reflectionV1alpha from "../../gen/grpc/reflection/v1alpha/reflection_pb.js";
@@ -8,7 +9,7 @@ import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb.j
 import type { IdentityManager } from "../domain/identities.js";
 import type { KeyManager } from "../domain/keys.js";
 import type { Verifier } from "../domain/verify.js";
-import type { UsageReader } from "../usage/reader.js";
+import type { UsageReader } from "../domain/usage-reader.js";
 import { createHealthService, type HealthState } from "../rpc/health.js";
 import { createIdentityService } from "../rpc/identity-service.js";
 import { createKeyService } from "../rpc/key-service.js";
@@ -34,12 +35,17 @@ export function createServiceRegistrations(deps: RouteDeps): ServiceRegistration
     [IdentityService.typeName, KeyService.typeName, Health.typeName, reflectionV1.ServerReflection.typeName, reflectionV1alpha.ServerReflection.typeName],
   );
   return [
-    { service: IdentityService, impl: createIdentityService({ identities: deps.identities, usage: deps.usage }) },
-    { service: KeyService, impl: createKeyService({ keys: deps.keys, verify: deps.verify, usage: deps.usage }) },
-    { service: Health, impl: createHealthService(deps.health) },
-    { service: reflectionV1.ServerReflection, impl: reflection.v1 },
-    { service: reflectionV1alpha.ServerReflection, impl: reflection.v1alpha },
-  ] as ServiceRegistration[];
+    register(IdentityService, createIdentityService({ identities: deps.identities, usage: deps.usage })),
+    register(KeyService, createKeyService({ keys: deps.keys, verify: deps.verify, usage: deps.usage })),
+    register(Health, createHealthService(deps.health)),
+    register(reflectionV1.ServerReflection, reflection.v1),
+    register(reflectionV1alpha.ServerReflection, reflection.v1alpha),
+  ];
+}
+
+/** One registration. `impl` must implement every RPC of `service`: a missing one does not compile. */
+export function register<S extends DescService>(service: S, impl: ServiceImpl<S>): ServiceRegistration {
+  return { service, impl: impl as unknown as ServiceRegistration["impl"] };
 }
 
 /** The Connect routes function over the registrations. */

@@ -61,51 +61,182 @@ function structBytes(obj: JsonObject): Uint8Array {
   return b;
 }
 
-function writeStruct(w: BinaryWriter, field: number, obj: JsonObject | undefined): void {
+/*
+ * The response itself is written by hand into one scratch buffer: protobuf-es's
+ * BinaryWriter turns every string into a new Uint8Array through TextEncoder
+ * (keyId, name, apiId, identity ids, limit names — the largest item of the
+ * encoder in the profile) and every sub-message into a chunk list. Strings of
+ * ASCII are copied byte for byte; others go through encodeInto. Encoding is
+ * synchronous, so one buffer serves every call; the result is a copy.
+ */
+let buf = Buffer.alloc(4096);
+let pos = 0;
+const textEncoder = new TextEncoder();
+
+function ensure(n: number): void {
+  if (pos + n <= buf.length) return;
+  const bigger = Buffer.alloc(Math.max(buf.length * 2, pos + n));
+  buf.copy(bigger, 0, 0, pos);
+  buf = bigger;
+}
+
+/** A varint of a whole number in [0, 2^53). */
+function varint(v: number): void {
+  ensure(10);
+  while (v > 127) {
+    buf[pos++] = (v % 128) | 128;
+    v = Math.floor(v / 128);
+  }
+  buf[pos++] = v;
+}
+
+/** An int64 varint: negative values as their 64-bit two's complement (10 bytes). */
+function varint64(v: bigint | number | string): void {
+  if (typeof v === "number" && v >= 0 && Number.isSafeInteger(v)) return varint(v);
+  let b = BigInt.asUintN(64, BigInt(v));
+  ensure(10);
+  while (b > 127n) {
+    buf[pos++] = Number(b & 127n) | 128;
+    b >>= 7n;
+  }
+  buf[pos++] = Number(b);
+}
+
+function int64(v: bigint | number | string): void {
+  if (typeof v === "bigint" && v >= 0n && v <= 9007199254740991n) varint(Number(v));
+  else varint64(v);
+}
+
+function tag(field: number, wireType: number): void {
+  varint((field << 3) | wireType);
+}
+
+function string(field: number, s: string): void {
+  tag(field, LD);
+  const n = s.length;
+  let ascii = true;
+  for (let i = 0; i < n; i++) {
+    if (s.charCodeAt(i) > 127) {
+      ascii = false;
+      break;
+    }
+  }
+  if (ascii) {
+    varint(n);
+    ensure(n);
+    for (let i = 0; i < n; i++) buf[pos++] = s.charCodeAt(i);
+    return;
+  }
+  const len = Buffer.byteLength(s, "utf8");
+  varint(len);
+  ensure(len);
+  textEncoder.encodeInto(s, buf.subarray(pos, pos + len));
+  pos += len;
+}
+
+function str(field: number, s: string | undefined): void {
+  if (s) string(field, s);
+}
+
+function bytes(field: number, b: Uint8Array): void {
+  tag(field, LD);
+  varint(b.length);
+  ensure(b.length);
+  buf.set(b, pos);
+  pos += b.length;
+}
+
+/** Starts a sub-message of `field`: one byte is kept for its length, which `join` writes. */
+function fork(field: number): number {
+  tag(field, LD);
+  ensure(1);
+  return pos++;
+}
+
+function join(at: number): void {
+  const len = pos - at - 1;
+  if (len < 128) {
+    buf[at] = len;
+    return;
+  }
+  // A longer length takes more bytes: move the body up to make room.
+  let extra = 0;
+  for (let v = len >>> 7; v > 0; v >>>= 7) extra++;
+  ensure(extra);
+  buf.copyWithin(at + 1 + extra, at + 1, pos);
+  pos += extra;
+  let v = len;
+  let i = at;
+  while (v > 127) {
+    buf[i++] = (v & 127) | 128;
+    v >>>= 7;
+  }
+  buf[i] = v;
+}
+
+function writeStruct(field: number, obj: JsonObject | undefined): void {
   if (obj === undefined) return;
-  w.tag(field, LD).bytes(structBytes(obj));
+  bytes(field, structBytes(obj));
 }
 
-function writeTimestamp(w: BinaryWriter, field: number, t: Timestamp | undefined): void {
+function writeTimestamp(field: number, t: Timestamp | undefined): void {
   if (!t) return;
-  w.tag(field, LD).fork();
-  if (t.seconds !== 0n) w.tag(1, WireType.Varint).int64(t.seconds);
-  if (t.nanos !== 0) w.tag(2, WireType.Varint).int32(t.nanos);
-  w.join();
+  const at = fork(field);
+  if (t.seconds !== 0n) {
+    tag(1, WireType.Varint);
+    int64(t.seconds);
+  }
+  if (t.nanos !== 0) {
+    tag(2, WireType.Varint);
+    varint64(t.nanos);
+  }
+  join(at);
 }
 
-function str(w: BinaryWriter, field: number, s: string | undefined): void {
-  if (s) w.tag(field, LD).string(s);
-}
-
-export function encodeVerifyKeyResponse(m: Init): Uint8Array {
-  const w = new BinaryWriter();
-  if (m.valid) w.tag(1, WireType.Varint).bool(true);
-  if (m.code) w.tag(2, WireType.Varint).int32(m.code);
-  str(w, 3, m.keyId);
-  str(w, 4, m.name);
-  writeStruct(w, 5, m.meta as JsonObject | undefined);
-  writeTimestamp(w, 6, m.expiresAt as Timestamp | undefined);
-  if (m.enabled) w.tag(7, WireType.Varint).bool(true);
-  if (m.creditsRemaining !== undefined) w.tag(8, WireType.Varint).int64(m.creditsRemaining);
-  for (const p of m.permissions ?? []) w.tag(9, LD).string(p);
+/** The message's bytes, after `reserve` bytes left for the caller (the lean path writes its gRPC frame prefix there). */
+export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
+  pos = reserve;
+  if (m.valid) varint(8 /* field 1, varint */), varint(1);
+  if (m.code) {
+    tag(2, WireType.Varint);
+    varint64(m.code);
+  }
+  str(3, m.keyId);
+  str(4, m.name);
+  writeStruct(5, m.meta as JsonObject | undefined);
+  writeTimestamp(6, m.expiresAt as Timestamp | undefined);
+  if (m.enabled) tag(7, WireType.Varint), varint(1);
+  if (m.creditsRemaining !== undefined) {
+    tag(8, WireType.Varint);
+    int64(m.creditsRemaining);
+  }
+  for (const p of m.permissions ?? []) string(9, p);
   const id = m.identity;
   if (id) {
-    w.tag(10, LD).fork();
-    str(w, 1, id.id);
-    str(w, 2, id.externalId);
-    writeStruct(w, 3, id.meta as JsonObject | undefined);
-    w.join();
+    const at = fork(10);
+    str(1, id.id);
+    str(2, id.externalId);
+    writeStruct(3, id.meta as JsonObject | undefined);
+    join(at);
   }
   for (const r of m.ratelimits ?? []) {
-    w.tag(11, LD).fork();
-    str(w, 1, r.name);
-    if (r.limit) w.tag(2, WireType.Varint).int64(r.limit);
-    if (r.remaining) w.tag(3, WireType.Varint).int64(r.remaining);
-    writeTimestamp(w, 4, r.resetAt as Timestamp | undefined);
-    if (r.exceeded) w.tag(5, WireType.Varint).bool(true);
-    w.join();
+    const at = fork(11);
+    str(1, r.name);
+    if (r.limit) {
+      tag(2, WireType.Varint);
+      int64(r.limit);
+    }
+    if (r.remaining) {
+      tag(3, WireType.Varint);
+      int64(r.remaining);
+    }
+    writeTimestamp(4, r.resetAt as Timestamp | undefined);
+    if (r.exceeded) tag(5, WireType.Varint), varint(1);
+    join(at);
   }
-  str(w, 12, m.apiId);
-  return w.finish();
+  str(12, m.apiId);
+  // A copy from Node's buffer pool (a typed array's slice allocates an ArrayBuffer of its own).
+  const out = Buffer.allocUnsafe(pos);
+  buf.copy(out, 0, 0, pos);
+  return out;
 }

@@ -11,10 +11,10 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../domain/types.js";
-import type { Logger } from "../server/logger.js";
-import type { UsageQuery, UsageRow } from "../usage/types.js";
+import type { Logger } from "../observability/logger.js";
+import type { UsageQuery, UsageRow } from "../domain/usage.js";
 import type { MongoStore } from "./mongodb/mongo-store.js";
-import type { Change, KeyFilter, PageQuery, SpendResult, Store } from "./store.js";
+import type { Change, KeyFilter, PageQuery, SpendResult, Store, StoreCapabilities } from "./store.js";
 
 /*
  * Credit balances held in Redis, in front of the MongoDB store: the "redis"
@@ -204,6 +204,9 @@ const pairsOf = (c: Credits | null): (string | number)[] => (c === null ? ["u", 
  */
 export class RedisCreditsStore implements Store {
   readonly kind = "mongodb" as const;
+  get capabilities(): StoreCapabilities {
+    return this.inner.capabilities;
+  }
   private readonly redis: LedgerRedis;
   private prefix = "";
   private dirty = "";

@@ -1,8 +1,8 @@
 import { randomBytes } from "node:crypto";
 import type { Verification, VerificationCode, VerifyInput } from "../domain/verify.js";
-import type { Logger } from "../server/logger.js";
-import type { Store } from "../storage/store.js";
-import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./types.js";
+import type { Logger } from "../observability/logger.js";
+import type { UsageStore } from "../domain/ports/usage-store.js";
+import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "../domain/usage.js";
 
 const OUTCOME: Record<VerificationCode, CounterName> = {
   VALID: "valid",
@@ -43,7 +43,7 @@ interface Pending {
  * (src/storage: an atomic, idempotent increment per row), together with the
  * keys' last-used times. A failed flush keeps its counts for the next one.
  */
-export function createUsageRecorder(deps: { store: Store; logger: Logger; options: RecorderOptions; onDrop?: (n: number) => void }) {
+export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; options: RecorderOptions; onDrop?: (n: number) => void }) {
   const { store, logger, options } = deps;
   const flushAt = options.flushAt ?? 20_000;
   const maxPending = options.maxPending ?? 500_000;

@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { SETTINGS } from "../../src/config/config.js";
 
@@ -36,5 +36,26 @@ describe("README commands", () => {
 
   it("is what .ci/run runs", () => {
     expect(readFileSync(new URL("../../.ci/run", import.meta.url), "utf8")).toMatch(/npm test/);
+  });
+});
+
+describe("README architecture drawing", () => {
+  const section = readme.slice(readme.indexOf("## Architecture"), readme.indexOf("## Changing the API"));
+  const drawing = section.slice(section.indexOf("```") + 3, section.indexOf("```", section.indexOf("```") + 3));
+  const src = new URL("../../src/", import.meta.url);
+  const folders = readdirSync(src, { withFileTypes: true })
+    .filter((d) => d.isDirectory())
+    .map((d) => d.name);
+  const rules = readFileSync(new URL("../../.dependency-cruiser.cjs", import.meta.url), "utf8");
+
+  it("draws every folder of src/, and only those", () => {
+    for (const f of folders) expect(drawing, `src/${f}/ in the drawing`).toContain(`src/${f}/`);
+    const drawn = [...drawing.matchAll(/src\/([a-z-]+)\//g)].map((m) => m[1]);
+    expect(drawn.filter((f) => !folders.includes(f))).toEqual([]);
+  });
+
+  it("draws the folders the layering rules name, and names the rules file as their source", () => {
+    for (const f of folders) expect(rules, `src/${f} in .dependency-cruiser.cjs`).toMatch(new RegExp(`\\b${f}\\b`));
+    expect(section).toContain(".dependency-cruiser.cjs");
   });
 });

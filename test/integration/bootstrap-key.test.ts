@@ -10,6 +10,17 @@ import { grpcClients, startServer, tempDir, type ServerProcess } from "./support
 
 const ROOT_KEY = /lkroot_[1-9A-HJ-NP-Za-km-z]+/;
 
+/**
+ * stderr once it holds `what`: the server writes it before its "listening" log
+ * line, but stdout and stderr are separate pipes, so stderr's bytes may reach
+ * the test after stdout's. Waits for them (at most 10 s), then returns stderr.
+ */
+async function stderrWith(server: ServerProcess, what: string | RegExp): Promise<string> {
+  const has = () => (typeof what === "string" ? server.stderr().includes(what) : what.test(server.stderr()));
+  for (let i = 0; i < 1000 && !has(); i++) await new Promise((r) => setTimeout(r, 10));
+  return server.stderr();
+}
+
 describe("the bootstrap root key of a fresh install", () => {
   let server: ServerProcess | undefined;
   afterEach(async () => {
@@ -24,8 +35,8 @@ describe("the bootstrap root key of a fresh install", () => {
     expect(key).toMatch(new RegExp(`^${ROOT_KEY.source}$`));
     expect(statSync(file).mode & 0o777).toBe(0o600);
     expect(server.stdout()).not.toMatch(ROOT_KEY);
+    expect(await stderrWith(server, file), "stderr tells where the key is").toContain(file);
     expect(server.stderr()).not.toMatch(ROOT_KEY);
-    expect(server.stderr(), "stderr tells where the key is").toContain(file);
     const logged = server
       .stdout()
       .split("\n")
@@ -59,7 +70,7 @@ describe("the bootstrap root key of a fresh install", () => {
     mkdirSync(path.join(dataDir, "bootstrap-root-key"));
     server = await startServer({ dataDir });
     expect(server.bootstrapKey).toBeNull();
-    const key = ROOT_KEY.exec(server.stderr())?.[0];
+    const key = ROOT_KEY.exec(await stderrWith(server, ROOT_KEY))?.[0];
     expect(key, "the key is printed on stderr").toBeDefined();
     expect(server.stdout()).not.toMatch(ROOT_KEY);
     expect(server.stdout()).toContain("cannot write the bootstrap root key file");

@@ -51,7 +51,7 @@ function violationsOf(statusBin: Buffer | undefined): Status["violations"] {
     }
     const any = new BinaryReader(status.bytes());
     let typeUrl = "";
-    let value = new Uint8Array();
+    let value: Uint8Array = new Uint8Array();
     while (any.pos < any.len) {
       const [f, w] = any.tag();
       if (f === 1) typeUrl = any.string();
@@ -99,7 +99,7 @@ async function connectRaw(server: ServerProcess, path: string, body: Uint8Array 
   const res = await fetch(`${server.baseUrl}${path}`, {
     method: "POST",
     headers: { "content-type": typeof body === "string" ? "application/json" : "application/proto", authorization: `Bearer ${rootKey}` },
-    body,
+    body: typeof body === "string" ? body : new Uint8Array(body),
     signal: AbortSignal.timeout(10_000),
   });
   const text = Buffer.from(await res.arrayBuffer());
@@ -222,7 +222,7 @@ describe("requests the decoders let through (embedded store)", () => {
     const res = await fetch(`${server.baseUrl}/latchkey.v1.KeyService/CreateKey`, {
       method: "POST",
       headers: { "content-type": "application/json", authorization: `Bearer ${rootKey}` },
-      body,
+      body: new Uint8Array(body),
     });
     expect(res.status).toBe(400);
     expect(await keysOf(apiId)).toEqual([]);

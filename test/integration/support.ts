@@ -388,6 +388,12 @@ export function run(cmd: string, args: string[], opts: { input?: string; timeout
       clearTimeout(timer);
       resolve({ code, stdout, stderr });
     });
+    // A tool that reads no input (grpc-health-probe) may exit before the end of
+    // its stdin is written: EPIPE there is no failure — its exit code and output
+    // are the result. Any other stdin error is.
+    proc.stdin!.on("error", (err: NodeJS.ErrnoException) => {
+      if (err.code !== "EPIPE") reject(err);
+    });
     proc.stdin!.end(opts.input ?? "");
   });
 }

@@ -63,10 +63,35 @@ describe("hand-written VerifyKeyResponse encoder", () => {
         apiId: r() < 0.9 ? "api_main" : "",
       };
       const expected = create(VerifyKeyResponseSchema, init);
-      const decoded = fromBinary(VerifyKeyResponseSchema, encodeVerifyKeyResponse(init));
+      const bytes = encodeVerifyKeyResponse(init);
+      const decoded = fromBinary(VerifyKeyResponseSchema, bytes);
       expect(equals(VerifyKeyResponseSchema, decoded, expected), `case ${i}`).toBe(true);
+      // Fields in number order, as toBinary writes them: the same bytes.
+      expect(Buffer.from(bytes).equals(Buffer.from(toBinary(VerifyKeyResponseSchema, expected))), `case ${i} bytes`).toBe(true);
       // And the reverse: what toBinary writes decodes to the same.
       expect(equals(VerifyKeyResponseSchema, fromBinary(VerifyKeyResponseSchema, toBinary(VerifyKeyResponseSchema, expected)), decoded)).toBe(true);
+    }
+  });
+
+  it("writes the very bytes toBinary writes, for long and non-ASCII strings, large sub-messages and negative times", () => {
+    const long = "n".repeat(200);
+    const longer = "ü".repeat(9000); // 18,000 bytes: a three-byte length
+    const bigMeta: JsonObject = { text: "x".repeat(300), nested: { list: [1, "zwei", null, true] } };
+    const cases = [
+      { keyId: "key_ünï", name: long, apiId: "api_✓", permissions: ["perm.ü", long] },
+      { name: longer, identity: { id: "id_1", externalId: longer, meta: bigMeta } },
+      { identity: { id: "id_2", externalId: "e", meta: bigMeta }, meta: bigMeta },
+      { expiresAt: timestampFromMs(-86_400_123), enabled: true, creditsRemaining: 2n ** 62n },
+      { creditsRemaining: -5n, code: VerificationCode.USAGE_EXCEEDED },
+      {
+        valid: true,
+        code: VerificationCode.VALID,
+        ratelimits: [{ name: long, limit: 2n ** 40n, remaining: 1n, resetAt: timestampFromMs(Date.now()), exceeded: false }],
+      },
+    ];
+    for (const [i, init] of cases.entries()) {
+      const expected = toBinary(VerifyKeyResponseSchema, create(VerifyKeyResponseSchema, init));
+      expect(Buffer.from(encodeVerifyKeyResponse(init)).equals(Buffer.from(expected)), `case ${i}`).toBe(true);
     }
   });
 

@@ -10,7 +10,7 @@ import type { Worker } from "node:worker_threads";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { UnavailableError } from "../../src/domain/errors.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
-import { emptyCounts, type UsageRow } from "../../src/usage/types.js";
+import { emptyCounts, type UsageRow } from "../../src/domain/usage.js";
 import { keyRecord } from "../support/records.js";
 
 describe("embedded store usage worker", () => {

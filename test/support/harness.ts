@@ -10,12 +10,12 @@ import { afterEach, beforeEach, expect } from "vitest";
 import { IdentityService } from "../../gen/latchkey/v1/identity_service_pb.js";
 import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
-import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/server/app.js";
+import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/app/compose.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import type { IdentityRecord, KeyRecord } from "../../src/domain/types.js";
 import { createMemoryCounter } from "../../src/ratelimit/counter.js";
-import { createLogger } from "../../src/server/logger.js";
-import { createMetrics, type Metrics } from "../../src/server/metrics.js";
+import { createLogger } from "../../src/observability/logger.js";
+import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
 import { MongoStore, type MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
 import { storeDatabases } from "../../src/storage/mongodb/key-layout.js";
@@ -174,7 +174,7 @@ let sharedMetrics: Metrics | undefined;
 /**
  * An isolated in-process Latchkey: a fresh store, a root key with every
  * permission, and Connect clients over `createRouterTransport` with the real
- * routes and interceptors, wired as src/server/app.ts wires them.
+ * routes and interceptors, wired as src/app/compose.ts wires them.
  */
 export async function createHarness(opts: HarnessOptions = {}): Promise<Harness> {
   const kind = opts.store ?? ((process.env.LATCHKEY_TEST_STORE as StoreKind | undefined) || "embedded");

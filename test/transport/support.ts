@@ -139,7 +139,8 @@ export interface Fixture {
   stderr(): string;
 }
 
-const VITE_NODE = path.join(REPO, "node_modules/vite-node/vite-node.mjs");
+/** Node runs the fixture's TypeScript itself (test/support/ts-hooks.mjs maps its `.js` imports to `.ts`). */
+const TS_ARGS = ["--experimental-transform-types", "--no-warnings=ExperimentalWarning", "--import", path.join(REPO, "test/support/ts-register.mjs")];
 const FIXTURE = path.join(REPO, "test/transport/fixtures/gated-server.ts");
 const fixtures = new Set<Fixture>();
 afterAll(async () => {
@@ -148,7 +149,7 @@ afterAll(async () => {
 
 /** Starts fixtures/gated-server.ts with these transport limits. */
 export async function startFixture(limits: Partial<TransportLimits> = {}): Promise<Fixture> {
-  const proc = spawn(process.execPath, [VITE_NODE, FIXTURE], {
+  const proc = spawn(process.execPath, [...TS_ARGS, FIXTURE], {
     cwd: REPO,
     env: { ...process.env, FIXTURE_LIMITS: JSON.stringify(limits) },
     stdio: ["pipe", "pipe", "pipe"],

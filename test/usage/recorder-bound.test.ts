@@ -9,10 +9,10 @@ import { Writable } from "node:stream";
 import { describe, expect, it } from "vitest";
 import type { KeyRecord } from "../../src/domain/types.js";
 import type { Verification, VerifyInput } from "../../src/domain/verify.js";
-import { createLogger } from "../../src/server/logger.js";
+import { createLogger } from "../../src/observability/logger.js";
 import type { Store } from "../../src/storage/store.js";
 import { createUsageRecorder } from "../../src/usage/recorder.js";
-import type { UsageRow } from "../../src/usage/types.js";
+import type { UsageRow } from "../../src/domain/usage.js";
 
 const quiet = createLogger("silent", new Writable({ write: (_c, _e, cb) => cb() }));
 const input: VerifyInput = { key: "k", apiId: "api", permissions: "", ratelimits: [], cost: null, tags: [] };

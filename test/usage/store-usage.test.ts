@@ -9,7 +9,7 @@
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Store } from "../../src/storage/store.js";
-import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageRow } from "../../src/usage/types.js";
+import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageRow } from "../../src/domain/usage.js";
 import { openTestStore, rpcError, unique, type TestStore } from "../support/harness.js";
 import { counts, DAY, describeEachStore, floorTo, HOUR, identityUsage, keyUsage, MINUTE, recordAt, rawUsageFields, useUsageHarness } from "./support.js";
 

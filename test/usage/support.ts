@@ -13,7 +13,7 @@ import type { GetKeyUsageResponse } from "../../gen/latchkey/v1/key_service_pb.j
 import { GetIdentityUsageRequestSchema } from "../../gen/latchkey/v1/identity_service_pb.js";
 import type { Verification, VerificationCode } from "../../src/domain/verify.js";
 import type { Store } from "../../src/storage/store.js";
-import { COUNTERS, emptyCounts, type Counts } from "../../src/usage/types.js";
+import { COUNTERS, emptyCounts, type Counts } from "../../src/domain/usage.js";
 import type { Clients, Harness, HarnessOptions, StoreKind } from "../support/harness.js";
 import { useHarness } from "../support/harness.js";
 import type { ServerProcess } from "../integration/support.js";
@@ -37,7 +37,7 @@ export function useUsageHarness(kind: StoreKind, opts: HarnessOptions = {}): () 
   return useHarness({ ...opts, store: kind, coreOptions: { usageFlushMs: HOUR, ...opts.coreOptions } });
 }
 
-/** Counts as plain numbers, named as in src/usage/types.ts. */
+/** Counts as plain numbers, named as in src/domain/usage.ts. */
 export type PlainCounts = Counts;
 
 export function plain(c: UsageCounts | undefined): PlainCounts {

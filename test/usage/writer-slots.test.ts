@@ -7,7 +7,7 @@
 import { MongoClient } from "mongodb";
 import { afterAll, beforeAll, expect, it } from "vitest";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
-import { emptyCounts, type Counts, type UsageRow } from "../../src/usage/types.js";
+import { emptyCounts, type Counts, type UsageRow } from "../../src/domain/usage.js";
 import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/harness.js";
 import { DAY, describeWith, floorTo, HOUR, MINUTE } from "./support.js";
 

@@ -13,7 +13,7 @@ import { MongoClient } from "mongodb";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "../../src/ratelimit/counter.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
-import { createCounter } from "../../src/ratelimit/create-counter.js";
+import { createCounter } from "../../src/app/counters.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { describeWith, isFerretDb, mongodbUri, redisUrl } from "./support.js";
 

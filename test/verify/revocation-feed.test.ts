@@ -18,9 +18,9 @@ import { KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { parseRootPermission } from "../../src/domain/access.js";
 import { createRootKey } from "../../src/domain/root-keys.js";
 import { UnavailableError } from "../../src/domain/errors.js";
-import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/server/app.js";
-import { createLogger } from "../../src/server/logger.js";
-import { createMetrics, type Metrics } from "../../src/server/metrics.js";
+import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/app/compose.js";
+import { createLogger } from "../../src/observability/logger.js";
+import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
 import type { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
 import { openTestStore, randomDatabaseName, unique, type Clients, type TestStore } from "../support/harness.js";
@@ -301,7 +301,7 @@ describeWith("MONGODB_URI", mongodbUri(), "revocation when a MongoDB write is cu
     gated.reset();
     await verify(b.clients, k.plaintext);
     expect(gated.calls.get("getKeyByHash"), "read from the store while the write may still land").toBe(1);
-    b.advance(5001);
+    b.advance(10_001);
     await b.core.feed.sync();
     // ...and caches it again after.
     await verify(b.clients, k.plaintext);

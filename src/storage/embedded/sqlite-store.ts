@@ -14,10 +14,10 @@ import type {
 } from "../../domain/types.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import type { Counts, UsageQuery, UsageRow } from "../../usage/types.js";
+import type { Counts, UsageQuery, UsageRow } from "../../domain/usage.js";
 import { asStoreError } from "./sqlite-errors.js";
 import { UsageWriter } from "./usage-writer.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS identities (
@@ -113,6 +113,8 @@ function wrap<T>(fn: () => T): T {
  */
 export class SqliteStore implements Store {
   readonly kind = "embedded" as const;
+  /** One process owns the file: nothing is shared, and every write is a transaction. */
+  readonly capabilities: StoreCapabilities = { shared: false, atomicUpdates: true };
   private db!: Database.Database;
   /** Usage counts and last-used times are written by a worker thread with its own connection. */
   private readonly usage: UsageWriter;

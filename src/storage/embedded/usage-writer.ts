@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
 import { UnavailableError } from "../../domain/errors.js";
-import { COUNTERS, type UsageRow } from "../../usage/types.js";
+import { COUNTERS, type UsageRow } from "../../domain/usage.js";
 import { asStoreError } from "./sqlite-errors.js";
 
 /** Requests to the usage worker (usage-worker.ts). Rows travel as flat arrays: cheap to copy. */

@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
-import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import { MongoClient, MongoNetworkError, MongoServerError, MongoServerSelectionError, type Collection, type Db } from "mongodb";
+import { AlreadyExistsError, FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -13,10 +13,10 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../usage/types.js";
+import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
 import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
@@ -94,7 +94,7 @@ export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedD
  * A write announced by an intent lands within this long of the intent becoming
  * visible, or never: readers pin its entries this long at most.
  */
-const WRITE_BOUND_MS = 5000;
+const WRITE_BOUND_MS = 10_000;
 /** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
 const WRITE_MAX_MS = 2000;
 /**
@@ -206,7 +206,19 @@ const UNAVAILABLE = new Set([
   "MongoNotConnectedError",
   "MongoTopologyClosedError",
   "MongoPoolClearedError",
+  "MongoServerClosedError",
+  "MongoPoolClosedError",
 ]);
+
+/**
+ * The server could not be reached. By class as well as by name: the driver's
+ * network errors have subclasses named otherwise (an operation waiting for a
+ * connection when the pool is cleared after another one lost its connection
+ * gets a `PoolClearedOnNetworkError`).
+ */
+function isUnreachable(err: unknown): err is Error {
+  return err instanceof MongoNetworkError || err instanceof MongoServerSelectionError || (err instanceof Error && UNAVAILABLE.has(err.name));
+}
 
 /**
  * A unique index refused the write. FerretDB (SQLite backend) reports a
@@ -270,6 +282,10 @@ export interface MongoStoreOptions {
  */
 export class MongoStore implements Store {
   readonly kind = "mongodb" as const;
+  /** Shared by every instance; FerretDB (known after `init`) applies a conditional $inc as a read and a write. */
+  get capabilities(): StoreCapabilities {
+    return { shared: true, atomicUpdates: this.flavor === "mongodb", counterClient: this.client };
+  }
   /** Shared with the MongoDB rate-limit counter, so one deployment holds one connection pool. */
   readonly client: MongoClient;
   private db!: Db;
@@ -334,7 +350,8 @@ export class MongoStore implements Store {
         const msg = String(err.message);
         throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
       }
-      if (err instanceof Error && UNAVAILABLE.has(err.name)) throw new UnavailableError(`mongodb: ${err.name}`);
+      // Says nothing of whether a write was applied: a connection lost after sending leaves it unknown.
+      if (isUnreachable(err)) throw new StoreUnreachableError(`mongodb: ${err.name}`);
       throw err;
     }
   }
@@ -505,26 +522,32 @@ export class MongoStore implements Store {
     write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
   ): Promise<T> {
     // The bound runs from the intent's insert: it is visible no earlier than that.
-    const { seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets });
+    // An intent whose insert took so long that the write could no longer land
+    // within the bound is closed and announced once more (nothing was written
+    // yet); a second slow one refuses the write.
+    let intent = 0;
+    let sentAt = 0;
     const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
     // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
-    const done = () => this.appendChange({ phase: "done", intent, ...targets }).then(
+    const done = (seq: number) => this.appendChange({ phase: "done", intent: seq, ...targets }).then(
       () => undefined,
       () => undefined,
     );
-    if (!inTime()) {
-      await done();
-      throw new UnavailableError("the change feed answered too slowly; nothing was written");
+    for (let attempt = 1; ; attempt++) {
+      ({ seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets }));
+      if (inTime()) break;
+      await done(intent);
+      if (attempt === 2) throw new UnavailableError("the change feed answered too slowly; nothing was written");
     }
     let res: T;
     try {
       res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
     } catch (err) {
       // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
-      if (err instanceof MongoServerError) await done();
+      if (err instanceof MongoServerError) await done(intent);
       throw err;
     }
-    await done();
+    await done(intent);
     return res;
   }
 

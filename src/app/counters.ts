@@ -1,9 +1,8 @@
 import { Redis } from "ioredis";
 import type { Config } from "../config/config.js";
-import { mongoStoreOf } from "../storage/create-store.js";
 import type { Store } from "../storage/store.js";
-import type { Logger } from "../server/logger.js";
-import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "./counter.js";
+import type { Logger } from "../observability/logger.js";
+import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "../ratelimit/counter.js";
 
 /**
  * The counter backend the configuration selects, and how to release it.
@@ -19,14 +18,16 @@ export function createCounter(
   store: Store,
   logger?: Logger,
 ): { counter: RateLimitCounter; close: () => Promise<void>; shared: boolean } {
-  const mongo = mongoStoreOf(store);
-  const ferret = mongo?.flavor === "ferretdb";
+  const caps = store.capabilities;
+  const mongo = caps.counterClient;
+  // A store that offers a counter client but cannot update atomically: FerretDB.
+  const ferret = !!mongo && !caps.atomicUpdates;
   let backend = config.ratelimitBackend;
   if (backend === "auto") backend = config.redisUrl ? "redis" : mongo && !ferret ? "mongodb" : "memory";
   if (backend === "mongodb" && ferret) {
     throw new Error("LATCHKEY_RATELIMIT_BACKEND=mongodb needs MongoDB: FerretDB does not apply $inc atomically; use LATCHKEY_REDIS_URL");
   }
-  if (backend === "memory" && mongo) {
+  if (backend === "memory" && caps.shared) {
     logger?.error(
       { ratelimitBackend: "memory", store: ferret ? "ferretdb" : "mongodb" },
       "rate-limit pools are counted per process: N instances admit N times a shared limit. Set LATCHKEY_REDIS_URL to share them" +
@@ -49,9 +50,9 @@ export function createCounter(
     }
     case "mongodb":
       if (!mongo) throw new Error("the mongodb rate-limit backend needs the mongodb store");
-      return { counter: createMongoCounter(mongo.client, config.mongodbDatabase), close: async () => undefined, shared: true };
+      return { counter: createMongoCounter(mongo, config.mongodbDatabase), close: async () => undefined, shared: true };
     default:
       // One process on the embedded store is the whole deployment: its pools are shared.
-      return { counter: createMemoryCounter(), close: async () => undefined, shared: !mongo };
+      return { counter: createMemoryCounter(), close: async () => undefined, shared: !caps.shared };
   }
 }

@@ -1,4 +1,5 @@
 import http from "node:http";
+import { performance } from "node:perf_hooks";
 import { Gauge } from "prom-client";
 import { createInvalidationFeed } from "../cache/invalidation.js";
 import { createVerificationCache } from "../cache/verification-cache.js";
@@ -8,17 +9,19 @@ import { createKeyManager } from "../domain/keys.js";
 import { createRootKey, createRootKeyAuthenticator } from "../domain/root-keys.js";
 import { createVerifier, type VerificationListener } from "../domain/verify.js";
 import { createMemoryCounter, type RateLimitCounter } from "../ratelimit/counter.js";
-import { createCounter } from "../ratelimit/create-counter.js";
+import { createCounter } from "./counters.js";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { HealthState } from "../rpc/health.js";
 import { createAuthInterceptor, createObservabilityInterceptor } from "../rpc/interceptors.js";
 import { connectJsonOptions } from "../rpc/well-formed.js";
 import type { Store } from "../storage/store.js";
-import { createServer, type LatchkeyServer } from "./http-server.js";
-import type { Logger } from "./logger.js";
-import { createMetrics, type Metrics } from "./metrics.js";
-import { createServiceRegistrations, routesOf } from "./routes.js";
-import { createUsageReader } from "../usage/reader.js";
+import { guardStore } from "./stores.js";
+import { storeGuardOf } from "../storage/store-guard.js";
+import { createServer, type LatchkeyServer } from "../server/http-server.js";
+import type { Logger } from "../observability/logger.js";
+import { createMetrics, fastSeries, type Metrics } from "../observability/metrics.js";
+import { createServiceRegistrations, routesOf } from "../server/routes.js";
+import { createUsageReader } from "../domain/usage-reader.js";
 import { createUsageRecorder } from "../usage/recorder.js";
 
 export type CoreOptions = Pick<
@@ -34,8 +37,14 @@ export type CoreOptions = Pick<
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
   | "usageDayRetentionDays"
+  | "outageCacheMs"
+  | "storeProbeTimeoutMs"
+  | "storeFailFastMs"
 > &
   Partial<Pick<Config, "maxHealthWatchers">>;
+
+/** After the store comes back, how long the cache may go on answering as during the outage while the change feed is read (catchingUp in createCore). */
+const CATCH_UP_MS = 2000;
 
 export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   rootKeyCacheMs: 5000,
@@ -49,6 +58,9 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
   usageDayRetentionDays: 0,
+  outageCacheMs: 600_000,
+  storeProbeTimeoutMs: 1000,
+  storeFailFastMs: 25,
 };
 
 export interface CoreDeps {
@@ -66,25 +78,61 @@ export interface CoreDeps {
  * Everything behind the port, wired: use cases, verification cache and its
  * change feed, routes and interceptors. Servers (createApp) and tests
  * (createRouterTransport over `routes` and `interceptors`) build on this.
+ * The store is used behind its circuit breaker (src/storage/store-guard.ts):
+ * the one it comes with (createServerStore), or one made here.
  */
 export function createCore(deps: CoreDeps) {
-  const { store, logger } = deps;
-  const options = deps.options ?? DEFAULT_CORE_OPTIONS;
+  const { logger } = deps;
+  const options = { ...DEFAULT_CORE_OPTIONS, ...deps.options };
   const metrics = deps.metrics ?? createMetrics();
-  const cache = createVerificationCache({ store, metrics, options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs } });
+  const ownGuard = storeGuardOf(deps.store) === null;
+  const guard =
+    storeGuardOf(deps.store) ??
+    guardStore(deps.store, { probeTimeoutMs: options.storeProbeTimeoutMs, failFastMs: options.storeFailFastMs }, logger);
+  const store = ownGuard ? guard.store : deps.store;
+  const feedClock = deps.feedClock ?? (() => performance.now());
+  /** When (on the feed's clock) the store last came back. */
+  let backAt = -Infinity;
+  /**
+   * The store answers again but the change feed has not been read since: the
+   * cache goes on answering as during the outage, for at most CATCH_UP_MS, so
+   * that the store that just came back gets the feed's read first instead of
+   * every verification (read-through, the feed being behind). README, "Store outages".
+   */
+  const catchingUp = () => feedClock() - backAt < CATCH_UP_MS && feed.lastComplete() < backAt;
+  const cache = createVerificationCache({
+    store,
+    metrics,
+    reachable: () => guard.reachable() && !catchingUp(),
+    options: { maxEntries: options.cacheMaxEntries, ttlMs: options.cacheTtlMs, outageMs: options.outageCacheMs },
+  });
   const health = new HealthState(store, logger, { maxWatchers: options.maxHealthWatchers });
+  // Health follows the breaker at once, not at its next ping; the change feed is read as soon as the store is back.
+  const onStoreChange = (reachable: boolean) => {
+    void health.check();
+    if (reachable) {
+      backAt = feedClock();
+      void feed.sync();
+    }
+  };
+  const onRefused = (op: string) => metrics.storeRefused.inc({ op });
+  guard.events.on("change", onStoreChange);
+  guard.events.on("refused", onRefused);
+  metrics.store.probe = guard;
   const stalePolicy = options.feedStalePolicy ?? "read-through";
   const feed = createInvalidationFeed({
     store,
     cache,
     logger,
     metrics,
-    clock: deps.feedClock,
+    clock: feedClock,
     options: { pollMs: options.invalidationPollMs, stalePolicy },
     // not-serving: a feed behind the revocation bound takes the instance out of service.
     onFreshness: (fresh) => {
       if (stalePolicy === "not-serving") health.setCondition("change-feed", fresh ? null : "the change feed was not read within 1 s");
     },
+    // A feed read that hangs: find out now whether the store answers at all.
+    onStalled: guard.suspect,
   });
   const identities = createIdentityManager({ store, afterWrite: feed.sync });
   const keys = createKeyManager({ store, afterWrite: feed.sync });
@@ -100,21 +148,36 @@ export function createCore(deps: CoreDeps) {
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });
   const counting = options.usageCounting === "on";
+  // One series per outcome, counted in a plain number (metrics.ts, fastSeries).
+  const outcomes = new Map<string, { inc(): void }>();
+  const outcome = (code: string) => {
+    let c = outcomes.get(code);
+    if (!c) outcomes.set(code, (c = fastSeries(metrics.verifications, { code })));
+    return c;
+  };
   const verify = createVerifier({
     store,
     cache,
     commitMarginMs: options.commitMarginMs,
     counter: deps.counter ?? createMemoryCounter(),
     onVerification: (v, input, at) => {
-      metrics.verifications.inc({ code: v.code });
+      outcome(v.code).inc();
       if (counting) recorder.record(v, input, at);
       deps.onVerification?.(v, input, at);
     },
   });
-  const authenticate = createRootKeyAuthenticator({ store, cacheMs: options.rootKeyCacheMs });
+  const authenticate = createRootKeyAuthenticator({
+    store,
+    cacheMs: options.rootKeyCacheMs,
+    outageMs: options.outageCacheMs,
+    onStaleAnswer: () => metrics.cacheStaleAnswers.inc({ cache: "root_key" }),
+    reachable: guard.reachable,
+  });
   const services = createServiceRegistrations({ identities, keys, verify, usage, health });
   return {
     store,
+    /** The store's circuit breaker. */
+    guard,
     metrics,
     cache,
     feed,
@@ -136,8 +199,14 @@ export function createCore(deps: CoreDeps) {
     },
     /** Stops background work and writes pending usage counts. */
     async stop() {
+      guard.events.off("change", onStoreChange);
+      guard.events.off("refused", onRefused);
       feed.stop();
-      await recorder.stop();
+      try {
+        await recorder.stop();
+      } finally {
+        if (ownGuard) guard.stop();
+      }
     },
   };
 }

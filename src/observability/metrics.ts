@@ -50,12 +50,54 @@ export interface FeedProbe {
   fresh(): boolean;
 }
 
+/** What the store guard reports to the metrics (src/storage/store-guard.ts). */
+export interface StoreProbe {
+  reachable(): boolean;
+  unreachableForMs(): number;
+}
+
+/** A labelled series of a counter, incremented as a plain number (see `fastSeries`). */
+export interface FastSeries {
+  inc(): void;
+}
+
+const fastSeriesOf = new WeakMap<object, { labels: Record<string, string>; n: number }[]>();
+
+/**
+ * One labelled series of `counter` counted in a plain number and added to the
+ * counter when the metrics are read (the counter's `collect`, `flushFast`):
+ * prom-client hashes a labels object on every `inc`, a few µs per
+ * verification on the hot path (docs/performance.md). Keep the series (one per
+ * label set), not one per call.
+ */
+export function fastSeries(counter: Counter<string>, labels: Record<string, string>): FastSeries {
+  const s = { labels, n: 0 };
+  let list = fastSeriesOf.get(counter);
+  if (!list) fastSeriesOf.set(counter, (list = []));
+  list.push(s);
+  return {
+    inc() {
+      s.n++;
+    },
+  };
+}
+
+/** A counter's `collect`: adds what its fast series counted since the last read. */
+function flushFast(this: Counter<string>): void {
+  for (const s of fastSeriesOf.get(this) ?? []) {
+    if (s.n === 0) continue;
+    this.inc(s.labels, s.n);
+    s.n = 0;
+  }
+}
+
 /** Prometheus metrics of one server, on their own registry. */
 export function createMetrics() {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: "latchkey_process_" });
   const hitWindow = new HitRatioWindow();
   const feed: { probe: FeedProbe | null } = { probe: null };
+  const store: { probe: StoreProbe | null } = { probe: null };
   return {
     registry,
     rpcRequests: new Counter({
@@ -63,6 +105,7 @@ export function createMetrics() {
       help: "RPCs handled, by method and status code.",
       labelNames: ["method", "code"] as const,
       registers: [registry],
+      collect: flushFast,
     }),
     rpcDuration: new Histogram({
       name: "latchkey_rpc_duration_seconds",
@@ -76,11 +119,19 @@ export function createMetrics() {
       help: "VerifyKey outcomes.",
       labelNames: ["code"] as const,
       registers: [registry],
+      collect: flushFast,
     }),
     cacheLookups: new Counter({
       name: "latchkey_cache_lookups_total",
       help: "Verification cache lookups, by cache (key, identity) and result: hit, miss, or bypass (read from the store because the entry has a write in flight or the change feed is behind).",
       labelNames: ["cache", "result"] as const,
+      registers: [registry],
+      collect: flushFast,
+    }),
+    cacheStaleAnswers: new Counter({
+      name: "latchkey_cache_stale_answers_total",
+      help: "Lookups answered from a cache because the store could not be reached (entries at most LATCHKEY_OUTAGE_CACHE_MS old), by cache (key, identity, root_key).",
+      labelNames: ["cache"] as const,
       registers: [registry],
     }),
     hitWindow,
@@ -120,6 +171,30 @@ export function createMetrics() {
     feedReadErrors: new Counter({
       name: "latchkey_change_feed_read_errors_total",
       help: "Failed reads of the change feed.",
+      registers: [registry],
+    }),
+    /** Set by createCore: the store guard's state. */
+    store,
+    storeReachable: new Gauge({
+      name: "latchkey_store_reachable",
+      help: "1 while the store answers; 0 while it cannot be reached (VerifyKey then answers from the cache, health is NOT_SERVING).",
+      registers: [registry],
+      collect() {
+        if (store.probe) this.set(store.probe.reachable() ? 1 : 0);
+      },
+    }),
+    storeUnreachableSeconds: new Gauge({
+      name: "latchkey_store_unreachable_seconds",
+      help: "Seconds since the store was found unreachable (0 while it answers).",
+      registers: [registry],
+      collect() {
+        if (store.probe) this.set(store.probe.unreachableForMs() / 1000);
+      },
+    }),
+    storeRefused: new Counter({
+      name: "latchkey_store_refused_total",
+      help: "Store calls refused without being sent because the store could not be reached, by kind (read, write).",
+      labelNames: ["op"] as const,
       registers: [registry],
     }),
     usageDropped: new Counter({

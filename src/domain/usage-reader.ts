@@ -1,10 +1,12 @@
-import type { Principal } from "../domain/access.js";
-import { InvalidArgumentError, NotFoundError } from "../domain/errors.js";
-import type { IdentityLookup } from "../domain/identities.js";
-import { ID_PATTERNS } from "../domain/ids.js";
-import { checkExternalId, checkId } from "../domain/validation.js";
-import type { Store } from "../storage/store.js";
-import { BUCKET_MS, addCounts, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./types.js";
+import type { Principal } from "./access.js";
+import { InvalidArgumentError, NotFoundError } from "./errors.js";
+import type { IdentityLookup } from "./identities.js";
+import { ID_PATTERNS } from "./ids.js";
+import { checkExternalId, checkId } from "./validation.js";
+import type { IdentityRepository } from "./ports/identities.js";
+import type { KeyRepository } from "./ports/keys.js";
+import type { UsageStore } from "./ports/usage-store.js";
+import { BUCKET_MS, addCounts, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./usage.js";
 
 export type GroupBy = "none" | "key" | "outcome" | "tag";
 
@@ -46,7 +48,7 @@ const OUTCOMES: [string, CounterName][] = [
 
 /** GetIdentityUsage and GetKeyUsage: range checks, reading rows, series with empty buckets filled. */
 export function createUsageReader(deps: {
-  store: Store;
+  store: Pick<UsageStore, "queryUsage"> & Pick<IdentityRepository, "getIdentityByExternalId"> & Pick<KeyRepository, "getKey">;
   minuteRetentionMs: number;
   hourRetentionMs?: number;
   /** null or absent: day rows are kept for ever. */
