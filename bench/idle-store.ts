@@ -8,7 +8,7 @@ import { MongoClient } from "mongodb";
 import { newId } from "../src/domain/ids.js";
 import { generateKey } from "../src/domain/key-format.js";
 import { createRootKey } from "../src/domain/root-keys.js";
-import { MongoStore, toFeedDoc, toKeyDoc } from "../src/storage/mongodb/mongo-store.js";
+import { MongoStore, toFeedDoc } from "../src/storage/mongodb/mongo-store.js";
 
 /*
  * npm run bench:idle — what two idle instances cost the store after a long
@@ -148,7 +148,7 @@ async function main() {
         lastUsedAt: null,
       };
     });
-    await client.db(database).collection("keys").insertMany(keys.map(toKeyDoc) as never[]);
+    await store.loadKeys(keys);
 
     const env = { MONGODB_URI: uri, LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_RATELIMIT_BACKEND: "memory" };
     const instances = [await startLatchkey(env), await startLatchkey(env)];

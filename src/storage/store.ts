@@ -40,8 +40,8 @@ export interface StoreCapabilities {
  * happens inside the store (a transaction or a single conditional update),
  * never in the caller.
  *
- * Errors: a duplicate external_id or key hash throws AlreadyExistsError; an
- * unreachable database throws UnavailableError.
+ * Errors: a duplicate external_id, key hash, root key hash or record id throws
+ * AlreadyExistsError; an unreachable database throws UnavailableError.
  */
 export interface Store extends IdentityRepository, KeyRepository, CreditLedger, ChangeFeed, UsageStore, RootKeyRepository, StoreProbe {
   readonly kind: "embedded" | "mongodb";

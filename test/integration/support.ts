@@ -319,11 +319,13 @@ export function uniqueName(prefix: string): string {
   return `${prefix}_${Date.now().toString(36)}_${randomBytes(4).toString("hex")}`;
 }
 
+/** Drops a server's database and its companion databases (src/storage/mongodb/key-layout.ts). */
 export async function dropMongoDatabase(name: string): Promise<void> {
   const { MongoClient } = await import("mongodb");
+  const { storeDatabases } = await import("../../src/storage/mongodb/key-layout.js");
   const client = new MongoClient(MONGODB_URI, { serverSelectionTimeoutMS: 10_000 });
   try {
-    await client.db(name).dropDatabase();
+    for (const db of storeDatabases(name)) await client.db(db).dropDatabase();
   } finally {
     await client.close();
   }

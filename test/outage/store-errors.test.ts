@@ -29,18 +29,24 @@ describeWith("MONGODB_URI", mongodbUri(), "MongoDB errors", () => {
 
   it("reports a cleared connection pool as an unreachable store (UNAVAILABLE), not an internal error", async () => {
     ts = await openTestStore("mongodb");
-    const fields = ts.store as unknown as Record<string, object>;
-    const keys = fields.keys;
-    fields.keys = new Proxy(keys, {
-      get(target, prop) {
-        if (prop === "findOne") return () => Promise.reject(new PoolClearedOnNetworkError("Connection to 127.0.0.1:27017 interrupted due to server monitor timeout"));
-        return Reflect.get(target, prop, target);
-      },
-    });
+    const poolCleared = (coll: object) =>
+      new Proxy(coll, {
+        get(target, prop) {
+          if (prop === "findOne") return () => Promise.reject(new PoolClearedOnNetworkError("Connection to 127.0.0.1:27017 interrupted due to server monitor timeout"));
+          return Reflect.get(target, prop, target);
+        },
+      });
+    // The collection a lookup by hash reads: `keys`, or a bucket of FerretDB's bucketed layout (docs/storage-layout.md).
+    const fields = ts.store as unknown as { layout: string; keys: object; buckets: { byHash: (hash: string) => object } };
+    const { keys, buckets } = fields;
+    const byHash = buckets?.byHash;
+    if (fields.layout === "bucketed") buckets.byHash = (hash) => poolCleared(byHash.call(buckets, hash));
+    else fields.keys = poolCleared(keys);
     try {
       await expect(ts.store.getKeyByHash("0".repeat(64))).rejects.toBeInstanceOf(StoreUnreachableError);
     } finally {
       fields.keys = keys;
+      if (buckets) buckets.byHash = byHash;
     }
   });
 });

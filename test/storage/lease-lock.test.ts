@@ -8,6 +8,7 @@
  */
 import { afterEach, beforeEach, expect, it } from "vitest";
 import { UnavailableError } from "../../src/domain/errors.js";
+import { keyHashLocation } from "../../src/storage/mongodb/key-layout.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
 import { keyRecord } from "../support/records.js";
@@ -34,10 +35,15 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
   });
 
   async function keyWith(store: MongoStore, remaining: number): Promise<string> {
+    return (await keyRecordWith(store, remaining)).id;
+  }
+  async function keyRecordWith(store: MongoStore, remaining: number) {
     const k = keyRecord({ credits: { remaining, refill: null } });
     await store.createKey(k.record);
-    return k.record.id;
+    return k.record;
   }
+  /** The collection holding a key's document (key-layout.ts). */
+  const keyCollectionOf = (store: MongoStore, k: { hash: string }) => (store.layout === "bucketed" ? keyHashLocation(k.hash).collection : "keys");
   const locksOf = (store: MongoStore) => store.client.db(database).collection<LockDoc>("locks");
 
   it("takes over the lock of a holder that died, within a lease, and spends", async () => {
@@ -100,9 +106,10 @@ describeWith("MONGODB_URI", mongodbUri(), "the MongoDB lease lock", () => {
       const lock = { leaseMs: 300 };
       const stalled = await open({ uri: `mongodb://${proxy.address}/?directConnection=true`, lock });
       const other = await open({ lock });
-      const id = await keyWith(other, 10);
+      const k = await keyRecordWith(other, 10);
+      const id = k.id;
       // A holds the lock and has read the balance; its write (and its life signs) stall on the way.
-      const writing = proxy.holdWhen((chunk) => isMongoCommand(chunk, "update", "keys"));
+      const writing = proxy.holdWhen((chunk) => isMongoCommand(chunk, "update", keyCollectionOf(other, k)));
       const a = stalled.spendCredits({ keyId: id }, 1, null).then(
         (r) => ({ ok: r.ok }),
         (e: Error) => ({ error: e }),

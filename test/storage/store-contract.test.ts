@@ -4,6 +4,7 @@ import { AlreadyExistsError, FailedPreconditionError } from "../../src/domain/er
 import { newId } from "../../src/domain/ids.js";
 import { hashKey } from "../../src/domain/key-format.js";
 import type { IdentityRecord, KeyRecord, RootKeyRecord } from "../../src/domain/types.js";
+import type { MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
 import { mongoUri, openTestStore, unique, type StoreKind, type TestStore } from "../support/harness.js";
 import { identityRecord, keyRecord } from "../support/records.js";
@@ -39,9 +40,17 @@ async function thrown(p: Promise<unknown>): Promise<unknown> {
   throw new Error("expected a rejection");
 }
 
-const KINDS: StoreKind[] = ["embedded", "mongodb"];
+/**
+ * The MongoDB store runs in both key layouts (src/storage/mongodb/key-layout.ts),
+ * whichever server this is: "indexed" is MongoDB proper's, "bucketed" FerretDB's.
+ */
+const VARIANTS: { name: string; kind: StoreKind; mongo?: Partial<MongoStoreOptions> }[] = [
+  { name: "embedded", kind: "embedded" },
+  { name: "mongodb (indexed key layout)", kind: "mongodb", mongo: { layout: "indexed" } },
+  { name: "mongodb (bucketed key layout)", kind: "mongodb", mongo: { layout: "bucketed" } },
+];
 
-describe.each(KINDS)("%s store contract", (kind) => {
+describe.each(VARIANTS)("$name store contract", ({ kind, mongo }) => {
   if (kind === "mongodb" && !mongoUri()) {
     if (process.env.CI) {
       it("runs in CI", () => {
@@ -56,7 +65,7 @@ describe.each(KINDS)("%s store contract", (kind) => {
   let ts: TestStore;
   const store = (): Store => ts.store;
   beforeAll(async () => {
-    ts = await openTestStore(kind);
+    ts = await openTestStore(kind, { mongo });
   });
   afterAll(async () => {
     await ts?.destroy();
@@ -315,6 +324,84 @@ describe.each(KINDS)("%s store contract", (kind) => {
       const phases = new Map<string, string[]>();
       for (const c of changes) for (const k of c.keys) phases.set(k.id, [...(phases.get(k.id) ?? []), c.phase]);
       for (const k of keys) expect([["write"], ["intent", "done"]]).toContainEqual(phases.get(k.id));
+      // 200 writes under the lease lock; MongoDB's indexed layout on FerretDB scans `keys` on each (~20 s on a busy 2-core machine).
+    }, 90_000);
+  });
+
+  describe("finding keys by hash and by id", () => {
+    it("gives a hash to one of 20 CreateKey calls racing for it, refuses the others, and keeps nothing of them", async () => {
+      const hash = hashKey(randomBytes(16).toString("hex"));
+      const apiId = unique("race");
+      const contenders = Array.from({ length: 20 }, (_, i) => key({ hash, apiId, name: `contender ${i}` }));
+      const results = await Promise.allSettled(contenders.map((k) => store().createKey(k)));
+      const won = contenders.filter((_, i) => results[i].status === "fulfilled");
+      expect(won).toHaveLength(1);
+      for (const r of results) if (r.status === "rejected") expect(r.reason).toBeInstanceOf(AlreadyExistsError);
+      const winner = won[0];
+      expect(await store().getKeyByHash(hash)).toEqual(winner);
+      expect(await store().listKeys({ apiId }, { limit: 100, afterId: null })).toEqual([winner]);
+      for (const loser of contenders.filter((k) => k !== winner)) {
+        expect(await store().getKey(loser.id)).toBeNull();
+        expect(await store().updateKey(loser.id, { name: "x" }, Date.now())).toBeNull();
+        expect(await store().deleteKey(loser.id)).toBe(false);
+      }
+      expect(await store().getKey(winner.id)).toEqual(winner);
+    });
+
+    it("keeps a key whose CreateKey comes again (a retry after a lost answer): ALREADY_EXISTS, and the key still works", async () => {
+      const k = key();
+      await store().createKey(k);
+      expect(await thrown(store().createKey(k))).toBeInstanceOf(AlreadyExistsError);
+      expect(await store().getKey(k.id)).toEqual(k);
+      expect(await store().getKeyByHash(k.hash)).toEqual(k);
+      expect(await store().updateKey(k.id, { name: "still here" }, k.updatedAt + 1)).toMatchObject({ id: k.id, name: "still here" });
+    });
+
+    it("refuses a key whose id is taken, under another hash, and writes nothing of it", async () => {
+      const k = key();
+      await store().createKey(k);
+      const other = key({ id: k.id });
+      expect(await thrown(store().createKey(other))).toBeInstanceOf(AlreadyExistsError);
+      expect(await store().getKeyByHash(other.hash)).toBeNull();
+      expect(await store().getKey(k.id)).toEqual(k);
+    });
+
+    it("does not take a deleted key for the key that holds its hash now", async () => {
+      const gone = key();
+      await store().createKey(gone);
+      expect(await store().deleteKey(gone.id)).toBe(true);
+      const now = key({ hash: gone.hash });
+      await store().createKey(now);
+      expect(await store().getKeyByHash(gone.hash)).toEqual(now);
+      expect(await store().getKey(gone.id)).toBeNull();
+      expect(await store().updateKey(gone.id, { enabled: false }, Date.now())).toBeNull();
+      expect(await store().deleteKey(gone.id)).toBe(false);
+      expect(await store().updateCredits({ keyId: gone.id }, { op: "set", value: 1 }, Date.now(), null)).toBeUndefined();
+      expect(await store().getKey(now.id)).toEqual(now);
+    });
+
+    it("finds each of 120 keys by hash and by id, and no key for a hash it never had", async () => {
+      const keys = Array.from({ length: 120 }, () => key());
+      for (let i = 0; i < keys.length; i += 40) await Promise.all(keys.slice(i, i + 40).map((k) => store().createKey(k)));
+      for (const k of keys) {
+        expect(await store().getKeyByHash(k.hash)).toEqual(k);
+        expect(await store().getKey(k.id)).toEqual(k);
+      }
+      expect(await store().getKeyByHash(hashKey(randomBytes(16).toString("hex")))).toBeNull();
+      expect(await store().getKey(newId("key"))).toBeNull();
+    }, 60_000);
+
+    it("records when a key was last used, never earlier, and nothing for a deleted key", async () => {
+      const k = key({ apiId: unique("used") });
+      await store().createKey(k);
+      await store().touchLastUsed(new Map([[k.id, 2_000]]));
+      await store().touchLastUsed(new Map([[k.id, 1_000]]));
+      expect((await store().getKey(k.id))?.lastUsedAt).toBe(2_000);
+      expect((await store().listKeys({ apiId: k.apiId }, { limit: 10, afterId: null })).map((r) => r.lastUsedAt)).toEqual([2_000]);
+      expect(await store().deleteKey(k.id)).toBe(true);
+      await store().touchLastUsed(new Map([[k.id, 3_000]]));
+      expect(await store().getKey(k.id)).toBeNull();
+      expect(await store().getKeyByHash(k.hash)).toBeNull();
     });
   });
 
@@ -437,6 +524,27 @@ describe.each(KINDS)("%s store contract", (kind) => {
       const stored = (await store().listRootKeys()).filter((r) => candidates.some((c) => c.id === r.id));
       expect(stored).toEqual([winner]);
       expect(await store().getRootKeyByHash(winner.hash)).toEqual(winner);
+    });
+
+    it("refuses a second root key with a taken hash, and keeps the first", async () => {
+      const first = rootKey();
+      await store().createRootKey(first);
+      const second = { ...rootKey(), hash: first.hash };
+      expect(await thrown(store().createRootKey(second))).toBeInstanceOf(AlreadyExistsError);
+      expect(await store().getRootKeyByHash(first.hash)).toEqual(first);
+      const listed = await store().listRootKeys();
+      expect(listed.filter((r) => r.id === first.id || r.id === second.id)).toEqual([first]);
+    });
+
+    it("finds no root key for a hash it never had, nor for a deleted one", async () => {
+      const r = rootKey();
+      await store().createRootKey(r);
+      expect(await store().getRootKeyByHash(hashKey(randomBytes(16).toString("hex")))).toBeNull();
+      expect(await store().deleteRootKey(r.id)).toBe(true);
+      expect(await store().getRootKeyByHash(r.hash)).toBeNull();
+      const again = { ...rootKey(), hash: r.hash };
+      await store().createRootKey(again);
+      expect(await store().getRootKeyByHash(r.hash)).toEqual(again);
     });
 
     it("stores, finds and deletes root keys", async () => {

@@ -17,7 +17,8 @@ import { createMemoryCounter } from "../../src/ratelimit/counter.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
 import { SqliteStore } from "../../src/storage/embedded/sqlite-store.js";
-import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
+import { MongoStore, type MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
+import { storeDatabases } from "../../src/storage/mongodb/key-layout.js";
 import type { Store } from "../../src/storage/store.js";
 
 export type StoreKind = "embedded" | "mongodb";
@@ -41,9 +42,10 @@ export function mongoUri(): string | null {
 
 /**
  * Opens an initialised store: SQLite in a fresh temp dir, or MongoDB at
- * MONGODB_URI in `database` (default: a new random database, dropped by destroy()).
+ * MONGODB_URI in `database` (default: a new random database, dropped by destroy()),
+ * with `mongo` options over the defaults (e.g. `layout: "indexed"`, MongoDB's).
  */
-export async function openTestStore(kind: StoreKind, opts: { database?: string } = {}): Promise<TestStore> {
+export async function openTestStore(kind: StoreKind, opts: { database?: string; mongo?: Partial<MongoStoreOptions> } = {}): Promise<TestStore> {
   if (kind === "embedded") {
     const dir = await mkdtemp(join(TEST_TMP, "latchkey-test-"));
     const path = join(dir, "latchkey.db");
@@ -69,7 +71,7 @@ export async function openTestStore(kind: StoreKind, opts: { database?: string }
   if (!uri) throw new Error("MONGODB_URI is not set: the MongoDB store cannot be tested");
   const database = opts.database ?? randomDatabaseName();
   const open = async () => {
-    const s = new MongoStore({ uri, database, serverSelectionTimeoutMs: 5000 });
+    const s = new MongoStore({ uri, database, serverSelectionTimeoutMs: 5000, ...opts.mongo });
     await s.init();
     return s;
   };
@@ -94,10 +96,11 @@ export function randomDatabaseName(): string {
   return `latchkey_test_${randomBytes(6).toString("hex")}`;
 }
 
+/** Drops a store's database and its companion databases (src/storage/mongodb/key-layout.ts). */
 export async function dropDatabase(uri: string, database: string): Promise<void> {
   const client = new MongoClient(uri, { serverSelectionTimeoutMS: 5000 });
   try {
-    await client.db(database).dropDatabase();
+    for (const name of storeDatabases(database)) await client.db(name).dropDatabase();
   } finally {
     await client.close();
   }

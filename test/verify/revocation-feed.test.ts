@@ -21,6 +21,7 @@ import { UnavailableError } from "../../src/domain/errors.js";
 import { DEFAULT_CORE_OPTIONS, createCore, type Core, type CoreOptions } from "../../src/app/compose.js";
 import { createLogger } from "../../src/observability/logger.js";
 import { createMetrics, type Metrics } from "../../src/observability/metrics.js";
+import type { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
 import { openTestStore, randomDatabaseName, unique, type Clients, type TestStore } from "../support/harness.js";
 import { deleteChange, gatedStore, severAfter, type GatedStore } from "./store-gates.js";
@@ -283,7 +284,8 @@ describeWith("MONGODB_URI", mongodbUri(), "revocation when a MongoDB write is cu
     await b.core.feed.sync();
     expect((await verify(b.clients, k.plaintext)).codeName).toBe("VALID");
 
-    const fault = severAfter(aStore, "keys", "findOneAndUpdate");
+    // The key's document: in `keys`, or in a bucket of the bucketed layout (key-layout.ts).
+    const fault = severAfter(aStore, (aStore as MongoStore).layout === "bucketed" ? "buckets" : "keys", "findOneAndUpdate");
     const err = await disable(a.clients, k.id).then(
       () => null,
       (e: Error) => e,

@@ -79,30 +79,33 @@ export function gatedStore(store: Store): GatedStore {
  * A network fault in the middle of a MongoStore operation: once `method` of
  * the collection held in the store's field `field` has succeeded, every later
  * call on any of the store's collections fails as a lost connection would,
- * until `heal()`. (Reaches into the store's private collection fields: the
- * fault sits between two driver calls of one store method.)
+ * until `heal()`. `field` may also name one of the store's databases (`db`;
+ * `buckets`: the bucketed key layout's), for a call on any collection of
+ * them. (Reaches into the store's private fields: the fault sits
+ * between two driver calls of one store method.)
  */
 export function severAfter(store: Store, field: string, method: string): { severed(): boolean; heal(): void } {
   let severed = false;
   const target = store as unknown as Record<string, unknown>;
   const originals = new Map<string, unknown>();
-  for (const [name, value] of Object.entries(target)) {
-    if (!value || typeof value !== "object" || value.constructor?.name !== "Collection") continue;
-    originals.set(name, value);
-    target[name] = new Proxy(value, {
-      get(coll, prop, receiver) {
-        const v = Reflect.get(coll, prop, receiver);
+  const dbFields = new Set<string>();
+  const restore: (() => void)[] = [];
+  const lost = (prop: string | symbol) => {
+    const err = new Error("connection lost (injected)");
+    err.name = "MongoNetworkError";
+    // find() answers a cursor, the rest a promise: fail where the caller waits.
+    const failed = Promise.reject(err);
+    failed.catch(() => undefined);
+    return prop === "find" ? { toArray: () => failed, next: () => failed, sort: () => ({ limit: () => ({ next: () => failed, toArray: () => failed }) }) } : failed;
+  };
+  const wrap = (coll: object, name: string) =>
+    new Proxy(coll, {
+      get(c, prop, receiver) {
+        const v = Reflect.get(c, prop, receiver);
         if (typeof v !== "function") return v;
         return (...args: unknown[]) => {
-          if (severed) {
-            const err = new Error("connection lost (injected)");
-            err.name = "MongoNetworkError";
-            // find() answers a cursor, the rest a promise: fail where the caller waits.
-            const failed = Promise.reject(err);
-            failed.catch(() => undefined);
-            return prop === "find" ? { toArray: () => failed, next: () => failed, sort: () => ({ limit: () => ({ next: () => failed, toArray: () => failed }) }) } : failed;
-          }
-          const res = (v as (...a: unknown[]) => unknown).apply(coll, args);
+          if (severed) return lost(prop);
+          const res = (v as (...a: unknown[]) => unknown).apply(c, args);
           if (name === field && prop === method) {
             return (res as Promise<unknown>).then((r) => {
               severed = true;
@@ -113,38 +116,36 @@ export function severAfter(store: Store, field: string, method: string): { sever
         };
       },
     });
+  for (const [name, value] of Object.entries(target)) {
+    if (!value || typeof value !== "object") continue;
+    if (value.constructor?.name === "Collection") {
+      originals.set(name, value);
+      target[name] = wrap(value, name);
+    } else if (value.constructor?.name === "Db") {
+      // Collections the store asks a Db for later (the change feed's) fail the same way.
+      const db = value as { collection: (n: string) => object };
+      const collection = db.collection;
+      restore.push(() => (db.collection = collection));
+      dbFields.add(name);
+      db.collection = (n: string) => wrap(collection.call(db, n), name);
+    } else if (typeof (value as { byHash?: unknown }).byHash === "function") {
+      // The key buckets of the bucketed layout (key-layout.ts createKeyBuckets): every bucket they hand out.
+      const b = value as { byHash: (h: string) => object; byId: (id: string) => object; hashBuckets: () => Promise<object[]> };
+      const { byHash, byId, hashBuckets } = b;
+      restore.push(() => Object.assign(b, { byHash, byId, hashBuckets }));
+      dbFields.add(name);
+      b.byHash = (h: string) => wrap(byHash.call(b, h), name);
+      b.byId = (id: string) => wrap(byId.call(b, id), name);
+      b.hashBuckets = async () => (await hashBuckets.call(b)).map((c) => wrap(c, name));
+    }
   }
-  if (!originals.has(field)) throw new Error(`no collection field ${field} on the store`);
-  // Collections the store asks its Db for later (the change feed's) fail the same way.
-  const db = target.db as { collection: (name: string) => unknown } | undefined;
-  if (db && typeof db.collection === "function") {
-    const collection = db.collection;
-    originals.set("db.collection", collection);
-    db.collection = (name: string) => {
-      const coll = collection.call(db, name) as object;
-      return new Proxy(coll, {
-        get(c, prop, receiver) {
-          const v = Reflect.get(c, prop, receiver);
-          if (typeof v !== "function" || !severed) return v;
-          return () => {
-            const err = new Error("connection lost (injected)");
-            err.name = "MongoNetworkError";
-            const failed = Promise.reject(err);
-            failed.catch(() => undefined);
-            return prop === "find" ? { toArray: () => failed, next: () => failed, sort: () => ({ limit: () => ({ next: () => failed, toArray: () => failed }) }) } : failed;
-          };
-        },
-      });
-    };
-  }
+  if (!originals.has(field) && !dbFields.has(field)) throw new Error(`no collection or database field ${field} on the store`);
   return {
     severed: () => severed,
     heal() {
       severed = false;
-      for (const [name, value] of originals) {
-        if (name === "db.collection") (target.db as { collection: unknown }).collection = value;
-        else target[name] = value;
-      }
+      for (const [name, value] of originals) target[name] = value;
+      for (const r of restore) r();
     },
   };
 }

@@ -83,8 +83,10 @@ const MAX_CREDIT_HOPS = 8;
 /** Keys per change row when one operation touches many (DeleteIdentity). */
 const TARGETS_PER_CHANGE = 500;
 
+/** A unique index or the primary key (an id already taken) refused the write. */
 function isUniqueViolation(err: unknown): boolean {
-  return typeof err === "object" && err !== null && (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE";
+  const code = typeof err === "object" && err !== null ? (err as { code?: string }).code : undefined;
+  return code === "SQLITE_CONSTRAINT_UNIQUE" || code === "SQLITE_CONSTRAINT_PRIMARYKEY";
 }
 
 function wrap<T>(fn: () => T): T {

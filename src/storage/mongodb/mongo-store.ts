@@ -18,6 +18,8 @@ import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
 import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
+import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
+import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
 
 /*
  * Documents mirror the domain records with `_id` for the id. `meta` is stored
@@ -33,14 +35,28 @@ import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
  */
 type StoreFields = { [FENCE]?: number; creditsSeq?: number };
 type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
-type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
+/**
+ * A key. Indexed layout: `_id` is the key id. Bucketed layout (key-layout.ts):
+ * `_id` is the hash and `keyId` the key id.
+ */
+type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
+/** Bucketed layout: how a key is found by id, and when it was last used. */
+type KeyIdDoc = { _id: string; hash: string; lastUsedAt?: number };
 type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
+/** Bucketed layout: how a root key is found by hash. */
+type RootKeyHashDoc = { _id: string; rootKeyId: string };
+/** Where a key's document is: its collection and `_id` (the key id, or on the bucketed layout its hash). */
+interface KeyRef {
+  coll: Collection<KeyDoc>;
+  _id: string;
+  id: string;
+}
 type SettingDoc = { _id: string; value: string };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
 type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
 type ActivityDoc = { _id: string; lastUsedAt: number };
 /** The document holding a balance, as the credit methods read it. */
-type CreditsDoc = { _id: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
+type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
 
 /** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
 type PendingSpend = {
@@ -91,7 +107,51 @@ const HEAD_HINT_MS = 2500;
 const TARGETS_PER_CHANGE = 500;
 /** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
 const LOCKED_TARGETS_PER_CHANGE = 50;
-const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys, identities: [] });
+const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys: keys.map((k) => ({ id: k.id, hash: k.hash })), identities: [] });
+/**
+ * A filter for a balance's document beside other conditions: on the bucketed
+ * layout also its key id (`_id` is the hash, see MongoStore.readKey).
+ */
+const filterOf = (ref: { id: string; keyId?: string }): Record<string, unknown> => (ref.keyId && ref.keyId !== ref.id ? { _id: ref.id, keyId: ref.keyId } : { _id: ref.id });
+/** Keys in one bucket of the bucketed layout have equal values of this. */
+const hashBucketKey = (hash: string) => {
+  const l = keyHashLocation(hash);
+  return `${l.suffix}/${l.collection}`;
+};
+/** The lease lock of a balance's document. */
+const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`);
+/** Bucketed layout: most key ids whose hash a store remembers. */
+const HASH_OF_ID_MAX = 100_000;
+
+/** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
+async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+  let next = 0;
+  let stop = false;
+  const worker = async () => {
+    while (!stop && next < items.length) {
+      try {
+        await fn(items[next++]);
+      } catch (err) {
+        stop = true;
+        throw err;
+      }
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, worker));
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+}
+
+function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
+  const out = new Map<string, T[]>();
+  for (const it of items) {
+    const k = key(it);
+    const list = out.get(k);
+    if (list) list.push(it);
+    else out.set(k, [it]);
+  }
+  return out;
+}
 const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
 
 /** The stored form of an identity (exported for bulk seeding in the benchmark). */
@@ -103,14 +163,22 @@ function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
   const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
   return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
-/** The stored form of a key (exported for bulk seeding in the benchmark). */
+/**
+ * The stored form of a key in the indexed layout (`_id` = its id) — also the
+ * form every earlier version wrote. MongoStore.loadKeys writes keys in bulk in
+ * the database's layout.
+ */
 export function toKeyDoc(r: KeyRecord): KeyDoc {
   const { id, meta, ...rest } = r;
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
+/** The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` = its id. */
+function toBucketedKeyDoc(r: KeyRecord): KeyDoc {
+  return { ...toKeyDoc(r), _id: r.hash, keyId: r.id };
+}
 function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
+  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 function fromFeedDoc(d: FeedDoc): Change {
   const base = { seq: d.seq, keys: d.keys, identities: d.identities };
@@ -186,6 +254,18 @@ export interface MongoStoreOptions {
   creditWrites?: "conditional" | "locked";
   /** Lock tuning (tests): see lease-lock.ts. */
   lock?: { leaseMs?: number; waitMs?: number; queueMax?: number };
+  /**
+   * Where keys live (key-layout.ts), for a database that has not recorded one
+   * yet. Default: by server ("bucketed" on FerretDB). A database keeps the
+   * layout it recorded. Tests force "indexed" on FerretDB to run MongoDB's path.
+   */
+  layout?: KeyLayout;
+  /** Tests: called after each batch of keys the start-up migration copied; throwing stops it there, as a crash would. */
+  migrationAfterBatch?: (copied: number) => void | Promise<void>;
+  /** Tests: keys copied per batch by the start-up migration (default 500). */
+  migrationBatch?: number;
+  /** Tests: emit the driver's command events on `client` (counting what a lookup reads). */
+  monitorCommands?: boolean;
 }
 
 /**
@@ -212,6 +292,14 @@ export class MongoStore implements Store {
   private identities!: Collection<IdentityDoc>;
   private keys!: Collection<KeyDoc>;
   private rootKeys!: Collection<RootKeyDoc>;
+  private rootKeyHashes!: Collection<RootKeyHashDoc>;
+  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (key-layout.ts). */
+  private buckets!: KeyBuckets;
+  /**
+   * Bucketed layout: hashes of key ids seen (a key's hash never changes), so
+   * that finding a key by id (a spend, an update) needs no read of its pointer.
+   */
+  private readonly hashOfId = new Map<string, string>();
   private settings!: Collection<SettingDoc>;
   /** One document holding (about) the newest seq, see newestSeq. */
   private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
@@ -231,6 +319,10 @@ export class MongoStore implements Store {
   flavor: "mongodb" | "ferretdb" = "mongodb";
   /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
   creditWrites: "conditional" | "locked" = "locked";
+  /** Where keys live (key-layout.ts); set by `init`. */
+  layout: KeyLayout = "indexed";
+  /** What the start-up migration moved to the bucketed layout (null: none ran). */
+  migrated: MigrationReport | null = null;
 
   /** The database this store uses. */
   get database(): string {
@@ -245,6 +337,7 @@ export class MongoStore implements Store {
       // waiting forever on a server that stopped answering; the URI may set its own.
       ...(/[?&]socketTimeoutMS=/i.test(opts.uri) ? {} : { socketTimeoutMS: 30_000 }),
       appName: "latchkey",
+      ...(opts.monitorCommands ? { monitorCommands: true } : {}),
     });
   }
 
@@ -285,10 +378,27 @@ export class MongoStore implements Store {
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
-      await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
-      await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
-      await this.keys.createIndex({ identityId: 1, _id: 1 }, { name: "identity_id" });
       await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
+      this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");
+      this.buckets = createKeyBuckets(this.client, this.opts.database);
+      // The layout this database recorded wins; a database without one is new, or was written by an earlier version (indexed).
+      const recorded = await readLayout(this.settings);
+      const layout = recorded ?? this.opts.layout ?? (this.flavor === "ferretdb" ? "bucketed" : "indexed");
+      if (layout === "bucketed") {
+        this.migrated = await settleBucketedLayout({
+          db: this.db,
+          buckets: this.buckets,
+          locked: (name, fn) => this.locked(name, fn),
+          afterBatch: this.opts.migrationAfterBatch,
+          batch: this.opts.migrationBatch,
+        });
+      } else {
+        await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
+        await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
+        await this.keys.createIndex({ identityId: 1, _id: 1 }, { name: "identity_id" });
+      }
+      this.layout = recorded ?? (await recordLayout(this.settings, layout));
+      if (this.layout !== layout) throw new Error(`another instance recorded the ${this.layout} key layout while this one set up the ${layout} one; restart`);
     });
   }
 
@@ -504,14 +614,14 @@ export class MongoStore implements Store {
       let deletedKeys = 0;
       let unlinkedKeys = 0;
       for (let round = 0; round < 10; round++) {
-        const affected = await this.keys.find({ identityId: id }, { projection: { _id: 1, hash: 1 } }).toArray();
+        const affected = await this.findKeys({ identityId: id });
         if (affected.length === 0) break;
-        const targetsOf = (batch: typeof affected) => keyTargets(...batch.map((k) => ({ id: k._id, hash: k.hash })));
+        const targetsOf = (batch: typeof affected) => keyTargets(...batch);
         if (deleteKeys) {
           for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
             const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
-            const res = await this.changing(targetsOf(batch), (o) => this.keys.deleteMany({ _id: { $in: batch.map((k) => k._id) }, identityId: id }, o));
-            deletedKeys += res.deletedCount;
+            deletedKeys += await this.changing(targetsOf(batch), (o) => this.deleteKeyDocs(batch, { identityId: id }, o));
+            await this.dropKeyPointers(batch);
           }
           continue;
         }
@@ -522,8 +632,9 @@ export class MongoStore implements Store {
           await this.changing(targetsOf(batch), async (_o, inTime) => {
             for (const k of batch) {
               if (!inTime()) break;
-              const res = await this.locked(`key:${k._id}`, () =>
-                this.keys.updateOne({ _id: k._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
+              const ref = this.keyRefOf(k);
+              const res = await this.locked(`key:${k.id}`, () =>
+                ref.coll.updateOne({ _id: ref._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
               );
               unlinkedKeys += res.modifiedCount;
               written++;
@@ -538,21 +649,176 @@ export class MongoStore implements Store {
     });
   }
 
+  /** Bucketed layout: the bucket holding the key with this hash. */
+  private keyHashColl(hash: string): Collection<KeyDoc> {
+    return this.buckets.byHash<KeyDoc>(hash);
+  }
+
+  /** Bucketed layout: the bucket holding the id pointer (and last-used time) of this key. */
+  private keyIdColl(id: string): Collection<KeyIdDoc> {
+    return this.buckets.byId<KeyIdDoc>(id);
+  }
+
+  private rememberHash(id: string, hash: string): void {
+    if (this.layout !== "bucketed") return;
+    if (this.hashOfId.size >= HASH_OF_ID_MAX) this.hashOfId.delete(this.hashOfId.keys().next().value!);
+    this.hashOfId.set(id, hash);
+  }
+
+  /** Where a key whose id and hash are known is. */
+  private keyRefOf(k: { id: string; hash: string }): KeyRef {
+    return this.layout === "indexed" ? { coll: this.keys, _id: k.id, id: k.id } : { coll: this.keyHashColl(k.hash), _id: k.hash, id: k.id };
+  }
+
+  /** Where the key with this id is; null when there is none (bucketed layout: no id pointer). */
+  private async keyRef(id: string): Promise<KeyRef | null> {
+    if (this.layout === "indexed") return { coll: this.keys, _id: id, id };
+    let hash = this.hashOfId.get(id);
+    if (hash === undefined) {
+      const p = await this.keyIdColl(id).findOne({ _id: id });
+      if (!p?.hash) return null;
+      hash = p.hash;
+      this.rememberHash(id, hash);
+    }
+    return { coll: this.keyHashColl(hash), _id: hash, id };
+  }
+
+  /**
+   * The document `ref` points at, if it is that key's. (On the bucketed layout
+   * `_id` is the hash: after a key is deleted, its hash could be another key's,
+   * so the id is checked.)
+   */
+  private async readKey(ref: KeyRef | null): Promise<KeyDoc | null> {
+    if (!ref) return null;
+    const d = await ref.coll.findOne({ _id: ref._id });
+    return d && (d.keyId ?? d._id) === ref.id ? d : null;
+  }
+
+  /**
+   * Ids and hashes of the keys matching `filter` (any field but the id). On the
+   * bucketed layout every bucket is read: FerretDB filters anything but `_id` by
+   * reading the whole collection anyway.
+   */
+  private async findKeys(filter: Record<string, unknown>): Promise<{ id: string; hash: string }[]> {
+    if (this.layout === "indexed") {
+      const docs = await this.keys.find(filter, { projection: { _id: 1, hash: 1 } }).toArray();
+      return docs.map((d) => ({ id: d._id, hash: d.hash }));
+    }
+    const out: { id: string; hash: string }[] = [];
+    for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
+      const docs = await coll.find(filter, { projection: { _id: 1, keyId: 1 } }).toArray();
+      for (const d of docs) out.push({ id: d.keyId!, hash: d._id });
+    }
+    return out;
+  }
+
+  /** Deletes the documents of `keys` that still match `filter`; returns how many went. */
+  private async deleteKeyDocs(keys: { id: string; hash: string }[], filter: Record<string, unknown>, o: { maxTimeMS?: number }): Promise<number> {
+    if (this.layout === "indexed") return (await this.keys.deleteMany({ _id: { $in: keys.map((k) => k.id) }, ...filter }, o)).deletedCount;
+    let n = 0;
+    for (const group of groupBy(keys, (k) => hashBucketKey(k.hash)).values()) {
+      const coll = this.keyHashColl(group[0].hash);
+      n += (await coll.deleteMany({ _id: { $in: group.map((k) => k.hash) }, keyId: { $in: group.map((k) => k.id) }, ...filter }, o)).deletedCount;
+    }
+    return n;
+  }
+
+  /** Removes what finds keys by id once their documents are gone: id pointers (bucketed) or last-used times (indexed). */
+  private async dropKeyPointers(keys: { id: string }[]): Promise<void> {
+    if (this.layout === "indexed") {
+      await this.activity.deleteMany({ _id: { $in: keys.map((k) => k.id) } });
+      return;
+    }
+    for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
+      await this.keyIdColl(group[0].id).deleteMany({ _id: { $in: group.map((k) => k.id) } });
+    }
+  }
+
   async createKey(rec: KeyRecord): Promise<void> {
-    // The change clears negative cache entries for this hash on every instance.
-    await this.run(() => this.changing(keyTargets({ id: rec.id, hash: rec.hash }), (o) => this.keys.insertOne(toKeyDoc(rec), o)));
+    await this.run(() => this.insertKey(rec));
+  }
+
+  /**
+   * Indexed layout: one insert; the unique hash index refuses a taken hash.
+   * Bucketed: the id pointer first (a pointer without its key finds nothing),
+   * then the key at `_id` = its hash, which refuses a taken hash; a refused key
+   * takes its pointer back. The change clears negative cache entries for this
+   * hash on every instance.
+   */
+  private async insertKey(rec: KeyRecord): Promise<void> {
+    const targets = keyTargets({ id: rec.id, hash: rec.hash });
+    if (this.layout === "indexed") {
+      await this.changing(targets, (o) => this.keys.insertOne(toKeyDoc(rec), o));
+      return;
+    }
+    const pointer = this.keyIdColl(rec.id);
+    try {
+      await pointer.insertOne({ _id: rec.id, hash: rec.hash });
+    } catch (err) {
+      // The same key written again (a retry) finds its own pointer; another hash means the id is taken.
+      if (!isDuplicateKey(err) || (await pointer.findOne({ _id: rec.id }))?.hash !== rec.hash) throw err;
+    }
+    try {
+      await this.changing(targets, (o) => this.keyHashColl(rec.hash).insertOne(toBucketedKeyDoc(rec), o));
+    } catch (err) {
+      if (isDuplicateKey(err)) {
+        const holder = await this.keyHashColl(rec.hash).findOne({ _id: rec.hash });
+        if (holder?.keyId !== rec.id) await pointer.deleteOne({ _id: rec.id });
+      }
+      throw err;
+    }
+    this.rememberHash(rec.id, rec.hash);
+  }
+
+  /**
+   * For seeding a database no instance serves yet (the benchmark): writes keys
+   * in bulk in this database's layout, with no change-feed entries (there is no
+   * cache to tell). Each key must be new.
+   */
+  async loadKeys(records: KeyRecord[]): Promise<void> {
+    await this.run(async () => {
+      if (this.layout === "indexed") {
+        for (let i = 0; i < records.length; i += 1000) await this.keys.insertMany(records.slice(i, i + 1000).map(toKeyDoc));
+        return;
+      }
+      // Buckets written 8 at a time: most of the time here is FerretDB creating thousands of collections.
+      await eachLimited([...groupBy(records, (r) => keyIdCollection(r.id)).values()], 8, (group) =>
+        this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
+      );
+      await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
+        this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
+      );
+    });
+  }
+
+  /** For seeding a database no instance serves yet: identities in bulk (see loadKeys). */
+  async loadIdentities(records: IdentityRecord[]): Promise<void> {
+    await this.run(async () => {
+      for (let i = 0; i < records.length; i += 1000) await this.identities.insertMany(records.slice(i, i + 1000).map(toIdentityDoc));
+    });
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
-    const d = await this.run(() => this.keys.findOne({ _id: id }));
+    const d = await this.run(async () => this.readKey(await this.keyRef(id)));
     return d ? (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0] : null;
   }
 
   /** Adds last-used times, kept apart from key documents (see the class comment). */
   private async withLastUsed(keys: KeyRecord[]): Promise<KeyRecord[]> {
     if (keys.length === 0) return keys;
-    const docs = await this.run(() => this.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray());
-    const at = new Map(docs.map((d) => [d._id, d.lastUsedAt]));
+    const at = new Map<string, number>();
+    await this.run(async () => {
+      if (this.layout === "indexed") {
+        for (const d of await this.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray()) at.set(d._id, d.lastUsedAt);
+        return;
+      }
+      for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
+        const coll = this.keyIdColl(group[0].id);
+        // One id: an `_id` lookup, the one filter FerretDB pushes down.
+        const docs = group.length === 1 ? [await coll.findOne({ _id: group[0].id })].filter((d) => d !== null) : await coll.find({ _id: { $in: group.map((k) => k.id) } }).toArray();
+        for (const d of docs) if (d.lastUsedAt !== undefined) at.set(d._id, d.lastUsedAt);
+      }
+    });
     return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
   }
 
@@ -568,16 +834,28 @@ export class MongoStore implements Store {
     );
   }
 
+  /** One read: on the bucketed layout an `_id` lookup in one bucket (key-layout.ts), on the indexed one the hash index. */
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
-    const d = await this.run(() => this.keys.findOne({ hash }));
-    return d ? (await this.withMovedBalances([fromKeyDoc(d)]))[0] : null;
+    const d = await this.run(() => (this.layout === "indexed" ? this.keys.findOne({ hash }) : this.keyHashColl(hash).findOne({ _id: hash })));
+    if (!d) return null;
+    const rec = fromKeyDoc(d);
+    this.rememberHash(rec.id, rec.hash);
+    return (await this.withMovedBalances([rec]))[0];
   }
 
   async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
-    const q: Record<string, unknown> = { _id: { $gt: page.afterId ?? "" } };
+    const q: Record<string, unknown> = {};
     if (filter.apiId !== undefined) q.apiId = filter.apiId;
     if (filter.identityId !== undefined) q.identityId = filter.identityId;
-    const docs = await this.run(() => this.keys.find(q).sort({ _id: 1 }).limit(page.limit).toArray());
+    const docs = await this.run(async () => {
+      if (this.layout === "indexed") return this.keys.find({ _id: { $gt: page.afterId ?? "" }, ...q }).sort({ _id: 1 }).limit(page.limit).toArray();
+      // Every bucket's first page, merged: keys are spread by hash, listed by id.
+      const merged: KeyDoc[] = [];
+      for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
+        merged.push(...(await coll.find({ keyId: { $gt: page.afterId ?? "" }, ...q }).sort({ keyId: 1 }).limit(page.limit).toArray()));
+      }
+      return merged.sort((a, b) => (a.keyId! < b.keyId! ? -1 : 1)).slice(0, page.limit);
+    });
     return this.withMovedBalances(await this.withLastUsed(docs.map(fromKeyDoc)));
   }
 
@@ -590,9 +868,10 @@ export class MongoStore implements Store {
     };
     const d = await this.run(() =>
       this.locked(`key:${id}`, async () => {
-        const cur = await this.keys.findOne({ _id: id }, { projection: { hash: 1 } });
-        if (!cur) return null;
-        return this.changing(keyTargets({ id, hash: cur.hash }), (o) => this.keys.findOneAndUpdate({ _id: id }, update, { returnDocument: "after", ...o }));
+        const ref = await this.keyRef(id);
+        const cur = await this.readKey(ref);
+        if (!ref || !cur) return null;
+        return this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndUpdate({ _id: ref._id }, update, { returnDocument: "after", ...o }));
       }),
     );
     if (!d) return null;
@@ -600,11 +879,12 @@ export class MongoStore implements Store {
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const cur = await this.run(() => this.keys.findOne({ _id: id }, { projection: { hash: 1 } }));
-    if (!cur) return false;
-    const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => this.keys.findOneAndDelete({ _id: id }, o)));
+    const ref = await this.run(() => this.keyRef(id));
+    const cur = await this.run(() => this.readKey(ref));
+    if (!ref || !cur) return false;
+    const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndDelete({ _id: ref._id }, o)));
     if (!d) return false;
-    await this.run(() => this.activity.deleteOne({ _id: id }));
+    await this.run(() => this.dropKeyPointers([{ id }]));
     return true;
   }
 
@@ -622,23 +902,25 @@ export class MongoStore implements Store {
     const withBalanceOf = (o: KeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
     return this.run(() =>
       this.locked(`key:${oldId}`, async () => {
-        let old = await this.keys.findOne({ _id: oldId });
-        if (!old) return null;
+        const ref = await this.keyRef(oldId);
+        let old = await this.readKey(ref);
+        if (!ref || !old) return null;
         let stored = withBalanceOf(old);
-        await this.createKey(stored);
+        await this.insertKey(stored);
+        const nextRef = this.keyRefOf(next);
         try {
           // The old key's write sits between an intent and a done entry of the change feed, like every key write.
           const gone = await this.changing(keyTargets({ id: oldId, hash: old.hash }), async (o) => {
             for (let tries = 0; ; tries++) {
               const moves = old!.credits !== null && !old!.creditsKeyId;
               const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
-              const res = await this.keys.updateOne({ _id: oldId, ...fenceFilter(old!) }, { $set: moved, $inc: { version: 1, [FENCE]: 1 } }, o);
+              const res = await ref.coll.updateOne({ _id: ref._id, ...fenceFilter(old!) }, { $set: moved, $inc: { version: 1, [FENCE]: 1 } }, o);
               if (res.matchedCount === 1) return false;
-              old = await this.keys.findOne({ _id: oldId });
+              old = await this.readKey(ref);
               if (!old) return true;
               if (tries >= MAX_CAS_TRIES) throw new UnavailableError("the key's balance kept changing during the reroll; retry");
               stored = withBalanceOf(old);
-              await this.keys.updateOne({ _id: next.id }, { $set: { credits: stored.credits } });
+              await nextRef.coll.updateOne({ _id: nextRef._id }, { $set: { credits: stored.credits } });
             }
           });
           if (gone) {
@@ -654,12 +936,22 @@ export class MongoStore implements Store {
     );
   }
 
-  private creditsColl(target: CreditsTarget) {
-    return {
-      coll: ("keyId" in target ? this.keys : this.identities) as unknown as Collection<CreditsDoc>,
-      id: "keyId" in target ? target.keyId : target.identityId,
-      lock: "keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`,
-    };
+  /**
+   * The document holding `target`'s own balance: its collection, `_id` and lock.
+   * Null for a key that does not exist (bucketed layout: no id pointer).
+   */
+  private async creditsRef(target: CreditsTarget): Promise<{ coll: Collection<CreditsDoc>; id: string; lock: string; keyId?: string } | null> {
+    if (!("keyId" in target)) return { coll: this.identities as unknown as Collection<CreditsDoc>, id: target.identityId, lock: `identity:${target.identityId}` };
+    const ref = await this.keyRef(target.keyId);
+    if (!ref) return null;
+    return { coll: ref.coll as unknown as Collection<CreditsDoc>, id: ref._id, lock: `key:${target.keyId}`, keyId: target.keyId };
+  }
+
+  /** The document of a credits ref (null when there is none, or its `_id` now holds another key). */
+  private async readCredits(ref: { coll: Collection<CreditsDoc>; id: string; keyId?: string } | null): Promise<CreditsDoc | null> {
+    if (!ref) return null;
+    const d = await ref.coll.findOne({ _id: ref.id });
+    return d && (!ref.keyId || (d.keyId ?? d._id) === ref.keyId) ? d : null;
   }
 
   /**
@@ -669,12 +961,12 @@ export class MongoStore implements Store {
    * does not exist.
    */
   private async balanceHolder(target: CreditsTarget): Promise<{ target: CreditsTarget; doc: CreditsDoc | null; gone: boolean }> {
-    let { coll, id } = this.creditsColl(target);
-    let doc = await coll.findOne({ _id: id });
+    let doc = await this.readCredits(await this.creditsRef(target));
     if (!("keyId" in target)) return { target, doc, gone: false };
+    let id = target.keyId;
     for (let hops = 0; doc?.creditsKeyId && hops < MAX_CREDIT_HOPS; hops++) {
       id = doc.creditsKeyId;
-      doc = await coll.findOne({ _id: id });
+      doc = await this.readCredits(await this.creditsRef({ keyId: id }));
       if (!doc) return { target: { keyId: id }, doc: null, gone: true };
     }
     return { target: { keyId: id }, doc, gone: false };
@@ -694,17 +986,19 @@ export class MongoStore implements Store {
   ): Promise<{ result: T; doc: CreditsDoc } | "missing" | "gone"> {
     let current = target;
     for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
-      const { coll, id, lock } = this.creditsColl(current);
+      const lock = lockOf(current);
       const attempt = async () => {
-        const cur = await coll.findOne({ _id: id });
-        if (!cur) return hops === 0 ? ("missing" as const) : ("gone" as const);
+        const ref = await this.creditsRef(current);
+        const cur = await this.readCredits(ref);
+        if (!ref || !cur) return hops === 0 ? ("missing" as const) : ("gone" as const);
+        const { coll, id } = ref;
         if (cur.creditsKeyId) return { moved: cur.creditsKeyId };
         const { credits, result } = compute(cur);
         const set = { credits, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
         // A change of the balance's rule or amount (UpdateCredits) is recorded for the caches; a return of spent credits is not.
         const write = (o: { maxTimeMS?: number } = {}) =>
           coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.record ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
-        const targets = "keyId" in current ? keyTargets({ id, hash: cur.hash! }) : identityTargets(id);
+        const targets = "keyId" in current ? keyTargets({ id: current.keyId, hash: cur.hash! }) : identityTargets(id);
         const res = opts.record ? await this.changing(targets, write) : await write();
         if (res.matchedCount === 1) return { result, doc: cur };
         if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
@@ -757,7 +1051,7 @@ export class MongoStore implements Store {
    * (1,024) a spend is refused at once (UNAVAILABLE).
    */
   private spendLocked(target: CreditsTarget, spend: Omit<PendingSpend, "resolve" | "reject">, hops = 0): Promise<SpendResult> {
-    const { lock } = this.creditsColl(target);
+    const lock = lockOf(target);
     const queued = this.spendBatches.get(lock);
     if (queued && queued.length >= (this.opts.lock?.queueMax ?? 64) * 16) {
       return Promise.reject(new UnavailableError(`busy: ${queued.length} spends already wait for ${lock}; retry`));
@@ -782,7 +1076,6 @@ export class MongoStore implements Store {
   }
 
   private async runSpendBatches(target: CreditsTarget, lock: string, hops: number): Promise<void> {
-    const { coll, id } = this.creditsColl(target);
     for (;;) {
       const batch = this.spendBatches.get(lock)!;
       if (batch.length === 0) {
@@ -792,8 +1085,9 @@ export class MongoStore implements Store {
       this.spendBatches.set(lock, []);
       try {
         const moved = await this.locked(lock, async () => {
-          const cur = await coll.findOne({ _id: id });
-          if (!cur) {
+          const ref = await this.creditsRef(target);
+          const cur = await this.readCredits(ref);
+          if (!ref || !cur) {
             for (const p of batch) p.resolve(hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 });
             return null;
           }
@@ -817,7 +1111,7 @@ export class MongoStore implements Store {
             results.push([p, { ok: r.ok, remaining: r.credits.remaining, refilledAt: r.credits.refill?.lastRefillAt ?? null }]);
           }
           if (changed) {
-            const res = await coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: { credits }, $inc: { [FENCE]: 1 } });
+            const res = await ref.coll.updateOne({ _id: ref.id, ...fenceFilter(cur) }, { $set: { credits }, $inc: { [FENCE]: 1 } });
             if (res.matchedCount !== 1) throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
           }
           for (const [p, r] of results) p.resolve(r);
@@ -848,17 +1142,19 @@ export class MongoStore implements Store {
       return typeof out === "object" && out.result;
     }
     // MongoDB: one conditional $inc, on the holder of the balance.
-    let { coll, id } = this.creditsColl(target);
     return this.run(async () => {
+      let current = target;
       for (let hops = 0; hops <= MAX_CREDIT_HOPS; hops++) {
-        const filter: Record<string, unknown> = { _id: id, creditsKeyId: null, credits: { $ne: null } };
+        const ref = await this.creditsRef(current);
+        if (!ref) return false;
+        const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null, credits: { $ne: null } };
         if (refilledAt === null) filter["credits.refill"] = null;
         else filter["credits.refill.lastRefillAt"] = refilledAt;
-        const res = await coll.updateOne(filter, { $inc: { "credits.remaining": cost, [FENCE]: 1 } });
+        const res = await ref.coll.updateOne(filter, { $inc: { "credits.remaining": cost, [FENCE]: 1 } });
         if (res.matchedCount === 1) return true;
-        const cur = await coll.findOne({ _id: id });
+        const cur = await this.readCredits(ref);
         if (!cur?.creditsKeyId) return false;
-        id = cur.creditsKeyId;
+        current = { keyId: cur.creditsKeyId };
       }
       return false;
     });
@@ -870,8 +1166,7 @@ export class MongoStore implements Store {
    * sequence last written (`seq`, 0 when never). Null when it does not exist.
    */
   async readCreditsHolder(target: CreditsTarget): Promise<{ credits: Credits | null; creditsKeyId: string | null; seq: number } | null> {
-    const { coll, id } = this.creditsColl(target);
-    const d = await this.run(() => coll.findOne({ _id: id }));
+    const d = await this.run(async () => this.readCredits(await this.creditsRef(target)));
     return d ? { credits: d.credits, creditsKeyId: d.creditsKeyId ?? null, seq: d.creditsSeq ?? 0 } : null;
   }
 
@@ -889,10 +1184,12 @@ export class MongoStore implements Store {
     seq: number,
     opts: { updatedAt?: number; recordChange?: boolean } = {},
   ): Promise<"written" | "stale" | "missing"> {
-    const { coll, id, lock } = this.creditsColl(target);
+    const lock = lockOf(target);
     const attempt = async () => {
-      const cur = await coll.findOne({ _id: id });
-      if (!cur) return "missing" as const;
+      const ref = await this.creditsRef(target);
+      const cur = await this.readCredits(ref);
+      if (!ref || !cur) return "missing" as const;
+      const { coll, id } = ref;
       if (cur.creditsKeyId || (cur.creditsSeq ?? 0) >= seq) return "stale" as const;
       const refill = cur.credits?.refill ?? null;
       const credits: Credits | null =
@@ -901,7 +1198,7 @@ export class MongoStore implements Store {
       // A write-through of an operator's change is recorded for the caches (between an intent and a done entry); a write-back of spends is not.
       const write = (o: { maxTimeMS?: number } = {}) =>
         coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.recordChange ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
-      const targets = "keyId" in target ? keyTargets({ id, hash: cur.hash! }) : identityTargets(id);
+      const targets = "keyId" in target ? keyTargets({ id: target.keyId, hash: cur.hash! }) : identityTargets(id);
       const res = opts.recordChange ? await this.changing(targets, write) : await write();
       if (res.matchedCount === 1) return { hash: cur.hash ?? null };
       if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
@@ -926,28 +1223,31 @@ export class MongoStore implements Store {
    * on the refill time. Also run on FerretDB in CI, with one writer.
    */
   private async spendConditionally(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
-    let { coll, id } = this.creditsColl(target);
+    let current = target;
     let due = refill;
     for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
-      const filter: Record<string, unknown> = { _id: id, creditsKeyId: null, "credits.remaining": { $gte: cost } };
+      const ref = await this.creditsRef(current);
+      if (!ref) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
+      const { coll } = ref;
+      const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null, "credits.remaining": { $gte: cost } };
       if (due) filter["credits.refill.lastRefillAt"] = { $gte: due.periodStart };
       signal?.throwIfAborted(); // the commit point
       // No projection: FerretDB does not implement one on findAndModify.
       const spent = await coll.findOneAndUpdate(filter, { $inc: { "credits.remaining": -cost, [FENCE]: 1 } }, { returnDocument: "after" });
       if (spent?.credits) return { ok: true, remaining: spent.credits.remaining, refilledAt: spent.credits.refill?.lastRefillAt ?? null };
       // Why not: no such document, moved, unlimited, a refill due, or not enough left.
-      const cur = await coll.findOne({ _id: id }, { projection: { credits: 1, creditsKeyId: 1 } });
+      const cur = await this.readCredits(ref);
       if (!cur) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
       if (cur.creditsKeyId) {
         if (++hops > MAX_CREDIT_HOPS) break;
-        id = cur.creditsKeyId;
+        current = { keyId: cur.creditsKeyId };
         continue;
       }
       if (!cur.credits) return { ok: true, remaining: null };
       const last = cur.credits.refill?.lastRefillAt;
       if (due && last !== undefined && last < due.periodStart) {
         await coll.updateOne(
-          { _id: id, "credits.refill.lastRefillAt": last },
+          { ...filterOf(ref), "credits.refill.lastRefillAt": last },
           { $set: { "credits.remaining": due.amount, "credits.refill.lastRefillAt": due.periodStart }, $inc: { [FENCE]: 1 } },
         );
         continue;
@@ -1119,26 +1419,55 @@ export class MongoStore implements Store {
 
   async touchLastUsed(times: Map<string, number>): Promise<void> {
     if (times.size === 0) return;
-    // Its own collection: a write here can never clobber a concurrent key update.
-    await this.run(() =>
-      this.activity.bulkWrite(
-        [...times].map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } }, upsert: true } })),
-        { ordered: false },
-      ),
-    );
+    // Not in the key document: a write here can never clobber a concurrent key update.
+    if (this.layout === "indexed") {
+      await this.run(() =>
+        this.activity.bulkWrite(
+          [...times].map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } }, upsert: true } })),
+          { ordered: false },
+        ),
+      );
+      return;
+    }
+    // Bucketed: on the key's id pointer, one bucket at a time; a key deleted meanwhile has none and gets none.
+    await this.run(async () => {
+      for (const group of groupBy([...times], ([id]) => keyIdCollection(id)).values()) {
+        await this.keyIdColl(group[0][0])
+          .bulkWrite(group.map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } } } })), { ordered: false });
+      }
+    });
   }
 
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     await this.run(() => this.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
+  /**
+   * Bucketed layout: the pointer `{_id: hash}` first, which refuses a taken
+   * hash; then the root key (its unique hash index holds on both layouts). A
+   * pointer left without its root key (a crash between) finds nothing.
+   */
   async createRootKey(rec: RootKeyRecord): Promise<void> {
     const { id, ...rest } = rec;
-    await this.run(() => this.rootKeys.insertOne({ _id: id, ...rest }));
+    await this.run(async () => {
+      if (this.layout === "bucketed") await this.rootKeyHashes.insertOne({ _id: rec.hash, rootKeyId: id });
+      try {
+        await this.rootKeys.insertOne({ _id: id, ...rest });
+      } catch (err) {
+        if (this.layout === "bucketed") await this.rootKeyHashes.deleteOne({ _id: rec.hash }).catch(() => undefined);
+        throw err;
+      }
+    });
   }
 
+  /** Indexed layout: the unique hash index. Bucketed: two `_id` lookups (pointer, root key) in small collections. */
   async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
-    const d = await this.run(() => this.rootKeys.findOne({ hash }));
+    const d = await this.run(async () => {
+      if (this.layout === "indexed") return this.rootKeys.findOne({ hash });
+      const p = await this.rootKeyHashes.findOne({ _id: hash });
+      const r = p ? await this.rootKeys.findOne({ _id: p.rootKeyId }) : null;
+      return r?.hash === hash ? r : null;
+    });
     return d ? fromRootKeyDoc(d) : null;
   }
 
@@ -1148,8 +1477,14 @@ export class MongoStore implements Store {
   }
 
   async deleteRootKey(id: string): Promise<boolean> {
-    const res = await this.run(() => this.rootKeys.deleteOne({ _id: id }));
-    return res.deletedCount === 1;
+    return this.run(async () => {
+      const d = await this.rootKeys.findOneAndDelete({ _id: id });
+      if (!d) return false;
+      if (this.layout === "bucketed" && (await this.rootKeyHashes.findOne({ _id: d.hash }))?.rootKeyId === id) {
+        await this.rootKeyHashes.deleteOne({ _id: d.hash });
+      }
+      return true;
+    });
   }
 
   async createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
