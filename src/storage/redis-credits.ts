@@ -1,6 +1,7 @@
+import { performance } from "node:perf_hooks";
 import type { Redis } from "ioredis";
 import { applyCreditsOp, type RefillDue } from "../domain/credits.js";
-import { FailedPreconditionError, UnavailableError } from "../domain/errors.js";
+import { FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -15,6 +16,9 @@ import type { Logger } from "../observability/logger.js";
 import type { UsageQuery, UsageRow } from "../domain/usage.js";
 import type { MongoStore } from "./mongodb/mongo-store.js";
 import type { Change, KeyFilter, PageQuery, SpendResult, Store, StoreCapabilities } from "./store.js";
+
+/** How long close() keeps trying to write this instance's balances back. */
+const CLOSE_FLUSH_MS = 10_000;
 
 /*
  * Credit balances held in Redis, in front of the MongoDB store: the "redis"
@@ -264,7 +268,23 @@ export class RedisCreditsStore implements Store {
     // Any instance writes balances back; writing this one's share now is a courtesy. The
     // calls are drained by now, so a pass started after this point (flush() waits for one
     // in flight first) writes every spend this instance made.
-    await this.flush().catch((err: Error) => this.opts.logger?.warn({ err: err.message }, "credits write-back at close failed; another instance will write them"));
+    // A pass can fail for a passing reason (a dead instance's lock taken over late on
+    // a loaded store): try again for a few seconds before leaving the balances to
+    // the next instance (they stay in Redis, marked dirty: nothing is lost). Not
+    // while the store cannot be reached: that is an outage, not worth the wait.
+    const until = performance.now() + CLOSE_FLUSH_MS;
+    for (;;) {
+      try {
+        await this.flush();
+        break;
+      } catch (err) {
+        if (err instanceof StoreUnreachableError || performance.now() >= until) {
+          this.opts.logger?.warn({ err: (err as Error).message }, "credits write-back at close failed; they stay in Redis and another instance will write them");
+          break;
+        }
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
     if (this.opts.ownsClient) await this.redis.quit().catch(() => this.redis.disconnect());
     await this.inner.close();
   }

@@ -19,7 +19,7 @@
  * credits keeps answering VALID.
  */
 import { MongoClient } from "mongodb";
-import { createKeyBuckets } from "../../src/storage/mongodb/key-layout.js";
+import { storedKeyDoc } from "../support/stored-key.js";
 import { afterEach, expect } from "vitest";
 import {
   dropMongoDatabase,
@@ -218,17 +218,8 @@ describeWith("REDIS_URL", redisUrl(), "a MongoDB outage under load", () => {
       started.servers.splice(0);
       const client = new MongoClient(ferret.uri);
       try {
-        type KeyDoc = { _id: string; credits: { remaining: number } };
-        const stored = async (database: string, id: string) => {
-          // In `keys` (indexed layout), or in its bucket, found through its id pointer (FerretDB's bucketed layout, docs/storage-layout.md).
-          let doc = await client.db(database).collection<KeyDoc>("keys").findOne({ _id: id });
-          if (!doc) {
-            const buckets = createKeyBuckets(client, database);
-            const pointer = await buckets.byId<{ _id: string; hash: string }>(id).findOne({ _id: id });
-            doc = pointer && (await buckets.byHash<KeyDoc>(pointer.hash).findOne({ _id: pointer.hash }));
-          }
-          return doc!.credits.remaining;
-        };
+        const stored = async (database: string, id: string) =>
+          (await storedKeyDoc<{ _id: string; credits: { remaining: number } }>(client, database, id))!.credits.remaining;
         expect(await stored(started.databases[0], rk.credited.id)).toBe(100_000 - validOf(r, "credited"));
         // S's refused verification spent nothing.
         expect(await stored(started.databases[1], sk.credited.id)).toBe(100_000 - validOf(s, "credited") - 1);

@@ -10,6 +10,7 @@
  * the instance charges exactly what it admitted, once, by itself, and the key
  * goes on from the charged balance.
  */
+import { storedKeyDoc } from "../support/stored-key.js";
 import { MongoClient } from "mongodb";
 import { afterEach, expect } from "vitest";
 import { dropMongoDatabase, findTool, grpcClients, itWithTool, runCli, sleep, startServer, uniqueName, type GrpcClients, type Msg, type ServerProcess } from "../integration/support.js";
@@ -88,7 +89,7 @@ itWithTool(
     started.servers.splice(0);
     const client = new MongoClient(ferret.uri);
     try {
-      const doc = await client.db(database).collection<{ _id: string; credits: { remaining: number } }>("keys").findOne({ _id: key.id });
+      const doc = await storedKeyDoc<{ _id: string; credits: { remaining: number } }>(client, database, key.id);
       expect(doc!.credits.remaining).toBe(93);
     } finally {
       await client.close();
