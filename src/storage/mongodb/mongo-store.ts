@@ -1,13 +1,12 @@
 import { performance } from "node:perf_hooks";
-import { MongoClient, MongoNetworkError, MongoServerError, MongoServerSelectionError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../../domain/errors.js";
+import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
+import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
   CreditsTarget,
   IdentityPatch,
   IdentityRecord,
-  JsonObject,
   KeyPatch,
   KeyRecord,
   RootKeyRecord,
@@ -20,43 +19,37 @@ import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResul
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
 import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
 import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
+import {
+  fromFeedDoc,
+  fromIdentityDoc,
+  fromKeyDoc,
+  fromRootKeyDoc,
+  identityTargets,
+  keyTargets,
+  seqId,
+  setOf,
+  toBucketedKeyDoc,
+  toFeedDoc,
+  toIdentityDoc,
+  toKeyDoc,
+  FEED_PREFIX,
+  type ActivityDoc,
+  type CreditsDoc,
+  type FeedDoc,
+  type FeedEntry,
+  type IdentityDoc,
+  type KeyDoc,
+  type KeyIdDoc,
+  type KeyRef,
+  type RootKeyDoc,
+  type RootKeyHashDoc,
+  type SettingDoc,
+  type UsageDoc,
+} from "./documents.js";
+import { isDuplicateCode, isDuplicateKey, runMapped } from "./errors.js";
 
-/*
- * Documents mirror the domain records with `_id` for the id. `meta` is stored
- * as a JSON string: it is never queried, and a string cannot carry `$` or dotted
- * field names into the database. Every filter below is built from typed values
- * (strings checked against the input patterns, numbers), never from a caller's
- * object, so no request can inject a query operator.
- */
-/**
- * `_fence`: the document's write counter, checked by fenced writes (see
- * lease-lock.ts). `creditsSeq`: the credit ledger's sequence number of the
- * balance last written here (src/storage/redis-credits.ts).
- */
-type StoreFields = { [FENCE]?: number; creditsSeq?: number };
-type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
-/**
- * A key. Indexed layout: `_id` is the key id. Bucketed layout (key-layout.ts):
- * `_id` is the hash and `keyId` the key id.
- */
-type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
-/** Bucketed layout: how a key is found by id, and when it was last used. */
-type KeyIdDoc = { _id: string; hash: string; lastUsedAt?: number };
-type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
-/** Bucketed layout: how a root key is found by hash. */
-type RootKeyHashDoc = { _id: string; rootKeyId: string };
-/** Where a key's document is: its collection and `_id` (the key id, or on the bucketed layout its hash). */
-interface KeyRef {
-  coll: Collection<KeyDoc>;
-  _id: string;
-  id: string;
-}
-type SettingDoc = { _id: string; value: string };
-/** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
-type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
-type ActivityDoc = { _id: string; lastUsedAt: number };
-/** The document holding a balance, as the credit methods read it. */
-type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
+export { toFeedDoc, toIdentityDoc, toKeyDoc, type FeedEntry } from "./documents.js";
+
 
 /** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
 type PendingSpend = {
@@ -71,25 +64,6 @@ type PendingSpend = {
 const MAX_CREDIT_HOPS = 8;
 /** How often a conditional credit write is tried again after a concurrent write changed its document. */
 const MAX_CAS_TRIES = 20;
-/**
- * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
- * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
- * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
- * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
- * (`change_feed_<seq / feedBucket>`): FerretDB answers even an `_id` lookup by
- * scanning its table, so there buckets are small (500) and a lookup costs at
- * most one bucket whatever the history; pruning drops whole collections instead
- * of deleting documents (which FerretDB does by reading every document of the
- * collection). MongoDB's `_id` index needs no such help: 100,000 a bucket.
- */
-export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
-type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
-const seqId = (seq: number) => String(seq).padStart(16, "0");
-const FEED_PREFIX = "change_feed_";
-/** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
-export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
-  return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
-}
 /**
  * A write announced by an intent lands within this long of the intent becoming
  * visible, or never: readers pin its entries this long at most.
@@ -107,7 +81,6 @@ const HEAD_HINT_MS = 2500;
 const TARGETS_PER_CHANGE = 500;
 /** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
 const LOCKED_TARGETS_PER_CHANGE = 50;
-const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys: keys.map((k) => ({ id: k.id, hash: k.hash })), identities: [] });
 /**
  * A filter for a balance's document beside other conditions: on the bucketed
  * layout also its key id (`_id` is the hash, see MongoStore.readKey).
@@ -151,85 +124,6 @@ function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
     else out.set(k, [it]);
   }
   return out;
-}
-const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
-
-/** The stored form of an identity (exported for bulk seeding in the benchmark). */
-export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
-  const { id, meta, ...rest } = r;
-  return { _id: id, meta: JSON.stringify(meta), ...rest };
-}
-function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
-  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
-}
-/**
- * The stored form of a key in the indexed layout (`_id` = its id) — also the
- * form every earlier version wrote. MongoStore.loadKeys writes keys in bulk in
- * the database's layout.
- */
-export function toKeyDoc(r: KeyRecord): KeyDoc {
-  const { id, meta, ...rest } = r;
-  return { _id: id, meta: JSON.stringify(meta), ...rest };
-}
-/** The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` = its id. */
-function toBucketedKeyDoc(r: KeyRecord): KeyDoc {
-  return { ...toKeyDoc(r), _id: r.hash, keyId: r.id };
-}
-function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
-}
-function fromFeedDoc(d: FeedDoc): Change {
-  const base = { seq: d.seq, keys: d.keys, identities: d.identities };
-  return d.phase === "intent" ? { ...base, phase: "intent", boundMs: d.boundMs } : { ...base, phase: "done", intent: d.intent };
-}
-function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
-  const { _id, ...rest } = d;
-  return { id: _id, ...rest };
-}
-
-/** `$set` for a patch: meta as a JSON string, other fields as they are. */
-function setOf(patch: IdentityPatch | KeyPatch, now: number): Record<string, unknown> {
-  const set: Record<string, unknown> = { updatedAt: now };
-  for (const [k, v] of Object.entries(patch)) {
-    if (v === undefined) continue;
-    set[k] = k === "meta" ? JSON.stringify(v) : v;
-  }
-  return set;
-}
-
-const UNAVAILABLE = new Set([
-  "MongoNetworkError",
-  "MongoNetworkTimeoutError",
-  "MongoServerSelectionError",
-  "MongoNotConnectedError",
-  "MongoTopologyClosedError",
-  "MongoPoolClearedError",
-  "MongoServerClosedError",
-  "MongoPoolClosedError",
-]);
-
-/**
- * The server could not be reached. By class as well as by name: the driver's
- * network errors have subclasses named otherwise (an operation waiting for a
- * connection when the pool is cleared after another one lost its connection
- * gets a `PoolClearedOnNetworkError`).
- */
-function isUnreachable(err: unknown): err is Error {
-  return err instanceof MongoNetworkError || err instanceof MongoServerSelectionError || (err instanceof Error && UNAVAILABLE.has(err.name));
-}
-
-/**
- * A unique index refused the write. FerretDB (SQLite backend) reports a
- * violation by an update as code 1 with SQLite's message instead of 11000.
- */
-function isDuplicateKey(err: unknown): err is MongoServerError {
-  return err instanceof MongoServerError && isDuplicateCode(err.code, err.message);
-}
-
-function isDuplicateCode(code: unknown, message: string | undefined): boolean {
-  return code === 11000 || (code === 1 && /UNIQUE constraint failed/.test(message ?? ""));
 }
 
 function escapeRegex(s: string): string {
@@ -343,17 +237,7 @@ export class MongoStore implements Store {
 
   /** Runs a driver call, turning driver errors into domain errors. */
   private async run<T>(fn: () => Promise<T>): Promise<T> {
-    try {
-      return await fn();
-    } catch (err) {
-      if (isDuplicateKey(err)) {
-        const msg = String(err.message);
-        throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
-      }
-      // Says nothing of whether a write was applied: a connection lost after sending leaves it unknown.
-      if (isUnreachable(err)) throw new StoreUnreachableError(`mongodb: ${err.name}`);
-      throw err;
-    }
+    return runMapped(fn);
   }
 
   async init(): Promise<void> {
