@@ -1,5 +1,4 @@
-import { performance } from "node:perf_hooks";
-import { MongoClient, MongoServerError, type Collection, type Db } from "mongodb";
+import type { Collection } from "mongodb";
 import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
@@ -11,45 +10,33 @@ import type {
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
-import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
+import { type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
-import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
-import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
-import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
-import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
+import { FENCE, fenceFilter } from "./lease-lock.js";
+import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
+import { keyHashLocation, keyIdCollection } from "./key-layout.js";
 import {
-  fromFeedDoc,
   fromIdentityDoc,
   fromKeyDoc,
-  fromRootKeyDoc,
   identityTargets,
   keyTargets,
-  seqId,
   setOf,
   toBucketedKeyDoc,
-  toFeedDoc,
   toIdentityDoc,
   toKeyDoc,
-  FEED_PREFIX,
-  type ActivityDoc,
   type CreditsDoc,
-  type FeedDoc,
-  type FeedEntry,
-  type IdentityDoc,
   type KeyDoc,
   type KeyIdDoc,
   type KeyRef,
-  type RootKeyDoc,
-  type RootKeyHashDoc,
-  type SettingDoc,
-  type UsageDoc,
 } from "./documents.js";
-import { isDuplicateCode, isDuplicateKey, runMapped } from "./errors.js";
+import { isDuplicateKey } from "./errors.js";
+import { MongoContext } from "./context.js";
+import { MongoChangeFeed } from "./change-feed.js";
+import { MongoRootKeys } from "./root-keys.js";
+import { MongoUsage } from "./usage.js";
+export type { MongoStoreOptions } from "./context.js";
 
 export { toFeedDoc, toIdentityDoc, toKeyDoc, type FeedEntry } from "./documents.js";
-
 
 /** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
 type PendingSpend = {
@@ -64,19 +51,6 @@ type PendingSpend = {
 const MAX_CREDIT_HOPS = 8;
 /** How often a conditional credit write is tried again after a concurrent write changed its document. */
 const MAX_CAS_TRIES = 20;
-/**
- * A write announced by an intent lands within this long of the intent becoming
- * visible, or never: readers pin its entries this long at most.
- */
-const WRITE_BOUND_MS = 10_000;
-/** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
-const WRITE_MAX_MS = 2000;
-/**
- * How long a seq known to have been the newest may number the next change:
- * half the readers' pruning retention (5 s, src/cache/invalidation.ts), so the
- * entries above it cannot have been pruned meanwhile.
- */
-const HEAD_HINT_MS = 2500;
 /** Keys per change record when one operation touches many (DeleteIdentity). */
 const TARGETS_PER_CHANGE = 500;
 /** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
@@ -130,38 +104,6 @@ function escapeRegex(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
 }
 
-export interface MongoStoreOptions {
-  uri: string;
-  database: string;
-  serverSelectionTimeoutMs?: number;
-  /** Lease of a usage writer slot (usage-slots.ts); default 60 s. */
-  usageLeaseMs?: number;
-  /**
-   * How credits are written. "conditional": one conditional update per spend
-   * (`remaining ≥ cost` in the filter, `$inc` in the update) and compare-and-set
-   * on the document's write counter for other credit writes, no lock — relies on
-   * MongoDB applying a single-document update with its filter atomically.
-   * "locked": read and fenced write under the lease lock — for FerretDB, whose
-   * updates are a read and a write. Default: by server ("locked" on FerretDB).
-   * Tests force "conditional" on FerretDB with one writer.
-   */
-  creditWrites?: "conditional" | "locked";
-  /** Lock tuning (tests): see lease-lock.ts. */
-  lock?: { leaseMs?: number; waitMs?: number; queueMax?: number };
-  /**
-   * Where keys live (key-layout.ts), for a database that has not recorded one
-   * yet. Default: by server ("bucketed" on FerretDB). A database keeps the
-   * layout it recorded. Tests force "indexed" on FerretDB to run MongoDB's path.
-   */
-  layout?: KeyLayout;
-  /** Tests: called after each batch of keys the start-up migration copied; throwing stops it there, as a crash would. */
-  migrationAfterBatch?: (copied: number) => void | Promise<void>;
-  /** Tests: keys copied per batch by the start-up migration (default 500). */
-  migrationBatch?: number;
-  /** Tests: emit the driver's command events on `client` (counting what a lookup reads). */
-  monitorCommands?: boolean;
-}
-
 /**
  * The production store on MongoDB (tested on MongoDB-compatible FerretDB as
  * well). It relies on one atomic primitive only: inserting a document with a
@@ -174,266 +116,15 @@ export interface MongoStoreOptions {
  * a short sequence ordered so that a failure leaves nothing half-visible (and
  * compensated where it could).
  */
-export class MongoStore implements Store {
+export class MongoStore extends MongoContext implements Store {
   readonly kind = "mongodb" as const;
   /** Shared by every instance; FerretDB (known after `init`) applies a conditional $inc as a read and a write. */
   get capabilities(): StoreCapabilities {
     return { shared: true, atomicUpdates: this.flavor === "mongodb", counterClient: this.client };
   }
-  /** Shared with the MongoDB rate-limit counter, so one deployment holds one connection pool. */
-  readonly client: MongoClient;
-  private db!: Db;
-  private identities!: Collection<IdentityDoc>;
-  private keys!: Collection<KeyDoc>;
-  private rootKeys!: Collection<RootKeyDoc>;
-  private rootKeyHashes!: Collection<RootKeyHashDoc>;
-  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (key-layout.ts). */
-  private buckets!: KeyBuckets;
-  /**
-   * Bucketed layout: hashes of key ids seen (a key's hash never changes), so
-   * that finding a key by id (a spend, an update) needs no read of its pointer.
-   */
-  private readonly hashOfId = new Map<string, string>();
-  private settings!: Collection<SettingDoc>;
-  /** One document holding (about) the newest seq, see newestSeq. */
-  private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
-  private usage!: Collection<UsageDoc>;
-  private locks!: Collection<LockDoc>;
-  private lockManager!: LockManager;
-  private activity!: Collection<ActivityDoc>;
-  private usageWriters!: Collection<SlotDoc>;
-  /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
-  private readonly usageSlots: ReturnType<typeof createUsageSlots>;
-  /** A seq that was the newest in the change feed at `at` (performance.now()): where the next change is numbered from. */
-  private feedHead: { seq: number; at: number } | null = null;
-  private appendTail: Promise<unknown> = Promise.resolve();
-  /** Seqs per change feed collection (set by `init` for the server, see FeedDoc). */
-  feedBucket = 100_000;
-  /** "ferretdb" when the server is FerretDB (see `init`). */
-  flavor: "mongodb" | "ferretdb" = "mongodb";
-  /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
-  creditWrites: "conditional" | "locked" = "locked";
-  /** Where keys live (key-layout.ts); set by `init`. */
-  layout: KeyLayout = "indexed";
-  /** What the start-up migration moved to the bucketed layout (null: none ran). */
-  migrated: MigrationReport | null = null;
-
-  /** The database this store uses. */
-  get database(): string {
-    return this.opts.database;
-  }
-
-  constructor(private readonly opts: MongoStoreOptions) {
-    this.usageSlots = createUsageSlots(() => this.usageWriters, { leaseMs: opts.usageLeaseMs });
-    this.client = new MongoClient(opts.uri, {
-      serverSelectionTimeoutMS: opts.serverSelectionTimeoutMs ?? 5000,
-      // No answer within 30 s fails the operation (UNAVAILABLE) instead of
-      // waiting forever on a server that stopped answering; the URI may set its own.
-      ...(/[?&]socketTimeoutMS=/i.test(opts.uri) ? {} : { socketTimeoutMS: 30_000 }),
-      appName: "latchkey",
-      ...(opts.monitorCommands ? { monitorCommands: true } : {}),
-    });
-  }
-
-  /** Runs a driver call, turning driver errors into domain errors. */
-  private async run<T>(fn: () => Promise<T>): Promise<T> {
-    return runMapped(fn);
-  }
-
-  async init(): Promise<void> {
-    await this.run(async () => {
-      await this.client.connect();
-      this.db = this.client.db(this.opts.database);
-      this.identities = this.db.collection<IdentityDoc>("identities");
-      this.keys = this.db.collection<KeyDoc>("keys");
-      this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
-      this.settings = this.db.collection<SettingDoc>("settings");
-      // "change_feed_<n>", not the "changes" of earlier versions (numeric ids, written after the data).
-      this.feedHeadDoc = this.db.collection("change_feed_head");
-      this.locks = this.db.collection<LockDoc>("locks");
-      this.lockManager = createLockManager(this.locks, this.opts.lock);
-      this.activity = this.db.collection<ActivityDoc>("key_activity");
-      const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
-      this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
-      this.creditWrites = this.opts.creditWrites ?? (this.flavor === "ferretdb" ? "locked" : "conditional");
-      this.feedBucket = this.flavor === "ferretdb" ? 500 : 100_000;
-      this.usage = this.db.collection<UsageDoc>("usage");
-      this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
-      await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
-      await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
-      await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
-      await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
-      this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");
-      this.buckets = createKeyBuckets(this.client, this.opts.database);
-      // The layout this database recorded wins; a database without one is new, or was written by an earlier version (indexed).
-      const recorded = await readLayout(this.settings);
-      const layout = recorded ?? this.opts.layout ?? (this.flavor === "ferretdb" ? "bucketed" : "indexed");
-      if (layout === "bucketed") {
-        this.migrated = await settleBucketedLayout({
-          db: this.db,
-          buckets: this.buckets,
-          locked: (name, fn) => this.locked(name, fn),
-          afterBatch: this.opts.migrationAfterBatch,
-          batch: this.opts.migrationBatch,
-        });
-      } else {
-        await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
-        await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
-        await this.keys.createIndex({ identityId: 1, _id: 1 }, { name: "identity_id" });
-      }
-      this.layout = recorded ?? (await recordLayout(this.settings, layout));
-      if (this.layout !== layout) throw new Error(`another instance recorded the ${this.layout} key layout while this one set up the ${layout} one; restart`);
-    });
-  }
-
-  async ping(): Promise<void> {
-    await this.run(() => this.db.command({ ping: 1 }));
-  }
-
-  async close(): Promise<void> {
-    await this.usageSlots.release();
-    await this.client.close();
-  }
-
-  /**
-   * Runs `fn` holding the lock `name` (lease-lock.ts): in this process, then
-   * across processes. Writes `fn` makes to a locked document must be fenced.
-   */
-  private locked<T>(name: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    return this.lockManager.locked(name, fn, signal);
-  }
-
-  /** The name of the change feed collection holding `seq` (public for writing history in bulk in the benchmark). */
-  feedCollectionName(seq: number): string {
-    return `${FEED_PREFIX}${Math.floor(seq / this.feedBucket)}`;
-  }
-
-  /** The change feed collection holding `seq`. */
-  private feedOf(seq: number): Collection<FeedDoc> {
-    return this.db.collection<FeedDoc>(this.feedCollectionName(seq));
-  }
-
-  /** The buckets of the change feed that exist, ascending. */
-  private async feedBuckets(): Promise<number[]> {
-    const names = await this.db.listCollections({}, { nameOnly: true }).toArray();
-    return names
-      .map((c) => c.name)
-      .filter((n) => n.startsWith(FEED_PREFIX) && /^\d+$/.test(n.slice(FEED_PREFIX.length)))
-      .map((n) => Number(n.slice(FEED_PREFIX.length)))
-      .sort((a, b) => a - b);
-  }
-
-  private async feedHas(seq: number): Promise<boolean> {
-    return (await this.feedOf(seq).findOne({ _id: seqId(seq) }, { projection: { _id: 1 } })) !== null;
-  }
-
-  /** The newest or oldest entry of one bucket (FerretDB sorts in Go, over one bucket at most). */
-  private async feedEnd(bucket: number, end: 1 | -1): Promise<number | null> {
-    const d = await this.feedOf(bucket * this.feedBucket).find({}, { projection: { seq: 1 } }).sort({ _id: end }).limit(1).next();
-    return d?.seq ?? null;
-  }
-
-  /**
-   * The newest seq in the change feed (0 when empty). A head document, raised
-   * after each append, is a hint (FerretDB may lose a concurrent raise): if seq
-   * H exists and H+1 does not, H is the newest (entries are written without
-   * gaps, and pruned from the oldest up). Otherwise the newest bucket answers.
-   */
-  private async newestSeq(): Promise<number> {
-    let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
-    if (h > 0 && (await this.feedHas(h))) {
-      for (let steps = 0; steps < 64; steps++, h++) if (!(await this.feedHas(h + 1))) return h;
-    }
-    const buckets = await this.feedBuckets();
-    for (let i = buckets.length - 1; i >= 0; i--) {
-      const newest = await this.feedEnd(buckets[i], -1);
-      if (newest !== null) return newest;
-    }
-    return 0;
-  }
-
-  /**
-   * Appends one entry to the change feed and returns its seq. The seq is taken
-   * by inserting `_id` = newest + 1, the one atomic primitive this store relies
-   * on (a unique `_id` insert); a duplicate means another writer took it, so the
-   * next one is tried. Seq N is thus only ever written once N-1 exists: the
-   * feed has no gaps. "Newest" must be fresh: readers prune what they saw 10 s
-   * ago, and a stale guess below the pruned range would insert a seq that
-   * readers have passed (docs/revocation.md). Appends of this process go one
-   * at a time, so its writers do not race each other for the same seq.
-   * Returns the seq and when its insert was sent.
-   */
-  private appendChange(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
-    const run = this.appendTail.then(() => this.appendNow(entry));
-    this.appendTail = run.catch(() => undefined);
-    return run;
-  }
-
-  private async appendNow(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
-    let base = this.feedHead;
-    let seq = base?.seq ?? 0;
-    for (;;) {
-      if (!base || performance.now() - base.at >= HEAD_HINT_MS) {
-        const at = performance.now();
-        base = { seq: await this.newestSeq(), at };
-        seq = base.seq;
-      }
-      const sentAt = performance.now();
-      try {
-        await this.feedOf(seq + 1).insertOne(toFeedDoc(seq + 1, entry));
-        if (!this.feedHead || this.feedHead.seq <= seq + 1) this.feedHead = { seq: seq + 1, at: sentAt };
-        // A hint for newestSeq: not waited for, and a lost raise is harmless.
-        void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
-        return { seq: seq + 1, sentAt };
-      } catch (err) {
-        if (!isDuplicateKey(err)) throw err;
-        seq++;
-      }
-    }
-  }
-
-  /**
-   * Runs a write of keys or identities between an intent and a done entry in
-   * the change feed. Readers stop caching the targets on the intent; the write
-   * lands within WRITE_BOUND_MS of the intent or never (it is not sent later
-   * than WRITE_BOUND_MS - WRITE_MAX_MS after it, and the server gives it
-   * WRITE_MAX_MS); the done entry lets readers cache the targets again at once.
-   * A crash or lost connection anywhere leaves at worst an open intent, which
-   * readers release after its bound: no revocation is lost.
-   */
-  private async changing<T>(
-    targets: ChangeTargets,
-    write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
-  ): Promise<T> {
-    // The bound runs from the intent's insert: it is visible no earlier than that.
-    // An intent whose insert took so long that the write could no longer land
-    // within the bound is closed and announced once more (nothing was written
-    // yet); a second slow one refuses the write.
-    let intent = 0;
-    let sentAt = 0;
-    const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
-    // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
-    const done = (seq: number) => this.appendChange({ phase: "done", intent: seq, ...targets }).then(
-      () => undefined,
-      () => undefined,
-    );
-    for (let attempt = 1; ; attempt++) {
-      ({ seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets }));
-      if (inTime()) break;
-      await done(intent);
-      if (attempt === 2) throw new UnavailableError("the change feed answered too slowly; nothing was written");
-    }
-    let res: T;
-    try {
-      res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
-    } catch (err) {
-      // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
-      if (err instanceof MongoServerError) await done(intent);
-      throw err;
-    }
-    await done(intent);
-    return res;
-  }
+  private readonly feedPart = new MongoChangeFeed(this);
+  private readonly rootKeyPart = new MongoRootKeys(this);
+  private readonly usagePart = new MongoUsage(this);
 
   async createIdentity(rec: IdentityRecord): Promise<void> {
     await this.run(() => this.identities.insertOne(toIdentityDoc(rec)));
@@ -1145,162 +836,6 @@ export class MongoStore implements Store {
     throw new UnavailableError("the balance kept changing; retry");
   }
 
-  /** Entries of one bucket with a seq above `afterSeq`, at most `limit`, in seq order. */
-  private async bucketRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
-    const coll = this.feedOf(afterSeq + 1);
-    const filter = { _id: { $gt: seqId(afterSeq) } };
-    if (this.flavor === "mongodb") return coll.find(filter).sort({ _id: 1 }).limit(limit).toArray();
-    // FerretDB sorts in Go after reading every entry; without a sort it stops at
-    // `limit`, reading in insertion order, which is seq order (written without gaps).
-    const docs = await coll.find(filter).limit(limit).toArray();
-    return docs.sort((a, b) => a.seq - b.seq);
-  }
-
-  /** Entries above `afterSeq` in seq order, at most `limit`, across buckets while each read ends at its bucket's last seq. */
-  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
-    const out: FeedDoc[] = [];
-    for (let after = afterSeq; out.length < limit; ) {
-      const docs = await this.bucketRange(after, limit - out.length);
-      out.push(...docs);
-      const bucketLast = (Math.floor((after + 1) / this.feedBucket) + 1) * this.feedBucket - 1;
-      if (docs.length === 0 || docs[docs.length - 1].seq !== bucketLast) break;
-      after = bucketLast;
-    }
-    return out;
-  }
-
-  /**
-   * A point lookup of `afterSeq + 1` first: on an idle feed that is all a
-   * poll costs (on FerretDB a scan of one bucket at most, whatever the
-   * history). Only when it exists are the next ones read, in one range.
-   */
-  async changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
-    return this.run(async () => {
-      if (opts.pastGaps) {
-        // From the first bucket that holds anything above `afterSeq`.
-        for (const b of await this.feedBuckets()) {
-          if ((b + 1) * this.feedBucket - 1 <= afterSeq) continue;
-          const docs = await this.feedRange(Math.max(afterSeq, b * this.feedBucket - 1), limit);
-          if (docs.length > 0) return docs.map(fromFeedDoc);
-        }
-        return [];
-      }
-      const first = await this.feedOf(afterSeq + 1).findOne({ _id: seqId(afterSeq + 1) });
-      if (!first) return [];
-      if (limit <= 1) return [fromFeedDoc(first)];
-      const sentAt = performance.now();
-      const rest = await this.feedRange(afterSeq + 1, limit - 1);
-      const all = [first, ...rest];
-      // The end of the feed was reached: its last seq was the newest when the range was read.
-      const last = all[all.length - 1].seq;
-      if (rest.length < limit - 1 && last === afterSeq + all.length && (!this.feedHead || this.feedHead.seq <= last)) {
-        this.feedHead = { seq: last, at: sentAt };
-      }
-      return all.map(fromFeedDoc);
-    });
-  }
-
-  async changeFeedStart(): Promise<number> {
-    return this.run(async () => {
-      for (const b of await this.feedBuckets()) {
-        // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
-        const oldest = this.feedOf(b * this.feedBucket).find({}, { projection: { seq: 1 } });
-        const d = await (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next();
-        if (d) return d.seq - 1;
-      }
-      return 0;
-    });
-  }
-
-  async lastChangeSeq(): Promise<number> {
-    return this.run(() => this.newestSeq());
-  }
-
-  /**
-   * Drops the buckets whose every seq is below `beforeSeq` (which exists or
-   * existed, so the newest entry is never deleted), then deletes the entries
-   * below it in its own bucket (one bucket: FerretDB reads at most that many).
-   */
-  async pruneChanges(beforeSeq: number): Promise<void> {
-    await this.run(async () => {
-      for (const b of await this.feedBuckets()) {
-        if ((b + 1) * this.feedBucket > beforeSeq) break;
-        await this.feedOf(b * this.feedBucket)
-          .drop()
-          .catch((err: unknown) => {
-            // Another instance dropped it first.
-            if (!(err instanceof MongoServerError && (err.code === 26 || /not found/i.test(err.message)))) throw err;
-          });
-      }
-      if (beforeSeq % this.feedBucket !== 0) await this.feedOf(beforeSeq).deleteMany({ _id: { $lt: seqId(beforeSeq) } });
-    });
-  }
-
-  async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
-    if (rows.length === 0) return;
-    // Rows are per writer slot (leased by one server process at a time, which
-    // writes one batch at a time), so no two writers ever update one document. A
-    // row already carrying this batch's seq does not match the filter; its upsert
-    // then hits the unique _id and is skipped: a retried batch is applied once.
-    const slot = await this.run(() => this.usageSlots.slotFor(batch.writer));
-    const seq = slot.rowSeq(batch.seq);
-    const ops = rows.map((r) => {
-      const inc: Record<string, number> = {};
-      for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
-      const _id = `${slot.id}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
-      return {
-        updateOne: {
-          filter: { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: seq } }] },
-          update: { $inc: inc, $set: { seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
-          upsert: true,
-        },
-      };
-    });
-    await this.run(async () => {
-      for (let i = 0; i < ops.length; i += 500) {
-        const chunk = ops.slice(i, i + 500);
-        try {
-          await this.usage.bulkWrite(chunk as never, { ordered: false });
-        } catch (err) {
-          const writeErrors = (err as { writeErrors?: unknown }).writeErrors;
-          const list = (Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null) as
-            | { code?: number; errmsg?: string }[]
-            | null;
-          if (!list || list.some((e) => !isDuplicateCode(e.code, e.errmsg))) throw err;
-          // FerretDB ends even an unordered batch at its first error, without
-          // applying or reporting the rest: apply the chunk again row by row
-          // (each op is idempotent: a row already at this seq is skipped).
-          for (const op of chunk) {
-            try {
-              await this.usage.updateOne(op.updateOne.filter, op.updateOne.update, { upsert: true });
-            } catch (e) {
-              if (!isDuplicateKey(e)) throw e;
-            }
-          }
-        }
-      }
-    });
-    // Before the next batch: a new owner of the slot starts past this seq.
-    await this.run(() => this.usageSlots.applied(slot, seq));
-  }
-
-  async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
-    const filter: Record<string, unknown> = {
-      ...("identityId" in q.by ? { i: q.by.identityId } : { k: q.by.keyId }),
-      g: q.granularity,
-      b: { $gte: q.start, $lt: q.end },
-      tag: q.tagged ? { $ne: "" } : "",
-    };
-    const docs = await this.run(() => this.usage.find(filter).limit(q.maxRows + 1).toArray());
-    if (docs.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
-    return docs.map((d) => {
-      const counts = {} as Counts;
-      for (const c of COUNTERS) counts[c] = d[c] ?? 0;
-      // `i ?? null`: FerretDB leaves a null out of $setOnInsert.
-      return { granularity: d.g as UsageRow["granularity"], bucket: d.b, keyId: d.k, identityId: d.i ?? null, tag: d.tag, counts };
-    });
-  }
-
   async touchLastUsed(times: Map<string, number>): Promise<void> {
     if (times.size === 0) return;
     // Not in the key document: a write here can never clobber a concurrent key update.
@@ -1322,68 +857,42 @@ export class MongoStore implements Store {
     });
   }
 
-  async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
-    await this.run(() => this.usage.deleteMany({ g: granularity, b: { $lt: before } }));
+  changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
+    return this.feedPart.changesSince(afterSeq, limit, opts);
+  }
+  changeFeedStart(): Promise<number> {
+    return this.feedPart.changeFeedStart();
+  }
+  lastChangeSeq(): Promise<number> {
+    return this.feedPart.lastChangeSeq();
+  }
+  pruneChanges(beforeSeq: number): Promise<void> {
+    return this.feedPart.pruneChanges(beforeSeq);
   }
 
-  /**
-   * Bucketed layout: the pointer `{_id: hash}` first, which refuses a taken
-   * hash; then the root key (its unique hash index holds on both layouts). A
-   * pointer left without its root key (a crash between) finds nothing.
-   */
-  async createRootKey(rec: RootKeyRecord): Promise<void> {
-    const { id, ...rest } = rec;
-    await this.run(async () => {
-      if (this.layout === "bucketed") await this.rootKeyHashes.insertOne({ _id: rec.hash, rootKeyId: id });
-      try {
-        await this.rootKeys.insertOne({ _id: id, ...rest });
-      } catch (err) {
-        if (this.layout === "bucketed") await this.rootKeyHashes.deleteOne({ _id: rec.hash }).catch(() => undefined);
-        throw err;
-      }
-    });
+  createRootKey(rec: RootKeyRecord): Promise<void> {
+    return this.rootKeyPart.createRootKey(rec);
+  }
+  getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
+    return this.rootKeyPart.getRootKeyByHash(hash);
+  }
+  listRootKeys(): Promise<RootKeyRecord[]> {
+    return this.rootKeyPart.listRootKeys();
+  }
+  deleteRootKey(id: string): Promise<boolean> {
+    return this.rootKeyPart.deleteRootKey(id);
+  }
+  createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
+    return this.rootKeyPart.createFirstRootKey(rec);
   }
 
-  /** Indexed layout: the unique hash index. Bucketed: two `_id` lookups (pointer, root key) in small collections. */
-  async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
-    const d = await this.run(async () => {
-      if (this.layout === "indexed") return this.rootKeys.findOne({ hash });
-      const p = await this.rootKeyHashes.findOne({ _id: hash });
-      const r = p ? await this.rootKeys.findOne({ _id: p.rootKeyId }) : null;
-      return r?.hash === hash ? r : null;
-    });
-    return d ? fromRootKeyDoc(d) : null;
+  writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    return this.usagePart.writeUsage(rows, batch);
   }
-
-  async listRootKeys(): Promise<RootKeyRecord[]> {
-    const docs = await this.run(() => this.rootKeys.find({}).sort({ _id: 1 }).toArray());
-    return docs.map(fromRootKeyDoc);
+  queryUsage(q: UsageQuery): Promise<UsageRow[]> {
+    return this.usagePart.queryUsage(q);
   }
-
-  async deleteRootKey(id: string): Promise<boolean> {
-    return this.run(async () => {
-      const d = await this.rootKeys.findOneAndDelete({ _id: id });
-      if (!d) return false;
-      if (this.layout === "bucketed" && (await this.rootKeyHashes.findOne({ _id: d.hash }))?.rootKeyId === id) {
-        await this.rootKeyHashes.deleteOne({ _id: d.hash });
-      }
-      return true;
-    });
-  }
-
-  async createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
-    try {
-      await this.run(() => this.settings.insertOne({ _id: "bootstrapped", value: String(rec.createdAt) }));
-    } catch (err) {
-      if (err instanceof AlreadyExistsError) return false;
-      throw err;
-    }
-    try {
-      await this.createRootKey(rec);
-      return true;
-    } catch (err) {
-      await this.settings.deleteOne({ _id: "bootstrapped" }).catch(() => undefined);
-      throw err;
-    }
+  pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
+    return this.usagePart.pruneUsage(granularity, before);
   }
 }
