@@ -4,10 +4,19 @@ import { UnavailableError } from "../../domain/errors.js";
 import type { ChangeTargets } from "../store.js";
 import { createLockManager, type LockDoc, type LockManager } from "./lease-lock.js";
 import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
-import { createKeyBuckets, type KeyBuckets, type KeyLayout } from "./key-layout.js";
+import {
+  createKeyBuckets,
+  defaultCreditWrites,
+  defaultKeyLayout,
+  FEED_PREFIX,
+  feedBucketSize,
+  feedCollection,
+  serverFlavor,
+  type KeyBuckets,
+  type KeyLayout,
+} from "./ferretdb.js";
 import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
 import {
-  FEED_PREFIX,
   seqId,
   toFeedDoc,
   type ActivityDoc,
@@ -55,7 +64,7 @@ export interface MongoStoreOptions {
   /** Lock tuning (tests): see lease-lock.ts. */
   lock?: { leaseMs?: number; waitMs?: number; queueMax?: number };
   /**
-   * Where keys live (key-layout.ts), for a database that has not recorded one
+   * Where keys live (ferretdb.ts), for a database that has not recorded one
    * yet. Default: by server ("bucketed" on FerretDB). A database keeps the
    * layout it recorded. Tests force "indexed" on FerretDB to run MongoDB's path.
    */
@@ -85,13 +94,8 @@ export class MongoContext {
   keys!: Collection<KeyDoc>;
   rootKeys!: Collection<RootKeyDoc>;
   rootKeyHashes!: Collection<RootKeyHashDoc>;
-  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (key-layout.ts). */
+  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (ferretdb.ts). */
   buckets!: KeyBuckets;
-  /**
-   * Bucketed layout: hashes of key ids seen (a key's hash never changes), so
-   * that finding a key by id (a spend, an update) needs no read of its pointer.
-   */
-  readonly hashOfId = new Map<string, string>();
   settings!: Collection<SettingDoc>;
   /** One document holding (about) the newest seq, see newestSeq. */
   feedHeadDoc!: Collection<{ _id: string; seq: number }>;
@@ -111,7 +115,7 @@ export class MongoContext {
   flavor: "mongodb" | "ferretdb" = "mongodb";
   /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
   creditWrites: "conditional" | "locked" = "locked";
-  /** Where keys live (key-layout.ts); set by `init`. */
+  /** Where keys live (ferretdb.ts); set by `init`. */
   layout: KeyLayout = "indexed";
   /** What the start-up migration moved to the bucketed layout (null: none ran). */
   migrated: MigrationReport | null = null;
@@ -152,9 +156,9 @@ export class MongoContext {
       this.lockManager = createLockManager(this.locks, this.opts.lock);
       this.activity = this.db.collection<ActivityDoc>("key_activity");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
-      this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
-      this.creditWrites = this.opts.creditWrites ?? (this.flavor === "ferretdb" ? "locked" : "conditional");
-      this.feedBucket = this.flavor === "ferretdb" ? 500 : 100_000;
+      this.flavor = serverFlavor(info);
+      this.creditWrites = this.opts.creditWrites ?? defaultCreditWrites(this.flavor);
+      this.feedBucket = feedBucketSize(this.flavor);
       this.usage = this.db.collection<UsageDoc>("usage");
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
@@ -165,7 +169,7 @@ export class MongoContext {
       this.buckets = createKeyBuckets(this.client, this.opts.database);
       // The layout this database recorded wins; a database without one is new, or was written by an earlier version (indexed).
       const recorded = await readLayout(this.settings);
-      const layout = recorded ?? this.opts.layout ?? (this.flavor === "ferretdb" ? "bucketed" : "indexed");
+      const layout = recorded ?? this.opts.layout ?? defaultKeyLayout(this.flavor);
       if (layout === "bucketed") {
         this.migrated = await settleBucketedLayout({
           db: this.db,
@@ -203,7 +207,7 @@ export class MongoContext {
 
   /** The name of the change feed collection holding `seq` (public for writing history in bulk in the benchmark). */
   feedCollectionName(seq: number): string {
-    return `${FEED_PREFIX}${Math.floor(seq / this.feedBucket)}`;
+    return feedCollection(seq, this.feedBucket);
   }
 
   /** The change feed collection holding `seq`. */

@@ -19,7 +19,7 @@ import { FENCE } from "./lease-lock.js";
 export type StoreFields = { [FENCE]?: number; creditsSeq?: number };
 export type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
 /**
- * A key. Indexed layout: `_id` is the key id. Bucketed layout (key-layout.ts):
+ * A key. Indexed layout: `_id` is the key id. Bucketed layout (ferretdb.ts):
  * `_id` is the hash and `keyId` the key id.
  */
 export type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
@@ -46,16 +46,12 @@ export type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null;
  * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
  * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
  * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
- * (`change_feed_<seq / feedBucket>`): FerretDB answers even an `_id` lookup by
- * scanning its table, so there buckets are small (500) and a lookup costs at
- * most one bucket whatever the history; pruning drops whole collections instead
- * of deleting documents (which FerretDB does by reading every document of the
- * collection). MongoDB's `_id` index needs no such help: 100,000 a bucket.
+ * (`change_feed_<seq / feedBucket>`; how many, and why: feedBucketSize in
+ * ferretdb.ts).
  */
 export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
 export type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
 export const seqId = (seq: number) => String(seq).padStart(16, "0");
-export const FEED_PREFIX = "change_feed_";
 /** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
 export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
   return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;

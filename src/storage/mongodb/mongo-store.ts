@@ -14,7 +14,7 @@ import { type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { FENCE, fenceFilter } from "./lease-lock.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
-import { keyHashLocation, keyIdCollection } from "./key-layout.js";
+import { keyIdCollection } from "./ferretdb.js";
 import {
   fromIdentityDoc,
   fromKeyDoc,
@@ -26,12 +26,13 @@ import {
   toKeyDoc,
   type CreditsDoc,
   type KeyDoc,
-  type KeyIdDoc,
-  type KeyRef,
 } from "./documents.js";
 import { isDuplicateKey } from "./errors.js";
 import { MongoContext } from "./context.js";
 import { MongoChangeFeed } from "./change-feed.js";
+import { MongoKeyRefs } from "./key-refs.js";
+import { eachLimited, groupBy } from "./util.js";
+import { hashBucketKey } from "./ferretdb.js";
 import { MongoRootKeys } from "./root-keys.js";
 import { MongoUsage } from "./usage.js";
 export type { MongoStoreOptions } from "./context.js";
@@ -60,45 +61,8 @@ const LOCKED_TARGETS_PER_CHANGE = 50;
  * layout also its key id (`_id` is the hash, see MongoStore.readKey).
  */
 const filterOf = (ref: { id: string; keyId?: string }): Record<string, unknown> => (ref.keyId && ref.keyId !== ref.id ? { _id: ref.id, keyId: ref.keyId } : { _id: ref.id });
-/** Keys in one bucket of the bucketed layout have equal values of this. */
-const hashBucketKey = (hash: string) => {
-  const l = keyHashLocation(hash);
-  return `${l.suffix}/${l.collection}`;
-};
 /** The lease lock of a balance's document. */
 const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`);
-/** Bucketed layout: most key ids whose hash a store remembers. */
-const HASH_OF_ID_MAX = 100_000;
-
-/** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
-async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
-  let next = 0;
-  let stop = false;
-  const worker = async () => {
-    while (!stop && next < items.length) {
-      try {
-        await fn(items[next++]);
-      } catch (err) {
-        stop = true;
-        throw err;
-      }
-    }
-  };
-  const results = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, worker));
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw (failed as PromiseRejectedResult).reason;
-}
-
-function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
-  const out = new Map<string, T[]>();
-  for (const it of items) {
-    const k = key(it);
-    const list = out.get(k);
-    if (list) list.push(it);
-    else out.set(k, [it]);
-  }
-  return out;
-}
 
 function escapeRegex(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
@@ -122,6 +86,7 @@ export class MongoStore extends MongoContext implements Store {
   get capabilities(): StoreCapabilities {
     return { shared: true, atomicUpdates: this.flavor === "mongodb", counterClient: this.client };
   }
+  private readonly keyRefs = new MongoKeyRefs(this);
   private readonly feedPart = new MongoChangeFeed(this);
   private readonly rootKeyPart = new MongoRootKeys(this);
   private readonly usagePart = new MongoUsage(this);
@@ -189,14 +154,14 @@ export class MongoStore extends MongoContext implements Store {
       let deletedKeys = 0;
       let unlinkedKeys = 0;
       for (let round = 0; round < 10; round++) {
-        const affected = await this.findKeys({ identityId: id });
+        const affected = await this.keyRefs.findKeys({ identityId: id });
         if (affected.length === 0) break;
         const targetsOf = (batch: typeof affected) => keyTargets(...batch);
         if (deleteKeys) {
           for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
             const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
-            deletedKeys += await this.changing(targetsOf(batch), (o) => this.deleteKeyDocs(batch, { identityId: id }, o));
-            await this.dropKeyPointers(batch);
+            deletedKeys += await this.changing(targetsOf(batch), (o) => this.keyRefs.deleteKeyDocs(batch, { identityId: id }, o));
+            await this.keyRefs.dropKeyPointers(batch);
           }
           continue;
         }
@@ -207,7 +172,7 @@ export class MongoStore extends MongoContext implements Store {
           await this.changing(targetsOf(batch), async (_o, inTime) => {
             for (const k of batch) {
               if (!inTime()) break;
-              const ref = this.keyRefOf(k);
+              const ref = this.keyRefs.keyRefOf(k);
               const res = await this.locked(`key:${k.id}`, () =>
                 ref.coll.updateOne({ _id: ref._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
               );
@@ -222,91 +187,6 @@ export class MongoStore extends MongoContext implements Store {
       const res = await this.changing(identityTargets(id), (o) => this.identities.deleteOne({ _id: id }, o));
       return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
     });
-  }
-
-  /** Bucketed layout: the bucket holding the key with this hash. */
-  private keyHashColl(hash: string): Collection<KeyDoc> {
-    return this.buckets.byHash<KeyDoc>(hash);
-  }
-
-  /** Bucketed layout: the bucket holding the id pointer (and last-used time) of this key. */
-  private keyIdColl(id: string): Collection<KeyIdDoc> {
-    return this.buckets.byId<KeyIdDoc>(id);
-  }
-
-  private rememberHash(id: string, hash: string): void {
-    if (this.layout !== "bucketed") return;
-    if (this.hashOfId.size >= HASH_OF_ID_MAX) this.hashOfId.delete(this.hashOfId.keys().next().value!);
-    this.hashOfId.set(id, hash);
-  }
-
-  /** Where a key whose id and hash are known is. */
-  private keyRefOf(k: { id: string; hash: string }): KeyRef {
-    return this.layout === "indexed" ? { coll: this.keys, _id: k.id, id: k.id } : { coll: this.keyHashColl(k.hash), _id: k.hash, id: k.id };
-  }
-
-  /** Where the key with this id is; null when there is none (bucketed layout: no id pointer). */
-  private async keyRef(id: string): Promise<KeyRef | null> {
-    if (this.layout === "indexed") return { coll: this.keys, _id: id, id };
-    let hash = this.hashOfId.get(id);
-    if (hash === undefined) {
-      const p = await this.keyIdColl(id).findOne({ _id: id });
-      if (!p?.hash) return null;
-      hash = p.hash;
-      this.rememberHash(id, hash);
-    }
-    return { coll: this.keyHashColl(hash), _id: hash, id };
-  }
-
-  /**
-   * The document `ref` points at, if it is that key's. (On the bucketed layout
-   * `_id` is the hash: after a key is deleted, its hash could be another key's,
-   * so the id is checked.)
-   */
-  private async readKey(ref: KeyRef | null): Promise<KeyDoc | null> {
-    if (!ref) return null;
-    const d = await ref.coll.findOne({ _id: ref._id });
-    return d && (d.keyId ?? d._id) === ref.id ? d : null;
-  }
-
-  /**
-   * Ids and hashes of the keys matching `filter` (any field but the id). On the
-   * bucketed layout every bucket is read: FerretDB filters anything but `_id` by
-   * reading the whole collection anyway.
-   */
-  private async findKeys(filter: Record<string, unknown>): Promise<{ id: string; hash: string }[]> {
-    if (this.layout === "indexed") {
-      const docs = await this.keys.find(filter, { projection: { _id: 1, hash: 1 } }).toArray();
-      return docs.map((d) => ({ id: d._id, hash: d.hash }));
-    }
-    const out: { id: string; hash: string }[] = [];
-    for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
-      const docs = await coll.find(filter, { projection: { _id: 1, keyId: 1 } }).toArray();
-      for (const d of docs) out.push({ id: d.keyId!, hash: d._id });
-    }
-    return out;
-  }
-
-  /** Deletes the documents of `keys` that still match `filter`; returns how many went. */
-  private async deleteKeyDocs(keys: { id: string; hash: string }[], filter: Record<string, unknown>, o: { maxTimeMS?: number }): Promise<number> {
-    if (this.layout === "indexed") return (await this.keys.deleteMany({ _id: { $in: keys.map((k) => k.id) }, ...filter }, o)).deletedCount;
-    let n = 0;
-    for (const group of groupBy(keys, (k) => hashBucketKey(k.hash)).values()) {
-      const coll = this.keyHashColl(group[0].hash);
-      n += (await coll.deleteMany({ _id: { $in: group.map((k) => k.hash) }, keyId: { $in: group.map((k) => k.id) }, ...filter }, o)).deletedCount;
-    }
-    return n;
-  }
-
-  /** Removes what finds keys by id once their documents are gone: id pointers (bucketed) or last-used times (indexed). */
-  private async dropKeyPointers(keys: { id: string }[]): Promise<void> {
-    if (this.layout === "indexed") {
-      await this.activity.deleteMany({ _id: { $in: keys.map((k) => k.id) } });
-      return;
-    }
-    for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
-      await this.keyIdColl(group[0].id).deleteMany({ _id: { $in: group.map((k) => k.id) } });
-    }
   }
 
   async createKey(rec: KeyRecord): Promise<void> {
@@ -326,7 +206,7 @@ export class MongoStore extends MongoContext implements Store {
       await this.changing(targets, (o) => this.keys.insertOne(toKeyDoc(rec), o));
       return;
     }
-    const pointer = this.keyIdColl(rec.id);
+    const pointer = this.keyRefs.keyIdColl(rec.id);
     try {
       await pointer.insertOne({ _id: rec.id, hash: rec.hash });
     } catch (err) {
@@ -334,15 +214,15 @@ export class MongoStore extends MongoContext implements Store {
       if (!isDuplicateKey(err) || (await pointer.findOne({ _id: rec.id }))?.hash !== rec.hash) throw err;
     }
     try {
-      await this.changing(targets, (o) => this.keyHashColl(rec.hash).insertOne(toBucketedKeyDoc(rec), o));
+      await this.changing(targets, (o) => this.keyRefs.keyHashColl(rec.hash).insertOne(toBucketedKeyDoc(rec), o));
     } catch (err) {
       if (isDuplicateKey(err)) {
-        const holder = await this.keyHashColl(rec.hash).findOne({ _id: rec.hash });
+        const holder = await this.keyRefs.keyHashColl(rec.hash).findOne({ _id: rec.hash });
         if (holder?.keyId !== rec.id) await pointer.deleteOne({ _id: rec.id });
       }
       throw err;
     }
-    this.rememberHash(rec.id, rec.hash);
+    this.keyRefs.rememberHash(rec.id, rec.hash);
   }
 
   /**
@@ -358,10 +238,10 @@ export class MongoStore extends MongoContext implements Store {
       }
       // Buckets written 8 at a time: most of the time here is FerretDB creating thousands of collections.
       await eachLimited([...groupBy(records, (r) => keyIdCollection(r.id)).values()], 8, (group) =>
-        this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
+        this.keyRefs.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
       );
       await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
-        this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
+        this.keyRefs.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
       );
     });
   }
@@ -374,7 +254,7 @@ export class MongoStore extends MongoContext implements Store {
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
-    const d = await this.run(async () => this.readKey(await this.keyRef(id)));
+    const d = await this.run(async () => this.keyRefs.readKey(await this.keyRefs.keyRef(id)));
     return d ? (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0] : null;
   }
 
@@ -388,7 +268,7 @@ export class MongoStore extends MongoContext implements Store {
         return;
       }
       for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
-        const coll = this.keyIdColl(group[0].id);
+        const coll = this.keyRefs.keyIdColl(group[0].id);
         // One id: an `_id` lookup, the one filter FerretDB pushes down.
         const docs = group.length === 1 ? [await coll.findOne({ _id: group[0].id })].filter((d) => d !== null) : await coll.find({ _id: { $in: group.map((k) => k.id) } }).toArray();
         for (const d of docs) if (d.lastUsedAt !== undefined) at.set(d._id, d.lastUsedAt);
@@ -409,12 +289,12 @@ export class MongoStore extends MongoContext implements Store {
     );
   }
 
-  /** One read: on the bucketed layout an `_id` lookup in one bucket (key-layout.ts), on the indexed one the hash index. */
+  /** One read: on the bucketed layout an `_id` lookup in one bucket (ferretdb.ts), on the indexed one the hash index. */
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
-    const d = await this.run(() => (this.layout === "indexed" ? this.keys.findOne({ hash }) : this.keyHashColl(hash).findOne({ _id: hash })));
+    const d = await this.run(() => (this.layout === "indexed" ? this.keys.findOne({ hash }) : this.keyRefs.keyHashColl(hash).findOne({ _id: hash })));
     if (!d) return null;
     const rec = fromKeyDoc(d);
-    this.rememberHash(rec.id, rec.hash);
+    this.keyRefs.rememberHash(rec.id, rec.hash);
     return (await this.withMovedBalances([rec]))[0];
   }
 
@@ -443,8 +323,8 @@ export class MongoStore extends MongoContext implements Store {
     };
     const d = await this.run(() =>
       this.locked(`key:${id}`, async () => {
-        const ref = await this.keyRef(id);
-        const cur = await this.readKey(ref);
+        const ref = await this.keyRefs.keyRef(id);
+        const cur = await this.keyRefs.readKey(ref);
         if (!ref || !cur) return null;
         return this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndUpdate({ _id: ref._id }, update, { returnDocument: "after", ...o }));
       }),
@@ -454,12 +334,12 @@ export class MongoStore extends MongoContext implements Store {
   }
 
   async deleteKey(id: string): Promise<boolean> {
-    const ref = await this.run(() => this.keyRef(id));
-    const cur = await this.run(() => this.readKey(ref));
+    const ref = await this.run(() => this.keyRefs.keyRef(id));
+    const cur = await this.run(() => this.keyRefs.readKey(ref));
     if (!ref || !cur) return false;
     const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndDelete({ _id: ref._id }, o)));
     if (!d) return false;
-    await this.run(() => this.dropKeyPointers([{ id }]));
+    await this.run(() => this.keyRefs.dropKeyPointers([{ id }]));
     return true;
   }
 
@@ -477,12 +357,12 @@ export class MongoStore extends MongoContext implements Store {
     const withBalanceOf = (o: KeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
     return this.run(() =>
       this.locked(`key:${oldId}`, async () => {
-        const ref = await this.keyRef(oldId);
-        let old = await this.readKey(ref);
+        const ref = await this.keyRefs.keyRef(oldId);
+        let old = await this.keyRefs.readKey(ref);
         if (!ref || !old) return null;
         let stored = withBalanceOf(old);
         await this.insertKey(stored);
-        const nextRef = this.keyRefOf(next);
+        const nextRef = this.keyRefs.keyRefOf(next);
         try {
           // The old key's write sits between an intent and a done entry of the change feed, like every key write.
           const gone = await this.changing(keyTargets({ id: oldId, hash: old.hash }), async (o) => {
@@ -491,7 +371,7 @@ export class MongoStore extends MongoContext implements Store {
               const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
               const res = await ref.coll.updateOne({ _id: ref._id, ...fenceFilter(old!) }, { $set: moved, $inc: { version: 1, [FENCE]: 1 } }, o);
               if (res.matchedCount === 1) return false;
-              old = await this.readKey(ref);
+              old = await this.keyRefs.readKey(ref);
               if (!old) return true;
               if (tries >= MAX_CAS_TRIES) throw new UnavailableError("the key's balance kept changing during the reroll; retry");
               stored = withBalanceOf(old);
@@ -517,7 +397,7 @@ export class MongoStore extends MongoContext implements Store {
    */
   private async creditsRef(target: CreditsTarget): Promise<{ coll: Collection<CreditsDoc>; id: string; lock: string; keyId?: string } | null> {
     if (!("keyId" in target)) return { coll: this.identities as unknown as Collection<CreditsDoc>, id: target.identityId, lock: `identity:${target.identityId}` };
-    const ref = await this.keyRef(target.keyId);
+    const ref = await this.keyRefs.keyRef(target.keyId);
     if (!ref) return null;
     return { coll: ref.coll as unknown as Collection<CreditsDoc>, id: ref._id, lock: `key:${target.keyId}`, keyId: target.keyId };
   }
@@ -851,7 +731,7 @@ export class MongoStore extends MongoContext implements Store {
     // Bucketed: on the key's id pointer, one bucket at a time; a key deleted meanwhile has none and gets none.
     await this.run(async () => {
       for (const group of groupBy([...times], ([id]) => keyIdCollection(id)).values()) {
-        await this.keyIdColl(group[0][0])
+        await this.keyRefs.keyIdColl(group[0][0])
           .bulkWrite(group.map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } } } })), { ordered: false });
       }
     });
