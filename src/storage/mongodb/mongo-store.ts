@@ -1,5 +1,5 @@
 import type { Collection } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
+import { FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
@@ -16,13 +16,11 @@ import { FENCE, fenceFilter } from "./lease-lock.js";
 import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 import { keyIdCollection } from "./ferretdb.js";
 import {
-  fromIdentityDoc,
   fromKeyDoc,
   identityTargets,
   keyTargets,
   setOf,
   toBucketedKeyDoc,
-  toIdentityDoc,
   toKeyDoc,
   type CreditsDoc,
   type KeyDoc,
@@ -30,6 +28,7 @@ import {
 import { isDuplicateKey } from "./errors.js";
 import { MongoContext } from "./context.js";
 import { MongoChangeFeed } from "./change-feed.js";
+import { MongoIdentities } from "./identities.js";
 import { MongoKeyRefs } from "./key-refs.js";
 import { eachLimited, groupBy } from "./util.js";
 import { hashBucketKey } from "./ferretdb.js";
@@ -52,10 +51,6 @@ type PendingSpend = {
 const MAX_CREDIT_HOPS = 8;
 /** How often a conditional credit write is tried again after a concurrent write changed its document. */
 const MAX_CAS_TRIES = 20;
-/** Keys per change record when one operation touches many (DeleteIdentity). */
-const TARGETS_PER_CHANGE = 500;
-/** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
-const LOCKED_TARGETS_PER_CHANGE = 50;
 /**
  * A filter for a balance's document beside other conditions: on the bucketed
  * layout also its key id (`_id` is the hash, see MongoStore.readKey).
@@ -63,10 +58,6 @@ const LOCKED_TARGETS_PER_CHANGE = 50;
 const filterOf = (ref: { id: string; keyId?: string }): Record<string, unknown> => (ref.keyId && ref.keyId !== ref.id ? { _id: ref.id, keyId: ref.keyId } : { _id: ref.id });
 /** The lease lock of a balance's document. */
 const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`);
-
-function escapeRegex(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
-}
 
 /**
  * The production store on MongoDB (tested on MongoDB-compatible FerretDB as
@@ -88,106 +79,9 @@ export class MongoStore extends MongoContext implements Store {
   }
   private readonly keyRefs = new MongoKeyRefs(this);
   private readonly feedPart = new MongoChangeFeed(this);
+  private readonly identityPart = new MongoIdentities(this, this.keyRefs);
   private readonly rootKeyPart = new MongoRootKeys(this);
   private readonly usagePart = new MongoUsage(this);
-
-  async createIdentity(rec: IdentityRecord): Promise<void> {
-    await this.run(() => this.identities.insertOne(toIdentityDoc(rec)));
-  }
-
-  async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
-    for (let attempt = 0; attempt < 3; attempt++) {
-      const existing = await this.getIdentityByExternalId(rec.externalId);
-      if (existing) return { identity: existing, created: false };
-      try {
-        await this.createIdentity(rec);
-        return { identity: rec, created: true };
-      } catch (err) {
-        // Lost a race with a concurrent create: read the winner.
-        if (!(err instanceof AlreadyExistsError)) throw err;
-      }
-    }
-    throw new UnavailableError("could not create or read the identity; retry");
-  }
-
-  async getIdentity(id: string): Promise<IdentityRecord | null> {
-    const d = await this.run(() => this.identities.findOne({ _id: id }));
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
-    const d = await this.run(() => this.identities.findOne({ externalId }));
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async getIdentities(ids: string[]): Promise<IdentityRecord[]> {
-    if (ids.length === 0) return [];
-    const docs = await this.run(() => this.identities.find({ _id: { $in: ids } }).toArray());
-    return docs.map(fromIdentityDoc);
-  }
-
-  async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
-    const filter: Record<string, unknown> = { _id: { $gt: page.afterId ?? "" } };
-    if (search !== null) filter.externalId = { $regex: escapeRegex(search), $options: "i" };
-    const docs = await this.run(() => this.identities.find(filter).sort({ _id: 1 }).limit(page.limit).toArray());
-    return docs.map(fromIdentityDoc);
-  }
-
-  async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
-    const d = await this.run(() =>
-      this.locked(`identity:${id}`, async () => {
-        if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
-        return this.changing(identityTargets(id), (o) =>
-          this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { version: 1, [FENCE]: 1 } }, { returnDocument: "after", ...o }),
-        );
-      }),
-    );
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
-    return this.run(async () => {
-      if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
-      // Keys first: a failure half-way leaves an identity with fewer keys, never keys
-      // pointing at a deleted identity. Rounds, so that keys linked meanwhile go too;
-      // one change entry (intent and done) per batch of keys, not per key.
-      let deletedKeys = 0;
-      let unlinkedKeys = 0;
-      for (let round = 0; round < 10; round++) {
-        const affected = await this.keyRefs.findKeys({ identityId: id });
-        if (affected.length === 0) break;
-        const targetsOf = (batch: typeof affected) => keyTargets(...batch);
-        if (deleteKeys) {
-          for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
-            const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
-            deletedKeys += await this.changing(targetsOf(batch), (o) => this.keyRefs.deleteKeyDocs(batch, { identityId: id }, o));
-            await this.keyRefs.dropKeyPointers(batch);
-          }
-          continue;
-        }
-        // Each key under its own lock: a batch ends early when its intent's time is up, and the rest go in the next.
-        for (let rest = affected; rest.length > 0; ) {
-          const batch = rest.slice(0, LOCKED_TARGETS_PER_CHANGE);
-          let written = 0;
-          await this.changing(targetsOf(batch), async (_o, inTime) => {
-            for (const k of batch) {
-              if (!inTime()) break;
-              const ref = this.keyRefs.keyRefOf(k);
-              const res = await this.locked(`key:${k.id}`, () =>
-                ref.coll.updateOne({ _id: ref._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
-              );
-              unlinkedKeys += res.modifiedCount;
-              written++;
-            }
-          });
-          if (written === 0) throw new UnavailableError("unlinking the identity's keys is too slow; retry");
-          rest = rest.slice(written);
-        }
-      }
-      const res = await this.changing(identityTargets(id), (o) => this.identities.deleteOne({ _id: id }, o));
-      return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
-    });
-  }
 
   async createKey(rec: KeyRecord): Promise<void> {
     await this.run(() => this.insertKey(rec));
@@ -243,13 +137,6 @@ export class MongoStore extends MongoContext implements Store {
       await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
         this.keyRefs.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
       );
-    });
-  }
-
-  /** For seeding a database no instance serves yet: identities in bulk (see loadKeys). */
-  async loadIdentities(records: IdentityRecord[]): Promise<void> {
-    await this.run(async () => {
-      for (let i = 0; i < records.length; i += 1000) await this.identities.insertMany(records.slice(i, i + 1000).map(toIdentityDoc));
     });
   }
 
@@ -774,5 +661,33 @@ export class MongoStore extends MongoContext implements Store {
   }
   pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     return this.usagePart.pruneUsage(granularity, before);
+  }
+
+  createIdentity(rec: IdentityRecord): Promise<void> {
+    return this.identityPart.createIdentity(rec);
+  }
+  ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
+    return this.identityPart.ensureIdentity(rec);
+  }
+  getIdentity(id: string): Promise<IdentityRecord | null> {
+    return this.identityPart.getIdentity(id);
+  }
+  getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
+    return this.identityPart.getIdentityByExternalId(externalId);
+  }
+  getIdentities(ids: string[]): Promise<IdentityRecord[]> {
+    return this.identityPart.getIdentities(ids);
+  }
+  listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
+    return this.identityPart.listIdentities(page, search);
+  }
+  updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
+    return this.identityPart.updateIdentity(id, patch, now);
+  }
+  deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    return this.identityPart.deleteIdentity(id, deleteKeys);
+  }
+  loadIdentities(records: IdentityRecord[]): Promise<void> {
+    return this.identityPart.loadIdentities(records);
   }
 }
