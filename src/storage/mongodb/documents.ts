@@ -71,7 +71,7 @@ export function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
 }
 /**
  * The stored form of a key in the indexed layout (`_id` = its id) — also the
- * form every earlier version wrote. MongoStore.loadKeys writes keys in bulk in
+ * form every earlier version wrote. MongoKeys.loadKeys writes keys in bulk in
  * the database's layout.
  */
 export function toKeyDoc(r: KeyRecord): KeyDoc {
