@@ -7,9 +7,9 @@ import { FENCE } from "./lease-lock.js";
 /*
  * Documents mirror the domain records with `_id` for the id. `meta` is stored
  * as a JSON string: it is never queried, and a string cannot carry `$` or dotted
- * field names into the database. Every filter below is built from typed values
- * (strings checked against the input patterns, numbers), never from a caller's
- * object, so no request can inject a query operator.
+ * field names into the database. Every filter the store's parts build is made
+ * of typed values (strings checked against the input patterns, numbers), never
+ * of a caller's object, so no request can inject a query operator.
  */
 /**
  * `_fence`: the document's write counter, checked by fenced writes (see
