@@ -22,7 +22,7 @@ export interface InvalidationOptions {
   /**
    * Changes this reader saw at least this long ago are pruned from the feed.
    * Default 5 s: at least the time a write may land after its intent
-   * (src/storage/mongodb/mongo-store.ts), and twice the time a writer may number
+   * (src/storage/mongodb/context.ts), and twice the time a writer may number
    * a change from a seq it knew to be the newest.
    */
   retentionMs?: number;
@@ -39,7 +39,7 @@ const MAX_PAGE = 50_000;
 /** A backlog longer than this is not read: the cache is emptied and reading goes on from the newest change. */
 const JUMP_BACKLOG = 5000;
 /**
- * The longest bound a store gives an intent (src/storage/mongodb/mongo-store.ts):
+ * The longest bound a store gives an intent (src/storage/mongodb/context.ts):
  * after changes may have been missed, nothing read from the store is cached for
  * this long, since a write announced by a missed intent may still land.
  */

@@ -42,7 +42,7 @@ export function refillDueAt(credits: Credits | null, now: number): RefillDue | n
  * the balance, once per period: a compare-and-set on the refill time), then the
  * spend or the operation. Stores apply them to the stored balance inside their
  * transaction or lock; the MongoDB store's conditional updates express the same
- * rule as filters (src/storage/mongodb/mongo-store.ts).
+ * rule as filters (src/storage/mongodb/credits.ts).
  */
 
 /** Applies `refill` when the balance was last refilled before its period. */

@@ -3,12 +3,12 @@ import { MongoServerError, type Collection, type Db } from "mongodb";
 /** A document with a string `_id` (every collection here). */
 type Document = { _id: string; [field: string]: unknown };
 import { UnavailableError } from "../../domain/errors.js";
-import { ID_BUCKET_HEX, KEY_BUCKET_HEX, KEY_BUCKETS_PER_DATABASE, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
+import { ID_BUCKET_HEX, KEY_BUCKET_HEX, KEY_BUCKETS_PER_DATABASE, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./ferretdb.js";
 
 /*
  * Moving a database written by an earlier version (keys in one `keys`
  * collection, last-used times in `key_activity`, root keys found by their
- * `hash` field) to the bucketed layout of key-layout.ts, at start, before the
+ * `hash` field) to the bucketed layout of ferretdb.ts, at start, before the
  * store serves anything. docs/storage-layout.md has the steps and the reasons.
  *
  * Idempotent and resumable: every step either finds its work done or redoes it

@@ -43,7 +43,7 @@ export interface LockOptions {
   /**
    * Callers that may wait in this process for one lock name; more are refused
    * at once with UNAVAILABLE. Default 64 (spends of one balance wait apart from
-   * this, batched: see MongoStore.spendLocked).
+   * this, batched: see MongoCredits.spendLocked, credits.ts).
    */
   queueMax?: number;
 }

@@ -1,272 +1,25 @@
-import { performance } from "node:perf_hooks";
-import { MongoClient, MongoNetworkError, MongoServerError, MongoServerSelectionError, type Collection, type Db } from "mongodb";
-import { AlreadyExistsError, FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../../domain/errors.js";
 import type {
   Credits,
   CreditsOp,
   CreditsTarget,
   IdentityPatch,
   IdentityRecord,
-  JsonObject,
   KeyPatch,
   KeyRecord,
   RootKeyRecord,
 } from "../../domain/types.js";
-import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
-import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
-import { createLockManager, FENCE, fenceFilter, type LockDoc, type LockManager } from "./lease-lock.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
-import { createUsageSlots, type SlotDoc } from "./usage-slots.js";
-import { createKeyBuckets, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./key-layout.js";
-import { readLayout, recordLayout, settleBucketedLayout, type MigrationReport } from "./layout-migration.js";
-
-/*
- * Documents mirror the domain records with `_id` for the id. `meta` is stored
- * as a JSON string: it is never queried, and a string cannot carry `$` or dotted
- * field names into the database. Every filter below is built from typed values
- * (strings checked against the input patterns, numbers), never from a caller's
- * object, so no request can inject a query operator.
- */
-/**
- * `_fence`: the document's write counter, checked by fenced writes (see
- * lease-lock.ts). `creditsSeq`: the credit ledger's sequence number of the
- * balance last written here (src/storage/redis-credits.ts).
- */
-type StoreFields = { [FENCE]?: number; creditsSeq?: number };
-type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
-/**
- * A key. Indexed layout: `_id` is the key id. Bucketed layout (key-layout.ts):
- * `_id` is the hash and `keyId` the key id.
- */
-type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
-/** Bucketed layout: how a key is found by id, and when it was last used. */
-type KeyIdDoc = { _id: string; hash: string; lastUsedAt?: number };
-type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
-/** Bucketed layout: how a root key is found by hash. */
-type RootKeyHashDoc = { _id: string; rootKeyId: string };
-/** Where a key's document is: its collection and `_id` (the key id, or on the bucketed layout its hash). */
-interface KeyRef {
-  coll: Collection<KeyDoc>;
-  _id: string;
-  id: string;
-}
-type SettingDoc = { _id: string; value: string };
-/** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
-type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
-type ActivityDoc = { _id: string; lastUsedAt: number };
-/** The document holding a balance, as the credit methods read it. */
-type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
-
-/** A spend waiting for its balance's lock (see MongoStore.spendLocked). */
-type PendingSpend = {
-  cost: number;
-  refill: RefillDue | null;
-  signal?: AbortSignal;
-  resolve: (r: SpendResult) => void;
-  reject: (err: unknown) => void;
-};
-
-/** How many reroll moves a key's balance is followed through. */
-const MAX_CREDIT_HOPS = 8;
-/** How often a conditional credit write is tried again after a concurrent write changed its document. */
-const MAX_CAS_TRIES = 20;
-/**
- * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
- * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
- * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
- * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
- * (`change_feed_<seq / feedBucket>`): FerretDB answers even an `_id` lookup by
- * scanning its table, so there buckets are small (500) and a lookup costs at
- * most one bucket whatever the history; pruning drops whole collections instead
- * of deleting documents (which FerretDB does by reading every document of the
- * collection). MongoDB's `_id` index needs no such help: 100,000 a bucket.
- */
-export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
-type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
-const seqId = (seq: number) => String(seq).padStart(16, "0");
-const FEED_PREFIX = "change_feed_";
-/** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
-export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
-  return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
-}
-/**
- * A write announced by an intent lands within this long of the intent becoming
- * visible, or never: readers pin its entries this long at most.
- */
-const WRITE_BOUND_MS = 10_000;
-/** Server time allowed to the data write itself (maxTimeMS); it must be sent by WRITE_BOUND_MS - this after the intent. */
-const WRITE_MAX_MS = 2000;
-/**
- * How long a seq known to have been the newest may number the next change:
- * half the readers' pruning retention (5 s, src/cache/invalidation.ts), so the
- * entries above it cannot have been pruned meanwhile.
- */
-const HEAD_HINT_MS = 2500;
-/** Keys per change record when one operation touches many (DeleteIdentity). */
-const TARGETS_PER_CHANGE = 500;
-/** Keys per change record when each is written under its own lock (unlinking keys from a deleted identity). */
-const LOCKED_TARGETS_PER_CHANGE = 50;
-const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys: keys.map((k) => ({ id: k.id, hash: k.hash })), identities: [] });
-/**
- * A filter for a balance's document beside other conditions: on the bucketed
- * layout also its key id (`_id` is the hash, see MongoStore.readKey).
- */
-const filterOf = (ref: { id: string; keyId?: string }): Record<string, unknown> => (ref.keyId && ref.keyId !== ref.id ? { _id: ref.id, keyId: ref.keyId } : { _id: ref.id });
-/** Keys in one bucket of the bucketed layout have equal values of this. */
-const hashBucketKey = (hash: string) => {
-  const l = keyHashLocation(hash);
-  return `${l.suffix}/${l.collection}`;
-};
-/** The lease lock of a balance's document. */
-const lockOf = (target: CreditsTarget) => ("keyId" in target ? `key:${target.keyId}` : `identity:${target.identityId}`);
-/** Bucketed layout: most key ids whose hash a store remembers. */
-const HASH_OF_ID_MAX = 100_000;
-
-/** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
-async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
-  let next = 0;
-  let stop = false;
-  const worker = async () => {
-    while (!stop && next < items.length) {
-      try {
-        await fn(items[next++]);
-      } catch (err) {
-        stop = true;
-        throw err;
-      }
-    }
-  };
-  const results = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, worker));
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw (failed as PromiseRejectedResult).reason;
-}
-
-function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
-  const out = new Map<string, T[]>();
-  for (const it of items) {
-    const k = key(it);
-    const list = out.get(k);
-    if (list) list.push(it);
-    else out.set(k, [it]);
-  }
-  return out;
-}
-const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
-
-/** The stored form of an identity (exported for bulk seeding in the benchmark). */
-export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
-  const { id, meta, ...rest } = r;
-  return { _id: id, meta: JSON.stringify(meta), ...rest };
-}
-function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
-  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
-}
-/**
- * The stored form of a key in the indexed layout (`_id` = its id) — also the
- * form every earlier version wrote. MongoStore.loadKeys writes keys in bulk in
- * the database's layout.
- */
-export function toKeyDoc(r: KeyRecord): KeyDoc {
-  const { id, meta, ...rest } = r;
-  return { _id: id, meta: JSON.stringify(meta), ...rest };
-}
-/** The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` = its id. */
-function toBucketedKeyDoc(r: KeyRecord): KeyDoc {
-  return { ...toKeyDoc(r), _id: r.hash, keyId: r.id };
-}
-function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
-}
-function fromFeedDoc(d: FeedDoc): Change {
-  const base = { seq: d.seq, keys: d.keys, identities: d.identities };
-  return d.phase === "intent" ? { ...base, phase: "intent", boundMs: d.boundMs } : { ...base, phase: "done", intent: d.intent };
-}
-function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
-  const { _id, ...rest } = d;
-  return { id: _id, ...rest };
-}
-
-/** `$set` for a patch: meta as a JSON string, other fields as they are. */
-function setOf(patch: IdentityPatch | KeyPatch, now: number): Record<string, unknown> {
-  const set: Record<string, unknown> = { updatedAt: now };
-  for (const [k, v] of Object.entries(patch)) {
-    if (v === undefined) continue;
-    set[k] = k === "meta" ? JSON.stringify(v) : v;
-  }
-  return set;
-}
-
-const UNAVAILABLE = new Set([
-  "MongoNetworkError",
-  "MongoNetworkTimeoutError",
-  "MongoServerSelectionError",
-  "MongoNotConnectedError",
-  "MongoTopologyClosedError",
-  "MongoPoolClearedError",
-  "MongoServerClosedError",
-  "MongoPoolClosedError",
-]);
-
-/**
- * The server could not be reached. By class as well as by name: the driver's
- * network errors have subclasses named otherwise (an operation waiting for a
- * connection when the pool is cleared after another one lost its connection
- * gets a `PoolClearedOnNetworkError`).
- */
-function isUnreachable(err: unknown): err is Error {
-  return err instanceof MongoNetworkError || err instanceof MongoServerSelectionError || (err instanceof Error && UNAVAILABLE.has(err.name));
-}
-
-/**
- * A unique index refused the write. FerretDB (SQLite backend) reports a
- * violation by an update as code 1 with SQLite's message instead of 11000.
- */
-function isDuplicateKey(err: unknown): err is MongoServerError {
-  return err instanceof MongoServerError && isDuplicateCode(err.code, err.message);
-}
-
-function isDuplicateCode(code: unknown, message: string | undefined): boolean {
-  return code === 11000 || (code === 1 && /UNIQUE constraint failed/.test(message ?? ""));
-}
-
-function escapeRegex(s: string): string {
-  return s.replace(/[.*+?^${}()|[\]\\\-]/g, "\\$&");
-}
-
-export interface MongoStoreOptions {
-  uri: string;
-  database: string;
-  serverSelectionTimeoutMs?: number;
-  /** Lease of a usage writer slot (usage-slots.ts); default 60 s. */
-  usageLeaseMs?: number;
-  /**
-   * How credits are written. "conditional": one conditional update per spend
-   * (`remaining ≥ cost` in the filter, `$inc` in the update) and compare-and-set
-   * on the document's write counter for other credit writes, no lock — relies on
-   * MongoDB applying a single-document update with its filter atomically.
-   * "locked": read and fenced write under the lease lock — for FerretDB, whose
-   * updates are a read and a write. Default: by server ("locked" on FerretDB).
-   * Tests force "conditional" on FerretDB with one writer.
-   */
-  creditWrites?: "conditional" | "locked";
-  /** Lock tuning (tests): see lease-lock.ts. */
-  lock?: { leaseMs?: number; waitMs?: number; queueMax?: number };
-  /**
-   * Where keys live (key-layout.ts), for a database that has not recorded one
-   * yet. Default: by server ("bucketed" on FerretDB). A database keeps the
-   * layout it recorded. Tests force "indexed" on FerretDB to run MongoDB's path.
-   */
-  layout?: KeyLayout;
-  /** Tests: called after each batch of keys the start-up migration copied; throwing stops it there, as a crash would. */
-  migrationAfterBatch?: (copied: number) => void | Promise<void>;
-  /** Tests: keys copied per batch by the start-up migration (default 500). */
-  migrationBatch?: number;
-  /** Tests: emit the driver's command events on `client` (counting what a lookup reads). */
-  monitorCommands?: boolean;
-}
+import type { UsageQuery, UsageRow } from "../../domain/usage.js";
+import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
+import { MongoContext } from "./context.js";
+import { MongoChangeFeed } from "./change-feed.js";
+import { MongoKeys } from "./keys.js";
+import { MongoCredits } from "./credits.js";
+import { MongoIdentities } from "./identities.js";
+import { MongoKeyRefs } from "./key-refs.js";
+import { MongoRootKeys } from "./root-keys.js";
+import { MongoUsage } from "./usage.js";
+export type { MongoStoreOptions } from "./context.js";
+export { toFeedDoc, toIdentityDoc, toKeyDoc, type FeedEntry } from "./documents.js";
 
 /**
  * The production store on MongoDB (tested on MongoDB-compatible FerretDB as
@@ -279,1227 +32,141 @@ export interface MongoStoreOptions {
  * standalone servers: each method is one atomic single-document operation, or
  * a short sequence ordered so that a failure leaves nothing half-visible (and
  * compensated where it could).
+ *
+ * This class only hands each Store method to the part of its aggregate
+ * (identities.ts, keys.ts, credits.ts, change-feed.ts, usage.ts,
+ * root-keys.ts; key-refs.ts finds a key's documents on either layout). The
+ * parts share the context this class extends (context.ts: collections,
+ * options, `run`, `locked`, the change feed's appender and `changing`); the
+ * FerretDB workarounds are in ferretdb.ts.
  */
-export class MongoStore implements Store {
+export class MongoStore extends MongoContext implements Store {
   readonly kind = "mongodb" as const;
   /** Shared by every instance; FerretDB (known after `init`) applies a conditional $inc as a read and a write. */
   get capabilities(): StoreCapabilities {
     return { shared: true, atomicUpdates: this.flavor === "mongodb", counterClient: this.client };
   }
-  /** Shared with the MongoDB rate-limit counter, so one deployment holds one connection pool. */
-  readonly client: MongoClient;
-  private db!: Db;
-  private identities!: Collection<IdentityDoc>;
-  private keys!: Collection<KeyDoc>;
-  private rootKeys!: Collection<RootKeyDoc>;
-  private rootKeyHashes!: Collection<RootKeyHashDoc>;
-  /** Bucketed layout: the collections of key documents by hash and of key ids, in companion databases (key-layout.ts). */
-  private buckets!: KeyBuckets;
-  /**
-   * Bucketed layout: hashes of key ids seen (a key's hash never changes), so
-   * that finding a key by id (a spend, an update) needs no read of its pointer.
-   */
-  private readonly hashOfId = new Map<string, string>();
-  private settings!: Collection<SettingDoc>;
-  /** One document holding (about) the newest seq, see newestSeq. */
-  private feedHeadDoc!: Collection<{ _id: string; seq: number }>;
-  private usage!: Collection<UsageDoc>;
-  private locks!: Collection<LockDoc>;
-  private lockManager!: LockManager;
-  private activity!: Collection<ActivityDoc>;
-  private usageWriters!: Collection<SlotDoc>;
-  /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
-  private readonly usageSlots: ReturnType<typeof createUsageSlots>;
-  /** A seq that was the newest in the change feed at `at` (performance.now()): where the next change is numbered from. */
-  private feedHead: { seq: number; at: number } | null = null;
-  private appendTail: Promise<unknown> = Promise.resolve();
-  /** Seqs per change feed collection (set by `init` for the server, see FeedDoc). */
-  feedBucket = 100_000;
-  /** "ferretdb" when the server is FerretDB (see `init`). */
-  flavor: "mongodb" | "ferretdb" = "mongodb";
-  /** How credits are written (see MongoStoreOptions.creditWrites); set by `init`. */
-  creditWrites: "conditional" | "locked" = "locked";
-  /** Where keys live (key-layout.ts); set by `init`. */
-  layout: KeyLayout = "indexed";
-  /** What the start-up migration moved to the bucketed layout (null: none ran). */
-  migrated: MigrationReport | null = null;
+  private readonly keyRefs = new MongoKeyRefs(this);
+  private readonly feedPart = new MongoChangeFeed(this);
+  private readonly creditPart = new MongoCredits(this, this.keyRefs);
+  private readonly keyPart = new MongoKeys(this, this.keyRefs, this.creditPart);
+  private readonly identityPart = new MongoIdentities(this, this.keyRefs);
+  private readonly rootKeyPart = new MongoRootKeys(this);
+  private readonly usagePart = new MongoUsage(this);
 
-  /** The database this store uses. */
-  get database(): string {
-    return this.opts.database;
+  changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
+    return this.feedPart.changesSince(afterSeq, limit, opts);
+  }
+  changeFeedStart(): Promise<number> {
+    return this.feedPart.changeFeedStart();
+  }
+  lastChangeSeq(): Promise<number> {
+    return this.feedPart.lastChangeSeq();
+  }
+  pruneChanges(beforeSeq: number): Promise<void> {
+    return this.feedPart.pruneChanges(beforeSeq);
   }
 
-  constructor(private readonly opts: MongoStoreOptions) {
-    this.usageSlots = createUsageSlots(() => this.usageWriters, { leaseMs: opts.usageLeaseMs });
-    this.client = new MongoClient(opts.uri, {
-      serverSelectionTimeoutMS: opts.serverSelectionTimeoutMs ?? 5000,
-      // No answer within 30 s fails the operation (UNAVAILABLE) instead of
-      // waiting forever on a server that stopped answering; the URI may set its own.
-      ...(/[?&]socketTimeoutMS=/i.test(opts.uri) ? {} : { socketTimeoutMS: 30_000 }),
-      appName: "latchkey",
-      ...(opts.monitorCommands ? { monitorCommands: true } : {}),
-    });
+  createRootKey(rec: RootKeyRecord): Promise<void> {
+    return this.rootKeyPart.createRootKey(rec);
+  }
+  getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
+    return this.rootKeyPart.getRootKeyByHash(hash);
+  }
+  listRootKeys(): Promise<RootKeyRecord[]> {
+    return this.rootKeyPart.listRootKeys();
+  }
+  deleteRootKey(id: string): Promise<boolean> {
+    return this.rootKeyPart.deleteRootKey(id);
+  }
+  createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
+    return this.rootKeyPart.createFirstRootKey(rec);
   }
 
-  /** Runs a driver call, turning driver errors into domain errors. */
-  private async run<T>(fn: () => Promise<T>): Promise<T> {
-    try {
-      return await fn();
-    } catch (err) {
-      if (isDuplicateKey(err)) {
-        const msg = String(err.message);
-        throw new AlreadyExistsError(/externalId|external_id/.test(msg) ? "an identity with this external_id already exists" : "already exists");
-      }
-      // Says nothing of whether a write was applied: a connection lost after sending leaves it unknown.
-      if (isUnreachable(err)) throw new StoreUnreachableError(`mongodb: ${err.name}`);
-      throw err;
-    }
+  writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    return this.usagePart.writeUsage(rows, batch);
+  }
+  queryUsage(q: UsageQuery): Promise<UsageRow[]> {
+    return this.usagePart.queryUsage(q);
+  }
+  pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
+    return this.usagePart.pruneUsage(granularity, before);
   }
 
-  async init(): Promise<void> {
-    await this.run(async () => {
-      await this.client.connect();
-      this.db = this.client.db(this.opts.database);
-      this.identities = this.db.collection<IdentityDoc>("identities");
-      this.keys = this.db.collection<KeyDoc>("keys");
-      this.rootKeys = this.db.collection<RootKeyDoc>("root_keys");
-      this.settings = this.db.collection<SettingDoc>("settings");
-      // "change_feed_<n>", not the "changes" of earlier versions (numeric ids, written after the data).
-      this.feedHeadDoc = this.db.collection("change_feed_head");
-      this.locks = this.db.collection<LockDoc>("locks");
-      this.lockManager = createLockManager(this.locks, this.opts.lock);
-      this.activity = this.db.collection<ActivityDoc>("key_activity");
-      const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
-      this.flavor = "ferretdbVersion" in info ? "ferretdb" : "mongodb";
-      this.creditWrites = this.opts.creditWrites ?? (this.flavor === "ferretdb" ? "locked" : "conditional");
-      this.feedBucket = this.flavor === "ferretdb" ? 500 : 100_000;
-      this.usage = this.db.collection<UsageDoc>("usage");
-      this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
-      await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
-      await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
-      await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
-      await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
-      this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");
-      this.buckets = createKeyBuckets(this.client, this.opts.database);
-      // The layout this database recorded wins; a database without one is new, or was written by an earlier version (indexed).
-      const recorded = await readLayout(this.settings);
-      const layout = recorded ?? this.opts.layout ?? (this.flavor === "ferretdb" ? "bucketed" : "indexed");
-      if (layout === "bucketed") {
-        this.migrated = await settleBucketedLayout({
-          db: this.db,
-          buckets: this.buckets,
-          locked: (name, fn) => this.locked(name, fn),
-          afterBatch: this.opts.migrationAfterBatch,
-          batch: this.opts.migrationBatch,
-        });
-      } else {
-        await this.keys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
-        await this.keys.createIndex({ apiId: 1, _id: 1 }, { name: "api_id" });
-        await this.keys.createIndex({ identityId: 1, _id: 1 }, { name: "identity_id" });
-      }
-      this.layout = recorded ?? (await recordLayout(this.settings, layout));
-      if (this.layout !== layout) throw new Error(`another instance recorded the ${this.layout} key layout while this one set up the ${layout} one; restart`);
-    });
+  createIdentity(rec: IdentityRecord): Promise<void> {
+    return this.identityPart.createIdentity(rec);
+  }
+  ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
+    return this.identityPart.ensureIdentity(rec);
+  }
+  getIdentity(id: string): Promise<IdentityRecord | null> {
+    return this.identityPart.getIdentity(id);
+  }
+  getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
+    return this.identityPart.getIdentityByExternalId(externalId);
+  }
+  getIdentities(ids: string[]): Promise<IdentityRecord[]> {
+    return this.identityPart.getIdentities(ids);
+  }
+  listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
+    return this.identityPart.listIdentities(page, search);
+  }
+  updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
+    return this.identityPart.updateIdentity(id, patch, now);
+  }
+  deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
+    return this.identityPart.deleteIdentity(id, deleteKeys);
+  }
+  loadIdentities(records: IdentityRecord[]): Promise<void> {
+    return this.identityPart.loadIdentities(records);
   }
 
-  async ping(): Promise<void> {
-    await this.run(() => this.db.command({ ping: 1 }));
+  updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
+    return this.creditPart.updateCredits(target, op, now, refill);
   }
-
-  async close(): Promise<void> {
-    await this.usageSlots.release();
-    await this.client.close();
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+    return this.creditPart.spendCredits(target, cost, refill, signal);
   }
-
-  /**
-   * Runs `fn` holding the lock `name` (lease-lock.ts): in this process, then
-   * across processes. Writes `fn` makes to a locked document must be fenced.
-   */
-  private locked<T>(name: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    return this.lockManager.locked(name, fn, signal);
+  returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
+    return this.creditPart.returnCredits(target, cost, refilledAt);
   }
-
-  /** The name of the change feed collection holding `seq` (public for writing history in bulk in the benchmark). */
-  feedCollectionName(seq: number): string {
-    return `${FEED_PREFIX}${Math.floor(seq / this.feedBucket)}`;
+  readCreditsHolder(target: CreditsTarget): Promise<{ credits: Credits | null; creditsKeyId: string | null; seq: number } | null> {
+    return this.creditPart.readCreditsHolder(target);
   }
-
-  /** The change feed collection holding `seq`. */
-  private feedOf(seq: number): Collection<FeedDoc> {
-    return this.db.collection<FeedDoc>(this.feedCollectionName(seq));
-  }
-
-  /** The buckets of the change feed that exist, ascending. */
-  private async feedBuckets(): Promise<number[]> {
-    const names = await this.db.listCollections({}, { nameOnly: true }).toArray();
-    return names
-      .map((c) => c.name)
-      .filter((n) => n.startsWith(FEED_PREFIX) && /^\d+$/.test(n.slice(FEED_PREFIX.length)))
-      .map((n) => Number(n.slice(FEED_PREFIX.length)))
-      .sort((a, b) => a - b);
-  }
-
-  private async feedHas(seq: number): Promise<boolean> {
-    return (await this.feedOf(seq).findOne({ _id: seqId(seq) }, { projection: { _id: 1 } })) !== null;
-  }
-
-  /** The newest or oldest entry of one bucket (FerretDB sorts in Go, over one bucket at most). */
-  private async feedEnd(bucket: number, end: 1 | -1): Promise<number | null> {
-    const d = await this.feedOf(bucket * this.feedBucket).find({}, { projection: { seq: 1 } }).sort({ _id: end }).limit(1).next();
-    return d?.seq ?? null;
-  }
-
-  /**
-   * The newest seq in the change feed (0 when empty). A head document, raised
-   * after each append, is a hint (FerretDB may lose a concurrent raise): if seq
-   * H exists and H+1 does not, H is the newest (entries are written without
-   * gaps, and pruned from the oldest up). Otherwise the newest bucket answers.
-   */
-  private async newestSeq(): Promise<number> {
-    let h = (await this.feedHeadDoc.findOne({ _id: "head" }))?.seq ?? 0;
-    if (h > 0 && (await this.feedHas(h))) {
-      for (let steps = 0; steps < 64; steps++, h++) if (!(await this.feedHas(h + 1))) return h;
-    }
-    const buckets = await this.feedBuckets();
-    for (let i = buckets.length - 1; i >= 0; i--) {
-      const newest = await this.feedEnd(buckets[i], -1);
-      if (newest !== null) return newest;
-    }
-    return 0;
-  }
-
-  /**
-   * Appends one entry to the change feed and returns its seq. The seq is taken
-   * by inserting `_id` = newest + 1, the one atomic primitive this store relies
-   * on (a unique `_id` insert); a duplicate means another writer took it, so the
-   * next one is tried. Seq N is thus only ever written once N-1 exists: the
-   * feed has no gaps. "Newest" must be fresh: readers prune what they saw 10 s
-   * ago, and a stale guess below the pruned range would insert a seq that
-   * readers have passed (docs/revocation.md). Appends of this process go one
-   * at a time, so its writers do not race each other for the same seq.
-   * Returns the seq and when its insert was sent.
-   */
-  private appendChange(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
-    const run = this.appendTail.then(() => this.appendNow(entry));
-    this.appendTail = run.catch(() => undefined);
-    return run;
-  }
-
-  private async appendNow(entry: FeedEntry): Promise<{ seq: number; sentAt: number }> {
-    let base = this.feedHead;
-    let seq = base?.seq ?? 0;
-    for (;;) {
-      if (!base || performance.now() - base.at >= HEAD_HINT_MS) {
-        const at = performance.now();
-        base = { seq: await this.newestSeq(), at };
-        seq = base.seq;
-      }
-      const sentAt = performance.now();
-      try {
-        await this.feedOf(seq + 1).insertOne(toFeedDoc(seq + 1, entry));
-        if (!this.feedHead || this.feedHead.seq <= seq + 1) this.feedHead = { seq: seq + 1, at: sentAt };
-        // A hint for newestSeq: not waited for, and a lost raise is harmless.
-        void this.feedHeadDoc.updateOne({ _id: "head" }, { $max: { seq: seq + 1 } }, { upsert: true }).catch(() => undefined);
-        return { seq: seq + 1, sentAt };
-      } catch (err) {
-        if (!isDuplicateKey(err)) throw err;
-        seq++;
-      }
-    }
-  }
-
-  /**
-   * Runs a write of keys or identities between an intent and a done entry in
-   * the change feed. Readers stop caching the targets on the intent; the write
-   * lands within WRITE_BOUND_MS of the intent or never (it is not sent later
-   * than WRITE_BOUND_MS - WRITE_MAX_MS after it, and the server gives it
-   * WRITE_MAX_MS); the done entry lets readers cache the targets again at once.
-   * A crash or lost connection anywhere leaves at worst an open intent, which
-   * readers release after its bound: no revocation is lost.
-   */
-  private async changing<T>(
-    targets: ChangeTargets,
-    write: (opts: { maxTimeMS: number }, inTime: () => boolean) => Promise<T>,
-  ): Promise<T> {
-    // The bound runs from the intent's insert: it is visible no earlier than that.
-    // An intent whose insert took so long that the write could no longer land
-    // within the bound is closed and announced once more (nothing was written
-    // yet); a second slow one refuses the write.
-    let intent = 0;
-    let sentAt = 0;
-    const inTime = () => performance.now() - sentAt < WRITE_BOUND_MS - WRITE_MAX_MS;
-    // The done entry only shortens how long readers bypass their caches: a failure to write it loses nothing.
-    const done = (seq: number) => this.appendChange({ phase: "done", intent: seq, ...targets }).then(
-      () => undefined,
-      () => undefined,
-    );
-    for (let attempt = 1; ; attempt++) {
-      ({ seq: intent, sentAt } = await this.appendChange({ phase: "intent", boundMs: WRITE_BOUND_MS, ...targets }));
-      if (inTime()) break;
-      await done(intent);
-      if (attempt === 2) throw new UnavailableError("the change feed answered too slowly; nothing was written");
-    }
-    let res: T;
-    try {
-      res = await write({ maxTimeMS: WRITE_MAX_MS }, inTime);
-    } catch (err) {
-      // A refusal by the server wrote nothing; after a lost connection the write may still land, so the intent stays open.
-      if (err instanceof MongoServerError) await done(intent);
-      throw err;
-    }
-    await done(intent);
-    return res;
-  }
-
-  async createIdentity(rec: IdentityRecord): Promise<void> {
-    await this.run(() => this.identities.insertOne(toIdentityDoc(rec)));
-  }
-
-  async ensureIdentity(rec: IdentityRecord): Promise<{ identity: IdentityRecord; created: boolean }> {
-    for (let attempt = 0; attempt < 3; attempt++) {
-      const existing = await this.getIdentityByExternalId(rec.externalId);
-      if (existing) return { identity: existing, created: false };
-      try {
-        await this.createIdentity(rec);
-        return { identity: rec, created: true };
-      } catch (err) {
-        // Lost a race with a concurrent create: read the winner.
-        if (!(err instanceof AlreadyExistsError)) throw err;
-      }
-    }
-    throw new UnavailableError("could not create or read the identity; retry");
-  }
-
-  async getIdentity(id: string): Promise<IdentityRecord | null> {
-    const d = await this.run(() => this.identities.findOne({ _id: id }));
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async getIdentityByExternalId(externalId: string): Promise<IdentityRecord | null> {
-    const d = await this.run(() => this.identities.findOne({ externalId }));
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async getIdentities(ids: string[]): Promise<IdentityRecord[]> {
-    if (ids.length === 0) return [];
-    const docs = await this.run(() => this.identities.find({ _id: { $in: ids } }).toArray());
-    return docs.map(fromIdentityDoc);
-  }
-
-  async listIdentities(page: PageQuery, search: string | null): Promise<IdentityRecord[]> {
-    const filter: Record<string, unknown> = { _id: { $gt: page.afterId ?? "" } };
-    if (search !== null) filter.externalId = { $regex: escapeRegex(search), $options: "i" };
-    const docs = await this.run(() => this.identities.find(filter).sort({ _id: 1 }).limit(page.limit).toArray());
-    return docs.map(fromIdentityDoc);
-  }
-
-  async updateIdentity(id: string, patch: IdentityPatch, now: number): Promise<IdentityRecord | null> {
-    const d = await this.run(() =>
-      this.locked(`identity:${id}`, async () => {
-        if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
-        return this.changing(identityTargets(id), (o) =>
-          this.identities.findOneAndUpdate({ _id: id }, { $set: setOf(patch, now), $inc: { version: 1, [FENCE]: 1 } }, { returnDocument: "after", ...o }),
-        );
-      }),
-    );
-    return d ? fromIdentityDoc(d) : null;
-  }
-
-  async deleteIdentity(id: string, deleteKeys: boolean): Promise<{ deletedKeys: number; unlinkedKeys: number } | null> {
-    return this.run(async () => {
-      if (!(await this.identities.findOne({ _id: id }, { projection: { _id: 1 } }))) return null;
-      // Keys first: a failure half-way leaves an identity with fewer keys, never keys
-      // pointing at a deleted identity. Rounds, so that keys linked meanwhile go too;
-      // one change entry (intent and done) per batch of keys, not per key.
-      let deletedKeys = 0;
-      let unlinkedKeys = 0;
-      for (let round = 0; round < 10; round++) {
-        const affected = await this.findKeys({ identityId: id });
-        if (affected.length === 0) break;
-        const targetsOf = (batch: typeof affected) => keyTargets(...batch);
-        if (deleteKeys) {
-          for (let i = 0; i < affected.length; i += TARGETS_PER_CHANGE) {
-            const batch = affected.slice(i, i + TARGETS_PER_CHANGE);
-            deletedKeys += await this.changing(targetsOf(batch), (o) => this.deleteKeyDocs(batch, { identityId: id }, o));
-            await this.dropKeyPointers(batch);
-          }
-          continue;
-        }
-        // Each key under its own lock: a batch ends early when its intent's time is up, and the rest go in the next.
-        for (let rest = affected; rest.length > 0; ) {
-          const batch = rest.slice(0, LOCKED_TARGETS_PER_CHANGE);
-          let written = 0;
-          await this.changing(targetsOf(batch), async (_o, inTime) => {
-            for (const k of batch) {
-              if (!inTime()) break;
-              const ref = this.keyRefOf(k);
-              const res = await this.locked(`key:${k.id}`, () =>
-                ref.coll.updateOne({ _id: ref._id, identityId: id }, { $set: { identityId: null, updatedAt: Date.now() }, $inc: { version: 1, [FENCE]: 1 } }),
-              );
-              unlinkedKeys += res.modifiedCount;
-              written++;
-            }
-          });
-          if (written === 0) throw new UnavailableError("unlinking the identity's keys is too slow; retry");
-          rest = rest.slice(written);
-        }
-      }
-      const res = await this.changing(identityTargets(id), (o) => this.identities.deleteOne({ _id: id }, o));
-      return res.deletedCount === 1 ? { deletedKeys, unlinkedKeys } : null;
-    });
-  }
-
-  /** Bucketed layout: the bucket holding the key with this hash. */
-  private keyHashColl(hash: string): Collection<KeyDoc> {
-    return this.buckets.byHash<KeyDoc>(hash);
-  }
-
-  /** Bucketed layout: the bucket holding the id pointer (and last-used time) of this key. */
-  private keyIdColl(id: string): Collection<KeyIdDoc> {
-    return this.buckets.byId<KeyIdDoc>(id);
-  }
-
-  private rememberHash(id: string, hash: string): void {
-    if (this.layout !== "bucketed") return;
-    if (this.hashOfId.size >= HASH_OF_ID_MAX) this.hashOfId.delete(this.hashOfId.keys().next().value!);
-    this.hashOfId.set(id, hash);
-  }
-
-  /** Where a key whose id and hash are known is. */
-  private keyRefOf(k: { id: string; hash: string }): KeyRef {
-    return this.layout === "indexed" ? { coll: this.keys, _id: k.id, id: k.id } : { coll: this.keyHashColl(k.hash), _id: k.hash, id: k.id };
-  }
-
-  /** Where the key with this id is; null when there is none (bucketed layout: no id pointer). */
-  private async keyRef(id: string): Promise<KeyRef | null> {
-    if (this.layout === "indexed") return { coll: this.keys, _id: id, id };
-    let hash = this.hashOfId.get(id);
-    if (hash === undefined) {
-      const p = await this.keyIdColl(id).findOne({ _id: id });
-      if (!p?.hash) return null;
-      hash = p.hash;
-      this.rememberHash(id, hash);
-    }
-    return { coll: this.keyHashColl(hash), _id: hash, id };
-  }
-
-  /**
-   * The document `ref` points at, if it is that key's. (On the bucketed layout
-   * `_id` is the hash: after a key is deleted, its hash could be another key's,
-   * so the id is checked.)
-   */
-  private async readKey(ref: KeyRef | null): Promise<KeyDoc | null> {
-    if (!ref) return null;
-    const d = await ref.coll.findOne({ _id: ref._id });
-    return d && (d.keyId ?? d._id) === ref.id ? d : null;
-  }
-
-  /**
-   * Ids and hashes of the keys matching `filter` (any field but the id). On the
-   * bucketed layout every bucket is read: FerretDB filters anything but `_id` by
-   * reading the whole collection anyway.
-   */
-  private async findKeys(filter: Record<string, unknown>): Promise<{ id: string; hash: string }[]> {
-    if (this.layout === "indexed") {
-      const docs = await this.keys.find(filter, { projection: { _id: 1, hash: 1 } }).toArray();
-      return docs.map((d) => ({ id: d._id, hash: d.hash }));
-    }
-    const out: { id: string; hash: string }[] = [];
-    for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
-      const docs = await coll.find(filter, { projection: { _id: 1, keyId: 1 } }).toArray();
-      for (const d of docs) out.push({ id: d.keyId!, hash: d._id });
-    }
-    return out;
-  }
-
-  /** Deletes the documents of `keys` that still match `filter`; returns how many went. */
-  private async deleteKeyDocs(keys: { id: string; hash: string }[], filter: Record<string, unknown>, o: { maxTimeMS?: number }): Promise<number> {
-    if (this.layout === "indexed") return (await this.keys.deleteMany({ _id: { $in: keys.map((k) => k.id) }, ...filter }, o)).deletedCount;
-    let n = 0;
-    for (const group of groupBy(keys, (k) => hashBucketKey(k.hash)).values()) {
-      const coll = this.keyHashColl(group[0].hash);
-      n += (await coll.deleteMany({ _id: { $in: group.map((k) => k.hash) }, keyId: { $in: group.map((k) => k.id) }, ...filter }, o)).deletedCount;
-    }
-    return n;
-  }
-
-  /** Removes what finds keys by id once their documents are gone: id pointers (bucketed) or last-used times (indexed). */
-  private async dropKeyPointers(keys: { id: string }[]): Promise<void> {
-    if (this.layout === "indexed") {
-      await this.activity.deleteMany({ _id: { $in: keys.map((k) => k.id) } });
-      return;
-    }
-    for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
-      await this.keyIdColl(group[0].id).deleteMany({ _id: { $in: group.map((k) => k.id) } });
-    }
-  }
-
-  async createKey(rec: KeyRecord): Promise<void> {
-    await this.run(() => this.insertKey(rec));
-  }
-
-  /**
-   * Indexed layout: one insert; the unique hash index refuses a taken hash.
-   * Bucketed: the id pointer first (a pointer without its key finds nothing),
-   * then the key at `_id` = its hash, which refuses a taken hash; a refused key
-   * takes its pointer back. The change clears negative cache entries for this
-   * hash on every instance.
-   */
-  private async insertKey(rec: KeyRecord): Promise<void> {
-    const targets = keyTargets({ id: rec.id, hash: rec.hash });
-    if (this.layout === "indexed") {
-      await this.changing(targets, (o) => this.keys.insertOne(toKeyDoc(rec), o));
-      return;
-    }
-    const pointer = this.keyIdColl(rec.id);
-    try {
-      await pointer.insertOne({ _id: rec.id, hash: rec.hash });
-    } catch (err) {
-      // The same key written again (a retry) finds its own pointer; another hash means the id is taken.
-      if (!isDuplicateKey(err) || (await pointer.findOne({ _id: rec.id }))?.hash !== rec.hash) throw err;
-    }
-    try {
-      await this.changing(targets, (o) => this.keyHashColl(rec.hash).insertOne(toBucketedKeyDoc(rec), o));
-    } catch (err) {
-      if (isDuplicateKey(err)) {
-        const holder = await this.keyHashColl(rec.hash).findOne({ _id: rec.hash });
-        if (holder?.keyId !== rec.id) await pointer.deleteOne({ _id: rec.id });
-      }
-      throw err;
-    }
-    this.rememberHash(rec.id, rec.hash);
-  }
-
-  /**
-   * For seeding a database no instance serves yet (the benchmark): writes keys
-   * in bulk in this database's layout, with no change-feed entries (there is no
-   * cache to tell). Each key must be new.
-   */
-  async loadKeys(records: KeyRecord[]): Promise<void> {
-    await this.run(async () => {
-      if (this.layout === "indexed") {
-        for (let i = 0; i < records.length; i += 1000) await this.keys.insertMany(records.slice(i, i + 1000).map(toKeyDoc));
-        return;
-      }
-      // Buckets written 8 at a time: most of the time here is FerretDB creating thousands of collections.
-      await eachLimited([...groupBy(records, (r) => keyIdCollection(r.id)).values()], 8, (group) =>
-        this.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
-      );
-      await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
-        this.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
-      );
-    });
-  }
-
-  /** For seeding a database no instance serves yet: identities in bulk (see loadKeys). */
-  async loadIdentities(records: IdentityRecord[]): Promise<void> {
-    await this.run(async () => {
-      for (let i = 0; i < records.length; i += 1000) await this.identities.insertMany(records.slice(i, i + 1000).map(toIdentityDoc));
-    });
-  }
-
-  async getKey(id: string): Promise<KeyRecord | null> {
-    const d = await this.run(async () => this.readKey(await this.keyRef(id)));
-    return d ? (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0] : null;
-  }
-
-  /** Adds last-used times, kept apart from key documents (see the class comment). */
-  private async withLastUsed(keys: KeyRecord[]): Promise<KeyRecord[]> {
-    if (keys.length === 0) return keys;
-    const at = new Map<string, number>();
-    await this.run(async () => {
-      if (this.layout === "indexed") {
-        for (const d of await this.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray()) at.set(d._id, d.lastUsedAt);
-        return;
-      }
-      for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
-        const coll = this.keyIdColl(group[0].id);
-        // One id: an `_id` lookup, the one filter FerretDB pushes down.
-        const docs = group.length === 1 ? [await coll.findOne({ _id: group[0].id })].filter((d) => d !== null) : await coll.find({ _id: { $in: group.map((k) => k.id) } }).toArray();
-        for (const d of docs) if (d.lastUsedAt !== undefined) at.set(d._id, d.lastUsedAt);
-      }
-    });
-    return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
-  }
-
-  /** A key whose balance moved by a reroll shows the balance it spends from (none once that key is gone). */
-  private async withMovedBalances(keys: KeyRecord[]): Promise<KeyRecord[]> {
-    if (!keys.some((k) => k.creditsKeyId)) return keys;
-    return Promise.all(
-      keys.map(async (k) => {
-        if (!k.creditsKeyId) return k;
-        const { doc } = await this.balanceHolder({ keyId: k.id });
-        return { ...k, credits: doc?.credits ?? { remaining: 0, refill: null } };
-      }),
-    );
-  }
-
-  /** One read: on the bucketed layout an `_id` lookup in one bucket (key-layout.ts), on the indexed one the hash index. */
-  async getKeyByHash(hash: string): Promise<KeyRecord | null> {
-    const d = await this.run(() => (this.layout === "indexed" ? this.keys.findOne({ hash }) : this.keyHashColl(hash).findOne({ _id: hash })));
-    if (!d) return null;
-    const rec = fromKeyDoc(d);
-    this.rememberHash(rec.id, rec.hash);
-    return (await this.withMovedBalances([rec]))[0];
-  }
-
-  async listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
-    const q: Record<string, unknown> = {};
-    if (filter.apiId !== undefined) q.apiId = filter.apiId;
-    if (filter.identityId !== undefined) q.identityId = filter.identityId;
-    const docs = await this.run(async () => {
-      if (this.layout === "indexed") return this.keys.find({ _id: { $gt: page.afterId ?? "" }, ...q }).sort({ _id: 1 }).limit(page.limit).toArray();
-      // Every bucket's first page, merged: keys are spread by hash, listed by id.
-      const merged: KeyDoc[] = [];
-      for (const coll of await this.buckets.hashBuckets<KeyDoc>()) {
-        merged.push(...(await coll.find({ keyId: { $gt: page.afterId ?? "" }, ...q }).sort({ keyId: 1 }).limit(page.limit).toArray()));
-      }
-      return merged.sort((a, b) => (a.keyId! < b.keyId! ? -1 : 1)).slice(0, page.limit);
-    });
-    return this.withMovedBalances(await this.withLastUsed(docs.map(fromKeyDoc)));
-  }
-
-  async updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
-    // New credits are the key's own, also for a key whose balance had moved by a reroll.
-    const update = {
-      $set: setOf(patch, now),
-      $inc: { version: 1, [FENCE]: 1 },
-      ...(patch.credits !== undefined ? { $unset: { creditsKeyId: "" as const } } : {}),
-    };
-    const d = await this.run(() =>
-      this.locked(`key:${id}`, async () => {
-        const ref = await this.keyRef(id);
-        const cur = await this.readKey(ref);
-        if (!ref || !cur) return null;
-        return this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndUpdate({ _id: ref._id }, update, { returnDocument: "after", ...o }));
-      }),
-    );
-    if (!d) return null;
-    return (await this.withMovedBalances(await this.withLastUsed([fromKeyDoc(d)])))[0];
-  }
-
-  async deleteKey(id: string): Promise<boolean> {
-    const ref = await this.run(() => this.keyRef(id));
-    const cur = await this.run(() => this.readKey(ref));
-    if (!ref || !cur) return false;
-    const d = await this.run(() => this.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndDelete({ _id: ref._id }, o)));
-    if (!d) return false;
-    await this.run(() => this.dropKeyPointers([{ id }]));
-    return true;
-  }
-
-  /**
-   * The new key is stored with the old key's balance as it is, then the old key
-   * is pointed at it (`creditsKeyId`) by a compare-and-set on its write counter:
-   * a spend that landed in between (conditional writes take no lock) makes the
-   * set fail, and the balance is taken again. The new key's plaintext is not yet
-   * known to anyone, so nothing spends from it before the move. A crash half-way
-   * leaves a new key nobody holds the secret of, never two live balances.
-   */
-  async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
-    const { creditsKeyId: _ignored, ...base } = next;
-    // A key that itself spends from another passes that on; else its own balance moves.
-    const withBalanceOf = (o: KeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
-    return this.run(() =>
-      this.locked(`key:${oldId}`, async () => {
-        const ref = await this.keyRef(oldId);
-        let old = await this.readKey(ref);
-        if (!ref || !old) return null;
-        let stored = withBalanceOf(old);
-        await this.insertKey(stored);
-        const nextRef = this.keyRefOf(next);
-        try {
-          // The old key's write sits between an intent and a done entry of the change feed, like every key write.
-          const gone = await this.changing(keyTargets({ id: oldId, hash: old.hash }), async (o) => {
-            for (let tries = 0; ; tries++) {
-              const moves = old!.credits !== null && !old!.creditsKeyId;
-              const moved = { expiresAt: oldExpiresAt, updatedAt: now, ...(moves ? { credits: null, creditsKeyId: next.id } : {}) };
-              const res = await ref.coll.updateOne({ _id: ref._id, ...fenceFilter(old!) }, { $set: moved, $inc: { version: 1, [FENCE]: 1 } }, o);
-              if (res.matchedCount === 1) return false;
-              old = await this.readKey(ref);
-              if (!old) return true;
-              if (tries >= MAX_CAS_TRIES) throw new UnavailableError("the key's balance kept changing during the reroll; retry");
-              stored = withBalanceOf(old);
-              await nextRef.coll.updateOne({ _id: nextRef._id }, { $set: { credits: stored.credits } });
-            }
-          });
-          if (gone) {
-            await this.deleteKey(next.id);
-            return null;
-          }
-        } catch (err) {
-          await this.deleteKey(next.id).catch(() => undefined);
-          throw err;
-        }
-        return (await this.withMovedBalances([stored]))[0];
-      }),
-    );
-  }
-
-  /**
-   * The document holding `target`'s own balance: its collection, `_id` and lock.
-   * Null for a key that does not exist (bucketed layout: no id pointer).
-   */
-  private async creditsRef(target: CreditsTarget): Promise<{ coll: Collection<CreditsDoc>; id: string; lock: string; keyId?: string } | null> {
-    if (!("keyId" in target)) return { coll: this.identities as unknown as Collection<CreditsDoc>, id: target.identityId, lock: `identity:${target.identityId}` };
-    const ref = await this.keyRef(target.keyId);
-    if (!ref) return null;
-    return { coll: ref.coll as unknown as Collection<CreditsDoc>, id: ref._id, lock: `key:${target.keyId}`, keyId: target.keyId };
-  }
-
-  /** The document of a credits ref (null when there is none, or its `_id` now holds another key). */
-  private async readCredits(ref: { coll: Collection<CreditsDoc>; id: string; keyId?: string } | null): Promise<CreditsDoc | null> {
-    if (!ref) return null;
-    const d = await ref.coll.findOne({ _id: ref.id });
-    return d && (!ref.keyId || (d.keyId ?? d._id) === ref.keyId) ? d : null;
-  }
-
-  /**
-   * The document holding the balance of `target`: for a key, itself or the key
-   * its balance moved to by a reroll (followed through a chain). `gone` when the
-   * balance moved to a key that no longer exists; `doc` null when the target
-   * does not exist.
-   */
-  private async balanceHolder(target: CreditsTarget): Promise<{ target: CreditsTarget; doc: CreditsDoc | null; gone: boolean }> {
-    let doc = await this.readCredits(await this.creditsRef(target));
-    if (!("keyId" in target)) return { target, doc, gone: false };
-    let id = target.keyId;
-    for (let hops = 0; doc?.creditsKeyId && hops < MAX_CREDIT_HOPS; hops++) {
-      id = doc.creditsKeyId;
-      doc = await this.readCredits(await this.creditsRef({ keyId: id }));
-      if (!doc) return { target: { keyId: id }, doc: null, gone: true };
-    }
-    return { target: { keyId: id }, doc, gone: false };
-  }
-
-  /**
-   * A read-modify-write of a balance: `compute` gets the holder's document and
-   * returns the new credits. "locked": under the holder's lease lock, with a
-   * fenced write — a miss means this process lost the lock, and nothing is
-   * written. "conditional": no lock, a compare-and-set on the write counter,
-   * tried again when a concurrent write moved it.
-   */
-  private async rmwCredits<T>(
-    target: CreditsTarget,
-    compute: (doc: CreditsDoc) => { credits: Credits | null; result: T },
-    opts: { updatedAt?: number; record?: boolean } = {},
-  ): Promise<{ result: T; doc: CreditsDoc } | "missing" | "gone"> {
-    let current = target;
-    for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
-      const lock = lockOf(current);
-      const attempt = async () => {
-        const ref = await this.creditsRef(current);
-        const cur = await this.readCredits(ref);
-        if (!ref || !cur) return hops === 0 ? ("missing" as const) : ("gone" as const);
-        const { coll, id } = ref;
-        if (cur.creditsKeyId) return { moved: cur.creditsKeyId };
-        const { credits, result } = compute(cur);
-        const set = { credits, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
-        // A change of the balance's rule or amount (UpdateCredits) is recorded for the caches; a return of spent credits is not.
-        const write = (o: { maxTimeMS?: number } = {}) =>
-          coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.record ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
-        const targets = "keyId" in current ? keyTargets({ id: current.keyId, hash: cur.hash! }) : identityTargets(id);
-        const res = opts.record ? await this.changing(targets, write) : await write();
-        if (res.matchedCount === 1) return { result, doc: cur };
-        if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
-        return "retry" as const;
-      };
-      const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
-      if (out === "missing" || out === "gone") return out;
-      if (out === "retry") continue;
-      if ("moved" in out) {
-        if (++hops > MAX_CREDIT_HOPS) return "gone";
-        current = { keyId: out.moved! };
-        continue;
-      }
-      return out;
-    }
-    throw new UnavailableError("the balance kept changing; retry");
-  }
-
-  async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
-    return this.run(async () => {
-      const out = await this.rmwCredits(
-        target,
-        (doc) => {
-          const credits = applyCreditsOp(doc.credits, op, refill);
-          return { credits, result: credits };
-        },
-        { updatedAt: now, record: true },
-      );
-      if (out === "missing") return undefined;
-      if (out === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
-      return out.result;
-    });
-  }
-
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
-    return this.run(() =>
-      this.creditWrites === "conditional" ? this.spendConditionally(target, cost, refill, signal) : this.spendLocked(target, { cost, refill, signal }),
-    );
-  }
-
-  /** Spends waiting in this process for one balance, applied together in one locked read and write. */
-  private readonly spendBatches = new Map<string, PendingSpend[]>();
-
-  /**
-   * FerretDB: spends under the balance's lease lock. Spends of one balance that
-   * arrive while one is in progress are queued and applied together, in order,
-   * in the next lock cycle: one read and one fenced write for all of them (each
-   * checked against the balance left by those before it; a spend whose signal
-   * aborted by then is left out). The queue is bounded: past 16 × `queueMax`
-   * (1,024) a spend is refused at once (UNAVAILABLE).
-   */
-  private spendLocked(target: CreditsTarget, spend: Omit<PendingSpend, "resolve" | "reject">, hops = 0): Promise<SpendResult> {
-    const lock = lockOf(target);
-    const queued = this.spendBatches.get(lock);
-    if (queued && queued.length >= (this.opts.lock?.queueMax ?? 64) * 16) {
-      return Promise.reject(new UnavailableError(`busy: ${queued.length} spends already wait for ${lock}; retry`));
-    }
-    return new Promise<SpendResult>((resolve, reject) => {
-      // A spend whose verification is cancelled while it waits answers at once; the
-      // batch leaves it out (it checks the signal at its commit point).
-      const onAbort = () => reject(spend.signal!.reason);
-      spend.signal?.addEventListener("abort", onAbort, { once: true });
-      const settle = <A>(f: (a: A) => void) => (a: A) => {
-        spend.signal?.removeEventListener("abort", onAbort);
-        f(a);
-      };
-      const pending: PendingSpend = { ...spend, resolve: settle(resolve), reject: settle(reject) };
-      if (queued) {
-        queued.push(pending);
-        return;
-      }
-      this.spendBatches.set(lock, [pending]);
-      void this.runSpendBatches(target, lock, hops);
-    });
-  }
-
-  private async runSpendBatches(target: CreditsTarget, lock: string, hops: number): Promise<void> {
-    for (;;) {
-      const batch = this.spendBatches.get(lock)!;
-      if (batch.length === 0) {
-        this.spendBatches.delete(lock);
-        return;
-      }
-      this.spendBatches.set(lock, []);
-      try {
-        const moved = await this.locked(lock, async () => {
-          const ref = await this.creditsRef(target);
-          const cur = await this.readCredits(ref);
-          if (!ref || !cur) {
-            for (const p of batch) p.resolve(hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 });
-            return null;
-          }
-          if (cur.creditsKeyId) return cur.creditsKeyId;
-          if (!cur.credits) {
-            for (const p of batch) p.resolve({ ok: true, remaining: null });
-            return null;
-          }
-          // The commit point of each spend: it is left out once its signal aborted.
-          let credits = cur.credits;
-          let changed = false;
-          const results: [PendingSpend, SpendResult][] = [];
-          for (const p of batch) {
-            if (p.signal?.aborted) {
-              p.reject(p.signal.reason);
-              continue;
-            }
-            const r = spendFromBalance(credits, p.cost, p.refill);
-            credits = r.credits;
-            changed ||= r.changed;
-            results.push([p, { ok: r.ok, remaining: r.credits.remaining, refilledAt: r.credits.refill?.lastRefillAt ?? null }]);
-          }
-          if (changed) {
-            const res = await ref.coll.updateOne({ _id: ref.id, ...fenceFilter(cur) }, { $set: { credits }, $inc: { [FENCE]: 1 } });
-            if (res.matchedCount !== 1) throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
-          }
-          for (const [p, r] of results) p.resolve(r);
-          return null;
-        });
-        if (moved !== null) {
-          // The balance moved by a reroll: these spends go to the key it moved to.
-          for (const p of batch) {
-            if (hops >= MAX_CREDIT_HOPS) p.resolve({ ok: false, remaining: 0 });
-            else this.spendLocked({ keyId: moved }, p, hops + 1).then(p.resolve, p.reject);
-          }
-        }
-      } catch (err) {
-        for (const p of batch) p.reject(err);
-      }
-    }
-  }
-
-  async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
-    const samePeriod = (c: Credits | null) => !!c && (c.refill?.lastRefillAt ?? null) === refilledAt;
-    if (this.creditWrites === "locked") {
-      const out = await this.run(() =>
-        this.rmwCredits(target, (doc) => {
-          if (!samePeriod(doc.credits)) return { credits: doc.credits, result: false };
-          return { credits: { ...doc.credits!, remaining: doc.credits!.remaining + cost }, result: true };
-        }),
-      );
-      return typeof out === "object" && out.result;
-    }
-    // MongoDB: one conditional $inc, on the holder of the balance.
-    return this.run(async () => {
-      let current = target;
-      for (let hops = 0; hops <= MAX_CREDIT_HOPS; hops++) {
-        const ref = await this.creditsRef(current);
-        if (!ref) return false;
-        const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null, credits: { $ne: null } };
-        if (refilledAt === null) filter["credits.refill"] = null;
-        else filter["credits.refill.lastRefillAt"] = refilledAt;
-        const res = await ref.coll.updateOne(filter, { $inc: { "credits.remaining": cost, [FENCE]: 1 } });
-        if (res.matchedCount === 1) return true;
-        const cur = await this.readCredits(ref);
-        if (!cur?.creditsKeyId) return false;
-        current = { keyId: cur.creditsKeyId };
-      }
-      return false;
-    });
-  }
-
-  /**
-   * For the credit ledger (redis-credits.ts): one document's balance as stored —
-   * its credits, where its balance moved (`creditsKeyId`) and the ledger
-   * sequence last written (`seq`, 0 when never). Null when it does not exist.
-   */
-  async readCreditsHolder(target: CreditsTarget): Promise<{ credits: Credits | null; creditsKeyId: string | null; seq: number } | null> {
-    const d = await this.run(async () => this.readCredits(await this.creditsRef(target)));
-    return d ? { credits: d.credits, creditsKeyId: d.creditsKeyId ?? null, seq: d.creditsSeq ?? 0 } : null;
-  }
-
-  /**
-   * For the credit ledger: writes a balance (`remaining` null: unlimited; the
-   * refill rule stays the document's, with `lastRefillAt`) if `seq` is newer
-   * than the one written last — so flushes from several instances, in any order,
-   * never go back. Under the lease lock (fenced) in "locked" mode, a
-   * compare-and-set otherwise. "stale": a newer balance is there, or the balance
-   * moved away by a reroll; "missing": no such document.
-   */
-  async persistCredits(
+  persistCredits(
     target: CreditsTarget,
     state: { remaining: number | null; lastRefillAt?: number },
     seq: number,
     opts: { updatedAt?: number; recordChange?: boolean } = {},
   ): Promise<"written" | "stale" | "missing"> {
-    const lock = lockOf(target);
-    const attempt = async () => {
-      const ref = await this.creditsRef(target);
-      const cur = await this.readCredits(ref);
-      if (!ref || !cur) return "missing" as const;
-      const { coll, id } = ref;
-      if (cur.creditsKeyId || (cur.creditsSeq ?? 0) >= seq) return "stale" as const;
-      const refill = cur.credits?.refill ?? null;
-      const credits: Credits | null =
-        state.remaining === null ? null : { remaining: state.remaining, refill: refill ? { ...refill, lastRefillAt: state.lastRefillAt ?? refill.lastRefillAt } : null };
-      const set = { credits, creditsSeq: seq, ...(opts.updatedAt !== undefined ? { updatedAt: opts.updatedAt } : {}) };
-      // A write-through of an operator's change is recorded for the caches (between an intent and a done entry); a write-back of spends is not.
-      const write = (o: { maxTimeMS?: number } = {}) =>
-        coll.updateOne({ _id: id, ...fenceFilter(cur) }, { $set: set, $inc: opts.recordChange ? { version: 1, [FENCE]: 1 } : { [FENCE]: 1 } }, o);
-      const targets = "keyId" in target ? keyTargets({ id: target.keyId, hash: cur.hash! }) : identityTargets(id);
-      const res = opts.recordChange ? await this.changing(targets, write) : await write();
-      if (res.matchedCount === 1) return { hash: cur.hash ?? null };
-      if (this.creditWrites === "locked") throw new UnavailableError(`lost the lock on ${lock} while writing; nothing written`);
-      return "retry" as const;
-    };
-    return this.run(async () => {
-      for (let tries = 0; tries < MAX_CAS_TRIES; tries++) {
-        const out = this.creditWrites === "locked" ? await this.locked(lock, attempt) : await attempt();
-        if (out === "retry") continue;
-        if (typeof out === "string") return out;
-        return "written";
-      }
-      throw new UnavailableError(`the balance of ${lock} kept changing; retry`);
-    });
+    return this.creditPart.persistCredits(target, state, seq, opts);
   }
 
-  /**
-   * MongoDB: one conditional update per spend in the common case — `remaining ≥
-   * cost` (and, when a refill may be due, "already refilled for this period") in
-   * the filter, `$inc` in the update. It relies on MongoDB applying a single
-   * document's update with its filter atomically; the refill is a compare-and-set
-   * on the refill time. Also run on FerretDB in CI, with one writer.
-   */
-  private async spendConditionally(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
-    let current = target;
-    let due = refill;
-    for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
-      const ref = await this.creditsRef(current);
-      if (!ref) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
-      const { coll } = ref;
-      const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null, "credits.remaining": { $gte: cost } };
-      if (due) filter["credits.refill.lastRefillAt"] = { $gte: due.periodStart };
-      signal?.throwIfAborted(); // the commit point
-      // No projection: FerretDB does not implement one on findAndModify.
-      const spent = await coll.findOneAndUpdate(filter, { $inc: { "credits.remaining": -cost, [FENCE]: 1 } }, { returnDocument: "after" });
-      if (spent?.credits) return { ok: true, remaining: spent.credits.remaining, refilledAt: spent.credits.refill?.lastRefillAt ?? null };
-      // Why not: no such document, moved, unlimited, a refill due, or not enough left.
-      const cur = await this.readCredits(ref);
-      if (!cur) return hops === 0 ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
-      if (cur.creditsKeyId) {
-        if (++hops > MAX_CREDIT_HOPS) break;
-        current = { keyId: cur.creditsKeyId };
-        continue;
-      }
-      if (!cur.credits) return { ok: true, remaining: null };
-      const last = cur.credits.refill?.lastRefillAt;
-      if (due && last !== undefined && last < due.periodStart) {
-        await coll.updateOne(
-          { ...filterOf(ref), "credits.refill.lastRefillAt": last },
-          { $set: { "credits.remaining": due.amount, "credits.refill.lastRefillAt": due.periodStart }, $inc: { [FENCE]: 1 } },
-        );
-        continue;
-      }
-      if (due && (last === undefined || last >= due.periodStart)) {
-        due = null; // refilled already (or no refill rule): retry without the refill condition
-        if (cur.credits.remaining >= cost) continue;
-      }
-      if (cur.credits.remaining < cost) return { ok: false, remaining: cur.credits.remaining };
-    }
-    throw new UnavailableError("the balance kept changing; retry");
+  createKey(rec: KeyRecord): Promise<void> {
+    return this.keyPart.createKey(rec);
   }
-
-  /** Entries of one bucket with a seq above `afterSeq`, at most `limit`, in seq order. */
-  private async bucketRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
-    const coll = this.feedOf(afterSeq + 1);
-    const filter = { _id: { $gt: seqId(afterSeq) } };
-    if (this.flavor === "mongodb") return coll.find(filter).sort({ _id: 1 }).limit(limit).toArray();
-    // FerretDB sorts in Go after reading every entry; without a sort it stops at
-    // `limit`, reading in insertion order, which is seq order (written without gaps).
-    const docs = await coll.find(filter).limit(limit).toArray();
-    return docs.sort((a, b) => a.seq - b.seq);
+  loadKeys(records: KeyRecord[]): Promise<void> {
+    return this.keyPart.loadKeys(records);
   }
-
-  /** Entries above `afterSeq` in seq order, at most `limit`, across buckets while each read ends at its bucket's last seq. */
-  private async feedRange(afterSeq: number, limit: number): Promise<FeedDoc[]> {
-    const out: FeedDoc[] = [];
-    for (let after = afterSeq; out.length < limit; ) {
-      const docs = await this.bucketRange(after, limit - out.length);
-      out.push(...docs);
-      const bucketLast = (Math.floor((after + 1) / this.feedBucket) + 1) * this.feedBucket - 1;
-      if (docs.length === 0 || docs[docs.length - 1].seq !== bucketLast) break;
-      after = bucketLast;
-    }
-    return out;
+  getKey(id: string): Promise<KeyRecord | null> {
+    return this.keyPart.getKey(id);
   }
-
-  /**
-   * A point lookup of `afterSeq + 1` first: on an idle feed that is all a
-   * poll costs (on FerretDB a scan of one bucket at most, whatever the
-   * history). Only when it exists are the next ones read, in one range.
-   */
-  async changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
-    return this.run(async () => {
-      if (opts.pastGaps) {
-        // From the first bucket that holds anything above `afterSeq`.
-        for (const b of await this.feedBuckets()) {
-          if ((b + 1) * this.feedBucket - 1 <= afterSeq) continue;
-          const docs = await this.feedRange(Math.max(afterSeq, b * this.feedBucket - 1), limit);
-          if (docs.length > 0) return docs.map(fromFeedDoc);
-        }
-        return [];
-      }
-      const first = await this.feedOf(afterSeq + 1).findOne({ _id: seqId(afterSeq + 1) });
-      if (!first) return [];
-      if (limit <= 1) return [fromFeedDoc(first)];
-      const sentAt = performance.now();
-      const rest = await this.feedRange(afterSeq + 1, limit - 1);
-      const all = [first, ...rest];
-      // The end of the feed was reached: its last seq was the newest when the range was read.
-      const last = all[all.length - 1].seq;
-      if (rest.length < limit - 1 && last === afterSeq + all.length && (!this.feedHead || this.feedHead.seq <= last)) {
-        this.feedHead = { seq: last, at: sentAt };
-      }
-      return all.map(fromFeedDoc);
-    });
+  getKeyByHash(hash: string): Promise<KeyRecord | null> {
+    return this.keyPart.getKeyByHash(hash);
   }
-
-  async changeFeedStart(): Promise<number> {
-    return this.run(async () => {
-      for (const b of await this.feedBuckets()) {
-        // The oldest entry: by the `_id` index on MongoDB; on FerretDB the first in insertion order (seq order).
-        const oldest = this.feedOf(b * this.feedBucket).find({}, { projection: { seq: 1 } });
-        const d = await (this.flavor === "mongodb" ? oldest.sort({ _id: 1 }) : oldest).limit(1).next();
-        if (d) return d.seq - 1;
-      }
-      return 0;
-    });
+  listKeys(filter: KeyFilter, page: PageQuery): Promise<KeyRecord[]> {
+    return this.keyPart.listKeys(filter, page);
   }
-
-  async lastChangeSeq(): Promise<number> {
-    return this.run(() => this.newestSeq());
+  updateKey(id: string, patch: KeyPatch, now: number): Promise<KeyRecord | null> {
+    return this.keyPart.updateKey(id, patch, now);
   }
-
-  /**
-   * Drops the buckets whose every seq is below `beforeSeq` (which exists or
-   * existed, so the newest entry is never deleted), then deletes the entries
-   * below it in its own bucket (one bucket: FerretDB reads at most that many).
-   */
-  async pruneChanges(beforeSeq: number): Promise<void> {
-    await this.run(async () => {
-      for (const b of await this.feedBuckets()) {
-        if ((b + 1) * this.feedBucket > beforeSeq) break;
-        await this.feedOf(b * this.feedBucket)
-          .drop()
-          .catch((err: unknown) => {
-            // Another instance dropped it first.
-            if (!(err instanceof MongoServerError && (err.code === 26 || /not found/i.test(err.message)))) throw err;
-          });
-      }
-      if (beforeSeq % this.feedBucket !== 0) await this.feedOf(beforeSeq).deleteMany({ _id: { $lt: seqId(beforeSeq) } });
-    });
+  deleteKey(id: string): Promise<boolean> {
+    return this.keyPart.deleteKey(id);
   }
-
-  async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
-    if (rows.length === 0) return;
-    // Rows are per writer slot (leased by one server process at a time, which
-    // writes one batch at a time), so no two writers ever update one document. A
-    // row already carrying this batch's seq does not match the filter; its upsert
-    // then hits the unique _id and is skipped: a retried batch is applied once.
-    const slot = await this.run(() => this.usageSlots.slotFor(batch.writer));
-    const seq = slot.rowSeq(batch.seq);
-    const ops = rows.map((r) => {
-      const inc: Record<string, number> = {};
-      for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
-      const _id = `${slot.id}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
-      return {
-        updateOne: {
-          filter: { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: seq } }] },
-          update: { $inc: inc, $set: { seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
-          upsert: true,
-        },
-      };
-    });
-    await this.run(async () => {
-      for (let i = 0; i < ops.length; i += 500) {
-        const chunk = ops.slice(i, i + 500);
-        try {
-          await this.usage.bulkWrite(chunk as never, { ordered: false });
-        } catch (err) {
-          const writeErrors = (err as { writeErrors?: unknown }).writeErrors;
-          const list = (Array.isArray(writeErrors) ? writeErrors : writeErrors ? [writeErrors] : null) as
-            | { code?: number; errmsg?: string }[]
-            | null;
-          if (!list || list.some((e) => !isDuplicateCode(e.code, e.errmsg))) throw err;
-          // FerretDB ends even an unordered batch at its first error, without
-          // applying or reporting the rest: apply the chunk again row by row
-          // (each op is idempotent: a row already at this seq is skipped).
-          for (const op of chunk) {
-            try {
-              await this.usage.updateOne(op.updateOne.filter, op.updateOne.update, { upsert: true });
-            } catch (e) {
-              if (!isDuplicateKey(e)) throw e;
-            }
-          }
-        }
-      }
-    });
-    // Before the next batch: a new owner of the slot starts past this seq.
-    await this.run(() => this.usageSlots.applied(slot, seq));
+  rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
+    return this.keyPart.rerollKey(oldId, next, oldExpiresAt, now);
   }
-
-  async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
-    const filter: Record<string, unknown> = {
-      ...("identityId" in q.by ? { i: q.by.identityId } : { k: q.by.keyId }),
-      g: q.granularity,
-      b: { $gte: q.start, $lt: q.end },
-      tag: q.tagged ? { $ne: "" } : "",
-    };
-    const docs = await this.run(() => this.usage.find(filter).limit(q.maxRows + 1).toArray());
-    if (docs.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
-    return docs.map((d) => {
-      const counts = {} as Counts;
-      for (const c of COUNTERS) counts[c] = d[c] ?? 0;
-      // `i ?? null`: FerretDB leaves a null out of $setOnInsert.
-      return { granularity: d.g as UsageRow["granularity"], bucket: d.b, keyId: d.k, identityId: d.i ?? null, tag: d.tag, counts };
-    });
-  }
-
-  async touchLastUsed(times: Map<string, number>): Promise<void> {
-    if (times.size === 0) return;
-    // Not in the key document: a write here can never clobber a concurrent key update.
-    if (this.layout === "indexed") {
-      await this.run(() =>
-        this.activity.bulkWrite(
-          [...times].map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } }, upsert: true } })),
-          { ordered: false },
-        ),
-      );
-      return;
-    }
-    // Bucketed: on the key's id pointer, one bucket at a time; a key deleted meanwhile has none and gets none.
-    await this.run(async () => {
-      for (const group of groupBy([...times], ([id]) => keyIdCollection(id)).values()) {
-        await this.keyIdColl(group[0][0])
-          .bulkWrite(group.map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } } } })), { ordered: false });
-      }
-    });
-  }
-
-  async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
-    await this.run(() => this.usage.deleteMany({ g: granularity, b: { $lt: before } }));
-  }
-
-  /**
-   * Bucketed layout: the pointer `{_id: hash}` first, which refuses a taken
-   * hash; then the root key (its unique hash index holds on both layouts). A
-   * pointer left without its root key (a crash between) finds nothing.
-   */
-  async createRootKey(rec: RootKeyRecord): Promise<void> {
-    const { id, ...rest } = rec;
-    await this.run(async () => {
-      if (this.layout === "bucketed") await this.rootKeyHashes.insertOne({ _id: rec.hash, rootKeyId: id });
-      try {
-        await this.rootKeys.insertOne({ _id: id, ...rest });
-      } catch (err) {
-        if (this.layout === "bucketed") await this.rootKeyHashes.deleteOne({ _id: rec.hash }).catch(() => undefined);
-        throw err;
-      }
-    });
-  }
-
-  /** Indexed layout: the unique hash index. Bucketed: two `_id` lookups (pointer, root key) in small collections. */
-  async getRootKeyByHash(hash: string): Promise<RootKeyRecord | null> {
-    const d = await this.run(async () => {
-      if (this.layout === "indexed") return this.rootKeys.findOne({ hash });
-      const p = await this.rootKeyHashes.findOne({ _id: hash });
-      const r = p ? await this.rootKeys.findOne({ _id: p.rootKeyId }) : null;
-      return r?.hash === hash ? r : null;
-    });
-    return d ? fromRootKeyDoc(d) : null;
-  }
-
-  async listRootKeys(): Promise<RootKeyRecord[]> {
-    const docs = await this.run(() => this.rootKeys.find({}).sort({ _id: 1 }).toArray());
-    return docs.map(fromRootKeyDoc);
-  }
-
-  async deleteRootKey(id: string): Promise<boolean> {
-    return this.run(async () => {
-      const d = await this.rootKeys.findOneAndDelete({ _id: id });
-      if (!d) return false;
-      if (this.layout === "bucketed" && (await this.rootKeyHashes.findOne({ _id: d.hash }))?.rootKeyId === id) {
-        await this.rootKeyHashes.deleteOne({ _id: d.hash });
-      }
-      return true;
-    });
-  }
-
-  async createFirstRootKey(rec: RootKeyRecord): Promise<boolean> {
-    try {
-      await this.run(() => this.settings.insertOne({ _id: "bootstrapped", value: String(rec.createdAt) }));
-    } catch (err) {
-      if (err instanceof AlreadyExistsError) return false;
-      throw err;
-    }
-    try {
-      await this.createRootKey(rec);
-      return true;
-    } catch (err) {
-      await this.settings.deleteOne({ _id: "bootstrapped" }).catch(() => undefined);
-      throw err;
-    }
+  touchLastUsed(times: Map<string, number>): Promise<void> {
+    return this.keyPart.touchLastUsed(times);
   }
 }

@@ -5,7 +5,7 @@ import type { Collection } from "mongodb";
  * Usage rows on MongoDB are written per writer (FerretDB applies `$inc` as a
  * read plus a write, so two writers must never update one document), and a
  * writer's batches carry an increasing seq so a retried batch is applied once
- * (see MongoStore.writeUsage). If every process were a writer of its own, rows
+ * (see MongoUsage.writeUsage, usage.ts). If every process were a writer of its own, rows
  * would multiply with every restart. Instead a process leases one of a small
  * set of writer slots (`w0`, `w1`, …) and writes the slot's rows: a restart
  * takes a free slot again, so rows grow with the number of instances running

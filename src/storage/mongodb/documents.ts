@@ -1,0 +1,106 @@
+import type { Collection } from "mongodb";
+import type { Change, ChangeTargets } from "../store.js";
+import type { Credits, IdentityPatch, IdentityRecord, JsonObject, KeyPatch, KeyRecord, RootKeyRecord } from "../../domain/types.js";
+import type { Counts } from "../../domain/usage.js";
+import { FENCE } from "./lease-lock.js";
+
+/*
+ * Documents mirror the domain records with `_id` for the id. `meta` is stored
+ * as a JSON string: it is never queried, and a string cannot carry `$` or dotted
+ * field names into the database. Every filter the store's parts build is made
+ * of typed values (strings checked against the input patterns, numbers), never
+ * of a caller's object, so no request can inject a query operator.
+ */
+/**
+ * `_fence`: the document's write counter, checked by fenced writes (see
+ * lease-lock.ts). `creditsSeq`: the credit ledger's sequence number of the
+ * balance last written here (src/storage/redis-credits.ts).
+ */
+export type StoreFields = { [FENCE]?: number; creditsSeq?: number };
+export type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; meta: string } & StoreFields;
+/**
+ * A key. Indexed layout: `_id` is the key id. Bucketed layout (ferretdb.ts):
+ * `_id` is the hash and `keyId` the key id.
+ */
+export type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
+/** Bucketed layout: how a key is found by id, and when it was last used. */
+export type KeyIdDoc = { _id: string; hash: string; lastUsedAt?: number };
+export type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
+/** Bucketed layout: how a root key is found by hash. */
+export type RootKeyHashDoc = { _id: string; rootKeyId: string };
+/** Where a key's document is: its collection and `_id` (the key id, or on the bucketed layout its hash). */
+export interface KeyRef {
+  coll: Collection<KeyDoc>;
+  _id: string;
+  id: string;
+}
+export type SettingDoc = { _id: string; value: string };
+/** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
+export type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
+export type ActivityDoc = { _id: string; lastUsedAt: number };
+/** The document holding a balance, as the credit methods read it. */
+export type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
+
+/**
+ * One entry of the change feed (see Change in ../store.ts and docs/revocation.md).
+ * `_id` is the seq as a zero-padded string: FerretDB 1.x pushes down only
+ * `_id` equality on strings (a number `_id` is a scan in Go), and on MongoDB the
+ * `_id` index orders it. Entries live in collections of `feedBucket` seqs each
+ * (`change_feed_<seq / feedBucket>`; how many, and why: feedBucketSize in
+ * ferretdb.ts).
+ */
+export type FeedEntry = ChangeTargets & ({ phase: "intent"; boundMs: number } | { phase: "done"; intent: number });
+export type FeedDoc = FeedEntry & { _id: string; seq: number; at: number };
+export const seqId = (seq: number) => String(seq).padStart(16, "0");
+/** The stored form of change feed entry `seq` (exported for writing history in bulk in the benchmark). */
+export function toFeedDoc(seq: number, entry: FeedEntry, at = Date.now()): FeedDoc {
+  return { _id: seqId(seq), seq, at, ...entry } as FeedDoc;
+}
+
+export const keyTargets = (...keys: { id: string; hash: string }[]): ChangeTargets => ({ keys: keys.map((k) => ({ id: k.id, hash: k.hash })), identities: [] });
+export const identityTargets = (id: string): ChangeTargets => ({ keys: [], identities: [id] });
+
+/** The stored form of an identity (exported for bulk seeding in the benchmark). */
+export function toIdentityDoc(r: IdentityRecord): IdentityDoc {
+  const { id, meta, ...rest } = r;
+  return { _id: id, meta: JSON.stringify(meta), ...rest };
+}
+export function fromIdentityDoc(d: IdentityDoc): IdentityRecord {
+  const { _id, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
+  return { id: _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+/**
+ * The stored form of a key in the indexed layout (`_id` = its id) — also the
+ * form every earlier version wrote. MongoKeys.loadKeys writes keys in bulk in
+ * the database's layout.
+ */
+export function toKeyDoc(r: KeyRecord): KeyDoc {
+  const { id, meta, ...rest } = r;
+  return { _id: id, meta: JSON.stringify(meta), ...rest };
+}
+/** The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` = its id. */
+export function toBucketedKeyDoc(r: KeyRecord): KeyDoc {
+  return { ...toKeyDoc(r), _id: r.hash, keyId: r.id };
+}
+export function fromKeyDoc(d: KeyDoc): KeyRecord {
+  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
+  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+}
+export function fromFeedDoc(d: FeedDoc): Change {
+  const base = { seq: d.seq, keys: d.keys, identities: d.identities };
+  return d.phase === "intent" ? { ...base, phase: "intent", boundMs: d.boundMs } : { ...base, phase: "done", intent: d.intent };
+}
+export function fromRootKeyDoc(d: RootKeyDoc): RootKeyRecord {
+  const { _id, ...rest } = d;
+  return { id: _id, ...rest };
+}
+
+/** `$set` for a patch: meta as a JSON string, other fields as they are. */
+export function setOf(patch: IdentityPatch | KeyPatch, now: number): Record<string, unknown> {
+  const set: Record<string, unknown> = { updatedAt: now };
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === undefined) continue;
+    set[k] = k === "meta" ? JSON.stringify(v) : v;
+  }
+  return set;
+}

@@ -1,0 +1,31 @@
+/* Small helpers of the MongoDB store's parts. */
+
+/** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
+export async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+  let next = 0;
+  let stop = false;
+  const worker = async () => {
+    while (!stop && next < items.length) {
+      try {
+        await fn(items[next++]);
+      } catch (err) {
+        stop = true;
+        throw err;
+      }
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, worker));
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+}
+
+export function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
+  const out = new Map<string, T[]>();
+  for (const it of items) {
+    const k = key(it);
+    const list = out.get(k);
+    if (list) list.push(it);
+    else out.set(k, [it]);
+  }
+  return out;
+}
