@@ -3,6 +3,7 @@ import { MongoServerError, type Collection, type Db } from "mongodb";
 /** A document with a string `_id` (every collection here). */
 type Document = { _id: string; [field: string]: unknown };
 import { UnavailableError } from "../../domain/errors.js";
+import { groupBy } from "./util.js";
 import { ID_BUCKET_HEX, KEY_BUCKET_HEX, KEY_BUCKETS_PER_DATABASE, keyHashLocation, keyIdCollection, type KeyBuckets, type KeyLayout } from "./ferretdb.js";
 
 /*
@@ -225,15 +226,4 @@ async function pointRootKeys(db: Db): Promise<number> {
     }
   }
   return added;
-}
-
-function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
-  const out = new Map<string, T[]>();
-  for (const it of items) {
-    const k = key(it);
-    const list = out.get(k);
-    if (list) list.push(it);
-    else out.set(k, [it]);
-  }
-  return out;
 }

@@ -1,4 +1,4 @@
-/* Small helpers of the MongoDB store's parts. */
+/* Small helpers of the MongoDB store's parts and its layout migration. */
 
 /** Runs `fn` over `items`, at most `limit` at a time; rejects with the first failure (after the running ones end). */
 export async function eachLimited<T>(items: T[], limit: number, fn: (item: T) => Promise<unknown>): Promise<void> {
