@@ -1,10 +1,8 @@
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import net from "node:net";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
 import { MongoClient } from "mongodb";
+import { freePort, startFerretDb, startLatchkey } from "./processes.js";
 import { newId } from "../src/domain/ids.js";
 import { generateKey } from "../src/domain/key-format.js";
 import { createRootKey } from "../src/domain/root-keys.js";
@@ -28,33 +26,11 @@ const CHANGES = Number(process.env.BENCH_IDLE_CHANGES ?? 100_000);
 const KEYS = Number(process.env.BENCH_IDLE_KEYS ?? 1000);
 const WRITES = Number(process.env.BENCH_IDLE_WRITES ?? 200);
 const SAMPLE_S = Number(process.env.BENCH_IDLE_SAMPLE_S ?? 20);
-const ROOT = new URL("../..", import.meta.url).pathname;
 const progress = (msg: string) => process.stderr.write(`bench:idle: ${msg}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-const children = new Set<ChildProcess>();
-process.on("exit", () => children.forEach((c) => c.kill("SIGKILL")));
-for (const signal of ["SIGINT", "SIGTERM"] as const) process.on(signal, () => process.exit(1));
 
-function findFerretDb(): string {
-  const onPath = spawnSync("sh", ["-c", "command -v ferretdb"], { encoding: "utf8" }).stdout.trim();
-  if (onPath) return onPath;
-  const gopath = spawnSync("go", ["env", "GOPATH"], { encoding: "utf8" }).stdout?.trim() || join(process.env.HOME ?? "/root", "go");
-  const p = join(gopath, "bin", "ferretdb");
-  if (existsSync(p)) return p;
-  throw new Error("ferretdb not found: bash .ci/run builds it (FerretDB v1.24.2)");
-}
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** CPU seconds (user + system) a process has used so far. */
 function cpuSeconds(pid: number): number {
@@ -71,57 +47,13 @@ async function sampleCpu(pids: Record<string, number>, seconds: number): Promise
   return Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, (cpuSeconds(pid) - before[k]) / wall]));
 }
 
-function startLatchkey(env: Record<string, string>): Promise<ChildProcess> {
-  const proc = spawn(process.execPath, ["dist/src/cli.js", "serve"], {
-    cwd: ROOT,
-    env: { ...process.env, LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", ...env },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  children.add(proc);
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("latchkey did not start")), 30_000);
-    proc.once("exit", (code) => reject(new Error(`latchkey exited with ${code}`)));
-    createInterface({ input: proc.stdout! }).on("line", (line) => {
-      if (process.env.BENCH_VERBOSE) process.stderr.write(`server: ${line}\n`);
-      if (line.includes('"latchkey listening"')) {
-        clearTimeout(timer);
-        resolve(proc);
-      }
-    });
-  });
-}
 
 async function main() {
   const dir = mkdtempSync(join(tmpdir(), "latchkey-idle-"));
   try {
     const port = await freePort();
-    const ferret = spawn(
-      findFerretDb(),
-      [
-        "--handler=sqlite",
-        `--sqlite-url=file:${dir}/`,
-        `--state-dir=${dir}`,
-        `--listen-addr=127.0.0.1:${port}`,
-        `--debug-addr=127.0.0.1:${await freePort()}`,
-        "--telemetry=disable",
-        "--log-level=warn",
-      ],
-      { stdio: "ignore" },
-    );
-    children.add(ferret);
+    const ferret = await startFerretDb(dir, port);
     const uri = `mongodb://127.0.0.1:${port}/`;
-    for (let i = 0; ; i++) {
-      const probe = new MongoClient(uri, { serverSelectionTimeoutMS: 1000 });
-      try {
-        await probe.db("admin").command({ ping: 1 });
-        break;
-      } catch (err) {
-        if (i > 100) throw err;
-        await sleep(200);
-      } finally {
-        await probe.close();
-      }
-    }
     const client = new MongoClient(uri);
     const database = "latchkey_idle";
     const store = new MongoStore({ uri, database });
@@ -151,7 +83,7 @@ async function main() {
     await store.loadKeys(keys);
 
     const env = { MONGODB_URI: uri, LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_RATELIMIT_BACKEND: "memory" };
-    const instances = [await startLatchkey(env), await startLatchkey(env)];
+    const instances = [(await startLatchkey(env)).proc, (await startLatchkey(env)).proc];
     const pids = { ferretdb: ferret.pid!, instanceA: instances[0].pid!, instanceB: instances[1].pid! };
     const idleBefore = await sampleCpu(pids, 5);
 
