@@ -1,8 +1,8 @@
-import { Redis } from "ioredis";
 import type { Config } from "../config/config.js";
 import type { Store } from "../storage/store.js";
 import type { Logger } from "../observability/logger.js";
 import { createMemoryCounter, createMongoCounter, createRedisCounter, type RateLimitCounter } from "../ratelimit/counter.js";
+import { createRedisClient } from "./redis.js";
 
 /**
  * The counter backend the configuration selects, and how to release it.
@@ -36,8 +36,7 @@ export function createCounter(
   }
   switch (backend) {
     case "redis": {
-      const client = new Redis(config.redisUrl!, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
-      client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
+      const client = createRedisClient(config.redisUrl!);
       const counter = createRedisCounter(client);
       return {
         counter,

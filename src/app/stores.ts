@@ -1,4 +1,3 @@
-import { Redis } from "ioredis";
 import { join } from "node:path";
 import type { Config } from "../config/config.js";
 import type { Logger } from "../observability/logger.js";
@@ -7,6 +6,7 @@ import { MongoStore } from "../storage/mongodb/mongo-store.js";
 import { RedisCreditsStore } from "../storage/redis-credits.js";
 import { createStoreGuard, type StoreGuard, type StoreGuardOptions } from "../storage/store-guard.js";
 import type { Store } from "../storage/store.js";
+import { createRedisClient } from "./redis.js";
 
 /** The store the configuration selects (not yet initialised). */
 export function createStore(config: Config): Store {
@@ -27,8 +27,7 @@ export function createServerStore(config: Config, logger?: Logger): Store {
   const store = createStore(config);
   const guard = guardStore(store, { probeTimeoutMs: config.storeProbeTimeoutMs, failFastMs: config.storeFailFastMs }, logger);
   if (config.creditsBackend !== "redis" || !(store instanceof MongoStore)) return guard.store;
-  const client = new Redis(config.redisUrl!, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
-  client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
+  const client = createRedisClient(config.redisUrl!);
   const ledger = new RedisCreditsStore(guard.store as MongoStore, client, { flushMs: config.creditsFlushMs, logger, ownsClient: true });
   return guard.wrap(ledger, ["spendCredits", "returnCredits"]);
 }

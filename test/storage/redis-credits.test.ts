@@ -7,6 +7,7 @@
  * back. Needs MONGODB_URI and REDIS_URL (skipped locally without, failing in CI).
  */
 import { Redis } from "ioredis";
+import { createRedisClient } from "../../src/app/redis.js";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { KeyRecord } from "../../src/domain/types.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
@@ -28,7 +29,7 @@ async function instance(database: string, flushMs = 60_000): Promise<RedisCredit
 
 /** The same, with gates in front of the MongoDB store's methods (the write-back's persistCredits among them). */
 async function gatedInstance(database: string, flushMs = 60_000): Promise<{ store: RedisCreditsStore; gates: GatedStore }> {
-  const client = new Redis(redisUrl()!, { maxRetriesPerRequest: 2 });
+  const client = createRedisClient(redisUrl()!); // the server's client, auto-pipelining on
   const gates = gatedStore(new MongoStore({ uri: mongodbUri()!, database }) as unknown as Store);
   const store = new RedisCreditsStore(gates.store as unknown as MongoStore, client, { flushMs, ownsClient: true });
   await store.init();
