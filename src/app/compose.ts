@@ -38,6 +38,7 @@ export type CoreOptions = Pick<
   | "usageMinuteRetentionHours"
   | "usageHourRetentionDays"
   | "usageDayRetentionDays"
+  | "lastUsedResolutionMs"
   | "outageCacheMs"
   | "storeProbeTimeoutMs"
   | "storeFailFastMs"
@@ -62,6 +63,7 @@ export const DEFAULT_CORE_OPTIONS: CoreOptions = {
   usageMinuteRetentionHours: 48,
   usageHourRetentionDays: 90,
   usageDayRetentionDays: 0,
+  lastUsedResolutionMs: 60_000,
   outageCacheMs: 600_000,
   storeProbeTimeoutMs: 1000,
   storeFailFastMs: 25,
@@ -185,7 +187,7 @@ export function createCore(deps: CoreDeps) {
   const recorder = createUsageRecorder({
     store,
     logger,
-    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs },
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs, lastUsedResolutionMs: options.lastUsedResolutionMs },
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });

@@ -26,6 +26,11 @@ export interface RecorderOptions {
   hourRetentionMs: number;
   /** Day rows older than this are deleted; null or absent keeps them. */
   dayRetentionMs?: number | null;
+  /**
+   * A key's last_used_at is written again only once it would move by at least
+   * this much (0: on every flush that saw the key). Absent: 0.
+   */
+  lastUsedResolutionMs?: number;
 }
 
 interface Pending {
@@ -49,6 +54,12 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   const maxPending = options.maxPending ?? 500_000;
   let pending = new Map<string, Pending>();
   let lastUsed = new Map<string, number>();
+  // The last_used_at this process last wrote (or is writing) per key, for keys
+  // written within the last `resolution`: a use less than `resolution` after it
+  // is not written again. Older entries are dropped at each flush, so the map
+  // holds at most the keys used within one resolution.
+  const resolution = options.lastUsedResolutionMs ?? 0;
+  const written = new Map<string, number>();
   let timer: NodeJS.Timeout | null = null;
   let pruneTimer: NodeJS.Timeout | null = null;
   let flushing: Promise<void> | null = null;
@@ -86,7 +97,7 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
     add(minute, key.id, identityId, "", outcome, v.spent);
     // A tag named twice in one request is still one verification carrying it.
     for (const tag of new Set(input.tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
-    if (at > (lastUsed.get(key.id) ?? 0)) lastUsed.set(key.id, at);
+    if (at > (lastUsed.get(key.id) ?? 0) && (resolution === 0 || at - (written.get(key.id) ?? -Infinity) >= resolution)) lastUsed.set(key.id, at);
     // Failures are logged by flushOnce and retried by the next flush; unhandled, one would end the process.
     // Early flush when many entries are pending — but not while the store is failing:
     // then the timer's retries are enough, and each call would start another attempt.
@@ -124,13 +135,21 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
         await store.writeUsage(batch.rows, { writer, seq: batch.seq });
         unsent = null;
       }
+      if (resolution > 0) {
+        const horizon = Date.now() - resolution;
+        for (const [id, t] of written) if (t < horizon) written.delete(id);
+      }
       if (lastUsed.size > 0) {
         const used = lastUsed;
         lastUsed = new Map();
+        const before = resolution > 0 ? new Map([...used.keys()].map((id) => [id, written.get(id)])) : null;
+        if (before) for (const [id, t] of used) written.set(id, t);
         try {
           await store.touchLastUsed(used);
         } catch (err) {
           for (const [id, t] of used) if (t > (lastUsed.get(id) ?? 0)) lastUsed.set(id, t);
+          // Not written: the next use of these keys must not be held back by it.
+          if (before) for (const [id, t] of before) t === undefined ? written.delete(id) : written.set(id, t);
           throw err;
         }
       }
