@@ -8,7 +8,6 @@ import { generateKey } from "../src/domain/key-format.js";
 import { createRootKey } from "../src/domain/root-keys.js";
 import type { IdentityRecord, KeyRecord } from "../src/domain/types.js";
 import { SqliteStore } from "../src/storage/embedded/sqlite-store.js";
-import { storeDatabases } from "../src/storage/mongodb/key-layout.js";
 import { MongoStore } from "../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../src/storage/store.js";
 
@@ -26,7 +25,9 @@ import type { Store } from "../src/storage/store.js";
  *   BENCH_COLD_KEYS [100000] (keys of the cold-key run on MongoDB),
  *   BENCH_VERBOSE (echo the servers' logs), BENCH_ONLY=hot (only the
  *   hot-identity runs: two instances, MongoDB + Redis), BENCH_ONLY=cold (only
- *   the cold-key runs), BENCH_PROFILE=<dir> (every server runs under `node
+ *   the cold-key runs), BENCH_ONLY=mongo (one embedded peak and the MongoDB
+ *   runs: MongoDB ÷ embedded alone; BENCH_MONGO_ENV='{"NAME":"value"}' adds
+ *   settings to that MongoDB server), BENCH_PROFILE=<dir> (every server runs under `node
  *   --cpu-prof` into <dir>, and <dir>/windows.json says when each measured run
  *   was; summarise with `node dist/bench/profile-stages.js <dir>`; CPU figures
  *   of such a run include the profiler's cost).
@@ -117,6 +118,8 @@ interface Result {
   cpuUs: number;
   /** Of which the server's main thread. */
   mainUs: number;
+  /** CPU per call of the store's processes (FerretDB, Redis) when the run names them, else NaN. */
+  storeUs: number;
   rps: number;
   p50: number;
   p99: number;
@@ -144,9 +147,11 @@ function ghz(
   call: string,
   proto: string,
   dataFile: string,
-  opts: { metadata?: Record<string, string>; duration?: string; rps?: number; total?: number; concurrency?: number; warmup?: boolean } = {},
+  opts: { metadata?: Record<string, string>; duration?: string; rps?: number; total?: number; concurrency?: number; warmup?: boolean; storePids?: number[] } = {},
 ): Result {
   const port = server.port;
+  const storeCpu = () => (opts.storePids ?? []).reduce((n, pid) => n + cpuSeconds(pid), 0);
+  const storeBefore = storeCpu();
   const cpuBefore = cpuSeconds(server.proc.pid!);
   const mainBefore = mainThreadSeconds(server.proc.pid!);
   const args = [
@@ -179,8 +184,9 @@ function ghz(
   const errors = Object.entries(r.statusCodeDistribution ?? {}).reduce((n, [k, v]) => (["OK", "Canceled", "Unavailable"].includes(k) ? n : n + v), 0);
   const cpuUs = ((cpuSeconds(server.proc.pid!) - cpuBefore) * 1e6) / Math.max(1, ok);
   const mainUs = ((mainThreadSeconds(server.proc.pid!) - mainBefore) * 1e6) / Math.max(1, ok);
+  const storeUs = opts.storePids?.length ? ((storeCpu() - storeBefore) * 1e6) / Math.max(1, ok) : NaN;
   record(server, `${call}${opts.rps ? ` at ${Math.round(opts.rps)}/s` : opts.total || opts.warmup ? " (warm-up)" : ""}`, fromUs, toUs, ok, cpuUs);
-  return { cpuUs, mainUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
+  return { cpuUs, mainUs, storeUs, rps: r.rps, p50: pct(50), p99: pct(99), ok, errors };
 }
 
 function record(server: { proc: ChildProcess }, run: string, fromUs: number, toUs: number, calls: number, cpuUs: number): void {
@@ -210,7 +216,7 @@ function http1(server: { port: number; proc: ChildProcess }, path: string, bodie
   const cpuUs = ((cpuSeconds(server.proc.pid!) - cpuBefore) * 1e6) / Math.max(1, answered);
   const mainUs = ((mainThreadSeconds(server.proc.pid!) - mainBefore) * 1e6) / Math.max(1, answered);
   record(server, `${path} over HTTP/1.1${warmup ? " (warm-up)" : ""}`, fromUs, toUs, answered, cpuUs);
-  return { cpuUs, mainUs, rps: r.rps, p50: r.p50, p99: r.p99, ok: r.ok, errors: answered - r.ok };
+  return { cpuUs, mainUs, storeUs: NaN, rps: r.rps, p50: r.p50, p99: r.p99, ok: r.ok, errors: answered - r.ok };
 }
 
 /** ghz without blocking: for loads that several ghz processes put on several servers at once. */
@@ -320,11 +326,6 @@ async function seedMongo(store: MongoStore, data: Dataset): Promise<string> {
   return (await createRootKey(store, "bench", [{ action: "verify", apiId: null }]))!.plaintext;
 }
 
-/** Drops a bench database and its companions (the key buckets on FerretDB). */
-async function dropStore(store: MongoStore, database: string): Promise<void> {
-  for (const name of storeDatabases(database)) await store.client.db(name).dropDatabase();
-}
-
 interface ColdKeys {
   seedMs: number;
   layout: string;
@@ -348,6 +349,7 @@ interface ColdKeys {
  */
 async function coldKeys(work: string, latchkeyArgs: string[], serverEnv: Record<string, string>): Promise<ColdKeys> {
   const database = `latchkey_bench_cold_${Date.now()}`;
+  madeDatabases.push(database);
   const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
   await ms.init();
   try {
@@ -376,7 +378,6 @@ async function coldKeys(work: string, latchkeyArgs: string[], serverEnv: Record<
     await stop(srv.proc);
     return { seedMs, layout: ms.layout, cold, warm, coldKeys: seen, coldSent: coldPlain.length, spare };
   } finally {
-    await dropStore(ms, database);
     await ms.close();
   }
 }
@@ -435,6 +436,7 @@ interface HotIdentity {
  */
 async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Record<string, string>): Promise<HotIdentity> {
   const database = `latchkey_bench_hot_${Date.now()}`;
+  madeDatabases.push(database);
   const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
   await ms.init();
   const now = Date.now();
@@ -509,7 +511,6 @@ async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Reco
   // Every OK answer of the credits runs (warm-up included) was VALID: the balance was never near zero.
   const answeredRedis = creditsWarm.ok + rounds.credits.reduce((n, r) => n + r.ok, 0);
   const answeredStore = storeWarm.ok + storeCredits.ok;
-  await dropStore(ms, database);
   await ms.close();
   return {
     plain,
@@ -526,6 +527,97 @@ async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Reco
   };
 }
 
+interface MongoRun {
+  peak: Result;
+  half: Result;
+  note: string;
+}
+
+/**
+ * The processes behind MONGODB_URI and REDIS_URL when they listen on this
+ * machine (found by port with `ss`), so a run can report the store's CPU per
+ * call next to the server's: on two shared cores, FerretDB's work for each
+ * usage flush is CPU the server does not get.
+ */
+function storePids(): { name: string; pid: number }[] {
+  const pids: { name: string; pid: number }[] = [];
+  for (const url of [process.env.MONGODB_URI, process.env.REDIS_URL]) {
+    if (!url) continue;
+    const m = /^[a-z+]+:\/\/(?:[^@/]*@)?(127\.0\.0\.1|localhost|\[::1\]):(\d+)/.exec(url);
+    if (!m) continue;
+    const out = spawnSync("ss", ["-ltnpH", `sport = :${m[2]}`], { encoding: "utf8" }).stdout ?? "";
+    for (const p of out.matchAll(/\(\("([^"]+)",pid=(\d+)/g)) if (!pids.some((x) => x.pid === Number(p[2]))) pids.push({ name: p[1], pid: Number(p[2]) });
+  }
+  return pids;
+}
+
+/** Databases the bench made (listed at its end). */
+const madeDatabases: string[] = [];
+
+/**
+ * The bench leaves its databases in place and names them at its end: the
+ * documented procedure is a FerretDB of its own per run, and FerretDB 1.24 on
+ * SQLite died of SIGBUS (modernc sqlite, _walFindFrame) dropping a bench
+ * database after a run, twice in a row here.
+ */
+async function dropAll(): Promise<void> {
+  if (madeDatabases.length) progress(`bench databases left on ${process.env.MONGODB_URI}: ${madeDatabases.join(", ")} (and their key-bucket companions)`);
+}
+
+/**
+ * VerifyKey on the MongoDB store over the same keys and identities as the
+ * embedded run (all of them unless BENCH_MONGO_KEYS), rate-limit counters in
+ * Redis when REDIS_URL is set; peak and half of peak, with the store processes'
+ * CPU per call when they run here.
+ */
+async function mongoRun(
+  work: string,
+  data: Dataset,
+  latchkeyArgs: string[],
+  serverEnv: Record<string, string>,
+  warm: (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data: string, keys: number) => Promise<void>,
+  extraEnv: Record<string, string> = {},
+): Promise<MongoRun> {
+  const database = `latchkey_bench_${Date.now()}`;
+  madeDatabases.push(database);
+  const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
+  await ms.init();
+  const perIdentity = KEYS / IDENTITIES;
+  const mdata: Dataset = {
+    identities: data.identities.slice(0, Math.ceil(MONGO_KEYS / perIdentity)),
+    keys: data.keys.slice(0, MONGO_KEYS),
+    plaintexts: data.plaintexts.slice(0, MONGO_KEYS),
+  };
+  progress(`seeding ${MONGO_KEYS} keys across ${mdata.identities.length} identities (MongoDB store)`);
+  const t1 = Date.now();
+  const mRootKey = await seedMongo(ms, mdata);
+  const mongoSeedMs = Date.now() - t1;
+  const layout = ms.layout;
+  await ms.close();
+  const mVerifyData = join(work, "verify-mongo.json");
+  writeFileSync(mVerifyData, JSON.stringify(mdata.plaintexts.map((key) => ({ key, api_id: "bench" }))));
+  // The warm-up pass reads each key once (on FerretDB a scan of the keys collection
+  // each); on a busy machine it can take longer than the default 60 s cache TTL, and
+  // the first keys would expire before the measured runs.
+  const env: Record<string, string> = { LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_CACHE_TTL_MS: "600000", ...extraEnv };
+  if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
+  const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
+  const mmd = { authorization: `Bearer ${mRootKey}` };
+  await warm(srv, mmd, mVerifyData, MONGO_KEYS);
+  const procs = storePids();
+  const pids = procs.map((p) => p.pid);
+  const before = procs.map((p) => cpuSeconds(p.pid));
+  const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, storePids: pids });
+  const each = procs.map((p, i) => `${p.name} ${Math.round(((cpuSeconds(p.pid) - before[i]) * 1e6) / Math.max(1, peak.ok))}`);
+  const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, rps: peak.rps / 2, storePids: pids });
+  await stop(srv.proc);
+  const note =
+    `MongoDB store (${process.env.MONGODB_URI!.replace(/\/\/[^@]*@/, "//")}, ${layout} layout, ${MONGO_KEYS} keys across ${mdata.identities.length} identities, loaded in bulk in ${(mongoSeedMs / 1000).toFixed(1)} s), ` +
+    `rate-limit counters: ${process.env.REDIS_URL ? "redis" : "auto (mongodb on MongoDB; in-process on FerretDB)"}, LATCHKEY_CACHE_TTL_MS=600000` +
+    (procs.length ? `; the store's processes used ${Math.round(peak.storeUs)} µs of CPU per call at peak (${each.join(", ")})` : "");
+  return { peak, half, note };
+}
+
 async function main() {
   const work = mkdtempSync(join(tmpdir(), "latchkey-bench-"));
   const lines: string[] = [];
@@ -534,6 +626,49 @@ async function main() {
       if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=cold needs MONGODB_URI");
       const c = await coldKeys(work, ["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") });
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY}`, "", "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | errors | |", "|---|---|---|---|---|---|---|---|", ...coldRows(c), "", coldNote(c));
+      process.stdout.write(lines.join("\n") + "\n");
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+    return;
+  }
+  if (process.env.BENCH_ONLY === "mongo") {
+    // MongoDB ÷ embedded alone: one embedded peak, then the MongoDB run, the same keys.
+    try {
+      if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=mongo needs MONGODB_URI");
+      const dataDir = join(work, "data");
+      const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
+      await sqlite.init();
+      progress(`seeding ${KEYS} keys across ${IDENTITIES} identities (embedded store)`);
+      const data = dataset();
+      const rootKey = await seed(sqlite, data);
+      await sqlite.close();
+      const verifyData = join(work, "verify.json");
+      writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
+      const serverEnv = { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") };
+      const latchkeyArgs = ["dist/src/cli.js", "serve"];
+      const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, file: string, keys: number) => {
+        await settle();
+        ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", file, { metadata, total: keys, concurrency: 8 });
+      };
+      const md = { authorization: `Bearer ${rootKey}` };
+      const srv = await start(latchkeyArgs, { ...serverEnv, LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+      await warm(srv, md, verifyData, KEYS);
+      const embedded = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
+      await stop(srv.proc);
+      const extra = process.env.BENCH_MONGO_ENV ? (JSON.parse(process.env.BENCH_MONGO_ENV) as Record<string, string>) : {};
+      const mongo = await mongoRun(work, data, latchkeyArgs, serverEnv, warm, extra);
+      lines.push(
+        `ghz ${DURATION}, concurrency ${CONCURRENCY}${process.env.BENCH_MONGO_ENV ? `; MongoDB server with ${process.env.BENCH_MONGO_ENV}` : ""}`,
+        "",
+        "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | store CPU µs/call | errors |",
+        "|---|---|---|---|---|---|---|---|",
+        ...[["VerifyKey, embedded store, peak", embedded], ["VerifyKey, MongoDB store, peak", mongo.peak], [`VerifyKey, MongoDB store, at ${Math.round(mongo.peak.rps / 2)}/s`, mongo.half]].map(
+          ([name, r]) => { const x = r as Result; return `| ${name as string} | ${Math.round(x.rps)} | ${x.p50.toFixed(2)} | ${x.p99.toFixed(2)} | ${Math.round(x.cpuUs)} | ${Math.round(x.mainUs)} | ${Number.isNaN(x.storeUs) ? "" : Math.round(x.storeUs)} | ${x.errors} |`; },
+        ),
+        "",
+        `${mongo.note}; MongoDB${process.env.REDIS_URL ? " + Redis" : ""} ÷ embedded = ${(mongo.peak.rps / embedded.rps).toFixed(2)} (target ≥ 0.8)`,
+      );
       process.stdout.write(lines.join("\n") + "\n");
     } finally {
       rmSync(work, { recursive: true, force: true });
@@ -629,41 +764,9 @@ async function main() {
     const mem = spawnSync(process.execPath, ["--expose-gc", "dist/bench/memory.js", join(dataDir, "latchkey.db"), hashesFile], { cwd: ROOT, encoding: "utf8" });
     const memory = JSON.parse(mem.stdout || "{}") as { bytesPerKey?: number; keys?: number; identities?: number };
 
-    let mongo: { peak: Result; half: Result } | null = null;
-    let mongoSeedMs = 0;
-    let mongoNote = "skipped: MONGODB_URI not set";
-    if (process.env.MONGODB_URI) {
-      const database = `latchkey_bench_${Date.now()}`;
-      const ms = new MongoStore({ uri: process.env.MONGODB_URI, database });
-      await ms.init();
-      const perIdentity = KEYS / IDENTITIES;
-      const mdata: Dataset = {
-        identities: data.identities.slice(0, Math.ceil(MONGO_KEYS / perIdentity)),
-        keys: data.keys.slice(0, MONGO_KEYS),
-        plaintexts: data.plaintexts.slice(0, MONGO_KEYS),
-      };
-      progress(`seeding ${MONGO_KEYS} keys across ${mdata.identities.length} identities (MongoDB store)`);
-      const t1 = Date.now();
-      const mRootKey = await seedMongo(ms, mdata);
-      mongoSeedMs = Date.now() - t1;
-      const mVerifyData = join(work, "verify-mongo.json");
-      writeFileSync(mVerifyData, JSON.stringify(mdata.plaintexts.map((key) => ({ key, api_id: "bench" }))));
-      // The warm-up pass reads each key once (on FerretDB a scan of the keys collection
-      // each); on a busy machine it can take longer than the default 60 s cache TTL, and
-      // the first keys would expire before the measured runs.
-      const env: Record<string, string> = { LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_CACHE_TTL_MS: "600000" };
-      if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
-      const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
-      const mmd = { authorization: `Bearer ${mRootKey}` };
-      await warm(srv, mmd, mVerifyData, MONGO_KEYS);
-      const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd });
-      const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, rps: peak.rps / 2 });
-      await stop(srv.proc);
-      await dropStore(ms, database);
-      await ms.close();
-      mongo = { peak, half };
-      mongoNote = `MongoDB store (${process.env.MONGODB_URI.replace(/\/\/[^@]*@/, "//")}, ${ms.layout} layout, ${MONGO_KEYS} keys across ${mdata.identities.length} identities, loaded in bulk in ${(mongoSeedMs / 1000).toFixed(1)} s), rate-limit counters: ${process.env.REDIS_URL ? "redis" : "auto (mongodb on MongoDB; in-process on FerretDB)"}, LATCHKEY_CACHE_TTL_MS=600000`;
-    }
+    let mongo: MongoRun | null = null;
+    if (process.env.MONGODB_URI) mongo = await mongoRun(work, data, latchkeyArgs, serverEnv, warm);
+    const mongoNote = mongo ? mongo.note : "skipped: MONGODB_URI not set";
 
     let cold: ColdKeys | null = null;
     if (process.env.MONGODB_URI) cold = await coldKeys(work, latchkeyArgs, serverEnv);
@@ -728,7 +831,7 @@ async function main() {
   }
 }
 
-main().then(
+main().finally(dropAll).then(
   () => process.exit(0),
   (err) => {
     process.stderr.write(`bench failed: ${(err as Error).stack}\n`);

@@ -11,7 +11,7 @@ import { createRedisClient } from "./redis.js";
 /** The store the configuration selects (not yet initialised). */
 export function createStore(config: Config): Store {
   if (config.store === "mongodb") {
-    return new MongoStore({ uri: config.mongodbUri!, database: config.mongodbDatabase });
+    return new MongoStore({ uri: config.mongodbUri!, database: config.mongodbDatabase, usageRollupMs: config.usageRollupMs });
   }
   return new SqliteStore(join(config.dataDir, "latchkey.db"));
 }

@@ -84,29 +84,6 @@ describeEachStore("store usage methods", (kind) => {
         expect(total(await read({ keyId }, g, true)), g).toEqual(counts({ total: 1, valid: 1 }));
       }
     });
-
-    it("sends a batch the first time by _id alone (the filter FerretDB pushes down) and a retry under the seq condition", async () => {
-      const { keyId, identityId } = ids();
-      const usage = (store() as unknown as { usage: { bulkWrite: (ops: { updateOne: { filter: Record<string, unknown> } }[], o?: unknown) => Promise<unknown> } }).usage;
-      const filters: Record<string, unknown>[][] = [];
-      const bulkWrite = usage.bulkWrite.bind(usage);
-      usage.bulkWrite = (ops, o) => {
-        filters.push(ops.map((op) => op.updateOne.filter));
-        return bulkWrite(ops, o);
-      };
-      try {
-        const w1 = writer("1");
-        const batch = rolledUp(Date.now(), keyId, identityId, { total: 1, valid: 1 });
-        await store().writeUsage(batch, { writer: w1, seq: 1 });
-        await store().writeUsage(batch, { writer: w1, seq: 1 });
-      } finally {
-        usage.bulkWrite = bulkWrite;
-      }
-      expect(filters).toHaveLength(2);
-      for (const f of filters[0]) expect(Object.keys(f)).toEqual(["_id"]);
-      for (const f of filters[1]) expect(Object.keys(f).sort()).toEqual(["$or", "_id"]);
-      expect(total(await read({ keyId }, "minute"))).toEqual(counts({ total: 1, valid: 1 }));
-    });
   }
 
   if (kind === "embedded") {

@@ -70,6 +70,8 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
       a.writeUsage(rolledUp(Date.now(), keyId, { total: 5 }), { writer: unique("a"), seq: 1 }),
       b.writeUsage(rolledUp(Date.now(), keyId, { total: 7 }), { writer: unique("b"), seq: 1 }),
     ]);
+    expect(await total(a, keyId)).toBe(12); // from the log, before any roll-up
+    await Promise.all([a.rollUpUsage(), b.rollUpUsage()]);
     expect(await rowsOf(keyId)).toHaveLength(2);
     expect(await total(a, keyId)).toBe(12);
     await Promise.all([a.close(), b.close()]);
@@ -84,6 +86,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
       const stores = await Promise.all(Array.from({ length: 8 }, () => open()));
       const keyId = `key_${unique("race")}`;
       await Promise.all(stores.map((s) => s.writeUsage(rolledUp(Date.now(), keyId, { total: 1 }), { writer: unique("p"), seq: 1 })));
+      await Promise.all(stores.map((s) => s.rollUpUsage()));
       const owners = (await db.find({ _id: { $in: Array.from({ length: 8 }, (_, n) => `w${n}`) } }).toArray()).map((d) => d.owner);
       expect(new Set(owners).size, `round ${round}: one owner per slot`).toBe(8);
       expect(await rowsOf(keyId), `round ${round}`).toHaveLength(8);
@@ -104,8 +107,9 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
     // While the lease runs, a new process takes another slot.
     const early = await open(400);
     await early.writeUsage(rolledUp(Date.now(), keyId, { total: 10 }), { writer: unique("early"), seq: 1 });
-    expect(await rowsOf(keyId)).toHaveLength(2);
-    await early.close();
+    expect(await total(early, keyId)).toBe(12); // the dead process's batches, from the log it left
+    await early.close(); // applies its own log: one row; the dead slot's log waits for the slot's next owner
+    expect(await rowsOf(keyId)).toHaveLength(1);
 
     // The early process gave its slot back; once the dead lease ran out, both slots
     // are free again and a restart reuses one of them: still two rows.
@@ -115,8 +119,11 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
     // The new owner's batch 1 is not mistaken for the dead owner's (whose rows are at seq 2).
     await next.writeUsage(rolledUp(Date.now(), keyId, { total: 100 }), { writer: w, seq: 1 });
     await next.writeUsage(rolledUp(Date.now(), keyId, { total: 100 }), { writer: w, seq: 1 }); // a retry
+    expect(await total(next, keyId)).toBe(112);
+    await next.rollUpUsage(); // the dead slot's log (its next owner's), then its own batch
     expect(await rowsOf(keyId)).toHaveLength(2);
     expect(await total(next, keyId)).toBe(112);
+    expect(await raw.db(database).collection("usage_log").countDocuments({})).toBe(0);
     await next.close();
   });
 
@@ -129,6 +136,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
     await new Promise((r) => setTimeout(r, 400));
     await s.writeUsage(rolledUp(Date.now(), keyId, { total: 3 }), { writer, seq: 1 }); // the retry of batch 1
     await s.writeUsage(rolledUp(Date.now(), keyId, { total: 4 }), { writer, seq: 2 });
+    await s.rollUpUsage();
     expect(await rowsOf(keyId)).toHaveLength(1);
     expect(await total(s, keyId)).toBe(7);
     await s.close();

@@ -28,6 +28,7 @@ import {
   type RootKeyHashDoc,
   type SettingDoc,
   type UsageDoc,
+  type UsageLogDoc,
 } from "./documents.js";
 import { isDuplicateKey, runMapped } from "./errors.js";
 
@@ -51,6 +52,12 @@ export interface MongoStoreOptions {
   serverSelectionTimeoutMs?: number;
   /** Lease of a usage writer slot (usage-slots.ts); default 60 s. */
   usageLeaseMs?: number;
+  /** How often the usage log is applied to the usage rows (usage.ts); default 30 s, 0: only at close and on `rollUpUsage`. */
+  usageRollupMs?: number;
+  /** Tests: called after each chunk of rows a usage roll-up applied; throwing stops it there, as a crash would. */
+  usageRollupAfterChunk?: (applied: number) => void | Promise<void>;
+  /** Tests: rows a usage roll-up applies per write (default 500). */
+  usageRollupChunk?: number;
   /**
    * How credits are written. "conditional": one conditional update per spend
    * (`remaining ≥ cost` in the filter, `$inc` in the update) and compare-and-set
@@ -100,6 +107,8 @@ export class MongoContext {
   /** One document holding (about) the newest seq, see newestSeq. */
   feedHeadDoc!: Collection<{ _id: string; seq: number }>;
   usage!: Collection<UsageDoc>;
+  /** Usage batches as flushed, until a roll-up applies them to `usage` (usage.ts). */
+  usageLog!: Collection<UsageLogDoc>;
   locks!: Collection<LockDoc>;
   lockManager!: LockManager;
   activity!: Collection<ActivityDoc>;
@@ -161,6 +170,8 @@ export class MongoContext {
       this.feedBucket = feedBucketSize(this.flavor);
       this.usage = this.db.collection<UsageDoc>("usage");
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
+      this.usageLog = this.db.collection<UsageLogDoc>("usage_log");
+      await this.usageLog.createIndex({ slot: 1, seq: 1 }, { name: "slot_seq" });
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });

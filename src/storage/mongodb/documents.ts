@@ -37,6 +37,10 @@ export interface KeyRef {
 export type SettingDoc = { _id: string; value: string };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
 export type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
+/** One row of a usage log document: granularity, bucket, key, identity, tag, and the counters in COUNTERS order (FerretDB 1.x stores no arrays of arrays). */
+export type UsageLogRow = { g: string; b: number; k: string; i: string | null; t: string; n: number[] };
+/** A flush of usage counts as written (usage_log): rows of one batch of one writer slot, applied to the rows by a roll-up (usage.ts). */
+export type UsageLogDoc = { _id: string; slot: string; seq: number; rows: UsageLogRow[] };
 export type ActivityDoc = { _id: string; lastUsedAt: number };
 /** The document holding a balance, as the credit methods read it. */
 export type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;

@@ -86,6 +86,14 @@ export class MongoStore extends MongoContext implements Store {
   writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     return this.usagePart.writeUsage(rows, batch);
   }
+  /** Applies the usage log of this process's writer slots to the usage rows now (usage.ts; otherwise every usageRollupMs and at close). */
+  rollUpUsage(): Promise<void> {
+    return this.usagePart.rollUp();
+  }
+  override async close(): Promise<void> {
+    await this.usagePart.close();
+    await super.close();
+  }
   queryUsage(q: UsageQuery): Promise<UsageRow[]> {
     return this.usagePart.queryUsage(q);
   }

@@ -1,0 +1,166 @@
+/**
+ * MongoDB usage: a flush is one insert into the usage log and writes no row; a
+ * roll-up applies the log to the rows by `_id` alone; a roll-up that stops
+ * half-way (a failure, or a crash of its process) is finished under the seq
+ * condition — by the same process, or by the slot's next owner — and counts
+ * every verification once; reads in between count each once too (log rows not
+ * yet applied added, applied ones not).
+ */
+import type { CommandStartedEvent } from "mongodb";
+import { MongoClient } from "mongodb";
+import { afterAll, beforeAll, expect, it } from "vitest";
+import { MongoStore, type MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
+import { emptyCounts, type UsageRow } from "../../src/domain/usage.js";
+import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/harness.js";
+import { DAY, describeWith, floorTo, MINUTE } from "./support.js";
+
+/** One minute row and one day row for each of `n` keys, `total` verifications each. */
+function batchOf(keys: string[], total: number, at = Date.now()): UsageRow[] {
+  return keys.flatMap((keyId) =>
+    (["minute", "day"] as const).map((g) => ({
+      granularity: g,
+      bucket: floorTo(at, g === "minute" ? MINUTE : DAY),
+      keyId,
+      identityId: "id_log",
+      tag: "",
+      counts: { ...emptyCounts(), total, valid: total },
+    })),
+  );
+}
+
+describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)", () => {
+  const uri = mongoUri()!;
+  let raw: MongoClient;
+  const databases: string[] = [];
+  beforeAll(async () => {
+    raw = new MongoClient(uri);
+    await raw.connect();
+  });
+  afterAll(async () => {
+    await raw?.close();
+    for (const d of databases) await dropDatabase(uri, d);
+  });
+
+  const open = async (database: string, opts: Partial<MongoStoreOptions> = {}) => {
+    const s = new MongoStore({ uri, database, serverSelectionTimeoutMs: 5000, usageRollupMs: 0, ...opts });
+    await s.init();
+    return s;
+  };
+  const fresh = () => {
+    const d = randomDatabaseName();
+    databases.push(d);
+    return d;
+  };
+  const identityTotal = async (s: MongoStore, g: "minute" | "day" = "day") =>
+    (await s.queryUsage({ by: { identityId: "id_log" }, granularity: g, start: 0, end: Date.now() + 2 * DAY, tagged: false, maxRows: 10_000 })).reduce((n, r) => n + r.counts.total, 0);
+  const logCount = (database: string) => raw.db(database).collection("usage_log").countDocuments({});
+  const rowCount = (database: string) => raw.db(database).collection("usage").countDocuments({});
+
+  it("writes a flush as one insert into the log, no row; the roll-up applies it by _id alone and empties the log", async () => {
+    const database = fresh();
+    const s = await open(database, { monitorCommands: true });
+    const commands: CommandStartedEvent[] = [];
+    s.client.on("commandStarted", (e) => commands.push(e));
+    try {
+      const keys = Array.from({ length: 300 }, (_, i) => `key_${unique(`a${i}`)}`);
+      await s.writeUsage(batchOf(keys, 1), { writer: "w-a", seq: 1 });
+      const writes = commands.filter((c) => ["insert", "update", "delete"].includes(c.commandName) && ["usage", "usage_log"].includes(String(c.command[c.commandName])));
+      expect(writes.map((c) => `${c.commandName} ${String(c.command[c.commandName])}`)).toEqual(["insert usage_log"]);
+      expect(await rowCount(database)).toBe(0);
+      expect(await identityTotal(s)).toBe(300); // read from the log
+
+      commands.length = 0;
+      await s.rollUpUsage();
+      const updates = commands.filter((c) => c.commandName === "update" && c.command.update === "usage");
+      expect(updates.length).toBeGreaterThan(0);
+      for (const u of updates) for (const op of u.command.updates as { q: Record<string, unknown> }[]) expect(Object.keys(op.q)).toEqual(["_id"]);
+      expect(await logCount(database)).toBe(0);
+      expect(await rowCount(database)).toBe(600);
+      expect(await identityTotal(s)).toBe(300);
+      expect(await identityTotal(s, "minute")).toBe(300);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it("sums the batches of a roll-up into one increment per row", async () => {
+    const database = fresh();
+    const s = await open(database, { monitorCommands: true });
+    const ops: unknown[] = [];
+    s.client.on("commandStarted", (e) => {
+      if (e.commandName === "update" && e.command.update === "usage") ops.push(...(e.command.updates as unknown[]));
+    });
+    try {
+      const keys = Array.from({ length: 10 }, (_, i) => `key_${unique(`s${i}`)}`);
+      for (let seq = 1; seq <= 5; seq++) await s.writeUsage(batchOf(keys, seq), { writer: "w-s", seq });
+      await s.rollUpUsage();
+      expect(ops).toHaveLength(20); // 10 keys × (minute, day), not × 5 batches
+      expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5));
+    } finally {
+      await s.close();
+    }
+  });
+
+  it("finishes a roll-up that failed half-way under the seq condition, counting once, and reads stay exact in between", async () => {
+    const database = fresh();
+    let failAfter: number | null = 50;
+    const s = await open(database, {
+      usageRollupChunk: 50,
+      usageRollupAfterChunk: (applied) => {
+        if (failAfter !== null && applied >= failAfter) {
+          failAfter = null;
+          throw new Error("injected: roll-up stopped");
+        }
+      },
+    });
+    try {
+      const keys = Array.from({ length: 60 }, (_, i) => `key_${unique(`f${i}`)}`); // 120 rows: three chunks of 50
+      await s.writeUsage(batchOf(keys, 2), { writer: "w-f", seq: 1 });
+      await expect(s.rollUpUsage()).rejects.toThrow(/injected/);
+      expect(await rowCount(database)).toBe(50); // half-way: the first chunk applied, the log still there
+      expect(await logCount(database)).toBe(1);
+      expect(await identityTotal(s)).toBe(120);
+      expect(await identityTotal(s, "minute")).toBe(120);
+      // A batch written meanwhile is not part of the unfinished roll-up, and is counted once too.
+      await s.writeUsage(batchOf(keys.slice(0, 10), 1), { writer: "w-f", seq: 2 });
+      await s.rollUpUsage();
+      expect(await logCount(database)).toBe(0);
+      expect(await identityTotal(s)).toBe(130);
+      expect(await identityTotal(s, "minute")).toBe(130);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it("lets the slot's next owner apply the log of a process that died half-way through a roll-up, once", async () => {
+    const database = fresh();
+    const dead = await open(database, {
+      usageLeaseMs: 400,
+      usageRollupChunk: 50,
+      usageRollupAfterChunk: (applied) => {
+        if (applied >= 50) throw new Error("injected: the process dies here");
+      },
+    });
+    const keys = Array.from({ length: 60 }, (_, i) => `key_${unique(`d${i}`)}`);
+    await dead.writeUsage(batchOf(keys, 1), { writer: "w-dead", seq: 1 });
+    await dead.writeUsage(batchOf(keys, 2), { writer: "w-dead", seq: 2 });
+    await expect(dead.rollUpUsage()).rejects.toThrow(/injected/);
+    // A crash: the connection goes, the lease is never given back, nothing more is written.
+    await dead.client.close(true);
+    expect(await rowCount(database)).toBe(50);
+
+    await new Promise((r) => setTimeout(r, 500)); // the lease runs out
+    const next = await open(database, { usageLeaseMs: 400, usageRollupChunk: 50 });
+    try {
+      expect(await identityTotal(next)).toBe(60 * 3);
+      await next.writeUsage(batchOf(keys.slice(0, 1), 10), { writer: "w-next", seq: 1 }); // takes the dead process's slot over
+      expect(await raw.db(database).collection("usage_writers").countDocuments({ _id: { $regex: "^w[0-9]+$" } } as never)).toBe(1);
+      await next.rollUpUsage();
+      expect(await logCount(database)).toBe(0);
+      expect(await identityTotal(next)).toBe(60 * 3 + 10);
+      expect(await identityTotal(next, "minute")).toBe(60 * 3 + 10);
+    } finally {
+      await next.close();
+    }
+  });
+});
