@@ -132,6 +132,42 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("applies a retried batch that never reached the log after the roll-up left unfinished, not before it", async () => {
+    const database = fresh();
+    let failAfter: number | null = 50;
+    const s = await open(database, {
+      usageRollupChunk: 50,
+      usageRollupAfterChunk: (applied) => {
+        if (failAfter !== null && applied >= failAfter) {
+          failAfter = null;
+          throw new Error("injected: roll-up stopped");
+        }
+      },
+    });
+    const log = (s as unknown as { usageLog: { insertMany: (...a: unknown[]) => Promise<unknown> } }).usageLog;
+    const insertMany = log.insertMany.bind(log);
+    try {
+      const keys = Array.from({ length: 60 }, (_, i) => `key_${unique(`u${i}`)}`);
+      await s.writeUsage(batchOf(keys, 1), { writer: "w-u", seq: 1 });
+      await expect(s.rollUpUsage()).rejects.toThrow(/injected/); // 50 of 120 rows at the roll-up's seq
+      // The next batch's insert fails without landing (the store went away); the recorder sends it again.
+      log.insertMany = async () => {
+        throw Object.assign(new Error("injected: connection closed"), { name: "MongoNetworkError" });
+      };
+      await expect(s.writeUsage(batchOf(keys, 2), { writer: "w-u", seq: 2 })).rejects.toThrow(/MongoNetworkError/);
+      log.insertMany = insertMany;
+      await s.writeUsage(batchOf(keys, 2), { writer: "w-u", seq: 2 });
+      expect(await identityTotal(s)).toBe(60 * 3);
+      await s.rollUpUsage();
+      expect(await logCount(database)).toBe(0);
+      expect(await identityTotal(s)).toBe(60 * 3);
+      expect(await identityTotal(s, "minute")).toBe(60 * 3);
+    } finally {
+      log.insertMany = insertMany;
+      await s.close();
+    }
+  });
+
   it("lets the slot's next owner apply the log of a process that died half-way through a roll-up, once", async () => {
     const database = fresh();
     const dead = await open(database, {

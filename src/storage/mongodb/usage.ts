@@ -117,6 +117,10 @@ export class MongoUsage {
         if (more.length > 0) await this.insertLog(more);
         this.inDoubt.delete(slot.id);
       } else {
+        // Applied directly, under its seq — after everything older in the log
+        // (and a roll-up left unfinished): a row raised to this seq first would
+        // make the older documents look applied to it.
+        await this.rollSlot(slot, batch.writer);
         await this.apply(slot, batch.writer, rows, seq, true);
       }
     }
