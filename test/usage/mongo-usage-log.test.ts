@@ -1,10 +1,11 @@
 /**
  * MongoDB usage: a flush is one insert into the usage log and writes no row; a
- * roll-up applies the log to the rows by `_id` alone; a roll-up that stops
- * half-way (a failure, or a crash of its process) is finished under the seq
- * condition — by the same process, or by the slot's next owner — and counts
- * every verification once; reads in between count each once too (log rows not
- * yet applied added, applied ones not).
+ * roll-up writes the rows it touches again as new versions (inserts) and
+ * deletes the older ones and the log — no update, no `_id` lookup; a roll-up
+ * that stops half-way (a failure, or a crash of its process) is finished by
+ * running it again — in the same process, or by the slot's next owner — and
+ * counts every verification once; reads in between count each once too (the
+ * newest version of a row, and the log rows above its seq).
  */
 import type { CommandStartedEvent } from "mongodb";
 import { MongoClient } from "mongodb";
@@ -56,7 +57,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
   const logCount = (database: string) => raw.db(database).collection("usage_log").countDocuments({});
   const rowCount = (database: string) => raw.db(database).collection("usage").countDocuments({});
 
-  it("writes a flush as one insert into the log, no row; the roll-up applies it by _id alone and empties the log", async () => {
+  it("writes a flush as one insert into the log, no row; the roll-up inserts the rows, updates none, and empties the log", async () => {
     const database = fresh();
     const s = await open(database, { monitorCommands: true });
     const commands: CommandStartedEvent[] = [];
@@ -71,9 +72,9 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
 
       commands.length = 0;
       await s.rollUpUsage();
-      const updates = commands.filter((c) => c.commandName === "update" && c.command.update === "usage");
-      expect(updates.length).toBeGreaterThan(0);
-      for (const u of updates) for (const op of u.command.updates as { q: Record<string, unknown> }[]) expect(Object.keys(op.q)).toEqual(["_id"]);
+      // Inserts and range deletes only: no update, so nothing looks a document up by _id (a scan on FerretDB).
+      const rowWrites = commands.filter((c) => ["insert", "update", "delete"].includes(c.commandName) && c.command[c.commandName] === "usage");
+      expect(new Set(rowWrites.map((c) => c.commandName))).toEqual(new Set(["insert", "delete"]));
       expect(await logCount(database)).toBe(0);
       expect(await rowCount(database)).toBe(600);
       expect(await identityTotal(s)).toBe(300);
@@ -88,14 +89,26 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     const s = await open(database, { monitorCommands: true });
     const ops: unknown[] = [];
     s.client.on("commandStarted", (e) => {
-      if (e.commandName === "update" && e.command.update === "usage") ops.push(...(e.command.updates as unknown[]));
+      if (e.commandName === "insert" && e.command.insert === "usage") ops.push(...(e.command.documents as unknown[]));
     });
     try {
       const keys = Array.from({ length: 10 }, (_, i) => `key_${unique(`s${i}`)}`);
       for (let seq = 1; seq <= 5; seq++) await s.writeUsage(batchOf(keys, seq), { writer: "w-s", seq });
       await s.rollUpUsage();
       expect(ops).toHaveLength(20); // 10 keys × (minute, day), not × 5 batches
+      expect(await rowCount(database)).toBe(20);
       expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5));
+      // The next roll-up starts from the rows this one left (no read of the usage collection), and stays exact.
+      const finds: string[] = [];
+      s.client.on("commandStarted", (e) => {
+        if (e.commandName === "find") finds.push(String(e.command.find));
+      });
+      await s.writeUsage(batchOf(keys, 7), { writer: "w-s", seq: 6 });
+      await s.rollUpUsage();
+      expect(finds.filter((c) => c === "usage")).toEqual([]);
+      expect(await rowCount(database)).toBe(20);
+      expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5 + 7));
+      expect(await identityTotal(s, "minute")).toBe(10 * (1 + 2 + 3 + 4 + 5 + 7));
     } finally {
       await s.close();
     }

@@ -174,6 +174,7 @@ export class MongoContext {
       await this.usageLog.createIndex({ slot: 1, seq: 1 }, { name: "slot_seq" });
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
+      await this.usage.createIndex({ s: 1, g: 1, b: 1 }, { name: "slot_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");

@@ -36,7 +36,8 @@ export interface KeyRef {
 }
 export type SettingDoc = { _id: string; value: string };
 /** A usage row of one writer (one server process); `seq` is the last batch applied to it. */
-export type UsageDoc = { _id: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
+/** A version of a usage row (usage.ts): `r` the row id, `s` its writer slot, `seq` the roll-up that wrote it; rows from before versions have neither `r` nor `s` (`_id` is the row id). */
+export type UsageDoc = { _id: string; r?: string; s?: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number } & Counts;
 /** One row of a usage log document: granularity, bucket, key, identity, tag, and the counters in COUNTERS order (FerretDB 1.x stores no arrays of arrays). */
 export type UsageLogRow = { g: string; b: number; k: string; i: string | null; t: string; n: number[] };
 /** A flush of usage counts as written (usage_log): rows of one batch of one writer slot, applied to the rows by a roll-up (usage.ts). */

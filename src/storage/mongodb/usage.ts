@@ -1,9 +1,11 @@
 import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
+import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { isDuplicateCode, isDuplicateKey } from "./errors.js";
 import type { MongoContext } from "./context.js";
 import type { Slot } from "./usage-slots.js";
-import type { UsageLogDoc, UsageLogRow as LogRow } from "./documents.js";
+import type { UsageDoc, UsageLogDoc, UsageLogRow as LogRow } from "./documents.js";
+
+type UsageRowDoc = UsageDoc;
 
 
 /** Rows per usage log document (a batch larger than this is written as several parts). */
@@ -16,6 +18,20 @@ const rowId = (slot: string, r: { granularity: string; bucket: number; keyId: st
 
 function toLogRow(r: UsageRow): LogRow {
   return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) };
+}
+
+/** A version of a usage row: `<row id>#<seq>` (rows written before versions have the row id as `_id`). */
+function toRowDoc(slot: string, id: string, r: UsageRow, seq: number): UsageRowDoc {
+  const doc: UsageRowDoc = { _id: `${id}#${seq}`, r: id, s: slot, seq, g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } as UsageRowDoc;
+  for (const c of COUNTERS) doc[c] = r.counts[c];
+  return doc;
+}
+
+function fromRowDoc(d: UsageDoc): UsageRow {
+  const counts = {} as Counts;
+  for (const c of COUNTERS) counts[c] = d[c] ?? 0;
+  // `i ?? null`: FerretDB leaves a null out of $setOnInsert.
+  return { granularity: d.g as Granularity, bucket: d.b, keyId: d.k, identityId: d.i ?? null, tag: d.tag, counts };
 }
 
 function fromLogRow(l: LogRow): UsageRow {
@@ -51,10 +67,6 @@ function fromLogRow(l: LogRow): UsageRow {
  * and is not counted twice.
  */
 export class MongoUsage {
-  /** Per slot, the row seq of the last roll-up this process sent (a retry of it uses the seq condition). */
-  private readonly attempted = new Map<string, number>();
-  /** A roll-up that failed, retried as it was (same documents, same seq) before anything newer. */
-  private readonly unfinished = new Map<string, { seq: number; rows: UsageRow[]; ids: string[] }>();
   /** Recorder writers this process wrote for (their slots are rolled up). */
   private readonly writers = new Set<string>();
   /** Per slot, the seq of the last batch this process sent: sending it again is a retry. */
@@ -65,6 +77,14 @@ export class MongoUsage {
    * has inserted the rest (deleting them would let the retry insert them again).
    */
   private readonly inDoubt = new Map<string, number>();
+  /**
+   * Per slot, the rows this process knows: every row of the slot from bucket
+   * `from[g]` on, as its last completed roll-up left them, under the lease that
+   * began at `base` — so the next roll-up need not read them back (on FerretDB
+   * a scan of the usage collection per granularity). Dropped by anything that
+   * may change them behind it: a roll-up that fails, a prune, another lease.
+   */
+  private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: Map<string, { row: UsageRow; seq: number }> }>();
   private rolling: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
@@ -102,8 +122,8 @@ export class MongoUsage {
       this.inDoubt.delete(slot.id);
     } else {
       // Sent before (a retry): what landed of it is either still in the log, or
-      // was applied by a roll-up (a batch in doubt stays in the log, so then the
-      // whole batch had landed and its rows carry a seq at or above this one).
+      // was rolled up (a batch in doubt stays in the log, so then the whole batch
+      // had landed, and its rows have a version at or above this seq).
       const present = await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id, seq }).toArray());
       if (present.length > 0) {
         const have = new Set(present.flatMap((d) => d.rows.map((l) => rowId(slot.id, fromLogRow(l)))));
@@ -116,12 +136,11 @@ export class MongoUsage {
         this.inDoubt.set(slot.id, seq);
         if (more.length > 0) await this.insertLog(more);
         this.inDoubt.delete(slot.id);
-      } else {
-        // Applied directly, under its seq — after everything older in the log
-        // (and a roll-up left unfinished): a row raised to this seq first would
-        // make the older documents look applied to it.
-        await this.rollSlot(slot, batch.writer);
-        await this.apply(slot, batch.writer, rows, seq, true);
+      } else if (!(await this.rolledPast(slot.id, rows[0], seq))) {
+        // Not in the log and not rolled up (a roll-up takes a batch whole): it never landed.
+        this.inDoubt.set(slot.id, seq);
+        await this.insertLog(docs);
+        this.inDoubt.delete(slot.id);
       }
     }
     // Before the next batch: a new owner of the slot starts past this seq.
@@ -164,7 +183,7 @@ export class MongoUsage {
       for (const writer of this.writers) {
         await this.exclusive(async () => {
           const slot = await this.ctx.run(() => this.ctx.usageSlots.slotFor(writer));
-          await this.rollSlot(slot, writer);
+          await this.rollSlot(slot);
         });
       }
     })().finally(() => {
@@ -173,102 +192,107 @@ export class MongoUsage {
     return this.rolling;
   }
 
-  private async rollSlot(slot: Slot, writer: string): Promise<void> {
-    const base = slot.rowSeq(0);
-    // A roll-up of this slot that failed: the same documents under the same seq first.
-    const left = this.unfinished.get(slot.id);
-    if (left) {
-      await this.apply(slot, writer, left.rows, left.seq, true);
-      await this.deleteLog(left.ids);
-      this.unfinished.delete(slot.id);
-    }
-    const docs = await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id }).toArray());
-    if (docs.length === 0) return;
-    // A previous owner's documents (below this lease's first seq): one seq at a
-    // time, in order, under the seq condition — a roll-up of theirs that stopped
-    // half-way left its rows at its seq, at or above these.
-    const old = docs.filter((d) => d.seq < base).sort((a, b) => a.seq - b.seq);
-    for (let i = 0; i < old.length; ) {
-      const seq = old[i].seq;
-      const same: UsageLogDoc[] = [];
-      while (i < old.length && old[i].seq === seq) same.push(old[i++]);
-      await this.apply(slot, writer, same.flatMap((d) => d.rows.map(fromLogRow)), seq, true);
-      await this.deleteLog(same.map((d) => d._id));
-    }
+  /**
+   * Rolls the slot's log up: every row of the slot in the buckets the log
+   * touches is written again as a new version under the newest seq among the
+   * log documents — its newest version plus the log rows of documents above
+   * that version's seq — then the older versions and the log documents are
+   * deleted. Inserts and two range deletes: no update, so nothing on FerretDB
+   * looks a document up by `_id` (a scan there, docs/usage-storage.md). A
+   * roll-up stopped anywhere is finished by running it again (here or by the
+   * slot's next owner): a row whose version is already this seq is skipped, the
+   * others come out the same.
+   */
+  private async rollSlot(slot: Slot): Promise<void> {
     const doubt = this.inDoubt.get(slot.id) ?? Infinity;
-    const own = docs.filter((d) => d.seq >= base && d.seq < doubt);
-    if (own.length === 0) return;
-    // This lease's documents: summed into one increment per row, under the
-    // newest seq among them (every row of this slot is below it).
-    const seq = Math.max(...own.map((d) => d.seq));
-    const sum = new Map<string, UsageRow>();
-    for (const d of own) {
+    const docs = (await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id }).toArray())).filter((d) => d.seq < doubt);
+    if (docs.length === 0) return;
+    const seq = Math.max(...docs.map((d) => d.seq));
+    const parts = new Map<string, { row: UsageRow; from: { seq: number; counts: Counts }[] }>();
+    const since = new Map<string, number>(); // per granularity, the oldest bucket the log touches
+    for (const d of docs) {
       for (const l of d.rows) {
         const r = fromLogRow(l);
         const id = rowId(slot.id, r);
-        const into = sum.get(id);
-        if (!into) sum.set(id, r);
-        else for (const c of COUNTERS) into.counts[c] += r.counts[c];
+        let p = parts.get(id);
+        if (!p) parts.set(id, (p = { row: r, from: [] }));
+        p.from.push({ seq: d.seq, counts: r.counts });
+        since.set(r.granularity, Math.min(since.get(r.granularity) ?? Infinity, r.bucket));
       }
     }
-    const roll = { seq, rows: [...sum.values()], ids: own.map((d) => d._id) };
-    this.unfinished.set(slot.id, roll);
-    await this.apply(slot, writer, roll.rows, seq, this.attempted.get(slot.id) === seq);
-    await this.deleteLog(roll.ids);
-    this.unfinished.delete(slot.id);
+    const base = slot.rowSeq(0);
+    const k = this.known.get(slot.id);
+    this.known.delete(slot.id); // until this roll-up completes
+    const covered = !!k && k.base === base && [...since].every(([g, b]) => (k.from.get(g) ?? Infinity) <= b);
+    const newest = covered ? new Map([...k!.rows].filter(([, v]) => v.row.bucket >= since.get(v.row.granularity)!)) : await this.versions(slot.id, since);
+    const after = new Map(newest);
+    const out: UsageRowDoc[] = [];
+    for (const id of new Set([...newest.keys(), ...parts.keys()])) {
+      const have = newest.get(id);
+      if (have && have.seq >= seq) continue; // this roll-up's version is there (a roll-up run again)
+      const p = parts.get(id);
+      const row: UsageRow = { ...(have?.row ?? p!.row), counts: { ...(have?.row.counts ?? emptyCounts()) } };
+      for (const f of p?.from ?? []) if (f.seq > (have?.seq ?? -1)) for (const c of COUNTERS) row.counts[c] += f.counts[c];
+      out.push(toRowDoc(slot.id, id, row, seq));
+      after.set(id, { row, seq });
+    }
+    const chunkSize = this.ctx.opts.usageRollupChunk ?? 500;
+    for (let i = 0; i < out.length; i += chunkSize) {
+      await this.insertRows(out.slice(i, i + chunkSize));
+      await this.ctx.opts.usageRollupAfterChunk?.(Math.min(out.length, i + chunkSize));
+    }
+    for (const [g, b] of since) {
+      await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: b }, s: slot.id, seq: { $lt: seq } }));
+    }
+    await this.deleteLog(docs.map((d) => d._id));
+    this.known.set(slot.id, { base, from: since, rows: after });
+  }
+
+  /** The newest version of each row of the slot from bucket `since[g]` on, per granularity. */
+  private async versions(slot: string, since: Map<string, number>): Promise<Map<string, { row: UsageRow; seq: number }>> {
+    const newest = new Map<string, { row: UsageRow; seq: number }>();
+    for (const [g, b] of since) {
+      // `s: null`: rows written before versions carry no slot (their _id starts with it).
+      const docs = await this.ctx.run(() => this.ctx.usage.find({ s: { $in: [slot, null] as string[] }, g, b: { $gte: b } }).toArray());
+      for (const d of docs) {
+        const id = d.r ?? String(d._id);
+        if (!id.startsWith(`${slot}|`)) continue;
+        const v = d.seq ?? 0;
+        const have = newest.get(id);
+        if (!have || have.seq < v) newest.set(id, { row: fromRowDoc(d), seq: v });
+      }
+    }
+    return newest;
+  }
+
+  /** Whether a roll-up took batch `seq` in (its rows have a version at or above it). */
+  private async rolledPast(slot: string, r: UsageRow, seq: number): Promise<boolean> {
+    const v = await this.versions(slot, new Map([[r.granularity, r.bucket]]));
+    return (v.get(rowId(slot, r))?.seq ?? -1) >= seq;
+  }
+
+  private async insertRows(docs: UsageRowDoc[]): Promise<void> {
+    await this.ctx.run(async () => {
+      try {
+        await this.ctx.usage.insertMany(docs, { ordered: false });
+      } catch (err) {
+        if (!isDuplicateKey(err) && !hasOnlyDuplicates(err)) throw err;
+        // A roll-up run again: versions it inserted before are duplicates (FerretDB stops at the first).
+        for (const d of docs) {
+          try {
+            await this.ctx.usage.insertOne(d);
+          } catch (e) {
+            if (!isDuplicateKey(e)) throw e;
+          }
+        }
+      }
+    });
   }
 
   private async deleteLog(ids: string[]): Promise<void> {
     for (let i = 0; i < ids.length; i += 500) {
       const chunk = ids.slice(i, i + 500);
       await this.ctx.run(() => this.ctx.usageLog.deleteMany({ _id: { $in: chunk } }));
-    }
-  }
-
-  /**
-   * Adds `rows` to the slot's row documents under `seq`: with `retry`, only to
-   * rows below `seq` (a row already at it was reached by an earlier attempt).
-   */
-  private async apply(slot: Slot, writer: string, rows: UsageRow[], seq: number, retry: boolean): Promise<void> {
-    this.attempted.set(slot.id, seq);
-    const ops = rows.map((r) => {
-      const inc: Record<string, number> = {};
-      for (const c of COUNTERS) if (r.counts[c] !== 0) inc[c] = r.counts[c];
-      const _id = rowId(slot.id, r);
-      return {
-        updateOne: {
-          // Only `_id` is pushed down to SQLite by FerretDB; the seq condition is evaluated on every document.
-          filter: retry ? { _id, $or: [{ seq: { $exists: false } }, { seq: { $lt: seq } }] } : { _id },
-          update: { $inc: inc, $set: { seq }, $setOnInsert: { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } },
-          upsert: true,
-        },
-      };
-    });
-    const chunkSize = this.ctx.opts.usageRollupChunk ?? 500;
-    for (let i = 0; i < ops.length; i += chunkSize) {
-      // Still this process's slot (a lease that lapsed and was taken over is the new owner's to roll up).
-      const now = await this.ctx.run(() => this.ctx.usageSlots.slotFor(writer));
-      if (now.id !== slot.id) throw new Error(`usage writer slot ${slot.id} was taken over; its new owner applies its log`);
-      const chunk = ops.slice(i, i + chunkSize);
-      await this.ctx.run(async () => {
-        try {
-          await this.ctx.usage.bulkWrite(chunk as never, { ordered: false });
-        } catch (err) {
-          if (!hasOnlyDuplicates(err)) throw err;
-          // FerretDB ends even an unordered batch at its first error, without
-          // applying or reporting the rest: apply the chunk again row by row,
-          // under the seq condition (a row already at this seq is skipped).
-          for (const op of chunk) {
-            const filter = { _id: op.updateOne.filter._id, $or: [{ seq: { $exists: false } }, { seq: { $lt: seq } }] };
-            try {
-              await this.ctx.usage.updateOne(filter, op.updateOne.update, { upsert: true });
-            } catch (e) {
-              if (!isDuplicateKey(e)) throw e;
-            }
-          }
-        }
-      });
-      await this.ctx.opts.usageRollupAfterChunk?.(Math.min(ops.length, i + chunkSize));
     }
   }
 
@@ -283,16 +307,18 @@ export class MongoUsage {
       tag: q.tagged ? { $ne: "" } : "",
     };
     // The log first: a roll-up between the two reads is then seen in the rows (and skipped in the log).
-    const log = await this.ctx.run(() => this.ctx.usageLog.find({}).toArray());
+    // Only documents with a row of this identity or key come back (the filter runs in the server).
+    const log = await this.ctx.run(() => this.ctx.usageLog.find(byIdentity ? { "rows.i": want } : { "rows.k": want }).toArray());
     const docs = await this.ctx.run(() => this.ctx.usage.find(filter).limit(q.maxRows + 1).toArray());
     const tooMany = () => new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
     if (docs.length > q.maxRows) throw tooMany();
+    // A row may have several versions for a moment (a roll-up inserts the new one before deleting the old): the newest counts.
     const out = new Map<string, { row: UsageRow; seq: number }>();
     for (const d of docs) {
-      const counts = {} as Counts;
-      for (const c of COUNTERS) counts[c] = d[c] ?? 0;
-      // `i ?? null`: FerretDB leaves a null out of $setOnInsert.
-      out.set(String(d._id), { row: { granularity: d.g as Granularity, bucket: d.b, keyId: d.k, identityId: d.i ?? null, tag: d.tag, counts }, seq: d.seq ?? 0 });
+      const id = d.r ?? String(d._id);
+      const v = d.seq ?? 0;
+      const have = out.get(id);
+      if (!have || have.seq < v) out.set(id, { row: fromRowDoc(d), seq: v });
     }
     for (const d of log) {
       for (const l of d.rows) {
@@ -300,7 +326,7 @@ export class MongoUsage {
         const r = fromLogRow(l);
         const id = rowId(d.slot, r);
         const have = out.get(id);
-        if (!have) out.set(id, { row: r, seq: 0 });
+        if (!have) out.set(id, { row: r, seq: -1 });
         else if (have.seq < d.seq) for (const c of COUNTERS) have.row.counts[c] += r.counts[c];
       }
     }
@@ -311,6 +337,7 @@ export class MongoUsage {
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     // This process's log first, so what is pruned is not read back from it.
     await this.rollUp();
+    this.known.clear();
     await this.ctx.run(() => this.ctx.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
