@@ -47,6 +47,19 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     await s.init();
     return s;
   };
+  /** A store whose first roll-up stops after its first chunk of 50 rows (as if it failed there). */
+  const openStoppingOnce = (database: string) => {
+    let failAfter: number | null = 50;
+    return open(database, {
+      usageRollupChunk: 50,
+      usageRollupAfterChunk: (applied) => {
+        if (failAfter !== null && applied >= failAfter) {
+          failAfter = null;
+          throw new Error("injected: roll-up stopped");
+        }
+      },
+    });
+  };
   const fresh = () => {
     const d = randomDatabaseName();
     databases.push(d);
@@ -114,18 +127,9 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
-  it("finishes a roll-up that failed half-way under the seq condition, counting once, and reads stay exact in between", async () => {
+  it("finishes a roll-up that failed half-way by running it again, counting once, and reads stay exact in between", async () => {
     const database = fresh();
-    let failAfter: number | null = 50;
-    const s = await open(database, {
-      usageRollupChunk: 50,
-      usageRollupAfterChunk: (applied) => {
-        if (failAfter !== null && applied >= failAfter) {
-          failAfter = null;
-          throw new Error("injected: roll-up stopped");
-        }
-      },
-    });
+    const s = await openStoppingOnce(database);
     try {
       const keys = Array.from({ length: 60 }, (_, i) => `key_${unique(`f${i}`)}`); // 120 rows: three chunks of 50
       await s.writeUsage(batchOf(keys, 2), { writer: "w-f", seq: 1 });
@@ -147,16 +151,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
 
   it("applies a retried batch that never reached the log after the roll-up left unfinished, not before it", async () => {
     const database = fresh();
-    let failAfter: number | null = 50;
-    const s = await open(database, {
-      usageRollupChunk: 50,
-      usageRollupAfterChunk: (applied) => {
-        if (failAfter !== null && applied >= failAfter) {
-          failAfter = null;
-          throw new Error("injected: roll-up stopped");
-        }
-      },
-    });
+    const s = await openStoppingOnce(database);
     const log = (s as unknown as { usageLog: { insertMany: (...a: unknown[]) => Promise<unknown> } }).usageLog;
     const insertMany = log.insertMany.bind(log);
     try {

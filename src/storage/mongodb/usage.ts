@@ -1,3 +1,4 @@
+import type { Collection } from "mongodb";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { isDuplicateCode, isDuplicateKey } from "./errors.js";
@@ -148,23 +149,9 @@ export class MongoUsage {
     this.startTimer();
   }
 
-  private async insertLog(docs: UsageLogDoc[]): Promise<void> {
-    await this.ctx.run(async () => {
-      try {
-        await this.ctx.usageLog.insertMany(docs, { ordered: false });
-      } catch (err) {
-        if (!isDuplicateKey(err) && !hasOnlyDuplicates(err)) throw err;
-        // A retried batch: the parts that landed before are duplicates. FerretDB
-        // ends even an unordered insert at its first error, so the rest one by one.
-        for (const d of docs) {
-          try {
-            await this.ctx.usageLog.insertOne(d);
-          } catch (e) {
-            if (!isDuplicateKey(e)) throw e;
-          }
-        }
-      }
-    });
+  /** A retried batch: the parts that landed before are duplicates, and skipped. */
+  private insertLog(docs: UsageLogDoc[]): Promise<void> {
+    return this.insertSkippingDuplicates(this.ctx.usageLog, docs);
   }
 
   private startTimer(): void {
@@ -271,16 +258,21 @@ export class MongoUsage {
     return (v.get(rowId(slot, r))?.seq ?? -1) >= seq;
   }
 
-  private async insertRows(docs: UsageRowDoc[]): Promise<void> {
+  /** A roll-up run again: the versions it inserted before are duplicates, and skipped. */
+  private insertRows(docs: UsageRowDoc[]): Promise<void> {
+    return this.insertSkippingDuplicates(this.ctx.usage, docs);
+  }
+
+  /** Inserts `docs`, skipping those whose `_id` is there already (FerretDB ends even an unordered insert at its first error: then the rest one by one). */
+  private async insertSkippingDuplicates<T extends { _id: string }>(coll: Collection<T>, docs: T[]): Promise<void> {
     await this.ctx.run(async () => {
       try {
-        await this.ctx.usage.insertMany(docs, { ordered: false });
+        await coll.insertMany(docs as never, { ordered: false });
       } catch (err) {
         if (!isDuplicateKey(err) && !hasOnlyDuplicates(err)) throw err;
-        // A roll-up run again: versions it inserted before are duplicates (FerretDB stops at the first).
         for (const d of docs) {
           try {
-            await this.ctx.usage.insertOne(d);
+            await coll.insertOne(d as never);
           } catch (e) {
             if (!isDuplicateKey(e)) throw e;
           }
