@@ -1,5 +1,6 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import net from "node:net";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -67,11 +68,22 @@ export async function answering(port: number): Promise<void> {
   }
 }
 
+function dataDir(): string {
+  const d = mkdtempSync(join(tmpdir(), "latchkey-bench-data-"));
+  dataDirs.push(d);
+  return d;
+}
+
+/** Data directories of the servers started here (bootstrap root key files), removed when the benchmark exits. */
+const dataDirs: string[] = [];
+process.on("exit", () => dataDirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
 /** A Latchkey server of this checkout's build with `env`; resolves with its port once it listens. */
 export function startLatchkey(env: Record<string, string>): Promise<{ proc: ChildProcess; port: number }> {
   const proc = spawn(process.execPath, ["dist/src/cli.js", "serve"], {
     cwd: ROOT,
-    env: { ...process.env, LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", ...env },
+    // LATCHKEY_DATA_DIR: a server on MongoDB writes its bootstrap root key there — a temporary directory, not the checkout's data/.
+    env: { ...process.env, LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: dataDir(), ...env },
     stdio: ["ignore", "pipe", "inherit"],
   });
   children.add(proc);
