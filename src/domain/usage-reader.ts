@@ -7,6 +7,7 @@ import type { IdentityRepository } from "./ports/identities.js";
 import type { KeyRepository } from "./ports/keys.js";
 import type { UsageStore } from "./ports/usage-store.js";
 import { BUCKET_MS, addCounts, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "./usage.js";
+import { groupBy } from "./group-by.js";
 
 export type GroupBy = "none" | "key" | "outcome" | "tag";
 
@@ -104,13 +105,7 @@ export function createUsageReader(deps: {
   }
 
   function group(rows: UsageRow[], by: (r: UsageRow) => string): Map<string, UsageRow[]> {
-    const m = new Map<string, UsageRow[]>();
-    for (const r of rows) {
-      const k = by(r);
-      const list = m.get(k);
-      if (list) list.push(r);
-      else m.set(k, [r]);
-    }
+    const m = groupBy(rows, by);
     if (m.size > MAX_SERIES) throw new InvalidArgumentError("group_by", `the range has ${m.size} groups; at most ${MAX_SERIES} are answered`);
     return m;
   }

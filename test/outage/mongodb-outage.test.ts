@@ -20,9 +20,8 @@
  */
 import { MongoClient } from "mongodb";
 import { storedKeyDoc } from "../support/stored-key.js";
-import { afterEach, expect } from "vitest";
+import { expect } from "vitest";
 import {
-  dropMongoDatabase,
   findTool,
   grpcClients,
   itWithTool,
@@ -35,7 +34,7 @@ import {
   type ServerProcess,
 } from "../integration/support.js";
 import { describeWith, redisUrl } from "../verify/support.js";
-import { healthTurns, metric, startFerretDb, statusOf, steadyLoad, tally, verifyOnce, type FerretDb, type Outcome } from "./support.js";
+import { healthTurns, metric, outageFixtures, startFerretDb, statusOf, steadyLoad, tally, verifyOnce, type FerretDb, type Outcome } from "./support.js";
 
 const since = (t: number) => ({ seconds: String(Math.floor(t / 1000)), nanos: 0 });
 /** Short cache times, so that every cache entry in play outlives its TTL during the outage. */
@@ -57,22 +56,7 @@ interface Node {
 }
 
 describeWith("REDIS_URL", redisUrl(), "a MongoDB outage under load", () => {
-  const started: { servers: ServerProcess[]; clients: GrpcClients[]; ferret: FerretDb | null; databases: string[] } = {
-    servers: [],
-    clients: [],
-    ferret: null,
-    databases: [],
-  };
-  afterEach(async () => {
-    for (const c of started.clients.splice(0)) c.close();
-    await Promise.all(started.servers.splice(0).map((s) => s.kill("SIGKILL")));
-    if (started.ferret) {
-      await started.ferret.start().catch(() => undefined);
-      for (const d of started.databases.splice(0)) await dropMongoDatabase(d).catch(() => undefined);
-      await started.ferret.kill();
-      started.ferret = null;
-    }
-  });
+  const started = outageFixtures();
 
   async function node(ferret: FerretDb, env: Record<string, string>): Promise<Node> {
     const database = uniqueName("lk_outage");

@@ -12,21 +12,11 @@
  */
 import { storedKeyDoc } from "../support/stored-key.js";
 import { MongoClient } from "mongodb";
-import { afterEach, expect } from "vitest";
-import { dropMongoDatabase, findTool, grpcClients, itWithTool, runCli, sleep, startServer, uniqueName, type GrpcClients, type Msg, type ServerProcess } from "../integration/support.js";
-import { healthTurns, metric, startFerretDb, statusOf, type FerretDb } from "./support.js";
+import { expect } from "vitest";
+import { findTool, grpcClients, itWithTool, runCli, sleep, startServer, uniqueName, type Msg } from "../integration/support.js";
+import { healthTurns, metric, outageFixtures, startFerretDb, statusOf } from "./support.js";
 
-const started: { servers: ServerProcess[]; clients: GrpcClients[]; ferret: FerretDb | null; databases: string[] } = { servers: [], clients: [], ferret: null, databases: [] };
-afterEach(async () => {
-  for (const c of started.clients.splice(0)) c.close();
-  await Promise.all(started.servers.splice(0).map((s) => s.kill("SIGKILL")));
-  if (started.ferret) {
-    await started.ferret.start().catch(() => undefined);
-    for (const d of started.databases.splice(0)) await dropMongoDatabase(d).catch(() => undefined);
-    await started.ferret.kill();
-    started.ferret = null;
-  }
-});
+const started = outageFixtures();
 
 itWithTool(
   findTool("ferretdb"),

@@ -8,7 +8,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { rmSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { MongoClient } from "mongodb";
-import { freePort, sleep, tempDir, type GrpcClients, type Msg } from "../integration/support.js";
+import { afterEach } from "vitest";
+import { dropMongoDatabase, freePort, sleep, tempDir, type GrpcClients, type Msg, type ServerProcess } from "../integration/support.js";
 
 export interface FerretDb {
   /** mongodb://127.0.0.1:PORT/ — the same across restarts. */
@@ -173,4 +174,24 @@ export function tally(outcomes: Outcome[]): Record<string, number> {
   const out: Record<string, number> = {};
   for (const o of outcomes) out[o.result] = (out[o.result] ?? 0) + 1;
   return out;
+}
+
+/**
+ * What an outage test starts — servers, clients, its own FerretDB and the
+ * databases on it — stopped after each test (FerretDB started again if the test
+ * left it down, so the databases can be dropped).
+ */
+export function outageFixtures() {
+  const started: { servers: ServerProcess[]; clients: GrpcClients[]; ferret: FerretDb | null; databases: string[] } = { servers: [], clients: [], ferret: null, databases: [] };
+  afterEach(async () => {
+    for (const c of started.clients.splice(0)) c.close();
+    await Promise.all(started.servers.splice(0).map((s) => s.kill("SIGKILL")));
+    if (started.ferret) {
+      await started.ferret.start().catch(() => undefined);
+      for (const d of started.databases.splice(0)) await dropMongoDatabase(d).catch(() => undefined);
+      await started.ferret.kill();
+      started.ferret = null;
+    }
+  });
+  return started;
 }

@@ -97,6 +97,23 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("rolls the log up by itself every usageRollupMs, without a close or a call", async () => {
+    const database = fresh();
+    const s = await open(database, { usageRollupMs: 200 });
+    try {
+      const keys = Array.from({ length: 5 }, (_, i) => `key_${unique(`t${i}`)}`);
+      await s.writeUsage(batchOf(keys, 3), { writer: "w-t", seq: 1 });
+      // Polled, not slept: the timer's roll-up empties the log and writes the rows.
+      const deadline = Date.now() + 15_000;
+      while ((await logCount(database)) > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(await logCount(database)).toBe(0);
+      expect(await rowCount(database)).toBe(10);
+      expect(await identityTotal(s)).toBe(15);
+    } finally {
+      await s.close();
+    }
+  });
+
   it("sums the batches of a roll-up into one increment per row", async () => {
     const database = fresh();
     const s = await open(database, { monitorCommands: true });

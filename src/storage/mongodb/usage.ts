@@ -53,19 +53,16 @@ function fromLogRow(l: LogRow): UsageRow {
  * (docs/performance.md, step 8d). A retried batch inserts the same `_id`s: what
  * landed before is a duplicate and skipped, so it is logged once.
  *
- * The roll-up sums the slot's log documents into one increment per row and
- * applies them as the direct writes were applied before: each row carries the
- * seq of the last roll-up (or batch) applied to it; a roll-up's first sending
- * filters by `_id` alone, a retry of one that failed half-way only matches rows
- * below its seq. Then it deletes the documents it applied. A process that
- * crashed in between leaves log documents behind; whoever leases the slot next
- * applies them one seq at a time under the seq condition (rows the crashed
- * roll-up reached carry its seq, which is not below theirs) and deletes them.
+ * The roll-up (rollSlot) writes every row of the slot in the buckets the log
+ * touches again as a new version — inserts and range deletes, no update, so no
+ * `_id` lookup (a scan on FerretDB) — and then deletes the log documents it
+ * took in. A roll-up stopped anywhere, by a failure or a crash, is finished by
+ * running it again, here or by whoever leases the slot next.
  *
- * Reads (queryUsage) add the log documents not yet applied: a log row counts
- * unless its row already carries a seq at or above the document's. The log is
- * read before the rows, so a roll-up between the two reads shows up in the rows
- * and is not counted twice.
+ * Reads (queryUsage) take each row's newest version and add the log documents
+ * not yet taken in: a log row counts unless its row's newest version has a seq
+ * at or above the document's. The log is read before the rows, so a roll-up
+ * between the two reads shows up in the rows and is not counted twice.
  */
 export class MongoUsage {
   /** Recorder writers this process wrote for (their slots are rolled up). */

@@ -19,13 +19,4 @@ export async function eachLimited<T>(items: T[], limit: number, fn: (item: T) =>
   if (failed) throw (failed as PromiseRejectedResult).reason;
 }
 
-export function groupBy<T>(items: T[], key: (t: T) => string): Map<string, T[]> {
-  const out = new Map<string, T[]>();
-  for (const it of items) {
-    const k = key(it);
-    const list = out.get(k);
-    if (list) list.push(it);
-    else out.set(k, [it]);
-  }
-  return out;
-}
+export { groupBy } from "../../domain/group-by.js";
