@@ -68,7 +68,8 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
   const identityTotal = async (s: MongoStore, g: "minute" | "day" = "day") =>
     (await s.queryUsage({ by: { identityId: "id_log" }, granularity: g, start: 0, end: Date.now() + 2 * DAY, tagged: false, maxRows: 10_000 })).reduce((n, r) => n + r.counts.total, 0);
   const logCount = (database: string) => raw.db(database).collection("usage_log").countDocuments({});
-  const rowCount = (database: string) => raw.db(database).collection("usage").countDocuments({});
+  /** Rows in the usage collection: a pack counts its rows. */
+  const rowCount = async (database: string) => (await raw.db(database).collection("usage").find({}).toArray()).reduce((n, d) => n + (Array.isArray(d.rows) ? d.rows.length : 1), 0);
 
   it("writes a flush as one insert into the log, no row; the roll-up inserts the rows, updates none, and empties the log", async () => {
     const database = fresh();
@@ -85,9 +86,15 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
 
       commands.length = 0;
       await s.rollUpUsage();
-      // Inserts and range deletes only: no update, so nothing looks a document up by _id (a scan on FerretDB).
-      const rowWrites = commands.filter((c) => ["insert", "update", "delete"].includes(c.commandName) && c.command[c.commandName] === "usage");
+      // Inserts, and deletes by _id: no update (on FerretDB a scan of the collection per row).
+      const rowWrites = commands.filter((c) => ["insert", "update", "delete"].includes(c.commandName) && ["usage", "usage_log"].includes(String(c.command[c.commandName])));
       expect(new Set(rowWrites.map((c) => c.commandName))).toEqual(new Set(["insert", "delete"]));
+      const deletes = rowWrites.filter((c) => c.commandName === "delete").flatMap((c) => c.command.deletes as { q: Record<string, unknown>; limit: number }[]);
+      expect(deletes.length).toBeGreaterThan(0);
+      for (const d of deletes) expect(Object.keys(d.q)).toEqual(["_id"]);
+      // 600 rows (300 keys × minute, day) in packs of at most 200 rows, each pack one bucket.
+      const packs = rowWrites.filter((c) => c.commandName === "insert" && c.command.insert === "usage").flatMap((c) => c.command.documents as { g: string; rows: unknown[] }[]);
+      expect(packs.map((p) => `${p.g} ${p.rows.length}`).sort()).toEqual(["day 100", "day 200", "minute 100", "minute 200"]);
       expect(await logCount(database)).toBe(0);
       expect(await rowCount(database)).toBe(600);
       expect(await identityTotal(s)).toBe(300);
@@ -125,7 +132,8 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       const keys = Array.from({ length: 10 }, (_, i) => `key_${unique(`s${i}`)}`);
       for (let seq = 1; seq <= 5; seq++) await s.writeUsage(batchOf(keys, seq), { writer: "w-s", seq });
       await s.rollUpUsage();
-      expect(ops).toHaveLength(20); // 10 keys × (minute, day), not × 5 batches
+      // 10 keys × (minute, day), not × 5 batches: one pack per bucket, 10 rows each.
+      expect((ops as { rows: unknown[] }[]).map((p) => p.rows.length)).toEqual([10, 10]);
       expect(await rowCount(database)).toBe(20);
       expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5));
       // The next roll-up starts from the rows this one left (no read of the usage collection), and stays exact.

@@ -29,6 +29,7 @@ import {
   type SettingDoc,
   type UsageDoc,
   type UsageLogDoc,
+  type UsagePackDoc,
 } from "./documents.js";
 import { isDuplicateKey, runMapped } from "./errors.js";
 
@@ -106,7 +107,8 @@ export class MongoContext {
   settings!: Collection<SettingDoc>;
   /** One document holding (about) the newest seq, see newestSeq. */
   feedHeadDoc!: Collection<{ _id: string; seq: number }>;
-  usage!: Collection<UsageDoc>;
+  /** Usage rows as roll-ups wrote them: packs of rows (usage.ts), and single-row documents from before packs. */
+  usage!: Collection<UsageDoc | UsagePackDoc>;
   /** Usage batches as flushed, until a roll-up applies them to `usage` (usage.ts). */
   usageLog!: Collection<UsageLogDoc>;
   locks!: Collection<LockDoc>;
@@ -168,13 +170,16 @@ export class MongoContext {
       this.flavor = serverFlavor(info);
       this.creditWrites = this.opts.creditWrites ?? defaultCreditWrites(this.flavor);
       this.feedBucket = feedBucketSize(this.flavor);
-      this.usage = this.db.collection<UsageDoc>("usage");
+      this.usage = this.db.collection<UsageDoc | UsagePackDoc>("usage");
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       this.usageLog = this.db.collection<UsageLogDoc>("usage_log");
       await this.usageLog.createIndex({ slot: 1, seq: 1 }, { name: "slot_seq" });
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.usage.createIndex({ s: 1, g: 1, b: 1 }, { name: "slot_bucket" });
+      // Packs (usage.ts): a read by identity or key finds the packs holding one of its rows (multikey).
+      await this.usage.createIndex({ "rows.i": 1, g: 1, b: 1 }, { name: "pack_identity_bucket" });
+      await this.usage.createIndex({ "rows.k": 1, g: 1, b: 1 }, { name: "pack_key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");

@@ -1,13 +1,14 @@
+import { createHash } from "node:crypto";
 import type { Collection } from "mongodb";
 import { InvalidArgumentError } from "../../domain/errors.js";
 import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { isDuplicateCode, isDuplicateKey } from "./errors.js";
 import type { MongoContext } from "./context.js";
 import type { Slot } from "./usage-slots.js";
-import type { UsageDoc, UsageLogDoc, UsageLogRow as LogRow } from "./documents.js";
+import type { UsageDoc, UsageLogDoc, UsageLogRow as LogRow, UsagePackDoc, UsagePackRow } from "./documents.js";
 
-type UsageRowDoc = UsageDoc;
-
+/** A document holding versions of rows: a pack, or a single-row version from before packs. */
+type VersionDoc = { id: string; g: string; b: number; seq: number; single: boolean };
 
 /** Rows per usage log document (a batch larger than this is written as several parts). */
 const LOG_ROWS_PER_DOC = 5000;
@@ -21,11 +22,32 @@ function toLogRow(r: UsageRow): LogRow {
   return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) };
 }
 
-/** A version of a usage row: `<row id>#<seq>` (rows written before versions have the row id as `_id`). */
-function toRowDoc(slot: string, id: string, r: UsageRow, seq: number): UsageRowDoc {
-  const doc: UsageRowDoc = { _id: `${id}#${seq}`, r: id, s: slot, seq, g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, tag: r.tag } as UsageRowDoc;
-  for (const c of COUNTERS) doc[c] = r.counts[c];
-  return doc;
+/** Rows a usage pack holds at most: a roll-up writes each bucket's rows of its slot as packs of this many. */
+const PACK_ROWS = 200;
+
+/**
+ * A bucket's rows as packs: sorted by identity, key and tag (so the rows of one
+ * identity or key sit in one pack or neighbouring ones), `size` a pack, under
+ * `_id`s that depend only on the slot, bucket, seq, the packs' content
+ * (`digest`) and the position — a roll-up run again writes the same packs, and
+ * one that came to other counts under the same seq (a slot whose seqs began
+ * again) never collides with them.
+ */
+function toPacks(slot: string, rows: UsageRow[], seq: number, size: number): UsagePackDoc[] {
+  const order = (r: UsageRow) => `${r.identityId ?? ""}\u0000${r.keyId}\u0000${r.tag}`;
+  const sorted = rows.map((r) => ({ r, o: order(r) })).sort((x, y) => (x.o < y.o ? -1 : x.o > y.o ? 1 : 0));
+  const { granularity: g, bucket: b } = rows[0];
+  const out: UsagePackDoc[] = [];
+  for (let i = 0, n = 0; i < sorted.length; i += size, n++) {
+    out.push({ _id: `${slot}|${g}|${b}#${seq}|${n}`, s: slot, g, b, seq, rows: sorted.slice(i, i + size).map(({ r }) => ({ k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) })) });
+  }
+  return out;
+}
+
+function fromPackRow(d: UsagePackDoc, p: UsagePackRow): UsageRow {
+  const counts = {} as Counts;
+  COUNTERS.forEach((c, i) => (counts[c] = p.n[i] ?? 0));
+  return { granularity: d.g as Granularity, bucket: d.b, keyId: p.k, identityId: p.i ?? null, tag: p.t, counts };
 }
 
 function fromRowDoc(d: UsageDoc): UsageRow {
@@ -54,10 +76,12 @@ function fromLogRow(l: LogRow): UsageRow {
  * landed before is a duplicate and skipped, so it is logged once.
  *
  * The roll-up (rollSlot) writes every row of the slot in the buckets the log
- * touches again as a new version — inserts and range deletes, no update, so no
- * `_id` lookup (a scan on FerretDB) — and then deletes the log documents it
- * took in. A roll-up stopped anywhere, by a failure or a crash, is finished by
- * running it again, here or by whoever leases the slot next.
+ * touches again as a new version, in packs of up to PACK_ROWS rows a document,
+ * and then deletes the older versions' packs and the log documents it took
+ * in — inserts, and deletes by `_id`: no update, so FerretDB does not scan a
+ * collection per row. A roll-up stopped
+ * anywhere, by a failure or a crash, is finished by running it again, here or
+ * by whoever leases the slot next.
  *
  * Reads (queryUsage) take each row's newest version and add the log documents
  * not yet taken in: a log row counts unless its row's newest version has a seq
@@ -77,12 +101,12 @@ export class MongoUsage {
   private readonly inDoubt = new Map<string, number>();
   /**
    * Per slot, the rows this process knows: every row of the slot from bucket
-   * `from[g]` on, as its last completed roll-up left them, under the lease that
+   * `from[g]` on, and the packs holding them, as its last completed roll-up left them, under the lease that
    * began at `base` — so the next roll-up need not read them back (on FerretDB
    * a scan of the usage collection per granularity). Dropped by anything that
    * may change them behind it: a roll-up that fails, a prune, another lease.
    */
-  private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: Map<string, { row: UsageRow; seq: number }> }>();
+  private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: Map<string, { row: UsageRow; seq: number }>; docs: VersionDoc[] }>();
   private rolling: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
@@ -180,12 +204,14 @@ export class MongoUsage {
    * Rolls the slot's log up: every row of the slot in the buckets the log
    * touches is written again as a new version under the newest seq among the
    * log documents — its newest version plus the log rows of documents above
-   * that version's seq — then the older versions and the log documents are
-   * deleted. Inserts and two range deletes: no update, so nothing on FerretDB
-   * looks a document up by `_id` (a scan there, docs/usage-storage.md). A
-   * roll-up stopped anywhere is finished by running it again (here or by the
-   * slot's next owner): a row whose version is already this seq is skipped, the
-   * others come out the same.
+   * that version's seq — in packs (a few hundred rows a document, one bucket
+   * each); then the older versions' packs and the log documents are deleted
+   * by their `_id`s. Inserts and deletes by `_id` only, no update: on FerretDB
+   * the roll-up's cost is in the bytes it writes and one pass over the packs
+   * and the log to delete, not in a scan per row (docs/usage-storage.md). A roll-up stopped anywhere is finished by
+   * running it again (here or by the slot's next owner): its packs come out
+   * the same — the same rows, in the same order, under the same `_id`s — so
+   * those inserted before are duplicates and skipped.
    */
   private async rollSlot(slot: Slot): Promise<void> {
     const doubt = this.inDoubt.get(slot.id) ?? Infinity;
@@ -208,56 +234,85 @@ export class MongoUsage {
     const k = this.known.get(slot.id);
     this.known.delete(slot.id); // until this roll-up completes
     const covered = !!k && k.base === base && [...since].every(([g, b]) => (k.from.get(g) ?? Infinity) <= b);
-    const newest = covered ? new Map([...k!.rows].filter(([, v]) => v.row.bucket >= since.get(v.row.granularity)!)) : await this.versions(slot.id, since);
-    const after = new Map(newest);
-    const out: UsageRowDoc[] = [];
+    const inRange = (g: string, b: number) => since.has(g) && b >= since.get(g)!;
+    const { rows: newest, docs: old } = covered
+      ? { rows: new Map([...k!.rows].filter(([, v]) => inRange(v.row.granularity, v.row.bucket))), docs: k!.docs.filter((d) => inRange(d.g, d.b)) }
+      : await this.versions(slot.id, since);
+    const after = new Map<string, { row: UsageRow; seq: number }>();
+    const buckets = new Map<string, UsageRow[]>();
     for (const id of new Set([...newest.keys(), ...parts.keys()])) {
       const have = newest.get(id);
-      if (have && have.seq >= seq) continue; // this roll-up's version is there (a roll-up run again)
       const p = parts.get(id);
       const row: UsageRow = { ...(have?.row ?? p!.row), counts: { ...(have?.row.counts ?? emptyCounts()) } };
       for (const f of p?.from ?? []) if (f.seq > (have?.seq ?? -1)) for (const c of COUNTERS) row.counts[c] += f.counts[c];
-      out.push(toRowDoc(slot.id, id, row, seq));
-      after.set(id, { row, seq });
+      after.set(id, { row, seq: Math.max(seq, have?.seq ?? -1) });
+      const at = `${row.granularity}|${row.bucket}`;
+      const list = buckets.get(at);
+      if (list) list.push(row);
+      else buckets.set(at, [row]);
     }
-    const chunkSize = this.ctx.opts.usageRollupChunk ?? 500;
-    for (let i = 0; i < out.length; i += chunkSize) {
-      await this.insertRows(out.slice(i, i + chunkSize));
-      await this.ctx.opts.usageRollupAfterChunk?.(Math.min(out.length, i + chunkSize));
+    const chunkRows = this.ctx.opts.usageRollupChunk ?? 500;
+    const packRows = Math.min(PACK_ROWS, chunkRows);
+    const packs: UsagePackDoc[] = [];
+    for (const rows of buckets.values()) packs.push(...toPacks(slot.id, rows, seq, packRows));
+    const digest = createHash("sha256").update(JSON.stringify(packs)).digest("base64url").slice(0, 16);
+    for (const p of packs) p._id = `${p._id}|${digest}`;
+    const perInsert = Math.max(1, Math.floor(chunkRows / packRows));
+    let applied = 0;
+    for (let i = 0; i < packs.length; i += perInsert) {
+      const chunk = packs.slice(i, i + perInsert);
+      await this.insertPacks(chunk);
+      applied += chunk.reduce((n, p) => n + p.rows.length, 0);
+      await this.ctx.opts.usageRollupAfterChunk?.(applied);
     }
-    for (const [g, b] of since) {
-      await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: b }, s: slot.id, seq: { $lt: seq } }));
+    await this.deleteByIds(this.ctx.usage, old.filter((d) => d.seq < seq && !d.single).map((d) => d.id));
+    // Single-row versions from before packs: one range delete per granularity, once.
+    for (const g of new Set(old.filter((d) => d.seq < seq && d.single).map((d) => d.g))) {
+      await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: since.get(g)! }, s: slot.id, seq: { $lt: seq }, rows: { $exists: false } }));
     }
-    await this.deleteLog(docs.map((d) => d._id));
-    this.known.set(slot.id, { base, from: since, rows: after });
+    await this.deleteByIds(this.ctx.usageLog, docs.map((d) => d._id));
+    this.known.set(slot.id, { base, from: since, rows: after, docs: packs.map((p) => ({ id: p._id, g: p.g, b: p.b, seq, single: false })) });
   }
 
-  /** The newest version of each row of the slot from bucket `since[g]` on, per granularity. */
-  private async versions(slot: string, since: Map<string, number>): Promise<Map<string, { row: UsageRow; seq: number }>> {
+  /** The newest version of each row of the slot from bucket `since[g]` on, per granularity, and the documents holding versions there. */
+  private async versions(slot: string, since: Map<string, number>): Promise<{ rows: Map<string, { row: UsageRow; seq: number }>; docs: VersionDoc[] }> {
     const newest = new Map<string, { row: UsageRow; seq: number }>();
+    const held: VersionDoc[] = [];
+    const offer = (id: string, row: UsageRow, v: number) => {
+      const have = newest.get(id);
+      if (!have || have.seq < v) newest.set(id, { row, seq: v });
+    };
     for (const [g, b] of since) {
       // `s: null`: rows written before versions carry no slot (their _id starts with it).
       const docs = await this.ctx.run(() => this.ctx.usage.find({ s: { $in: [slot, null] as string[] }, g, b: { $gte: b } }).toArray());
       for (const d of docs) {
+        if (d.rows) {
+          if (d.s !== slot) continue;
+          held.push({ id: d._id, g: d.g, b: d.b, seq: d.seq, single: false });
+          for (const pr of d.rows) {
+            const row = fromPackRow(d, pr);
+            offer(rowId(slot, row), row, d.seq);
+          }
+          continue;
+        }
         const id = d.r ?? String(d._id);
         if (!id.startsWith(`${slot}|`)) continue;
-        const v = d.seq ?? 0;
-        const have = newest.get(id);
-        if (!have || have.seq < v) newest.set(id, { row: fromRowDoc(d), seq: v });
+        if (d.s === slot) held.push({ id: d._id, g: d.g, b: d.b, seq: d.seq ?? 0, single: true });
+        offer(id, fromRowDoc(d), d.seq ?? 0);
       }
     }
-    return newest;
+    return { rows: newest, docs: held };
   }
 
   /** Whether a roll-up took batch `seq` in (its rows have a version at or above it). */
   private async rolledPast(slot: string, r: UsageRow, seq: number): Promise<boolean> {
     const v = await this.versions(slot, new Map([[r.granularity, r.bucket]]));
-    return (v.get(rowId(slot, r))?.seq ?? -1) >= seq;
+    return (v.rows.get(rowId(slot, r))?.seq ?? -1) >= seq;
   }
 
-  /** A roll-up run again: the versions it inserted before are duplicates, and skipped. */
-  private insertRows(docs: UsageRowDoc[]): Promise<void> {
-    return this.insertSkippingDuplicates(this.ctx.usage, docs);
+  /** A roll-up run again: the packs it inserted before are duplicates, and skipped. */
+  private insertPacks(docs: UsagePackDoc[]): Promise<void> {
+    return this.insertSkippingDuplicates(this.ctx.usage as unknown as Collection<UsagePackDoc>, docs);
   }
 
   /** Inserts `docs`, skipping those whose `_id` is there already (FerretDB ends even an unordered insert at its first error: then the rest one by one). */
@@ -278,10 +333,16 @@ export class MongoUsage {
     });
   }
 
-  private async deleteLog(ids: string[]): Promise<void> {
-    for (let i = 0; i < ids.length; i += 500) {
-      const chunk = ids.slice(i, i + 500);
-      await this.ctx.run(() => this.ctx.usageLog.deleteMany({ _id: { $in: chunk } }));
+  /**
+   * Deletes documents by `_id`, 1,000 a command. FerretDB evaluates `$in` in Go
+   * over the collection (one parse of each document), which beats one `_id`
+   * statement per document: it pushes each down as an SQL scan that parses
+   * every document again (docs/usage-storage.md).
+   */
+  private async deleteByIds(coll: Collection<UsageLogDoc> | Collection<UsageDoc | UsagePackDoc>, ids: string[]): Promise<void> {
+    for (let i = 0; i < ids.length; i += 1000) {
+      const chunk = ids.slice(i, i + 1000);
+      await this.ctx.run(() => (coll as unknown as Collection<{ _id: string }>).deleteMany({ _id: { $in: chunk } }));
     }
   }
 
@@ -289,11 +350,12 @@ export class MongoUsage {
     const by = q.by;
     const byIdentity = "identityId" in by;
     const want = "identityId" in by ? by.identityId : by.keyId;
+    const tagOk = (t: string) => (q.tagged ? t !== "" : t === "");
+    // Packs holding a row of this identity or key, and single-row versions from before packs.
     const filter: Record<string, unknown> = {
-      ...(byIdentity ? { i: want } : { k: want }),
       g: q.granularity,
       b: { $gte: q.start, $lt: q.end },
-      tag: q.tagged ? { $ne: "" } : "",
+      $or: [byIdentity ? { "rows.i": want } : { "rows.k": want }, { ...(byIdentity ? { i: want } : { k: want }), tag: q.tagged ? { $ne: "" } : "" }],
     };
     // The log first: a roll-up between the two reads is then seen in the rows (and skipped in the log).
     // Only documents with a row of this identity or key come back (the filter runs in the server).
@@ -303,15 +365,25 @@ export class MongoUsage {
     if (docs.length > q.maxRows) throw tooMany();
     // A row may have several versions for a moment (a roll-up inserts the new one before deleting the old): the newest counts.
     const out = new Map<string, { row: UsageRow; seq: number }>();
-    for (const d of docs) {
-      const id = d.r ?? String(d._id);
-      const v = d.seq ?? 0;
+    const offer = (id: string, row: UsageRow, v: number) => {
       const have = out.get(id);
-      if (!have || have.seq < v) out.set(id, { row: fromRowDoc(d), seq: v });
+      if (!have || have.seq < v) out.set(id, { row, seq: v });
+    };
+    for (const d of docs) {
+      if (!d.rows) {
+        offer(d.r ?? String(d._id), fromRowDoc(d), d.seq ?? 0);
+        continue;
+      }
+      for (const p of d.rows) {
+        if ((byIdentity ? p.i : p.k) !== want || !tagOk(p.t)) continue;
+        const row = fromPackRow(d, p);
+        offer(rowId(d.s, row), row, d.seq);
+      }
+      if (out.size > q.maxRows) throw tooMany();
     }
     for (const d of log) {
       for (const l of d.rows) {
-        if (l.g !== q.granularity || l.b < q.start || l.b >= q.end || (byIdentity ? l.i : l.k) !== want || (q.tagged ? l.t === "" : l.t !== "")) continue;
+        if (l.g !== q.granularity || l.b < q.start || l.b >= q.end || (byIdentity ? l.i : l.k) !== want || !tagOk(l.t)) continue;
         const r = fromLogRow(l);
         const id = rowId(d.slot, r);
         const have = out.get(id);
