@@ -24,6 +24,7 @@ import {
   type FeedEntry,
   type IdentityDoc,
   type KeyDoc,
+  type LastUsedDoc,
   type RootKeyDoc,
   type RootKeyHashDoc,
   type SettingDoc,
@@ -114,6 +115,8 @@ export class MongoContext {
   locks!: Collection<LockDoc>;
   lockManager!: LockManager;
   activity!: Collection<ActivityDoc>;
+  /** Bucketed layout: last-used times, one document per key-id bucket (keys.ts). */
+  lastUsed!: Collection<LastUsedDoc>;
   usageWriters!: Collection<SlotDoc>;
   /** Usage rows are written under a leased writer slot, so restarts do not multiply them (usage-slots.ts). */
   readonly usageSlots: ReturnType<typeof createUsageSlots>;
@@ -166,6 +169,7 @@ export class MongoContext {
       this.locks = this.db.collection<LockDoc>("locks");
       this.lockManager = createLockManager(this.locks, this.opts.lock);
       this.activity = this.db.collection<ActivityDoc>("key_activity");
+      this.lastUsed = this.db.collection<LastUsedDoc>("key_last_used");
       const info = await this.db.admin().command({ buildInfo: 1 }).catch(() => ({}) as Record<string, unknown>);
       this.flavor = serverFlavor(info);
       this.creditWrites = this.opts.creditWrites ?? defaultCreditWrites(this.flavor);

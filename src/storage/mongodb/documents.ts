@@ -50,6 +50,8 @@ export type UsagePackDoc = { _id: string; s: string; g: string; b: number; seq: 
 /** A flush of usage counts as written (usage_log): rows of one batch of one writer slot, applied to the rows by a roll-up (usage.ts). */
 export type UsageLogDoc = { _id: string; slot: string; seq: number; rows: UsageLogRow[] };
 export type ActivityDoc = { _id: string; lastUsedAt: number };
+/** Bucketed layout: the last-used times of the keys of one id bucket (keys.ts), `t.<key id>` in ms. */
+export type LastUsedDoc = { _id: string; t: Record<string, number> };
 /** The document holding a balance, as the credit methods read it. */
 export type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
 

@@ -4,17 +4,32 @@ import type { KeyFilter, PageQuery } from "../store.js";
 import { FENCE, fenceFilter } from "./lease-lock.js";
 import { fromKeyDoc, keyTargets, setOf, toBucketedKeyDoc, toKeyDoc, type KeyDoc } from "./documents.js";
 import { isDuplicateKey } from "./errors.js";
-import { hashBucketKey, keyIdCollection } from "./ferretdb.js";
+import { hashBucketKey, idBucket, keyIdCollection } from "./ferretdb.js";
 import { eachLimited, groupBy } from "./util.js";
 import { MAX_CAS_TRIES, type MongoCredits } from "./credits.js";
 import type { MongoKeyRefs } from "./key-refs.js";
 import type { MongoContext } from "./context.js";
+import { DEFAULT_USAGE_ROLLUP_MS } from "./usage.js";
 
 /**
  * Keys, on either key layout (ferretdb.ts; where a key's documents are:
  * key-refs.ts), with their last-used times, kept apart from the key documents.
+ *
+ * Last-used times on the bucketed layout (FerretDB) are collected in memory and
+ * written every usage roll-up period (and at close) into one document per
+ * key-id bucket (`key_last_used`, `t.<key id>`, `$max`): one update statement
+ * per bucket for however many keys it holds, where a document per key cost one
+ * statement per key — on FerretDB each a scan, an update and a commit, a third
+ * of its CPU under load (docs/performance.md). Reads in this process see the
+ * times not yet written; other processes see them a period later, and a crash
+ * loses one period of them (usage counts are not affected).
  */
 export class MongoKeys {
+  /** Bucketed layout: last-used times not yet written. */
+  private pendingLastUsed = new Map<string, number>();
+  private lastUsedTimer: NodeJS.Timeout | null = null;
+  private lastUsedWrite: Promise<void> = Promise.resolve();
+
   constructor(
     private readonly ctx: MongoContext,
     private readonly keyRefs: MongoKeyRefs,
@@ -92,13 +107,20 @@ export class MongoKeys {
         for (const d of await this.ctx.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray()) at.set(d._id, d.lastUsedAt);
         return;
       }
+      const later = (id: string, t: number | undefined) => {
+        if (t !== undefined && t > (at.get(id) ?? -Infinity)) at.set(id, t);
+      };
       for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
         const coll = this.keyRefs.keyIdColl(group[0].id);
-        // One id: an `_id` lookup, the one filter FerretDB pushes down.
+        // One id: an `_id` lookup, the one filter FerretDB pushes down. (Times written on the id document by earlier versions.)
         const docs = group.length === 1 ? [await coll.findOne({ _id: group[0].id })].filter((d) => d !== null) : await coll.find({ _id: { $in: group.map((k) => k.id) } }).toArray();
-        for (const d of docs) if (d.lastUsedAt !== undefined) at.set(d._id, d.lastUsedAt);
+        for (const d of docs) later(d._id, d.lastUsedAt);
       }
+      const buckets = [...new Set(keys.map((k) => idBucket(k.id)))];
+      const held = buckets.length === 1 ? [await this.ctx.lastUsed.findOne({ _id: buckets[0] })].filter((d) => d !== null) : await this.ctx.lastUsed.find({ _id: { $in: buckets } }).toArray();
+      for (const d of held) for (const k of keys) later(k.id, d.t?.[k.id]);
     });
+    for (const k of keys) if (this.pendingLastUsed.has(k.id) && this.pendingLastUsed.get(k.id)! > (at.get(k.id) ?? -Infinity)) at.set(k.id, this.pendingLastUsed.get(k.id)!);
     return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
   }
 
@@ -228,12 +250,43 @@ export class MongoKeys {
       );
       return;
     }
-    // Bucketed: on the key's id pointer, one bucket at a time; a key deleted meanwhile has none and gets none.
-    await this.ctx.run(async () => {
-      for (const group of groupBy([...times], ([id]) => keyIdCollection(id)).values()) {
-        await this.keyRefs.keyIdColl(group[0][0])
-          .bulkWrite(group.map(([id, t]) => ({ updateOne: { filter: { _id: id }, update: { $max: { lastUsedAt: t } } } })), { ordered: false });
+    // Bucketed: collected, and written by the timer (see the class comment).
+    for (const [id, t] of times) if (t > (this.pendingLastUsed.get(id) ?? -Infinity)) this.pendingLastUsed.set(id, t);
+    const every = this.ctx.opts.usageRollupMs ?? DEFAULT_USAGE_ROLLUP_MS;
+    if (!this.lastUsedTimer && every > 0) {
+      this.lastUsedTimer = setInterval(() => void this.flushLastUsed().catch(() => undefined), every);
+      this.lastUsedTimer.unref();
+    }
+  }
+
+  /**
+   * Writes the collected last-used times: one `$max` statement per key-id
+   * bucket, 256 at most. What fails to be written is kept for the next time.
+   */
+  flushLastUsed(): Promise<void> {
+    const run = async () => {
+      if (this.pendingLastUsed.size === 0) return;
+      const batch = this.pendingLastUsed;
+      this.pendingLastUsed = new Map();
+      try {
+        const ops = [...groupBy([...batch], ([id]) => idBucket(id))].map(([bucket, group]) => ({
+          updateOne: { filter: { _id: bucket }, update: { $max: Object.fromEntries(group.map(([id, t]) => [`t.${id}`, t])) }, upsert: true },
+        }));
+        await this.ctx.run(() => this.ctx.lastUsed.bulkWrite(ops, { ordered: false }));
+      } catch (err) {
+        for (const [id, t] of batch) if (t > (this.pendingLastUsed.get(id) ?? -Infinity)) this.pendingLastUsed.set(id, t);
+        throw err;
       }
-    });
+    };
+    const p = this.lastUsedWrite.then(run, run);
+    this.lastUsedWrite = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Graceful stop: the timer ends and the collected times are written. */
+  async close(): Promise<void> {
+    if (this.lastUsedTimer) clearInterval(this.lastUsedTimer);
+    this.lastUsedTimer = null;
+    await this.flushLastUsed().catch(() => undefined);
   }
 }

@@ -86,12 +86,18 @@ export class MongoStore extends MongoContext implements Store {
   writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     return this.usagePart.writeUsage(rows, batch);
   }
-  /** Applies the usage log of this process's writer slots to the usage rows now (usage.ts; otherwise every usageRollupMs and at close). */
-  rollUpUsage(): Promise<void> {
-    return this.usagePart.rollUp();
+  /**
+   * Applies the usage log of this process's writer slots to the usage rows, and
+   * writes the last-used times collected on the bucketed layout (keys.ts), now
+   * (otherwise every usageRollupMs and at close).
+   */
+  async rollUpUsage(): Promise<void> {
+    await this.usagePart.rollUp();
+    await this.keyPart.flushLastUsed();
   }
   override async close(): Promise<void> {
     await this.usagePart.close();
+    await this.keyPart.close();
     await super.close();
   }
   queryUsage(q: UsageQuery): Promise<UsageRow[]> {
