@@ -104,6 +104,33 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("logs a batch's rows as one JSON string with its identities and keys, and still reads and rolls up log documents of the earlier shape", async () => {
+    const database = fresh();
+    const s = await open(database);
+    try {
+      const keys = Array.from({ length: 4 }, (_, i) => `key_${unique(`j${i}`)}`);
+      await s.writeUsage(batchOf(keys, 2), { writer: "w-j", seq: 1 });
+      const [doc] = await raw.db(database).collection("usage_log").find({}).toArray();
+      expect(typeof doc.data).toBe("string");
+      expect(doc.rows).toBeUndefined();
+      expect(doc.i).toEqual(["id_log"]);
+      expect([...(doc.k as string[])].sort()).toEqual([...keys].sort());
+      // The shape written before `data`: the rows as an array of documents.
+      const rows = JSON.parse(doc.data as string) as unknown[];
+      await raw.db(database).collection("usage_log").replaceOne({ _id: doc._id }, { slot: doc.slot, seq: doc.seq, rows });
+      expect(await identityTotal(s)).toBe(8);
+      expect(
+        (await s.queryUsage({ by: { keyId: keys[1] }, granularity: "minute", start: 0, end: Date.now() + DAY, tagged: false, maxRows: 100 })).map((r) => r.counts.total),
+      ).toEqual([2]);
+      await s.rollUpUsage();
+      expect(await logCount(database)).toBe(0);
+      expect(await identityTotal(s)).toBe(8);
+      expect(await identityTotal(s, "minute")).toBe(8);
+    } finally {
+      await s.close();
+    }
+  });
+
   it("rolls the log up by itself every usageRollupMs, without a close or a call", async () => {
     const database = fresh();
     const s = await open(database, { usageRollupMs: 200 });

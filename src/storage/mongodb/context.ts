@@ -178,6 +178,11 @@ export class MongoContext {
       this.usageWriters = this.db.collection<SlotDoc>("usage_writers");
       this.usageLog = this.db.collection<UsageLogDoc>("usage_log");
       await this.usageLog.createIndex({ slot: 1, seq: 1 }, { name: "slot_seq" });
+      if (this.flavor === "mongodb") {
+        // Reads by identity or key (usage.ts). Not on FerretDB: it indexes an array as one value, the whole list, and uses no such index.
+        await this.usageLog.createIndex({ i: 1 }, { name: "log_identity" });
+        await this.usageLog.createIndex({ k: 1 }, { name: "log_key" });
+      }
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.usage.createIndex({ s: 1, g: 1, b: 1 }, { name: "slot_bucket" });

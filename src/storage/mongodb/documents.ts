@@ -47,8 +47,15 @@ export type UsagePackRow = { k: string; i: string | null; t: string; n: number[]
  * document, sorted by identity, key and tag.
  */
 export type UsagePackDoc = { _id: string; s: string; g: string; b: number; seq: number; rows: UsagePackRow[] };
-/** A flush of usage counts as written (usage_log): rows of one batch of one writer slot, applied to the rows by a roll-up (usage.ts). */
-export type UsageLogDoc = { _id: string; slot: string; seq: number; rows: UsageLogRow[] };
+/**
+ * A flush of usage counts as written (usage_log): rows of one batch of one
+ * writer slot, applied to the rows by a roll-up (usage.ts). `data` holds the
+ * rows as JSON text (one string: FerretDB stores, scans and returns it without
+ * taking each row apart); `i` and `k` list the batch's identities and keys, so
+ * a read by identity or key finds the documents that hold one of its rows.
+ * Documents from before `data` hold `rows`.
+ */
+export type UsageLogDoc = { _id: string; slot: string; seq: number; data?: string; i?: string[]; k?: string[]; rows?: UsageLogRow[] };
 export type ActivityDoc = { _id: string; lastUsedAt: number };
 /** Bucketed layout: the last-used times of the keys of one id bucket (keys.ts), `t.<key id>` in ms. */
 export type LastUsedDoc = { _id: string; t: Record<string, number> };

@@ -22,6 +22,22 @@ function toLogRow(r: UsageRow): LogRow {
   return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) };
 }
 
+/** A log document of `rows` (usage_log): the rows as JSON text, and the identities and keys they count. */
+function toLogDoc(_id: string, slot: string, seq: number, rows: UsageRow[]): UsageLogDoc {
+  const i = new Set<string>();
+  const k = new Set<string>();
+  for (const r of rows) {
+    if (r.identityId !== null) i.add(r.identityId);
+    k.add(r.keyId);
+  }
+  return { _id, slot, seq, i: [...i], k: [...k], data: JSON.stringify(rows.map(toLogRow)) };
+}
+
+/** The rows of a log document (`data`, or `rows` in documents from before it). */
+function logRows(d: UsageLogDoc): LogRow[] {
+  return d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []);
+}
+
 /** Rows a usage pack holds at most: a roll-up writes each bucket's rows of its slot as packs of this many. */
 const PACK_ROWS = 200;
 
@@ -135,7 +151,7 @@ export class MongoUsage {
     const seq = slot.rowSeq(batch.seq);
     const docs: UsageLogDoc[] = [];
     for (let i = 0, part = 0; i < rows.length; i += LOG_ROWS_PER_DOC, part++) {
-      docs.push({ _id: `${slot.id}|${seq}|${part}`, slot: slot.id, seq, rows: rows.slice(i, i + LOG_ROWS_PER_DOC).map(toLogRow) });
+      docs.push(toLogDoc(`${slot.id}|${seq}|${part}`, slot.id, seq, rows.slice(i, i + LOG_ROWS_PER_DOC)));
     }
     if (this.sent.get(slot.id) !== seq) {
       this.sent.set(slot.id, seq);
@@ -148,12 +164,12 @@ export class MongoUsage {
       // had landed, and its rows have a version at or above this seq).
       const present = await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id, seq }).toArray());
       if (present.length > 0) {
-        const have = new Set(present.flatMap((d) => d.rows.map((l) => rowId(slot.id, fromLogRow(l)))));
+        const have = new Set(present.flatMap((d) => logRows(d).map((l) => rowId(slot.id, fromLogRow(l)))));
         const missing = rows.filter((r) => !have.has(rowId(slot.id, r)));
         const attempt = present.length;
         const more: UsageLogDoc[] = [];
         for (let i = 0, part = 0; i < missing.length; i += LOG_ROWS_PER_DOC, part++) {
-          more.push({ _id: `${slot.id}|${seq}|r${attempt}.${part}`, slot: slot.id, seq, rows: missing.slice(i, i + LOG_ROWS_PER_DOC).map(toLogRow) });
+          more.push(toLogDoc(`${slot.id}|${seq}|r${attempt}.${part}`, slot.id, seq, missing.slice(i, i + LOG_ROWS_PER_DOC)));
         }
         this.inDoubt.set(slot.id, seq);
         if (more.length > 0) await this.insertLog(more);
@@ -221,7 +237,7 @@ export class MongoUsage {
     const parts = new Map<string, { row: UsageRow; from: { seq: number; counts: Counts }[] }>();
     const since = new Map<string, number>(); // per granularity, the oldest bucket the log touches
     for (const d of docs) {
-      for (const l of d.rows) {
+      for (const l of logRows(d)) {
         const r = fromLogRow(l);
         const id = rowId(slot.id, r);
         let p = parts.get(id);
@@ -359,7 +375,7 @@ export class MongoUsage {
     };
     // The log first: a roll-up between the two reads is then seen in the rows (and skipped in the log).
     // Only documents with a row of this identity or key come back (the filter runs in the server).
-    const log = await this.ctx.run(() => this.ctx.usageLog.find(byIdentity ? { "rows.i": want } : { "rows.k": want }).toArray());
+    const log = await this.ctx.run(() => this.ctx.usageLog.find(byIdentity ? { $or: [{ i: want }, { "rows.i": want }] } : { $or: [{ k: want }, { "rows.k": want }] }).toArray());
     const docs = await this.ctx.run(() => this.ctx.usage.find(filter).limit(q.maxRows + 1).toArray());
     const tooMany = () => new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
     if (docs.length > q.maxRows) throw tooMany();
@@ -382,7 +398,7 @@ export class MongoUsage {
       if (out.size > q.maxRows) throw tooMany();
     }
     for (const d of log) {
-      for (const l of d.rows) {
+      for (const l of logRows(d)) {
         if (l.g !== q.granularity || l.b < q.start || l.b >= q.end || (byIdentity ? l.i : l.k) !== want || !tagOk(l.t)) continue;
         const r = fromLogRow(l);
         const id = rowId(d.slot, r);
