@@ -636,6 +636,7 @@ async function main() {
       if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=cold needs MONGODB_URI");
       const c = await coldKeys(work, ["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") });
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY}`, "", "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | errors | |", "|---|---|---|---|---|---|---|---|", ...coldRows(c), "", coldNote(c));
+      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
       process.stdout.write(lines.join("\n") + "\n");
     } finally {
       rmSync(work, { recursive: true, force: true });
