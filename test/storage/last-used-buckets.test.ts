@@ -49,6 +49,13 @@ describeWith("MONGODB_URI", mongoUri(), "last-used times, bucketed layout (Mongo
       expect(new Set(statements.map((u) => u.q._id)).size).toBe(statements.length);
       for (const [i, k] of keys.entries()) expect((await b.getKey(k.id))?.lastUsedAt, k.id).toBe(1_000_000 + i);
       expect((await b.listKeys({ apiId: keys[3].apiId }, { limit: 10, afterId: null })).map((r) => r.lastUsedAt)).toEqual([1_000_003]);
+      // A deleted key's time goes with it (the bucket documents do not keep every key ever used).
+      const lastUsed = a.client.db(database).collection<{ _id: string; t: Record<string, number> }>("key_last_used");
+      const bucketOf = async (id: string) => (await lastUsed.find({}).toArray()).find((d) => id in (d.t ?? {}));
+      expect(await bucketOf(keys[5].id)).toBeDefined();
+      expect(await a.deleteKey(keys[5].id)).toBe(true);
+      expect(await bucketOf(keys[5].id)).toBeUndefined();
+      expect(await bucketOf(keys[6].id)).toBeDefined();
     } finally {
       await a.close();
       await b.close();

@@ -1,7 +1,7 @@
 import type { Collection } from "mongodb";
 import type { KeyDoc, KeyIdDoc, KeyRef } from "./documents.js";
 import { groupBy } from "./util.js";
-import { HASH_OF_ID_MAX, hashBucketKey, keyIdCollection } from "./ferretdb.js";
+import { HASH_OF_ID_MAX, hashBucketKey, idBucket, keyIdCollection } from "./ferretdb.js";
 import type { MongoContext } from "./context.js";
 
 /**
@@ -101,5 +101,10 @@ export class MongoKeyRefs {
     for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
       await this.keyIdColl(group[0].id).deleteMany({ _id: { $in: group.map((k) => k.id) } });
     }
+    // Their last-used times (keys.ts), one statement per id bucket: deleted keys do not pile up there.
+    const ops = [...groupBy(keys, (k) => idBucket(k.id))].map(([bucket, group]) => ({
+      updateOne: { filter: { _id: bucket }, update: { $unset: Object.fromEntries(group.map((k) => [`t.${k.id}`, "" as const])) } },
+    }));
+    if (ops.length > 0) await this.ctx.lastUsed.bulkWrite(ops, { ordered: false });
   }
 }

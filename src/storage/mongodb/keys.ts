@@ -186,6 +186,7 @@ export class MongoKeys {
     if (!ref || !cur) return false;
     const d = await this.ctx.run(() => this.ctx.changing(keyTargets({ id, hash: cur.hash }), (o) => ref.coll.findOneAndDelete({ _id: ref._id }, o)));
     if (!d) return false;
+    this.pendingLastUsed.delete(id);
     await this.ctx.run(() => this.keyRefs.dropKeyPointers([{ id }]));
     return true;
   }
