@@ -99,16 +99,87 @@ function hasEntries(h: Headers): boolean {
   return false;
 }
 
-function headersOf(raw: http2.IncomingHttpHeaders): Headers {
-  const h = new Headers();
-  for (const k in raw) {
-    if (k.charCodeAt(0) === 58 /* ":" */) continue;
-    const v = raw[k];
-    if (v === undefined) continue;
-    if (Array.isArray(v)) for (const x of v) h.append(k, x);
-    else h.append(k, v);
+/**
+ * The request's headers as a `Headers`, filled from Node's header object only
+ * when something other than `get` is asked of them: the interceptors read two
+ * headers per call, and filling a `Headers` (a validated append per header)
+ * was ~3 % of a cached VerifyKey's main thread (docs/performance.md). `get` reads
+ * Node's object directly, as `Headers.get` would answer (values of a repeated
+ * header joined with ", "; pseudo-headers are not headers).
+ */
+class RequestHeaders extends Headers {
+  private raw: http2.IncomingHttpHeaders | null;
+
+  constructor(raw: http2.IncomingHttpHeaders) {
+    super();
+    this.raw = raw;
   }
-  return h;
+
+  /** Copies Node's headers in, once; from then on this is a plain Headers. */
+  private fill(): void {
+    const raw = this.raw;
+    if (raw === null) return;
+    this.raw = null;
+    for (const k in raw) {
+      if (k.charCodeAt(0) === 58 /* ":" */) continue;
+      const v = raw[k];
+      if (v === undefined) continue;
+      if (Array.isArray(v)) for (const x of v) super.append(k, x);
+      else super.append(k, v);
+    }
+  }
+
+  override get(name: string): string | null {
+    if (this.raw === null) return super.get(name);
+    const k = name.toLowerCase();
+    if (k.charCodeAt(0) === 58) return super.get(name); // not a valid header name: as Headers answers it
+    const v = this.raw[k];
+    return v === undefined ? null : Array.isArray(v) ? v.join(", ") : String(v);
+  }
+  override has(name: string): boolean {
+    this.fill();
+    return super.has(name);
+  }
+  override set(name: string, value: string): void {
+    this.fill();
+    super.set(name, value);
+  }
+  override append(name: string, value: string): void {
+    this.fill();
+    super.append(name, value);
+  }
+  override delete(name: string): void {
+    this.fill();
+    super.delete(name);
+  }
+  override getSetCookie(): string[] {
+    this.fill();
+    return super.getSetCookie();
+  }
+  override forEach(cb: (value: string, key: string, parent: Headers) => void, thisArg?: unknown): void {
+    this.fill();
+    super.forEach(cb, thisArg);
+  }
+  override keys(): HeadersIterator<string> {
+    this.fill();
+    return super.keys();
+  }
+  override values(): HeadersIterator<string> {
+    this.fill();
+    return super.values();
+  }
+  override entries(): HeadersIterator<[string, string]> {
+    this.fill();
+    return super.entries();
+  }
+  override [Symbol.iterator](): HeadersIterator<[string, string]> {
+    this.fill();
+    return super[Symbol.iterator]();
+  }
+}
+
+function headersOf(raw: http2.IncomingHttpHeaders): Headers {
+  return new RequestHeaders(raw);
 }
 
 /**

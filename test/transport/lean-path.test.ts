@@ -92,6 +92,32 @@ describe("the lean gRPC path", () => {
       expect(status.metadata.get("x-fixture")).toEqual(["failed"]);
     });
 
+    it(`grpc-js (${path} path): a handler sees the request's headers as a Headers (a repeated header joined, names in any case)`, async () => {
+      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
+      const md = new grpc.Metadata();
+      md.set("authorization", "Bearer good");
+      md.set("x-want-served-by", "1");
+      md.add("x-multi", "a");
+      md.add("x-multi", "b, c");
+      md.set("x-one", "1");
+      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "echo-headers" })));
+      let headers: grpc.Metadata | undefined;
+      const status = await new Promise<grpc.StatusObject>((resolve) => {
+        const call = client.makeUnaryRequest(GET, (x: Buffer) => x, (x: Buffer) => x, bytes, md, () => undefined);
+        call.on("metadata", (m) => (headers = m));
+        call.on("status", resolve);
+      });
+      client.close();
+      expect(status.code).toBe(grpc.status.OK);
+      expect(headers?.get("x-served-by")).toEqual([path]);
+      expect(JSON.parse(String(headers?.get("x-seen")[0]))).toEqual({
+        first: { multi: "a, b, c", upper: "a, b, c", none: null, auth: "Bearer good" },
+        list: [["x-multi", "a, b, c"], ["x-one", "1"]],
+        has: true,
+        again: "a, b, c",
+      });
+    });
+
     it(`grpc-js (${path} path): binary metadata (every byte value, two values of one key) comes back byte for byte in headers and trailers`, async () => {
       const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
       const md = new grpc.Metadata();
