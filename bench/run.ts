@@ -683,6 +683,7 @@ async function main() {
         "",
         `${mongo.note}; MongoDB${process.env.REDIS_URL ? " + Redis" : ""} ÷ embedded = ${(mongo.peak.rps / embedded.rps).toFixed(2)} (target ≥ 0.8)`,
       );
+      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
       process.stdout.write(lines.join("\n") + "\n");
     } finally {
       rmSync(work, { recursive: true, force: true });
