@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -28,7 +28,8 @@ import type { Store } from "../src/storage/store.js";
  *   hot-identity runs: two instances, MongoDB + Redis), BENCH_ONLY=cold (only
  *   the cold-key runs), BENCH_ONLY=mongo (one embedded peak and the MongoDB
  *   runs: MongoDB ÷ embedded alone; BENCH_MONGO_ENV='{"NAME":"value"}' adds
- *   settings to that MongoDB server), BENCH_PROFILE=<dir> (every server runs under `node
+ *   settings to that MongoDB server), BENCH_ONLY=usage (embedded peaks with
+ *   usage counting on and off, alternated, CPU per call per thread), BENCH_PROFILE=<dir> (every server runs under `node
  *   --cpu-prof` into <dir>, and <dir>/windows.json says when each measured run
  *   was; summarise with `node dist/bench/profile-stages.js <dir>`; CPU figures
  *   of such a run include the profiler's cost).
@@ -136,6 +137,29 @@ function cpuSeconds(pid: number): number {
 /** CPU seconds of a process's main thread (the event loop), apart from its other threads (GC helpers, libuv's pool, the usage writer). */
 function mainThreadSeconds(pid: number): number {
   return ticks(`/proc/${pid}/task/${pid}/stat`) / 100;
+}
+
+/** CPU seconds per thread name of a process (threads of one name summed: "MainThread", "WorkerThread", "V8Worker", …). */
+function threadSeconds(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const t of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const name = readFileSync(`/proc/${pid}/task/${t}/comm`, "utf8").trim();
+      out.set(name, (out.get(name) ?? 0) + ticks(`/proc/${pid}/task/${t}/stat`) / 100);
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
+/**
+ * After a warm-up pass: its last usage counts (and the first last-used time of
+ * every key it verified) are flushed within a flush interval; waiting that out
+ * keeps the warm-up's one-time writes out of the measured run.
+ */
+function afterWarmUp(): Promise<void> {
+  return new Promise((r) => setTimeout(r, 2500));
 }
 
 /** "5s", "500ms", "1m" → seconds. */
@@ -646,6 +670,45 @@ async function main() {
     }
     return;
   }
+  if (process.env.BENCH_ONLY === "usage") {
+    // What usage counting costs a cached VerifyKey on the embedded store, per thread: peaks with counting on and off, alternated.
+    try {
+      const dataDir = join(work, "data");
+      const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
+      await sqlite.init();
+      const data = dataset();
+      const rootKey = await seed(sqlite, data);
+      await sqlite.close();
+      const verifyData = join(work, "verify.json");
+      writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
+      const md = { authorization: `Bearer ${rootKey}` };
+      const rows: string[] = [];
+      for (const counting of ["on", "off", "on", "off", "on", "off"]) {
+        const srv = await start(["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir, LATCHKEY_USAGE_COUNTING: counting });
+        await settle();
+        ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, total: KEYS, concurrency: 8 });
+        await afterWarmUp();
+        const before = threadSeconds(srv.proc.pid!);
+        const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
+        const after = threadSeconds(srv.proc.pid!);
+        await stop(srv.proc);
+        const per = (name: string) => Math.round((((after.get(name) ?? 0) - (before.get(name) ?? 0)) * 1e6) / Math.max(1, peak.ok));
+        const others = [...after.keys()].filter((n) => !["MainThread", "WorkerThread", "V8Worker"].includes(n)).reduce((n, k) => n + per(k), 0);
+        rows.push(`| ${counting} | ${Math.round(peak.rps)} | ${Math.round(peak.cpuUs)} | ${per("MainThread")} | ${per("WorkerThread")} | ${per("V8Worker")} | ${others} |`);
+      }
+      lines.push(
+        `ghz ${DURATION}, concurrency ${CONCURRENCY}; ${IDENTITIES} identities, ${KEYS} keys; embedded store, every key cached, the warm-up's usage flush landed before each run`,
+        "",
+        "| usage counting | calls/s | server CPU µs/call | main thread | usage writer (WorkerThread) | GC helpers (V8Worker) | other threads |",
+        "|---|---|---|---|---|---|---|",
+        ...rows,
+      );
+      process.stdout.write(lines.join("\n") + "\n");
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+    return;
+  }
   if (process.env.BENCH_ONLY === "mongo") {
     // MongoDB ÷ embedded alone: one embedded peak, then the MongoDB run, the same keys.
     try {
@@ -664,6 +727,7 @@ async function main() {
       const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, file: string, keys: number) => {
         await settle();
         ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", file, { metadata, total: keys, concurrency: 8 });
+        await afterWarmUp();
       };
       const md = { authorization: `Bearer ${rootKey}` };
       const srv = await start(latchkeyArgs, { ...serverEnv, LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
@@ -750,6 +814,7 @@ async function main() {
     const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data = verifyData, keys = KEYS) => {
       await settle();
       ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", data, { metadata, total: keys, concurrency: 8 });
+      await afterWarmUp();
     };
     const verifyJson = join(work, "verify-connect.json");
     writeFileSync(verifyJson, JSON.stringify(data.plaintexts.map((key) => ({ key, apiId: "bench" }))));
