@@ -69,7 +69,8 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     (await s.queryUsage({ by: { identityId: "id_log" }, granularity: g, start: 0, end: Date.now() + 2 * DAY, tagged: false, maxRows: 10_000 })).reduce((n, r) => n + r.counts.total, 0);
   const logCount = (database: string) => raw.db(database).collection("usage_log").countDocuments({});
   /** Rows in the usage collection: a pack counts its rows. */
-  const rowCount = async (database: string) => (await raw.db(database).collection("usage").find({}).toArray()).reduce((n, d) => n + (Array.isArray(d.rows) ? d.rows.length : 1), 0);
+  const rowCount = async (database: string) =>
+    (await raw.db(database).collection("usage").find({}).toArray()).reduce((n, d) => n + (typeof d.data === "string" ? (JSON.parse(d.data) as unknown[]).length : 1), 0);
 
   it("writes a flush as one insert into the log, no row; the roll-up inserts the rows, updates none, and empties the log", async () => {
     const database = fresh();
@@ -93,8 +94,10 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       expect(deletes.length).toBeGreaterThan(0);
       for (const d of deletes) expect(Object.keys(d.q)).toEqual(["_id"]);
       // 600 rows (300 keys × minute, day) in packs of at most 200 rows, each pack one bucket.
-      const packs = rowWrites.filter((c) => c.commandName === "insert" && c.command.insert === "usage").flatMap((c) => c.command.documents as { g: string; rows: unknown[] }[]);
-      expect(packs.map((p) => `${p.g} ${p.rows.length}`).sort()).toEqual(["day 100", "day 200", "minute 100", "minute 200"]);
+      const packs = rowWrites.filter((c) => c.commandName === "insert" && c.command.insert === "usage").flatMap((c) => c.command.documents as { g: string; data: string; i: string[]; k: string[] }[]);
+      expect(packs.map((p) => `${p.g} ${(JSON.parse(p.data) as unknown[]).length}`).sort()).toEqual(["day 100", "day 200", "minute 100", "minute 200"]);
+      // Each pack lists the identities and keys of its rows (what a read by identity or key finds it by).
+      for (const p of packs) expect([p.i, p.k.length]).toEqual([["id_log"], (JSON.parse(p.data) as unknown[]).length]);
       expect(await logCount(database)).toBe(0);
       expect(await rowCount(database)).toBe(600);
       expect(await identityTotal(s)).toBe(300);
@@ -131,6 +134,44 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("reads and replaces the single-row versions written before packs, counting each row once", async () => {
+    const database = fresh();
+    const s = await open(database);
+    try {
+      const keys = Array.from({ length: 5 }, (_, i) => `key_${unique(`v${i}`)}`);
+      await s.writeUsage(batchOf(keys, 3), { writer: "w-v", seq: 1 });
+      await s.rollUpUsage();
+      // The same rows as the earlier shape: one document per row version (`<row id>#<seq>`, r, s, seq, counters as fields).
+      const usage = raw.db(database).collection("usage");
+      const legacy = (await usage.find({}).toArray()).flatMap((p) =>
+        (JSON.parse(p.data as string) as { k: string; i: string | null; t: string; n: number[] }[]).map((r) => {
+          const id = `${p.s}|${p.g}|${p.b}|${r.k}|${r.i ?? ""}|${r.t}`;
+          return { _id: `${id}#${p.seq}`, r: id, s: p.s, seq: p.seq, g: p.g, b: p.b, k: r.k, i: r.i, tag: r.t, total: r.n[0], valid: r.n[1] } as Record<string, unknown>;
+        }),
+      );
+      await usage.deleteMany({});
+      await usage.insertMany(legacy as never[]);
+      expect(await identityTotal(s)).toBe(15);
+      expect(
+        (await s.queryUsage({ by: { keyId: keys[2] }, granularity: "minute", start: 0, end: Date.now() + DAY, tagged: false, maxRows: 100 })).map((r) => r.counts.total),
+      ).toEqual([3]);
+      // A new process (nothing known in memory) rolls the next batch up over them: packs replace them.
+      await s.close();
+      const next = await open(database);
+      try {
+        await next.writeUsage(batchOf(keys, 2), { writer: "w-v", seq: 2 });
+        await next.rollUpUsage();
+        expect(await usage.countDocuments({ data: { $exists: false } })).toBe(0);
+        expect(await identityTotal(next)).toBe(25);
+        expect(await identityTotal(next, "minute")).toBe(25);
+      } finally {
+        await next.close();
+      }
+    } finally {
+      await s.close();
+    }
+  });
+
   it("rolls the log up by itself every usageRollupMs, without a close or a call", async () => {
     const database = fresh();
     const s = await open(database, { usageRollupMs: 200 });
@@ -160,7 +201,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       for (let seq = 1; seq <= 5; seq++) await s.writeUsage(batchOf(keys, seq), { writer: "w-s", seq });
       await s.rollUpUsage();
       // 10 keys × (minute, day), not × 5 batches: one pack per bucket, 10 rows each.
-      expect((ops as { rows: unknown[] }[]).map((p) => p.rows.length)).toEqual([10, 10]);
+      expect((ops as { data: string }[]).map((p) => (JSON.parse(p.data) as unknown[]).length)).toEqual([10, 10]);
       expect(await rowCount(database)).toBe(20);
       expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5));
       // The next roll-up starts from the rows this one left (no read of the usage collection), and stays exact.

@@ -42,7 +42,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", ()
   };
   /** The key's stored rows of granularity `g`: the rows of it inside packs (usage.ts), one per slot and bucket. */
   const rowsOf = async (keyId: string, g = "day") =>
-    (await raw.db(database).collection("usage").find({ "rows.k": keyId, g }).toArray()).flatMap((d) => (d.rows as { k: string }[]).filter((r) => r.k === keyId).map((r) => ({ ...r, s: d.s, b: d.b })));
+    (await raw.db(database).collection("usage").find({ k: keyId, g }).toArray()).flatMap((d) => (JSON.parse(d.data as string) as { k: string }[]).filter((r) => r.k === keyId).map((r) => ({ ...r, s: d.s, b: d.b })));
   const total = async (s: MongoStore, keyId: string) =>
     (await s.queryUsage({ by: { keyId }, granularity: "day", start: 0, end: Date.now() + 2 * DAY, tagged: false, maxRows: 1000 })).reduce(
       (n, r) => n + r.counts.total,

@@ -183,12 +183,10 @@ export class MongoContext {
         await this.usageLog.createIndex({ i: 1 }, { name: "log_identity" });
         await this.usageLog.createIndex({ k: 1 }, { name: "log_key" });
       }
+      // Single-row versions and packs (usage.ts, whose `i` / `k` are lists: multikey) alike.
       await this.usage.createIndex({ i: 1, g: 1, b: 1 }, { name: "identity_bucket" });
       await this.usage.createIndex({ k: 1, g: 1, b: 1 }, { name: "key_bucket" });
       await this.usage.createIndex({ s: 1, g: 1, b: 1 }, { name: "slot_bucket" });
-      // Packs (usage.ts): a read by identity or key finds the packs holding one of its rows (multikey).
-      await this.usage.createIndex({ "rows.i": 1, g: 1, b: 1 }, { name: "pack_identity_bucket" });
-      await this.usage.createIndex({ "rows.k": 1, g: 1, b: 1 }, { name: "pack_key_bucket" });
       await this.identities.createIndex({ externalId: 1 }, { unique: true, name: "external_id_unique" });
       await this.rootKeys.createIndex({ hash: 1 }, { unique: true, name: "hash_unique" });
       this.rootKeyHashes = this.db.collection<RootKeyHashDoc>("root_key_hashes");

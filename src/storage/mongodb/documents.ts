@@ -36,17 +36,20 @@ export interface KeyRef {
 }
 export type SettingDoc = { _id: string; value: string };
 /** A version of a usage row (usage.ts): `r` the row id, `s` its writer slot, `seq` the roll-up that wrote it; rows from before versions have neither `r` nor `s` (`_id` is the row id). */
-export type UsageDoc = { _id: string; r?: string; s?: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number; rows?: undefined } & Counts;
+export type UsageDoc = { _id: string; r?: string; s?: string; g: string; b: number; k: string; i: string | null; tag: string; seq: number; data?: undefined } & Counts;
 /** One row of a usage log document: granularity, bucket, key, identity, tag, and the counters in COUNTERS order (FerretDB 1.x stores no arrays of arrays). */
 export type UsageLogRow = { g: string; b: number; k: string; i: string | null; t: string; n: number[] };
 /** A row inside a usage pack: key, identity, tag, counters (the pack's granularity and bucket are the document's). */
 export type UsagePackRow = { k: string; i: string | null; t: string; n: number[] };
 /**
  * Rows of one writer slot in one bucket of one granularity as a roll-up wrote
- * them (usage.ts): `<slot>|<g>|<b>#<seq>|<n>|<digest of the content>`, up to a few hundred rows a
- * document, sorted by identity, key and tag.
+ * them (usage.ts): `<slot>|<g>|<b>#<seq>|<n>|<digest of the content>`, up to a
+ * few hundred rows a document, sorted by identity, key and tag. `data` holds the
+ * rows as JSON text (UsagePackRow[]); `i` and `k` list their identities and keys
+ * (a read by identity or key finds the packs holding one of its rows through the
+ * same `(i|k, g, b)` indexes as single-row versions).
  */
-export type UsagePackDoc = { _id: string; s: string; g: string; b: number; seq: number; rows: UsagePackRow[] };
+export type UsagePackDoc = { _id: string; s: string; g: string; b: number; seq: number; i: string[]; k: string[]; data: string };
 /**
  * A flush of usage counts as written (usage_log): rows of one batch of one
  * writer slot, applied to the rows by a roll-up (usage.ts). `data` holds the

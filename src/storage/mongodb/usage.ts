@@ -49,15 +49,33 @@ const PACK_ROWS = 200;
  * one that came to other counts under the same seq (a slot whose seqs began
  * again) never collides with them.
  */
-function toPacks(slot: string, rows: UsageRow[], seq: number, size: number): UsagePackDoc[] {
+function toPacks(slot: string, rows: UsageRow[], seq: number, size: number): { doc: UsagePackDoc; rows: number }[] {
   const order = (r: UsageRow) => `${r.identityId ?? ""}\u0000${r.keyId}\u0000${r.tag}`;
   const sorted = rows.map((r) => ({ r, o: order(r) })).sort((x, y) => (x.o < y.o ? -1 : x.o > y.o ? 1 : 0));
   const { granularity: g, bucket: b } = rows[0];
-  const out: UsagePackDoc[] = [];
+  const out: { doc: UsagePackDoc; rows: number }[] = [];
   for (let i = 0, n = 0; i < sorted.length; i += size, n++) {
-    out.push({ _id: `${slot}|${g}|${b}#${seq}|${n}`, s: slot, g, b, seq, rows: sorted.slice(i, i + size).map(({ r }) => ({ k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) })) });
+    const part = sorted.slice(i, i + size).map(({ r }) => r);
+    const ids = new Set<string>();
+    for (const r of part) if (r.identityId !== null) ids.add(r.identityId);
+    const doc: UsagePackDoc = {
+      _id: `${slot}|${g}|${b}#${seq}|${n}`,
+      s: slot,
+      g,
+      b,
+      seq,
+      i: [...ids],
+      k: [...new Set(part.map((r) => r.keyId))],
+      data: JSON.stringify(part.map((r): UsagePackRow => ({ k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) }))),
+    };
+    out.push({ doc, rows: part.length });
   }
   return out;
+}
+
+/** The rows of a pack (JSON text). */
+function packRows(d: UsagePackDoc): UsagePackRow[] {
+  return JSON.parse(d.data) as UsagePackRow[];
 }
 
 function fromPackRow(d: UsagePackDoc, p: UsagePackRow): UsageRow {
@@ -268,23 +286,24 @@ export class MongoUsage {
       else buckets.set(at, [row]);
     }
     const chunkRows = this.ctx.opts.usageRollupChunk ?? 500;
-    const packRows = Math.min(PACK_ROWS, chunkRows);
-    const packs: UsagePackDoc[] = [];
-    for (const rows of buckets.values()) packs.push(...toPacks(slot.id, rows, seq, packRows));
+    const packSize = Math.min(PACK_ROWS, chunkRows);
+    const made: { doc: UsagePackDoc; rows: number }[] = [];
+    for (const rows of buckets.values()) made.push(...toPacks(slot.id, rows, seq, packSize));
+    const packs = made.map((m) => m.doc);
     const digest = createHash("sha256").update(JSON.stringify(packs)).digest("base64url").slice(0, 16);
     for (const p of packs) p._id = `${p._id}|${digest}`;
-    const perInsert = Math.max(1, Math.floor(chunkRows / packRows));
+    const perInsert = Math.max(1, Math.floor(chunkRows / packSize));
     let applied = 0;
-    for (let i = 0; i < packs.length; i += perInsert) {
-      const chunk = packs.slice(i, i + perInsert);
-      await this.insertPacks(chunk);
-      applied += chunk.reduce((n, p) => n + p.rows.length, 0);
+    for (let i = 0; i < made.length; i += perInsert) {
+      const chunk = made.slice(i, i + perInsert);
+      await this.insertPacks(chunk.map((m) => m.doc));
+      applied += chunk.reduce((n, m) => n + m.rows, 0);
       await this.ctx.opts.usageRollupAfterChunk?.(applied);
     }
     await this.deleteByIds(this.ctx.usage, old.filter((d) => d.seq < seq && !d.single).map((d) => d.id));
     // Single-row versions from before packs: one range delete per granularity, once.
     for (const g of new Set(old.filter((d) => d.seq < seq && d.single).map((d) => d.g))) {
-      await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: since.get(g)! }, s: slot.id, seq: { $lt: seq }, rows: { $exists: false } }));
+      await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: since.get(g)! }, s: slot.id, seq: { $lt: seq }, data: { $exists: false } }));
     }
     await this.deleteByIds(this.ctx.usageLog, docs.map((d) => d._id));
     this.known.set(slot.id, { base, from: since, rows: after, docs: packs.map((p) => ({ id: p._id, g: p.g, b: p.b, seq, single: false })) });
@@ -302,10 +321,10 @@ export class MongoUsage {
       // `s: null`: rows written before versions carry no slot (their _id starts with it).
       const docs = await this.ctx.run(() => this.ctx.usage.find({ s: { $in: [slot, null] as string[] }, g, b: { $gte: b } }).toArray());
       for (const d of docs) {
-        if (d.rows) {
+        if (d.data !== undefined) {
           if (d.s !== slot) continue;
           held.push({ id: d._id, g: d.g, b: d.b, seq: d.seq, single: false });
-          for (const pr of d.rows) {
+          for (const pr of packRows(d)) {
             const row = fromPackRow(d, pr);
             offer(rowId(slot, row), row, d.seq);
           }
@@ -368,11 +387,8 @@ export class MongoUsage {
     const want = "identityId" in by ? by.identityId : by.keyId;
     const tagOk = (t: string) => (q.tagged ? t !== "" : t === "");
     // Packs holding a row of this identity or key, and single-row versions from before packs.
-    const filter: Record<string, unknown> = {
-      g: q.granularity,
-      b: { $gte: q.start, $lt: q.end },
-      $or: [byIdentity ? { "rows.i": want } : { "rows.k": want }, { ...(byIdentity ? { i: want } : { k: want }), tag: q.tagged ? { $ne: "" } : "" }],
-    };
+    // `i` / `k`: a pack's lists of identities and keys, or a single-row version's own (the same indexes find both).
+    const filter: Record<string, unknown> = { ...(byIdentity ? { i: want } : { k: want }), g: q.granularity, b: { $gte: q.start, $lt: q.end } };
     // The log first: a roll-up between the two reads is then seen in the rows (and skipped in the log).
     // Only documents with a row of this identity or key come back (the filter runs in the server).
     const log = await this.ctx.run(() => this.ctx.usageLog.find(byIdentity ? { $or: [{ i: want }, { "rows.i": want }] } : { $or: [{ k: want }, { "rows.k": want }] }).toArray());
@@ -386,11 +402,11 @@ export class MongoUsage {
       if (!have || have.seq < v) out.set(id, { row, seq: v });
     };
     for (const d of docs) {
-      if (!d.rows) {
-        offer(d.r ?? String(d._id), fromRowDoc(d), d.seq ?? 0);
+      if (d.data === undefined) {
+        if (tagOk(d.tag)) offer(d.r ?? String(d._id), fromRowDoc(d), d.seq ?? 0);
         continue;
       }
-      for (const p of d.rows) {
+      for (const p of packRows(d)) {
         if ((byIdentity ? p.i : p.k) !== want || !tagOk(p.t)) continue;
         const row = fromPackRow(d, p);
         offer(rowId(d.s, row), row, d.seq);
