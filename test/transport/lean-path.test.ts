@@ -67,24 +67,29 @@ describe("the lean gRPC path", () => {
     expect(o.trailers).toEqual({});
   });
 
+  /** GetKey with `md` (plus the root key and the served-by marker) through grpc-js: its response headers and status. */
+  async function getKeyWith(options: grpc.ClientOptions, id: string, md: grpc.Metadata): Promise<{ headers: grpc.Metadata | undefined; status: grpc.StatusObject }> {
+    const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
+    md.set("authorization", "Bearer good");
+    md.set("x-want-served-by", "1");
+    const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id })));
+    let headers: grpc.Metadata | undefined;
+    const status = await new Promise<grpc.StatusObject>((resolve) => {
+      const call = client.makeUnaryRequest(GET, (x: Buffer) => x, (x: Buffer) => x, bytes, md, () => undefined);
+      call.on("metadata", (m) => (headers = m));
+      call.on("status", resolve);
+    });
+    client.close();
+    return { headers, status };
+  }
+
   // The lean path takes identity calls; grpc-js with gzip goes to Connect-Node. Both must agree.
   for (const [path, options] of [
     ["lean", {}],
     ["connect", { "grpc.default_compression_algorithm": 2 }],
   ] as const) {
     it(`grpc-js (${path} path): a failed call's headers arrive as headers, its trailers and error metadata as the status's metadata`, async () => {
-      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
-      const md = new grpc.Metadata();
-      md.set("authorization", "Bearer good");
-      md.set("x-want-served-by", "1");
-      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "meta-fail" })));
-      let headers: grpc.Metadata | undefined;
-      const status = await new Promise<grpc.StatusObject>((resolve) => {
-        const call = client.makeUnaryRequest(GET, (b: Buffer) => b, (b: Buffer) => b, bytes, md, () => undefined);
-        call.on("metadata", (m) => (headers = m));
-        call.on("status", resolve);
-      });
-      client.close();
+      const { headers, status } = await getKeyWith(options, "meta-fail", new grpc.Metadata());
       expect(headers?.get("x-served-by")).toEqual([path]);
       expect(headers?.get("x-fixture-header")).toEqual(["h"]);
       expect(status.code).toBe(grpc.status.INVALID_ARGUMENT);
@@ -93,21 +98,11 @@ describe("the lean gRPC path", () => {
     });
 
     it(`grpc-js (${path} path): a handler sees the request's headers as a Headers (a repeated header joined, names in any case)`, async () => {
-      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
       const md = new grpc.Metadata();
-      md.set("authorization", "Bearer good");
-      md.set("x-want-served-by", "1");
       md.add("x-multi", "a");
       md.add("x-multi", "b, c");
       md.set("x-one", "1");
-      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "echo-headers" })));
-      let headers: grpc.Metadata | undefined;
-      const status = await new Promise<grpc.StatusObject>((resolve) => {
-        const call = client.makeUnaryRequest(GET, (x: Buffer) => x, (x: Buffer) => x, bytes, md, () => undefined);
-        call.on("metadata", (m) => (headers = m));
-        call.on("status", resolve);
-      });
-      client.close();
+      const { headers, status } = await getKeyWith(options, "echo-headers", md);
       expect(status.code).toBe(grpc.status.OK);
       expect(headers?.get("x-served-by")).toEqual([path]);
       expect(JSON.parse(String(headers?.get("x-seen")[0]))).toEqual({
@@ -119,22 +114,12 @@ describe("the lean gRPC path", () => {
     });
 
     it(`grpc-js (${path} path): binary metadata (every byte value, two values of one key) comes back byte for byte in headers and trailers`, async () => {
-      const client = new grpc.Client(`127.0.0.1:${fx.port}`, grpc.credentials.createInsecure(), options);
       const md = new grpc.Metadata();
-      md.set("authorization", "Bearer good");
-      md.set("x-want-served-by", "1");
       const a = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
       const b = Buffer.from([0xff, 0x00, 0x2c, 0x20, 0x0a]);
       md.add("x-echo-bin", a);
       md.add("x-echo-bin", b);
-      const bytes = Buffer.from(toBinary(GetKeyRequestSchema, create(GetKeyRequestSchema, { id: "echo-bin" })));
-      let headers: grpc.Metadata | undefined;
-      const status = await new Promise<grpc.StatusObject>((resolve) => {
-        const call = client.makeUnaryRequest(GET, (x: Buffer) => x, (x: Buffer) => x, bytes, md, () => undefined);
-        call.on("metadata", (m) => (headers = m));
-        call.on("status", resolve);
-      });
-      client.close();
+      const { headers, status } = await getKeyWith(options, "echo-bin", md);
       expect(status.code).toBe(grpc.status.OK);
       expect(headers?.get("x-served-by")).toEqual([path]);
       expect(headers?.get("x-echo-bin")).toEqual([a, b]);
