@@ -16,7 +16,10 @@ import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/h
 import { DAY, describeWith, floorTo, MINUTE } from "./support.js";
 
 /** One minute row and one day row for each of `n` keys, `total` verifications each. */
-function batchOf(keys: string[], total: number, at = Date.now()): UsageRow[] {
+/** One time for every batch of this file: a test's batches fall in one minute bucket, however long it runs. */
+const AT = Date.now();
+
+function batchOf(keys: string[], total: number, at = AT): UsageRow[] {
   return keys.flatMap((keyId) =>
     (["minute", "day"] as const).map((g) => ({
       granularity: g,
