@@ -62,6 +62,25 @@ describeWith("MONGODB_URI", mongoUri(), "last-used times, bucketed layout (Mongo
     }
   });
 
+  it("writes the collected times by itself every usageRollupMs, without a close or a call", async () => {
+    const database = randomDatabaseName();
+    databases.push(database);
+    const a = await open(database, { usageRollupMs: 200 });
+    const b = await open(database);
+    try {
+      const k = keyRecord().record;
+      await a.createKey(k);
+      await a.touchLastUsed(new Map([[k.id, 30_000]]));
+      // Polled, not slept: the store's roll-up timer writes the time; another store then reads it.
+      const deadline = Date.now() + 15_000;
+      while ((await b.getKey(k.id))?.lastUsedAt !== 30_000 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect((await b.getKey(k.id))?.lastUsedAt).toBe(30_000);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+
   it("keeps the times of a write that failed and writes them with the next; close writes what is left", async () => {
     const database = randomDatabaseName();
     databases.push(database);

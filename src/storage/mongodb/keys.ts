@@ -9,14 +9,13 @@ import { eachLimited, groupBy } from "./util.js";
 import { MAX_CAS_TRIES, type MongoCredits } from "./credits.js";
 import type { MongoKeyRefs } from "./key-refs.js";
 import type { MongoContext } from "./context.js";
-import { DEFAULT_USAGE_ROLLUP_MS } from "./usage.js";
 
 /**
  * Keys, on either key layout (ferretdb.ts; where a key's documents are:
  * key-refs.ts), with their last-used times, kept apart from the key documents.
  *
  * Last-used times on the bucketed layout (FerretDB) are collected in memory and
- * written every usage roll-up period (and at close) into one document per
+ * written with every usage roll-up (the store's timer, and at close) into one document per
  * key-id bucket (`key_last_used`, `t.<key id>`, `$max`): one update statement
  * per bucket for however many keys it holds, where a document per key cost one
  * statement per key — on FerretDB each a scan, an update and a commit, a third
@@ -27,7 +26,6 @@ import { DEFAULT_USAGE_ROLLUP_MS } from "./usage.js";
 export class MongoKeys {
   /** Bucketed layout: last-used times not yet written. */
   private pendingLastUsed = new Map<string, number>();
-  private lastUsedTimer: NodeJS.Timeout | null = null;
   private lastUsedWrite: Promise<void> = Promise.resolve();
 
   constructor(
@@ -102,14 +100,14 @@ export class MongoKeys {
   private async withLastUsed(keys: KeyRecord[]): Promise<KeyRecord[]> {
     if (keys.length === 0) return keys;
     const at = new Map<string, number>();
+    const later = (id: string, t: number | undefined) => {
+      if (t !== undefined && t > (at.get(id) ?? -Infinity)) at.set(id, t);
+    };
     await this.ctx.run(async () => {
       if (this.ctx.layout === "indexed") {
         for (const d of await this.ctx.activity.find({ _id: { $in: keys.map((k) => k.id) } }).toArray()) at.set(d._id, d.lastUsedAt);
         return;
       }
-      const later = (id: string, t: number | undefined) => {
-        if (t !== undefined && t > (at.get(id) ?? -Infinity)) at.set(id, t);
-      };
       for (const group of groupBy(keys, (k) => keyIdCollection(k.id)).values()) {
         const coll = this.keyRefs.keyIdColl(group[0].id);
         // One id: an `_id` lookup, the one filter FerretDB pushes down. (Times written on the id document by earlier versions.)
@@ -120,7 +118,7 @@ export class MongoKeys {
       const held = buckets.length === 1 ? [await this.ctx.lastUsed.findOne({ _id: buckets[0] })].filter((d) => d !== null) : await this.ctx.lastUsed.find({ _id: { $in: buckets } }).toArray();
       for (const d of held) for (const k of keys) later(k.id, d.t?.[k.id]);
     });
-    for (const k of keys) if (this.pendingLastUsed.has(k.id) && this.pendingLastUsed.get(k.id)! > (at.get(k.id) ?? -Infinity)) at.set(k.id, this.pendingLastUsed.get(k.id)!);
+    for (const k of keys) later(k.id, this.pendingLastUsed.get(k.id));
     return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
   }
 
@@ -251,13 +249,13 @@ export class MongoKeys {
       );
       return;
     }
-    // Bucketed: collected, and written by the timer (see the class comment).
+    // Bucketed: collected, and written by flushLastUsed (see the class comment).
+    this.keepLatest(times);
+  }
+
+  /** Adds `times` to those not yet written, keeping each key's latest. */
+  private keepLatest(times: Map<string, number>): void {
     for (const [id, t] of times) if (t > (this.pendingLastUsed.get(id) ?? -Infinity)) this.pendingLastUsed.set(id, t);
-    const every = this.ctx.opts.usageRollupMs ?? DEFAULT_USAGE_ROLLUP_MS;
-    if (!this.lastUsedTimer && every > 0) {
-      this.lastUsedTimer = setInterval(() => void this.flushLastUsed().catch(() => undefined), every);
-      this.lastUsedTimer.unref();
-    }
   }
 
   /**
@@ -275,7 +273,7 @@ export class MongoKeys {
         }));
         await this.ctx.run(() => this.ctx.lastUsed.bulkWrite(ops, { ordered: false }));
       } catch (err) {
-        for (const [id, t] of batch) if (t > (this.pendingLastUsed.get(id) ?? -Infinity)) this.pendingLastUsed.set(id, t);
+        this.keepLatest(batch);
         throw err;
       }
     };
@@ -284,10 +282,8 @@ export class MongoKeys {
     return p;
   }
 
-  /** Graceful stop: the timer ends and the collected times are written. */
+  /** Graceful stop: the collected times are written. */
   async close(): Promise<void> {
-    if (this.lastUsedTimer) clearInterval(this.lastUsedTimer);
-    this.lastUsedTimer = null;
     await this.flushLastUsed().catch(() => undefined);
   }
 }

@@ -17,7 +17,7 @@ import { MongoCredits } from "./credits.js";
 import { MongoIdentities } from "./identities.js";
 import { MongoKeyRefs } from "./key-refs.js";
 import { MongoRootKeys } from "./root-keys.js";
-import { MongoUsage } from "./usage.js";
+import { DEFAULT_USAGE_ROLLUP_MS, MongoUsage } from "./usage.js";
 export type { MongoStoreOptions } from "./context.js";
 export { toFeedDoc, toIdentityDoc, toKeyDoc, type FeedEntry } from "./documents.js";
 
@@ -53,6 +53,7 @@ export class MongoStore extends MongoContext implements Store {
   private readonly identityPart = new MongoIdentities(this, this.keyRefs);
   private readonly rootKeyPart = new MongoRootKeys(this);
   private readonly usagePart = new MongoUsage(this);
+  private rollupTimer: NodeJS.Timeout | null = null;
 
   changesSince(afterSeq: number, limit: number, opts: { pastGaps?: boolean } = {}): Promise<Change[]> {
     return this.feedPart.changesSince(afterSeq, limit, opts);
@@ -84,7 +85,22 @@ export class MongoStore extends MongoContext implements Store {
   }
 
   writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
+    this.startRollups();
     return this.usagePart.writeUsage(rows, batch);
+  }
+  /**
+   * Every usageRollupMs once usage or last-used times were written: the usage
+   * log applied to the rows (usage.ts) and the collected last-used times
+   * written (keys.ts), each on its own, so one failing does not hold back the other.
+   */
+  private startRollups(): void {
+    const every = this.opts.usageRollupMs ?? DEFAULT_USAGE_ROLLUP_MS;
+    if (this.rollupTimer || every <= 0) return;
+    this.rollupTimer = setInterval(() => {
+      void this.usagePart.rollUp().catch(() => undefined);
+      void this.keyPart.flushLastUsed().catch(() => undefined);
+    }, every);
+    this.rollupTimer.unref();
   }
   /**
    * Applies the usage log of this process's writer slots to the usage rows, and
@@ -96,6 +112,8 @@ export class MongoStore extends MongoContext implements Store {
     await this.keyPart.flushLastUsed();
   }
   override async close(): Promise<void> {
+    if (this.rollupTimer) clearInterval(this.rollupTimer);
+    this.rollupTimer = null;
     await this.usagePart.close();
     await this.keyPart.close();
     await super.close();
@@ -181,6 +199,7 @@ export class MongoStore extends MongoContext implements Store {
     return this.keyPart.rerollKey(oldId, next, oldExpiresAt, now);
   }
   touchLastUsed(times: Map<string, number>): Promise<void> {
+    this.startRollups();
     return this.keyPart.touchLastUsed(times);
   }
 }

@@ -18,19 +18,33 @@ export const DEFAULT_USAGE_ROLLUP_MS = 30_000;
 const rowId = (slot: string, r: { granularity: string; bucket: number; keyId: string; identityId: string | null; tag: string }) =>
   `${slot}|${r.granularity}|${r.bucket}|${r.keyId}|${r.identityId ?? ""}|${r.tag}`;
 
-function toLogRow(r: UsageRow): LogRow {
-  return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) };
+/** Counters as stored in the log and in packs: a list in COUNTERS order (FerretDB 1.x stores no arrays of arrays). */
+const countList = (c: Counts): number[] => COUNTERS.map((n) => c[n]);
+
+function countsOf(n: number[]): Counts {
+  const counts = {} as Counts;
+  COUNTERS.forEach((c, i) => (counts[c] = n[i] ?? 0));
+  return counts;
 }
 
-/** A log document of `rows` (usage_log): the rows as JSON text, and the identities and keys they count. */
-function toLogDoc(_id: string, slot: string, seq: number, rows: UsageRow[]): UsageLogDoc {
+/** The identities and keys `rows` count: what a read by identity or key finds a log document or a pack by. */
+function idLists(rows: UsageRow[]): { i: string[]; k: string[] } {
   const i = new Set<string>();
   const k = new Set<string>();
   for (const r of rows) {
     if (r.identityId !== null) i.add(r.identityId);
     k.add(r.keyId);
   }
-  return { _id, slot, seq, i: [...i], k: [...k], data: JSON.stringify(rows.map(toLogRow)) };
+  return { i: [...i], k: [...k] };
+}
+
+function toLogRow(r: UsageRow): LogRow {
+  return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: countList(r.counts) };
+}
+
+/** A log document of `rows` (usage_log): the rows as JSON text, and the identities and keys they count. */
+function toLogDoc(_id: string, slot: string, seq: number, rows: UsageRow[]): UsageLogDoc {
+  return { _id, slot, seq, ...idLists(rows), data: JSON.stringify(rows.map(toLogRow)) };
 }
 
 /** The rows of a log document (`data`, or `rows` in documents from before it). */
@@ -56,17 +70,14 @@ function toPacks(slot: string, rows: UsageRow[], seq: number, size: number): { d
   const out: { doc: UsagePackDoc; rows: number }[] = [];
   for (let i = 0, n = 0; i < sorted.length; i += size, n++) {
     const part = sorted.slice(i, i + size).map(({ r }) => r);
-    const ids = new Set<string>();
-    for (const r of part) if (r.identityId !== null) ids.add(r.identityId);
     const doc: UsagePackDoc = {
       _id: `${slot}|${g}|${b}#${seq}|${n}`,
       s: slot,
       g,
       b,
       seq,
-      i: [...ids],
-      k: [...new Set(part.map((r) => r.keyId))],
-      data: JSON.stringify(part.map((r): UsagePackRow => ({ k: r.keyId, i: r.identityId, t: r.tag, n: COUNTERS.map((c) => r.counts[c]) }))),
+      ...idLists(part),
+      data: JSON.stringify(part.map((r): UsagePackRow => ({ k: r.keyId, i: r.identityId, t: r.tag, n: countList(r.counts) }))),
     };
     out.push({ doc, rows: part.length });
   }
@@ -79,9 +90,7 @@ function packRows(d: UsagePackDoc): UsagePackRow[] {
 }
 
 function fromPackRow(d: UsagePackDoc, p: UsagePackRow): UsageRow {
-  const counts = {} as Counts;
-  COUNTERS.forEach((c, i) => (counts[c] = p.n[i] ?? 0));
-  return { granularity: d.g as Granularity, bucket: d.b, keyId: p.k, identityId: p.i ?? null, tag: p.t, counts };
+  return { granularity: d.g as Granularity, bucket: d.b, keyId: p.k, identityId: p.i ?? null, tag: p.t, counts: countsOf(p.n) };
 }
 
 function fromRowDoc(d: UsageDoc): UsageRow {
@@ -92,15 +101,14 @@ function fromRowDoc(d: UsageDoc): UsageRow {
 }
 
 function fromLogRow(l: LogRow): UsageRow {
-  const counts = {} as Counts;
-  COUNTERS.forEach((c, i) => (counts[c] = l.n[i] ?? 0));
   // `i ?? null`: FerretDB may leave a null out.
-  return { granularity: l.g as Granularity, bucket: l.b, keyId: l.k, identityId: l.i ?? null, tag: l.t, counts };
+  return { granularity: l.g as Granularity, bucket: l.b, keyId: l.k, identityId: l.i ?? null, tag: l.t, counts: countsOf(l.n) };
 }
 
 /**
  * Usage on MongoDB: a flush is one insert into a log, and a roll-up applies the
- * log to the rows every `usageRollupMs` (docs/usage-storage.md).
+ * log to the rows every `usageRollupMs` (the store's timer, mongo-store.ts;
+ * docs/usage-storage.md).
  *
  * A flush (writeUsage) inserts its batch as a log document (`<slot>|<seq>|<part>`)
  * of the writer slot the process leases (usage-slots.ts): one insert, however
@@ -142,7 +150,6 @@ export class MongoUsage {
    */
   private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: Map<string, { row: UsageRow; seq: number }>; docs: VersionDoc[] }>();
   private rolling: Promise<void> | null = null;
-  private timer: NodeJS.Timeout | null = null;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
   private tail: Promise<unknown> = Promise.resolve();
 
@@ -153,10 +160,6 @@ export class MongoUsage {
   }
 
   constructor(private readonly ctx: MongoContext) {}
-
-  private get rollupMs(): number {
-    return this.ctx.opts.usageRollupMs ?? DEFAULT_USAGE_ROLLUP_MS;
-  }
 
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
@@ -201,18 +204,11 @@ export class MongoUsage {
     }
     // Before the next batch: a new owner of the slot starts past this seq.
     await this.ctx.run(() => this.ctx.usageSlots.applied(slot, seq));
-    this.startTimer();
   }
 
   /** A retried batch: the parts that landed before are duplicates, and skipped. */
   private insertLog(docs: UsageLogDoc[]): Promise<void> {
     return this.insertSkippingDuplicates(this.ctx.usageLog, docs);
-  }
-
-  private startTimer(): void {
-    if (this.timer || this.rollupMs <= 0) return;
-    this.timer = setInterval(() => void this.rollUp().catch(() => undefined), this.rollupMs);
-    this.timer.unref();
   }
 
   /**
@@ -434,10 +430,8 @@ export class MongoUsage {
     await this.ctx.run(() => this.ctx.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
-  /** Graceful stop: the timer ends and what the log holds is applied (what cannot be is left for the slot's next owner). */
+  /** Graceful stop: what the log holds is applied (what cannot be is left for the slot's next owner). */
   async close(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
     await this.rollUp().catch(() => undefined);
   }
 }
