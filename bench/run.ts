@@ -153,13 +153,42 @@ function threadSeconds(pid: number): Map<string, number> {
   return out;
 }
 
+/** The Latchkey server the runs start, and its settings apart from the store's. */
+const LATCHKEY_ARGS = ["dist/src/cli.js", "serve"];
 /**
- * After a warm-up pass: its last usage counts (and the first last-used time of
- * every key it verified) are flushed within a flush interval; waiting that out
- * keeps the warm-up's one-time writes out of the measured run.
+ * "info": the port is read from the "latchkey listening" line. LATCHKEY_DATA_DIR:
+ * where a MongoDB-store server leaves its bootstrap root key file (the work dir,
+ * not the checkout).
  */
-function afterWarmUp(): Promise<void> {
-  return new Promise((r) => setTimeout(r, 2500));
+const serverEnvIn = (work: string) => ({ LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") });
+
+/**
+ * One pass over `keys` keys before measuring: what is measured is the steady
+ * state, every key cached (each first lookup is a store read — on FerretDB, an
+ * `_id` find in a bucket). It waits `settle` out first, and after the pass
+ * 2.5 s, so its last usage counts (and the first last-used time of every key it
+ * verified), flushed within a flush interval, stay out of the measured run.
+ */
+async function warmUp(srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, file: string, keys: number): Promise<void> {
+  await settle();
+  ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", file, { metadata, total: keys, concurrency: 8 });
+  await new Promise((r) => setTimeout(r, 2500));
+}
+
+/** The bench's identities and keys in a new embedded store under `work`, and a root key allowed to verify. */
+async function seedEmbedded(work: string): Promise<{ dataDir: string; data: Dataset; md: Record<string, string>; verifyData: string; seedMs: number }> {
+  const dataDir = join(work, "data");
+  const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
+  await sqlite.init();
+  const t0 = Date.now();
+  progress(`seeding ${KEYS} keys across ${IDENTITIES} identities (embedded store)`);
+  const data = dataset();
+  const rootKey = await seed(sqlite, data);
+  await sqlite.close();
+  const seedMs = Date.now() - t0;
+  const verifyData = join(work, "verify.json");
+  writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
+  return { dataDir, data, md: { authorization: `Bearer ${rootKey}` }, verifyData, seedMs };
 }
 
 /** "5s", "500ms", "1m" → seconds. */
@@ -377,7 +406,7 @@ interface ColdKeys {
  * identity). The warm run then verifies keys the cold run looked up, for the
  * same time, on the same server: every call a cache hit.
  */
-async function coldKeys(work: string, latchkeyArgs: string[], serverEnv: Record<string, string>): Promise<ColdKeys> {
+async function coldKeys(work: string): Promise<ColdKeys> {
   const database = `latchkey_bench_cold_${Date.now()}`;
   madeDatabases.push(database);
   const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
@@ -396,9 +425,9 @@ async function coldKeys(work: string, latchkeyArgs: string[], serverEnv: Record<
     writeFileSync(all, JSON.stringify(coldPlain.map((key) => ({ key, api_id: "bench" }))));
     const warmUp = join(work, "cold-warm-up.json");
     writeFileSync(warmUp, JSON.stringify(data.plaintexts.slice(coldPlain.length).map((key) => ({ key, api_id: "bench" }))));
-    const env: Record<string, string> = { ...serverEnv, LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_CACHE_TTL_MS: "600000" };
+    const env: Record<string, string> = { ...serverEnvIn(work), LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_CACHE_TTL_MS: "600000" };
     if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
-    const srv = await start(latchkeyArgs, env);
+    const srv = await start(LATCHKEY_ARGS, env);
     ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", warmUp, { metadata: md, total: spare, concurrency: 8 });
     // The store's own processes' CPU per call too: a cold call's find is most of what it costs.
     const pids = storePids().map((p) => p.pid);
@@ -467,7 +496,7 @@ interface HotIdentity {
  * (the lease lock on FerretDB) for comparison. Afterwards the balance must have
  * gone down by exactly the VALID answers.
  */
-async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Record<string, string>): Promise<HotIdentity> {
+async function hotIdentity(work: string): Promise<HotIdentity> {
   const database = `latchkey_bench_hot_${Date.now()}`;
   madeDatabases.push(database);
   const ms = new MongoStore({ uri: process.env.MONGODB_URI!, database });
@@ -505,7 +534,7 @@ async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Reco
   const rootKey = (await createRootKey(ms, "bench-hot", [{ action: "verify", apiId: null }]))!.plaintext;
   const md = { authorization: `Bearer ${rootKey}` };
   const env = {
-    ...serverEnv,
+    ...serverEnvIn(work),
     LATCHKEY_STORE: "mongodb",
     LATCHKEY_MONGODB_DATABASE: database,
     LATCHKEY_REDIS_URL: process.env.REDIS_URL!,
@@ -521,7 +550,7 @@ async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Reco
   };
 
   // The redis credits backend (the default with Redis and MongoDB).
-  let servers = [await start(latchkeyArgs, env), await start(latchkeyArgs, env)];
+  let servers = [await start(LATCHKEY_ARGS, env), await start(LATCHKEY_ARGS, env)];
   await both(servers, files.plain, "warm-up", "2s");
   const creditsWarm = await both(servers, files.credits, "warm-up", "2s");
   // Alternated, two rounds each: this machine's speed drifts between runs minutes apart.
@@ -534,7 +563,7 @@ async function hotIdentity(work: string, latchkeyArgs: string[], serverEnv: Reco
   const credits = meanOf(rounds.credits);
   for (const srv of servers) await stop(srv.proc); // a graceful stop writes balances back
   // The store credits backend: every spend is a lease-locked read and write (FerretDB).
-  servers = [await start(latchkeyArgs, { ...env, LATCHKEY_CREDITS_BACKEND: "store" }), await start(latchkeyArgs, { ...env, LATCHKEY_CREDITS_BACKEND: "store" })];
+  servers = [await start(LATCHKEY_ARGS, { ...env, LATCHKEY_CREDITS_BACKEND: "store" }), await start(LATCHKEY_ARGS, { ...env, LATCHKEY_CREDITS_BACKEND: "store" })];
   const storeWarm = await both(servers, files.store, "warm-up", "2s");
   const storeCredits = await both(servers, files.store, "shared credits, store credits backend");
   for (const srv of servers) await stop(srv.proc);
@@ -606,9 +635,6 @@ async function dropAll(): Promise<void> {
 async function mongoRun(
   work: string,
   data: Dataset,
-  latchkeyArgs: string[],
-  serverEnv: Record<string, string>,
-  warm: (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data: string, keys: number) => Promise<void>,
   extraEnv: Record<string, string> = {},
 ): Promise<MongoRun> {
   const database = `latchkey_bench_${Date.now()}`;
@@ -629,14 +655,14 @@ async function mongoRun(
   await ms.close();
   const mVerifyData = join(work, "verify-mongo.json");
   writeFileSync(mVerifyData, JSON.stringify(mdata.plaintexts.map((key) => ({ key, api_id: "bench" }))));
-  // The warm-up pass reads each key once (on FerretDB a scan of the keys collection
+  // The warm-up pass reads each key once (on FerretDB an `_id` find in a bucket
   // each); on a busy machine it can take longer than the default 60 s cache TTL, and
   // the first keys would expire before the measured runs.
   const env: Record<string, string> = { LATCHKEY_STORE: "mongodb", LATCHKEY_MONGODB_DATABASE: database, LATCHKEY_CACHE_TTL_MS: "600000", ...extraEnv };
   if (process.env.REDIS_URL) env.LATCHKEY_REDIS_URL = process.env.REDIS_URL;
-  const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
+  const srv = await start(LATCHKEY_ARGS, { ...serverEnvIn(work), ...env });
   const mmd = { authorization: `Bearer ${mRootKey}` };
-  await warm(srv, mmd, mVerifyData, MONGO_KEYS);
+  await warmUp(srv, mmd, mVerifyData, MONGO_KEYS);
   const procs = storePids();
   const pids = procs.map((p) => p.pid);
   const before = procs.map((p) => cpuSeconds(p.pid));
@@ -661,7 +687,7 @@ async function main() {
   if (process.env.BENCH_ONLY === "cold") {
     try {
       if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=cold needs MONGODB_URI");
-      const c = await coldKeys(work, ["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") });
+      const c = await coldKeys(work);
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY}`, "", "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | errors | |", "|---|---|---|---|---|---|---|---|", ...coldRows(c), "", coldNote(c));
       if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
       process.stdout.write(lines.join("\n") + "\n");
@@ -673,21 +699,11 @@ async function main() {
   if (process.env.BENCH_ONLY === "usage") {
     // What usage counting costs a cached VerifyKey on the embedded store, per thread: peaks with counting on and off, alternated.
     try {
-      const dataDir = join(work, "data");
-      const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
-      await sqlite.init();
-      const data = dataset();
-      const rootKey = await seed(sqlite, data);
-      await sqlite.close();
-      const verifyData = join(work, "verify.json");
-      writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
-      const md = { authorization: `Bearer ${rootKey}` };
+      const { dataDir, md, verifyData } = await seedEmbedded(work);
       const rows: string[] = [];
       for (const counting of ["on", "off", "on", "off", "on", "off"]) {
-        const srv = await start(["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir, LATCHKEY_USAGE_COUNTING: counting });
-        await settle();
-        ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, total: KEYS, concurrency: 8 });
-        await afterWarmUp();
+        const srv = await start(LATCHKEY_ARGS, { ...serverEnvIn(work), LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir, LATCHKEY_USAGE_COUNTING: counting });
+        await warmUp(srv, md, verifyData, KEYS);
         const before = threadSeconds(srv.proc.pid!);
         const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
         const after = threadSeconds(srv.proc.pid!);
@@ -713,29 +729,13 @@ async function main() {
     // MongoDB ÷ embedded alone: one embedded peak, then the MongoDB run, the same keys.
     try {
       if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=mongo needs MONGODB_URI");
-      const dataDir = join(work, "data");
-      const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
-      await sqlite.init();
-      progress(`seeding ${KEYS} keys across ${IDENTITIES} identities (embedded store)`);
-      const data = dataset();
-      const rootKey = await seed(sqlite, data);
-      await sqlite.close();
-      const verifyData = join(work, "verify.json");
-      writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
-      const serverEnv = { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") };
-      const latchkeyArgs = ["dist/src/cli.js", "serve"];
-      const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, file: string, keys: number) => {
-        await settle();
-        ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", file, { metadata, total: keys, concurrency: 8 });
-        await afterWarmUp();
-      };
-      const md = { authorization: `Bearer ${rootKey}` };
-      const srv = await start(latchkeyArgs, { ...serverEnv, LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
-      await warm(srv, md, verifyData, KEYS);
+      const { dataDir, data, md, verifyData } = await seedEmbedded(work);
+      const srv = await start(LATCHKEY_ARGS, { ...serverEnvIn(work), LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+      await warmUp(srv, md, verifyData, KEYS);
       const embedded = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
       await stop(srv.proc);
       const extra = process.env.BENCH_MONGO_ENV ? (JSON.parse(process.env.BENCH_MONGO_ENV) as Record<string, string>) : {};
-      const mongo = await mongoRun(work, data, latchkeyArgs, serverEnv, warm, extra);
+      const mongo = await mongoRun(work, data, extra);
       lines.push(
         `ghz ${DURATION}, concurrency ${CONCURRENCY}${process.env.BENCH_MONGO_ENV ? `; MongoDB server with ${process.env.BENCH_MONGO_ENV}` : ""}`,
         "",
@@ -757,7 +757,7 @@ async function main() {
   if (process.env.BENCH_ONLY === "hot") {
     try {
       if (!process.env.MONGODB_URI || !process.env.REDIS_URL) throw new Error("BENCH_ONLY=hot needs MONGODB_URI and REDIS_URL");
-      const hot = await hotIdentity(work, ["dist/src/cli.js", "serve"], { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") });
+      const hot = await hotIdentity(work);
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY} split over two instances`, "", "| run | calls/s | p50 ms | p99 ms | | errors | |", "|---|---|---|---|---|---|---|");
       for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
       lines.push("", `shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis backend), ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (store backend). ${hot.exactness}`);
@@ -787,40 +787,14 @@ async function main() {
     await stop(leanSrv.proc);
 
     // VerifyKey on the embedded store.
-    const dataDir = join(work, "data");
-    const sqlite = new SqliteStore(join(dataDir, "latchkey.db"));
-    await sqlite.init();
-    const t0 = Date.now();
-    progress(`seeding ${KEYS} keys across ${IDENTITIES} identities (embedded store)`);
-    const data = dataset();
-    const rootKey = await seed(sqlite, data);
-    await sqlite.close();
-    const seedMs = Date.now() - t0;
-    const verifyData = join(work, "verify.json");
-    writeFileSync(verifyData, JSON.stringify(data.plaintexts.map((key) => ({ key, api_id: "bench" }))));
+    const { dataDir, data, md, verifyData, seedMs } = await seedEmbedded(work);
     const hashesFile = join(work, "hashes.json");
     writeFileSync(hashesFile, JSON.stringify(data.keys.map((k) => k.hash)));
-    const md = { authorization: `Bearer ${rootKey}` };
-    // "info": the port is read from the "latchkey listening" line. LATCHKEY_DATA_DIR: where a
-    // MongoDB-store server leaves its bootstrap root key file (the work dir, not the checkout).
-    const serverEnv = { LATCHKEY_PORT: "0", LATCHKEY_METRICS_PORT: "0", LATCHKEY_LOG_LEVEL: "info", LATCHKEY_DATA_DIR: join(work, "server-data") };
-
-    const latchkeyArgs = ["dist/src/cli.js", "serve"];
-    /**
-     * One pass over every key before measuring: what is measured is the steady
-     * state, every key cached (each first lookup is a store read — on FerretDB,
-     * which does not use the hash index, a scan of the keys collection).
-     */
-    const warm = async (srv: { port: number; proc: ChildProcess }, metadata: Record<string, string>, data = verifyData, keys = KEYS) => {
-      await settle();
-      ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", data, { metadata, total: keys, concurrency: 8 });
-      await afterWarmUp();
-    };
     const verifyJson = join(work, "verify-connect.json");
     writeFileSync(verifyJson, JSON.stringify(data.plaintexts.map((key) => ({ key, apiId: "bench" }))));
     const runVerify = async (env: Record<string, string>, more = false) => {
-      const srv = await start(latchkeyArgs, { ...serverEnv, ...env });
-      await warm(srv, md);
+      const srv = await start(LATCHKEY_ARGS, { ...serverEnvIn(work), ...env });
+      await warmUp(srv, md, verifyData, KEYS);
       const peak = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
       const half = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md, rps: peak.rps / 2 });
       let health: Result | null = null;
@@ -845,16 +819,16 @@ async function main() {
     const memory = JSON.parse(mem.stdout || "{}") as { bytesPerKey?: number; keys?: number; identities?: number };
 
     let mongo: MongoRun | null = null;
-    if (process.env.MONGODB_URI) mongo = await mongoRun(work, data, latchkeyArgs, serverEnv, warm);
+    if (process.env.MONGODB_URI) mongo = await mongoRun(work, data);
     const mongoNote = mongo ? mongo.note : "skipped: MONGODB_URI not set";
 
     let cold: ColdKeys | null = null;
-    if (process.env.MONGODB_URI) cold = await coldKeys(work, latchkeyArgs, serverEnv);
+    if (process.env.MONGODB_URI) cold = await coldKeys(work);
 
     let hot: HotIdentity | null = null;
     let hotNote = "skipped: needs MONGODB_URI and REDIS_URL";
     if (process.env.MONGODB_URI && process.env.REDIS_URL) {
-      hot = await hotIdentity(work, latchkeyArgs, serverEnv);
+      hot = await hotIdentity(work);
       hotNote = "";
     }
 
