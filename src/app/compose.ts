@@ -187,7 +187,9 @@ export function createCore(deps: CoreDeps) {
   const recorder = createUsageRecorder({
     store,
     logger,
-    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs, lastUsedResolutionMs: options.lastUsedResolutionMs },
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs, lastUsedResolutionMs: options.lastUsedResolutionMs,
+      storeDerivesCoarseRows: store.capabilities.derivesCoarseUsage === true,
+    },
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { Verification, VerificationCode, VerifyInput } from "../domain/verify.js";
 import type { Logger } from "../observability/logger.js";
 import type { UsageStore } from "../domain/ports/usage-store.js";
-import { BUCKET_MS, COUNTERS, emptyCounts, type CounterName, type Counts, type Granularity, type UsageRow } from "../domain/usage.js";
+import { emptyCounts, withCoarserRows, type CounterName, type Counts, type UsageRow } from "../domain/usage.js";
 
 const OUTCOME: Record<VerificationCode, CounterName> = {
   VALID: "valid",
@@ -31,6 +31,11 @@ export interface RecorderOptions {
    * this much (0: on every flush that saw the key). Absent: 0.
    */
   lastUsedResolutionMs?: number;
+  /**
+   * The store derives hour and day rows from minute rows (its capabilities say
+   * `derivesCoarseUsage`): only minute rows are written. Absent: false.
+   */
+  storeDerivesCoarseRows?: boolean;
 }
 
 interface Pending {
@@ -44,7 +49,8 @@ interface Pending {
 /**
  * Counts verifications off the hot path. Each verification adds to an
  * in-memory entry per (minute, key, identity, tag); every `flushMs` the entries
- * are rolled up into minute, hour and day rows and written in one batch
+ * are written in one batch as minute rows (with the hour and day rows they add
+ * up to, for a store that does not derive those itself)
  * (src/storage: an atomic, idempotent increment per row), together with the
  * keys' last-used times. A failed flush keeps its counts for the next one.
  */
@@ -104,22 +110,11 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
     if (pending.size >= flushAt && !flushing && !failing) void flush().catch(() => undefined);
   }
 
-  /** Rolls minute entries up into minute, hour and day rows. */
+  /** The pending entries as minute rows, with their hour and day rows unless the store derives those. */
   function rows(entries: Iterable<Pending>): UsageRow[] {
-    const out = new Map<string, UsageRow>();
-    for (const e of entries) {
-      for (const g of ["minute", "hour", "day"] as Granularity[]) {
-        const bucket = e.minute - (e.minute % BUCKET_MS[g]);
-        const id = `${g}|${bucket}|${e.keyId}|${e.identityId ?? ""}|${e.tag}`;
-        let r = out.get(id);
-        if (!r) {
-          r = { granularity: g, bucket, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: emptyCounts() };
-          out.set(id, r);
-        }
-        for (const c of COUNTERS) r.counts[c] += e.counts[c];
-      }
-    }
-    return [...out.values()];
+    const minutes: UsageRow[] = [];
+    for (const e of entries) minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
+    return options.storeDerivesCoarseRows ? minutes : withCoarserRows(minutes);
   }
 
   async function flushOnce(): Promise<void> {

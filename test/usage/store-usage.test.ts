@@ -9,7 +9,7 @@
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Store } from "../../src/storage/store.js";
-import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageRow } from "../../src/domain/usage.js";
+import { COUNTERS, emptyCounts, withCoarserRows, type Counts, type Granularity, type UsageRow } from "../../src/domain/usage.js";
 import { openTestStore, rpcError, unique, type TestStore } from "../support/harness.js";
 import { counts, DAY, describeEachStore, floorTo, HOUR, identityUsage, keyUsage, MINUTE, recordAt, rawUsageFields, useUsageHarness } from "./support.js";
 
@@ -17,9 +17,9 @@ function row(g: Granularity, bucket: number, keyId: string, identityId: string |
   return { granularity: g, bucket, keyId, identityId, tag, counts: { ...emptyCounts(), ...c } };
 }
 
-/** The same verifications rolled up into minute, hour and day rows, as the recorder writes them. */
-function rolledUp(at: number, keyId: string, identityId: string | null, c: Partial<Counts>, tag = ""): UsageRow[] {
-  return (["minute", "hour", "day"] as const).map((g) => row(g, floorTo(at, { minute: MINUTE, hour: HOUR, day: DAY }[g]), keyId, identityId, tag, c));
+/** Minute rows as the recorder writes them to `store`: with their hour and day rows, unless the store derives those. */
+function written(store: Store, minuteRows: UsageRow[]): UsageRow[] {
+  return store.capabilities.derivesCoarseUsage ? minuteRows : withCoarserRows(minuteRows);
 }
 
 function total(rows: UsageRow[]): Counts {
@@ -38,6 +38,9 @@ describeEachStore("store usage methods", (kind) => {
     await ts?.destroy();
   });
 
+  /** The verifications of one minute as the recorder writes them. */
+  const rolledUp = (at: number, keyId: string, identityId: string | null, c: Partial<Counts>, tag = "") =>
+    written(store(), [row("minute", floorTo(at, MINUTE), keyId, identityId, tag, c)]);
   const ids = () => ({ keyId: `key_${unique("k")}`, identityId: `id_${unique("i")}` });
   /** Writer ids are per process in real use: each test has its own. */
   const writer = (name: string) => unique(`writer-${name}`);
@@ -126,22 +129,23 @@ describeEachStore("store usage methods", (kind) => {
     const b = ids();
     const t0 = floorTo(Date.now(), HOUR) - 3 * HOUR;
     await store().writeUsage(
-      [
-        row("hour", t0, a.keyId, a.identityId, "", { total: 1 }),
-        row("hour", t0 + HOUR, a.keyId, a.identityId, "", { total: 2 }),
-        row("hour", t0 + 2 * HOUR, a.keyId, a.identityId, "", { total: 4 }),
-        row("hour", t0 + HOUR, a.keyId, a.identityId, "red", { total: 8 }),
-        row("minute", t0 + HOUR, a.keyId, a.identityId, "", { total: 16 }),
-        row("hour", t0 + HOUR, b.keyId, b.identityId, "", { total: 32 }),
-        row("hour", t0 + HOUR, b.keyId, null, "", { total: 64 }),
-      ],
+      written(store(), [
+        row("minute", t0, a.keyId, a.identityId, "", { total: 1 }),
+        row("minute", t0 + HOUR, a.keyId, a.identityId, "", { total: 2 }),
+        row("minute", t0 + 2 * HOUR, a.keyId, a.identityId, "", { total: 4 }),
+        row("minute", t0 + HOUR, a.keyId, a.identityId, "red", { total: 8 }),
+        row("minute", t0 + HOUR + 5 * MINUTE, a.keyId, a.identityId, "", { total: 16 }),
+        row("minute", t0 + HOUR, b.keyId, b.identityId, "", { total: 32 }),
+        row("minute", t0 + HOUR, b.keyId, null, "", { total: 64 }),
+      ]),
       { writer: writer("w"), seq: 1 },
     );
     const hourA = await read({ identityId: a.identityId }, "hour", false, t0 + HOUR, t0 + 2 * HOUR);
-    expect(hourA.map((r) => [r.bucket, r.keyId, r.identityId, r.tag, r.counts.total])).toEqual([[t0 + HOUR, a.keyId, a.identityId, "", 2]]);
-    expect(total(await read({ identityId: a.identityId }, "hour", false, t0, t0 + 3 * HOUR)).total).toBe(7);
+    expect(hourA.map((r) => [r.bucket, r.keyId, r.identityId, r.tag, r.counts.total])).toEqual([[t0 + HOUR, a.keyId, a.identityId, "", 18]]);
+    expect(total(await read({ identityId: a.identityId }, "hour", false, t0, t0 + 3 * HOUR)).total).toBe(23);
     expect((await read({ identityId: a.identityId }, "hour", true)).map((r) => [r.tag, r.counts.total])).toEqual([["red", 8]]);
-    expect(total(await read({ identityId: a.identityId }, "minute")).total).toBe(16);
+    const minutesA = await read({ identityId: a.identityId }, "minute", false, t0 + HOUR, t0 + 2 * HOUR);
+    expect(minutesA.map((r) => [r.bucket, r.counts.total])).toEqual([[t0 + HOUR, 2], [t0 + HOUR + 5 * MINUTE, 16]]);
     expect(total(await read({ keyId: b.keyId }, "hour")).total).toBe(96);
     expect(total(await read({ identityId: b.identityId }, "hour")).total).toBe(32);
     const noIdentity = (await read({ keyId: b.keyId }, "hour")).find((r) => r.counts.total === 64)!;

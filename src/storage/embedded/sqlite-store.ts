@@ -14,9 +14,10 @@ import type {
 } from "../../domain/types.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import type { Counts, UsageQuery, UsageRow } from "../../domain/usage.js";
+import { BUCKET_MS, type Counts, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { asStoreError } from "./sqlite-errors.js";
 import { UsageWriter } from "./usage-writer.js";
+import { COUNTER_COLUMNS, usageRollup, WATERMARK, WATERMARK_INIT, type UsageRollup } from "./usage-rollup.js";
 import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 
 const SCHEMA = `
@@ -114,10 +115,12 @@ function wrap<T>(fn: () => T): T {
 export class SqliteStore implements Store {
   readonly kind = "embedded" as const;
   /** One process owns the file: nothing is shared, and every write is a transaction. */
-  readonly capabilities: StoreCapabilities = { shared: false, atomicUpdates: true };
+  readonly capabilities: StoreCapabilities = { shared: false, atomicUpdates: true, derivesCoarseUsage: true };
   private db!: Database.Database;
   /** Usage counts and last-used times are written by a worker thread with its own connection. */
   private readonly usage: UsageWriter;
+  /** Hour and day usage rows from minute rows, on this connection (pruning, rollUpUsage); the worker runs its own. */
+  private rollup!: UsageRollup;
 
   constructor(private readonly path: string) {
     this.usage = new UsageWriter(path);
@@ -133,6 +136,8 @@ export class SqliteStore implements Store {
     // lock. A transaction that finds the lock taken is retried asynchronously (tx).
     this.db.pragma("busy_timeout = 0");
     this.db.exec(SCHEMA);
+    this.db.exec(WATERMARK_INIT);
+    this.rollup = usageRollup(this.db);
   }
 
   async ping(): Promise<void> {
@@ -444,14 +449,30 @@ export class SqliteStore implements Store {
 
   async queryUsage(q: UsageQuery): Promise<UsageRow[]> {
     const byIdentity = "identityId" in q.by;
-    const sql = `SELECT * FROM usage WHERE ${byIdentity ? "identity_id" : "key_id"} = ? AND g = ? AND bucket >= ? AND bucket < ? AND ${
-      q.tagged ? "tag <> ''" : "tag = ''"
-    } LIMIT ?`;
     const id = "identityId" in q.by ? q.by.identityId : q.by.keyId;
-    const raw = wrap(() => this.stmt(sql).all(id, q.granularity, q.start, q.end, q.maxRows + 1)) as Record<string, number | string>[];
+    const where = `${byIdentity ? "identity_id" : "key_id"} = ? AND g = ? AND bucket >= ? AND bucket < ? AND ${q.tagged ? "tag <> ''" : "tag = ''"}`;
+    let raw: Record<string, number | string>[];
+    if (q.granularity === "minute") {
+      raw = wrap(() => this.stmt(`SELECT * FROM usage WHERE ${where} ORDER BY bucket LIMIT ?`).all(id, "minute", q.start, q.end, q.maxRows + 1)) as typeof raw;
+    } else {
+      // Hour and day rows, plus the minute rows from the watermark on, which
+      // are not in them yet (usage-rollup.ts): one statement, one snapshot.
+      // A minute counts in the bucket it falls in; that bucket is in [start, end)
+      // when the minute is in [start, end), each rounded up to the bucket size.
+      const size = BUCKET_MS[q.granularity];
+      const up = (t: number) => Math.ceil(t / size) * size;
+      const cols = COUNTER_COLUMNS.join(", ");
+      const sql = `SELECT bucket, key_id, identity_id, tag, ${COUNTER_COLUMNS.map((c) => `sum(${c}) AS ${c}`).join(", ")} FROM (
+          SELECT bucket, key_id, identity_id, tag, ${cols} FROM usage WHERE ${where}
+          UNION ALL
+          SELECT bucket - bucket % ${size}, key_id, identity_id, tag, ${cols} FROM usage
+            WHERE ${where.replace("bucket >= ?", `bucket >= max(?, (SELECT CAST(value AS INTEGER) FROM settings WHERE name = '${WATERMARK}'))`)}
+        ) GROUP BY bucket, key_id, identity_id, tag ORDER BY bucket LIMIT ?`;
+      raw = wrap(() => this.stmt(sql).all(id, q.granularity, q.start, q.end, id, "minute", up(q.start), up(q.end), q.maxRows + 1)) as typeof raw;
+    }
     if (raw.length > q.maxRows) throw new InvalidArgumentError("start_time", "the range holds too many rows for this breakdown; narrow it or use a coarser granularity");
     return raw.map((r) => ({
-      granularity: r.g as UsageRow["granularity"],
+      granularity: q.granularity,
       bucket: r.bucket as number,
       keyId: r.key_id as string,
       identityId: (r.identity_id as string) || null,
@@ -470,12 +491,25 @@ export class SqliteStore implements Store {
     }));
   }
 
+  /**
+   * Sums the minute rows of minutes over by a minute into their hour and day
+   * rows now (the usage worker does it with its writes; this is for pruning,
+   * tests and an instance that stopped writing). Returns the watermark after.
+   */
+  async rollUpUsage(now = Date.now()): Promise<number> {
+    return this.tx(() => this.rollup.rollUp(now));
+  }
+
   async touchLastUsed(times: Map<string, number>): Promise<void> {
     await this.usage.touchLastUsed(times);
   }
 
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
-    await this.tx(() => this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, before));
+    await this.tx(() => {
+      // Minute rows not yet summed into their hour and day rows are rolled up first.
+      const rolledUpTo = granularity === "minute" ? this.rollup.rollUp(Date.now()) : Infinity;
+      this.stmt("DELETE FROM usage WHERE g = ? AND bucket < ?").run(granularity, Math.min(before, rolledUpTo));
+    });
   }
 
   async createRootKey(rec: RootKeyRecord): Promise<void> {

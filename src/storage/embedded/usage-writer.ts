@@ -12,10 +12,12 @@ export type UsageWorkerRequest =
       op: "write";
       writer: string;
       seq: number;
-      /** JSON array: granularity, key id, identity id ("" for none), tag — four per row. */
+      /** JSON array: key id, identity id ("" for none), tag — three per minute row. */
       strings: string;
-      /** Bucket then the counters in COUNTERS order — ten per row. */
+      /** Minute then the counters in COUNTERS order — ten per row. */
       numbers: Float64Array;
+      /** The process's clock: minutes over by a minute are rolled up into hour and day rows (usage-rollup.ts). */
+      now: number;
     }
   | { id: number; op: "touch"; /** JSON array of key ids. */ ids: string; times: Float64Array }
   | { id: number; op: "close" };
@@ -46,19 +48,21 @@ export class UsageWriter {
 
   constructor(private readonly path: string) {}
 
+  /** Minute rows only: the store derives hour and day rows from them (usage-rollup.ts). */
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
-    const strings: string[] = new Array(rows.length * 4);
+    const strings: string[] = new Array(rows.length * 3);
     const numbers = new Float64Array(rows.length * 10);
-    rows.forEach((r, i) => {
-      strings[i * 4] = r.granularity;
-      strings[i * 4 + 1] = r.keyId;
-      strings[i * 4 + 2] = r.identityId ?? "";
-      strings[i * 4 + 3] = r.tag;
+    for (let i = 0; i < rows.length; i++) {
+      const r = rows[i];
+      if (r.granularity !== "minute") throw new Error(`the embedded store derives ${r.granularity} rows itself; writeUsage takes minute rows`);
+      strings[i * 3] = r.keyId;
+      strings[i * 3 + 1] = r.identityId ?? "";
+      strings[i * 3 + 2] = r.tag;
       numbers[i * 10] = r.bucket;
-      COUNTERS.forEach((c, j) => (numbers[i * 10 + 1 + j] = r.counts[c]));
-    });
-    await this.send({ op: "write", writer: batch.writer, seq: batch.seq, strings: JSON.stringify(strings), numbers }, [numbers.buffer]);
+      for (let j = 0; j < COUNTERS.length; j++) numbers[i * 10 + 1 + j] = r.counts[COUNTERS[j]];
+    }
+    await this.send({ op: "write", writer: batch.writer, seq: batch.seq, strings: JSON.stringify(strings), numbers, now: Date.now() }, [numbers.buffer]);
   }
 
   async touchLastUsed(times: Map<string, number>): Promise<void> {
