@@ -719,6 +719,7 @@ async function main() {
         "|---|---|---|---|---|---|---|",
         ...rows,
       );
+      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
       process.stdout.write(lines.join("\n") + "\n");
     } finally {
       rmSync(work, { recursive: true, force: true });

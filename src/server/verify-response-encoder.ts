@@ -193,23 +193,55 @@ function writeTimestamp(field: number, t: Timestamp | undefined): void {
   join(at);
 }
 
-/** The message's bytes, after `reserve` bytes left for the caller (the lean path writes its gRPC frame prefix there). */
-export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
-  pos = reserve;
-  if (m.valid) varint(8 /* field 1, varint */), varint(1);
-  if (m.code) {
-    tag(2, WireType.Varint);
-    varint64(m.code);
-  }
-  str(3, m.keyId);
+/*
+ * Most of a response is the same call after call for one key: its id, name,
+ * meta, expiry, enabled flag, permissions, identity and api id. Those fields are
+ * encoded once per key and kept (by key id, at most FIXED_MAX keys, the oldest
+ * dropped first) with the values they were encoded from; a response whose values
+ * are not the same (a key changed, an identity attached) is encoded again. Only
+ * valid, code, the credits balance and the rate limits are written per call.
+ * Values compare by ===, element by element for permissions and by object for
+ * meta (as structCache does: meta objects are replaced, never changed in place).
+ */
+interface Fixed {
+  name: string | undefined;
+  apiId: string | undefined;
+  meta: unknown;
+  expiresAt: Timestamp | undefined;
+  enabled: boolean | undefined;
+  permissions: string[];
+  identity: { id?: string; externalId?: string; meta?: unknown } | undefined;
+  /** Fields 3–7, then 9–10 from `a`, then 12 from `b`. */
+  bytes: Buffer;
+  a: number;
+  b: number;
+}
+const FIXED_MAX = 20_000;
+const fixedByKey = new Map<string, Fixed>();
+
+function sameFixed(f: Fixed, m: Init): boolean {
+  if (f.name !== m.name || f.apiId !== m.apiId || f.meta !== m.meta || f.enabled !== m.enabled) return false;
+  const t = m.expiresAt as Timestamp | undefined;
+  if (t === undefined ? f.expiresAt !== undefined : f.expiresAt === undefined || f.expiresAt.seconds !== t.seconds || f.expiresAt.nanos !== t.nanos) return false;
+  const p = m.permissions ?? [];
+  if (p.length !== f.permissions.length) return false;
+  for (let i = 0; i < p.length; i++) if (p[i] !== f.permissions[i]) return false;
+  const id = m.identity;
+  if (id === undefined || f.identity === undefined) return id === f.identity;
+  return id.id === f.identity.id && id.externalId === f.identity.externalId && id.meta === f.identity.meta;
+}
+
+/** The fixed fields of `m` encoded (from the scratch buffer's start: call before writing the response). */
+function fixedOf(keyId: string, m: Init): Fixed {
+  const known = fixedByKey.get(keyId);
+  if (known && sameFixed(known, m)) return known;
+  pos = 0;
+  str(3, keyId);
   str(4, m.name);
   writeStruct(5, m.meta as JsonObject | undefined);
   writeTimestamp(6, m.expiresAt as Timestamp | undefined);
   if (m.enabled) tag(7, WireType.Varint), varint(1);
-  if (m.creditsRemaining !== undefined) {
-    tag(8, WireType.Varint);
-    int64(m.creditsRemaining);
-  }
+  const a = pos;
   for (const p of m.permissions ?? []) string(9, p);
   const id = m.identity;
   if (id) {
@@ -218,6 +250,67 @@ export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
     str(2, id.externalId);
     writeStruct(3, id.meta as JsonObject | undefined);
     join(at);
+  }
+  const b = pos;
+  str(12, m.apiId);
+  const bytes = Buffer.from(buf.subarray(0, pos));
+  const t = m.expiresAt as Timestamp | undefined;
+  const f: Fixed = {
+    name: m.name,
+    apiId: m.apiId,
+    meta: m.meta,
+    expiresAt: t && ({ seconds: t.seconds, nanos: t.nanos } as Timestamp),
+    enabled: m.enabled,
+    permissions: [...(m.permissions ?? [])],
+    identity: id && { id: id.id, externalId: id.externalId, meta: id.meta },
+    bytes,
+    a,
+    b,
+  };
+  if (known) fixedByKey.delete(keyId);
+  else if (fixedByKey.size >= FIXED_MAX) fixedByKey.delete(fixedByKey.keys().next().value!);
+  fixedByKey.set(keyId, f);
+  return f;
+}
+
+function segment(b: Buffer, from: number, to: number): void {
+  const n = to - from;
+  ensure(n);
+  b.copy(buf, pos, from, to);
+  pos += n;
+}
+
+/** The message's bytes, after `reserve` bytes left for the caller (the lean path writes its gRPC frame prefix there). */
+export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
+  const fixed = m.keyId ? fixedOf(m.keyId, m) : null;
+  pos = reserve;
+  if (m.valid) varint(8 /* field 1, varint */), varint(1);
+  if (m.code) {
+    tag(2, WireType.Varint);
+    varint64(m.code);
+  }
+  if (fixed) segment(fixed.bytes, 0, fixed.a);
+  else {
+    str(4, m.name);
+    writeStruct(5, m.meta as JsonObject | undefined);
+    writeTimestamp(6, m.expiresAt as Timestamp | undefined);
+    if (m.enabled) tag(7, WireType.Varint), varint(1);
+  }
+  if (m.creditsRemaining !== undefined) {
+    tag(8, WireType.Varint);
+    int64(m.creditsRemaining);
+  }
+  if (fixed) segment(fixed.bytes, fixed.a, fixed.b);
+  else {
+    for (const p of m.permissions ?? []) string(9, p);
+    const id = m.identity;
+    if (id) {
+      const at = fork(10);
+      str(1, id.id);
+      str(2, id.externalId);
+      writeStruct(3, id.meta as JsonObject | undefined);
+      join(at);
+    }
   }
   for (const r of m.ratelimits ?? []) {
     const at = fork(11);
@@ -234,7 +327,8 @@ export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
     if (r.exceeded) tag(5, WireType.Varint), varint(1);
     join(at);
   }
-  str(12, m.apiId);
+  if (fixed) segment(fixed.bytes, fixed.b, fixed.bytes.length);
+  else str(12, m.apiId);
   // A copy from Node's buffer pool (a typed array's slice allocates an ArrayBuffer of its own).
   const out = Buffer.allocUnsafe(pos);
   buf.copy(out, 0, 0, pos);

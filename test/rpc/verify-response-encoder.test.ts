@@ -107,4 +107,54 @@ describe("hand-written VerifyKeyResponse encoder", () => {
     expect(first.meta).toEqual({ plan: "free" });
     expect(second.meta).toEqual({ plan: "pro" });
   });
+
+  it("writes a key's fixed fields once and again whenever one of them changes, the per-call fields every time", () => {
+    const same = (init: Parameters<typeof encodeVerifyKeyResponse>[0], what: string) => {
+      const bytes = encodeVerifyKeyResponse(init);
+      expect(Buffer.from(bytes).equals(Buffer.from(toBinary(VerifyKeyResponseSchema, create(VerifyKeyResponseSchema, init)))), what).toBe(true);
+    };
+    const permissions = ["read", "write"];
+    const base = {
+      valid: true,
+      code: VerificationCode.VALID,
+      keyId: "key_fixed_1",
+      name: "first",
+      apiId: "api_1",
+      meta: { plan: "free" } as JsonObject,
+      enabled: true,
+      expiresAt: timestampFromMs(Date.UTC(2030, 0, 1)),
+      permissions,
+      identity: { id: "id_1", externalId: "ext_1", meta: { tier: 1 } as JsonObject },
+      ratelimits: [{ name: "requests", limit: 10n, remaining: 9n, resetAt: timestampFromMs(1_000), exceeded: false }],
+      creditsRemaining: 5n,
+    };
+    same(base, "first call");
+    // Per-call fields change, the fixed ones are reused.
+    same({ ...base, valid: false, code: VerificationCode.RATE_LIMITED, creditsRemaining: 0n, ratelimits: [{ ...base.ratelimits[0], remaining: 0n, exceeded: true }] }, "per-call fields");
+    same({ ...base, creditsRemaining: undefined, ratelimits: [] }, "no credits, no limits");
+    // Each fixed field changed on its own is written anew.
+    same({ ...base, name: "renamed" }, "name");
+    same({ ...base, name: "renamed", apiId: "api_2" }, "api id");
+    same({ ...base, name: "renamed", meta: { plan: "pro" } }, "meta (a new object)");
+    same({ ...base, name: "renamed", enabled: false }, "enabled");
+    same({ ...base, name: "renamed", expiresAt: undefined }, "no expiry");
+    same({ ...base, name: "renamed", expiresAt: timestampFromMs(Date.UTC(2031, 0, 1)) }, "expiry");
+    permissions.push("admin");
+    same({ ...base, name: "renamed" }, "a permission added to the same array");
+    same({ ...base, name: "renamed", identity: undefined }, "identity removed");
+    same({ ...base, name: "renamed", identity: { ...base.identity, externalId: "ext_2" } }, "identity's external id");
+    same({ ...base, name: "renamed", identity: { ...base.identity, meta: { tier: 2 } } }, "identity's meta");
+    same({ ...base, name: "renamed", identity: { ...base.identity, id: "id_2" } }, "another identity");
+  });
+
+  it("keeps the fixed fields of at most 20,000 keys and writes a dropped key's anew", () => {
+    const init = (i: number, name: string) => ({ valid: true, code: VerificationCode.VALID, keyId: `key_many_${i}`, name, apiId: "api", enabled: true, permissions: ["p"] });
+    const bytesOf = (i: number, name: string) => Buffer.from(encodeVerifyKeyResponse(init(i, name)));
+    for (let i = 0; i <= 20_000; i++) bytesOf(i, "n");
+    // Key 0 was dropped; key 20,000 is kept. Both still encode to what toBinary writes.
+    for (const i of [0, 1, 20_000]) {
+      expect(bytesOf(i, "n").equals(Buffer.from(toBinary(VerifyKeyResponseSchema, create(VerifyKeyResponseSchema, init(i, "n")))))).toBe(true);
+      expect(bytesOf(i, "m").equals(Buffer.from(toBinary(VerifyKeyResponseSchema, create(VerifyKeyResponseSchema, init(i, "m")))))).toBe(true);
+    }
+  });
 });
