@@ -58,7 +58,10 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   const { store, logger, options } = deps;
   const flushAt = options.flushAt ?? 20_000;
   const maxPending = options.maxPending ?? 500_000;
-  let pending = new Map<string, Pending>();
+  // Pending entries by key id (a string the verification cache shares, so no key
+  // is built and hashed per call), each key's few entries (minute, identity, tag) in a list.
+  let pending = new Map<string, Pending[]>();
+  let pendingCount = 0;
   let lastUsed = new Map<string, number>();
   // The last_used_at this process last wrote (or is writing) per key, for keys
   // written within the last `resolution`: a use less than `resolution` after it
@@ -79,15 +82,26 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   let unsent: { rows: UsageRow[]; seq: number } | null = null;
 
   function add(minute: number, keyId: string, identityId: string | null, tag: string, outcome: CounterName, credits: number) {
-    const id = `${minute}|${keyId}|${identityId ?? ""}|${tag}`;
-    let e = pending.get(id);
+    const list = pending.get(keyId);
+    let e: Pending | undefined;
+    if (list) {
+      for (let i = 0; i < list.length; i++) {
+        const x = list[i];
+        if (x.minute === minute && x.tag === tag && x.identityId === identityId) {
+          e = x;
+          break;
+        }
+      }
+    }
     if (!e) {
-      if (pending.size >= maxPending) {
+      if (pendingCount >= maxPending) {
         deps.onDrop?.(1);
         return;
       }
       e = { minute, keyId, identityId, tag, counts: emptyCounts() };
-      pending.set(id, e);
+      if (list) list.push(e);
+      else pending.set(keyId, [e]);
+      pendingCount++;
     }
     e.counts.total++;
     e.counts[outcome]++;
@@ -102,18 +116,20 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
     const identityId = v.identity?.id ?? key.identityId;
     add(minute, key.id, identityId, "", outcome, v.spent);
     // A tag named twice in one request is still one verification carrying it.
-    for (const tag of new Set(input.tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
+    const tags = input.tags;
+    if (tags.length === 1) add(minute, key.id, identityId, tags[0], outcome, v.spent);
+    else if (tags.length > 1) for (const tag of new Set(tags)) add(minute, key.id, identityId, tag, outcome, v.spent);
     if (at > (lastUsed.get(key.id) ?? 0) && (resolution === 0 || at - (written.get(key.id) ?? -Infinity) >= resolution)) lastUsed.set(key.id, at);
     // Failures are logged by flushOnce and retried by the next flush; unhandled, one would end the process.
     // Early flush when many entries are pending — but not while the store is failing:
     // then the timer's retries are enough, and each call would start another attempt.
-    if (pending.size >= flushAt && !flushing && !failing) void flush().catch(() => undefined);
+    if (pendingCount >= flushAt && !flushing && !failing) void flush().catch(() => undefined);
   }
 
   /** The pending entries as minute rows, with their hour and day rows unless the store derives those. */
-  function rows(entries: Iterable<Pending>): UsageRow[] {
+  function rows(byKey: Iterable<Pending[]>): UsageRow[] {
     const minutes: UsageRow[] = [];
-    for (const e of entries) minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
+    for (const list of byKey) for (const e of list) minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
     return options.storeDerivesCoarseRows ? minutes : withCoarserRows(minutes);
   }
 
@@ -123,9 +139,10 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
         await store.writeUsage(unsent.rows, { writer, seq: unsent.seq });
         unsent = null;
       }
-      if (pending.size > 0) {
+      if (pendingCount > 0) {
         const batch = { rows: rows(pending.values()), seq: ++seq };
         pending = new Map();
+        pendingCount = 0;
         unsent = batch;
         await store.writeUsage(batch.rows, { writer, seq: batch.seq });
         unsent = null;
@@ -151,7 +168,7 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
       if (failing) logger.info("usage counts written again");
       failing = false;
     } catch (err) {
-      if (!failing) logger.warn({ err: (err as Error).message, pending: pending.size }, "cannot write usage counts; will retry");
+      if (!failing) logger.warn({ err: (err as Error).message, pending: pendingCount }, "cannot write usage counts; will retry");
       failing = true;
       throw err;
     }
@@ -169,7 +186,7 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   return {
     record,
     flush,
-    pendingEntries: () => pending.size + (unsent?.rows.length ?? 0),
+    pendingEntries: () => pendingCount + (unsent?.rows.length ?? 0),
     start() {
       const tick = () => {
         if (stopped) return;
