@@ -116,13 +116,16 @@ function checkValue(f: DescField, name: string, v: unknown): void {
     case "message":
       return checkMessageValue(name, f.message, v);
     case "list":
-      (v as unknown[]).forEach((x, i) => {
-        const at = `${name}[${i}]`;
+      // A plain loop, and an element's name only when it is wrong or a message
+      // (whose fields are named after it): this runs for every list of every request.
+      for (let i = 0, list = v as unknown[]; i < list.length; i++) {
+        const x = list[i];
         if (f.listKind === "scalar") {
-          if (f.scalar === ScalarType.STRING) checkString(at, x);
-        } else if (f.listKind === "enum") checkEnum(at, f.enum, x);
-        else checkMessageValue(at, f.message, x);
-      });
+          if (f.scalar === ScalarType.STRING && typeof x === "string" && !wellFormed(x)) checkString(`${name}[${i}]`, x);
+        } else if (f.listKind === "enum") {
+          if (typeof x === "number" && !isDefined(f.enum, x)) checkEnum(`${name}[${i}]`, f.enum, x);
+        } else checkMessageValue(`${name}[${i}]`, f.message, x);
+      }
       return;
     case "map":
       for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
