@@ -2,8 +2,8 @@ import { create, fromBinary, isMessage, toBinary, type DescMessage, type DescMet
 import {
   Code,
   ConnectError,
-  createContextValues,
   createServiceImplSpec,
+  type ContextKey,
   type ContextValues,
   type HandlerContext,
   type Interceptor,
@@ -287,6 +287,49 @@ interface LeanContext {
  * The handler context of a lean call. A class, not an object literal: a literal
  * with getters builds its accessors and closures anew for every call.
  */
+/**
+ * Context values as Connect's createContextValues keeps them (on the object,
+ * under each key's symbol), with the methods on a prototype: the object literal
+ * it returns makes three functions per call.
+ */
+class CallValues implements ContextValues {
+  get<T>(key: ContextKey<T>): T {
+    return key.id in this ? ((this as unknown as Record<symbol, T>)[key.id]) : key.defaultValue;
+  }
+  set<T>(key: ContextKey<T>, value: T): this {
+    (this as unknown as Record<symbol, T>)[key.id] = value;
+    return this;
+  }
+  delete(key: ContextKey<unknown>): this {
+    delete (this as unknown as Record<symbol, unknown>)[key.id];
+    return this;
+  }
+}
+
+/** The request interceptors see (Connect's UnaryRequest), with its lazy url and signal on a prototype. */
+class LeanRequest {
+  readonly stream = false;
+  readonly requestMethod = "POST";
+  readonly service: DescService;
+  readonly method: DescMethod;
+  constructor(
+    readonly call: UnaryCall,
+    m: Method,
+    readonly header: Headers,
+    readonly contextValues: ContextValues,
+    readonly message: unknown,
+  ) {
+    this.service = m.service;
+    this.method = m.methodDesc;
+  }
+  get url(): string {
+    return this.call.getUrl();
+  }
+  get signal(): AbortSignal {
+    return this.call.signal();
+  }
+}
+
 class LeanHandlerContext implements LeanContext {
   readonly method: DescMethod;
   readonly service: DescService;
@@ -446,28 +489,12 @@ class UnaryCall implements LeanCall, LazyCallSignal {
   }
 
   private run(message: unknown): void {
-    const call = this;
     const method = this.method;
     const header = new RequestHeaders(this.raw);
-    const values = createContextValues();
+    const values = new CallValues();
     values.set(callSignalKey, this);
     this.ctx = new LeanHandlerContext(this, method, header, values);
-    const req = {
-      stream: false,
-      service: method.service,
-      method: method.methodDesc,
-      requestMethod: "POST",
-      get url() {
-        return call.getUrl();
-      },
-      get signal() {
-        return call.signal();
-      },
-      header,
-      contextValues: values,
-      message,
-      call,
-    } as unknown as UnaryRequest;
+    const req = new LeanRequest(this, method, header, values, message) as unknown as UnaryRequest;
     let pending: Promise<UnaryResponse>;
     try {
       pending = method.run(req);
@@ -524,7 +551,7 @@ class UnaryCall implements LeanCall, LazyCallSignal {
   }
 
   /** ctx.signal: allocated on first read only. */
-  private signal(): AbortSignal {
+  signal(): AbortSignal {
     if (!this.controller) {
       this.controller = new AbortController();
       if (this.aborted) this.controller.abort(this.reason);
