@@ -187,9 +187,7 @@ export function createCore(deps: CoreDeps) {
   const recorder = createUsageRecorder({
     store,
     logger,
-    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs, lastUsedResolutionMs: options.lastUsedResolutionMs,
-      storeDerivesCoarseRows: store.capabilities.derivesCoarseUsage === true,
-    },
+    options: { flushMs: options.usageFlushMs, minuteRetentionMs, hourRetentionMs, dayRetentionMs, lastUsedResolutionMs: options.lastUsedResolutionMs },
     onDrop: (n) => metrics.usageDropped.inc(n),
   });
   const usage = createUsageReader({ store, minuteRetentionMs, hourRetentionMs, dayRetentionMs });

@@ -50,11 +50,7 @@ export function addCounts(into: Counts, from: Counts): void {
   for (const c of COUNTERS) into[c] += from[c];
 }
 
-/**
- * Minute rows with the hour and day rows they add up to, for a store that is
- * given every granularity's rows (one whose capabilities do not say
- * `derivesCoarseUsage`).
- */
+/** Minute rows with the hour and day rows they add up to (the MongoDB store's usage log holds minute rows only). */
 export function withCoarserRows(minuteRows: UsageRow[]): UsageRow[] {
   const out = new Map<string, UsageRow>();
   for (const m of minuteRows) {

@@ -29,12 +29,6 @@ export interface StoreCapabilities {
    * store is initialised).
    */
   readonly atomicUpdates: boolean;
-  /**
-   * Hour and day usage rows are derived by the store from minute rows: the
-   * usage recorder writes minute rows only (the embedded store). Otherwise it
-   * writes each verification's minute, hour and day rows (MongoDB).
-   */
-  readonly derivesCoarseUsage?: boolean;
   /** A MongoDB client a shared rate-limit counter may count in (one connection pool per deployment). */
   readonly counterClient?: MongoClient;
 }

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { Verification, VerificationCode, VerifyInput } from "../domain/verify.js";
 import type { Logger } from "../observability/logger.js";
 import type { UsageStore } from "../domain/ports/usage-store.js";
-import { emptyCounts, withCoarserRows, type CounterName, type Counts, type UsageRow } from "../domain/usage.js";
+import { emptyCounts, type CounterName, type Counts, type UsageRow } from "../domain/usage.js";
 
 const OUTCOME: Record<VerificationCode, CounterName> = {
   VALID: "valid",
@@ -31,11 +31,6 @@ export interface RecorderOptions {
    * this much (0: on every flush that saw the key). Absent: 0.
    */
   lastUsedResolutionMs?: number;
-  /**
-   * The store derives hour and day rows from minute rows (its capabilities say
-   * `derivesCoarseUsage`): only minute rows are written. Absent: false.
-   */
-  storeDerivesCoarseRows?: boolean;
 }
 
 interface Pending {
@@ -49,9 +44,8 @@ interface Pending {
 /**
  * Counts verifications off the hot path. Each verification adds to an
  * in-memory entry per (minute, key, identity, tag); every `flushMs` the entries
- * are written in one batch as minute rows (with the hour and day rows they add
- * up to, for a store that does not derive those itself)
- * (src/storage: an atomic, idempotent increment per row), together with the
+ * are written in one batch as minute rows, from which the store derives hour
+ * and day rows (src/storage: an atomic, idempotent increment per row), together with the
  * keys' last-used times. A failed flush keeps its counts for the next one.
  */
 export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; options: RecorderOptions; onDrop?: (n: number) => void }) {
@@ -126,11 +120,11 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
     if (pendingCount >= flushAt && !flushing && !failing) void flush().catch(() => undefined);
   }
 
-  /** The pending entries as minute rows, with their hour and day rows unless the store derives those. */
+  /** The pending entries as minute rows (the store derives hour and day rows from them). */
   function rows(byKey: Iterable<Pending[]>): UsageRow[] {
     const minutes: UsageRow[] = [];
     for (const list of byKey) for (const e of list) minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
-    return options.storeDerivesCoarseRows ? minutes : withCoarserRows(minutes);
+    return minutes;
   }
 
   async function flushOnce(): Promise<void> {

@@ -13,23 +13,21 @@ import { afterAll, beforeAll, expect, it } from "vitest";
 import { MongoStore, type MongoStoreOptions } from "../../src/storage/mongodb/mongo-store.js";
 import { emptyCounts, type UsageRow } from "../../src/domain/usage.js";
 import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/harness.js";
-import { DAY, describeWith, floorTo, MINUTE } from "./support.js";
+import { DAY, describeWith, floorTo, HOUR, MINUTE } from "./support.js";
 
-/** One minute row and one day row for each of `n` keys, `total` verifications each. */
 /** One time for every batch of this file: a test's batches fall in one minute bucket, however long it runs. */
 const AT = Date.now();
 
+/** A minute row for each of `keys`, `total` verifications each (the store derives their hour and day rows). */
 function batchOf(keys: string[], total: number, at = AT): UsageRow[] {
-  return keys.flatMap((keyId) =>
-    (["minute", "day"] as const).map((g) => ({
-      granularity: g,
-      bucket: floorTo(at, g === "minute" ? MINUTE : DAY),
-      keyId,
-      identityId: "id_log",
-      tag: "",
-      counts: { ...emptyCounts(), total, valid: total },
-    })),
-  );
+  return keys.map((keyId) => ({
+    granularity: "minute",
+    bucket: floorTo(at, MINUTE),
+    keyId,
+    identityId: "id_log",
+    tag: "",
+    counts: { ...emptyCounts(), total, valid: total },
+  }));
 }
 
 describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)", () => {
@@ -68,7 +66,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     databases.push(d);
     return d;
   };
-  const identityTotal = async (s: MongoStore, g: "minute" | "day" = "day") =>
+  const identityTotal = async (s: MongoStore, g: "minute" | "hour" | "day" = "day") =>
     (await s.queryUsage({ by: { identityId: "id_log" }, granularity: g, start: 0, end: Date.now() + 2 * DAY, tagged: false, maxRows: 10_000 })).reduce((n, r) => n + r.counts.total, 0);
   const logCount = (database: string) => raw.db(database).collection("usage_log").countDocuments({});
   /** Rows in the usage collection: a pack counts its rows. */
@@ -96,13 +94,13 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       const deletes = rowWrites.filter((c) => c.commandName === "delete").flatMap((c) => c.command.deletes as { q: Record<string, unknown>; limit: number }[]);
       expect(deletes.length).toBeGreaterThan(0);
       for (const d of deletes) expect(Object.keys(d.q)).toEqual(["_id"]);
-      // 600 rows (300 keys × minute, day) in packs of at most 200 rows, each pack one bucket.
+      // 900 rows (300 keys × minute, hour, day: the hour and day rows derived from the logged minute rows) in packs of at most 200 rows, each pack one bucket.
       const packs = rowWrites.filter((c) => c.commandName === "insert" && c.command.insert === "usage").flatMap((c) => c.command.documents as { g: string; data: string; i: string[]; k: string[] }[]);
-      expect(packs.map((p) => `${p.g} ${(JSON.parse(p.data) as unknown[]).length}`).sort()).toEqual(["day 100", "day 200", "minute 100", "minute 200"]);
+      expect(packs.map((p) => `${p.g} ${(JSON.parse(p.data) as unknown[]).length}`).sort()).toEqual(["day 100", "day 200", "hour 100", "hour 200", "minute 100", "minute 200"]);
       // Each pack lists the identities and keys of its rows (what a read by identity or key finds it by).
       for (const p of packs) expect([p.i, p.k.length]).toEqual([["id_log"], (JSON.parse(p.data) as unknown[]).length]);
       expect(await logCount(database)).toBe(0);
-      expect(await rowCount(database)).toBe(600);
+      expect(await rowCount(database)).toBe(900);
       expect(await identityTotal(s)).toBe(300);
       expect(await identityTotal(s, "minute")).toBe(300);
     } finally {
@@ -110,7 +108,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
-  it("logs a batch's rows as one JSON string with its identities and keys, and still reads and rolls up log documents of the earlier shape", async () => {
+  it("logs a batch's minute rows as one JSON string with its identities and keys, and still reads and rolls up log documents of the earlier shapes", async () => {
     const database = fresh();
     const s = await open(database);
     try {
@@ -119,19 +117,29 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       const [doc] = await raw.db(database).collection("usage_log").find({}).toArray();
       expect(typeof doc.data).toBe("string");
       expect(doc.rows).toBeUndefined();
+      expect(doc.m).toBe(1);
       expect(doc.i).toEqual(["id_log"]);
       expect([...(doc.k as string[])].sort()).toEqual([...keys].sort());
-      // The shape written before `data`: the rows as an array of documents.
-      const rows = JSON.parse(doc.data as string) as unknown[];
-      await raw.db(database).collection("usage_log").replaceOne({ _id: doc._id }, { slot: doc.slot, seq: doc.seq, rows });
-      expect(await identityTotal(s)).toBe(8);
+      const minuteRows = JSON.parse(doc.data as string) as { g: string; b: number }[];
+      expect(new Set(minuteRows.map((r) => r.g))).toEqual(new Set(["minute"]));
+      expect(await identityTotal(s)).toBe(8); // day rows derived from the logged minutes
+      // The earlier releases logged each minute row with its hour and day rows and no `m`:
+      // as an array of documents (`rows`), then as a JSON string (`data`). Neither is derived from again.
+      const allThree = minuteRows.flatMap((r) => [r, { ...r, g: "hour", b: floorTo(r.b, HOUR) }, { ...r, g: "day", b: floorTo(r.b, DAY) }]);
+      await raw.db(database).collection("usage_log").replaceOne({ _id: doc._id }, { slot: doc.slot, seq: doc.seq, rows: allThree });
+      await s.writeUsage(batchOf(keys, 3), { writer: "w-j", seq: 2 });
+      const second = await raw.db(database).collection("usage_log").findOne({ seq: { $gt: doc.seq as number } });
+      await raw.db(database).collection("usage_log").replaceOne({ _id: second!._id }, { slot: second!.slot, seq: second!.seq, i: second!.i, k: second!.k, data: JSON.stringify(allThree.map((r) => ({ ...r, n: [3, 3, 0, 0, 0, 0, 0, 0, 0] }))) });
+      expect(await identityTotal(s)).toBe(20);
+      expect(await identityTotal(s, "hour")).toBe(20);
       expect(
         (await s.queryUsage({ by: { keyId: keys[1] }, granularity: "minute", start: 0, end: Date.now() + DAY, tagged: false, maxRows: 100 })).map((r) => r.counts.total),
-      ).toEqual([2]);
+      ).toEqual([5]);
       await s.rollUpUsage();
       expect(await logCount(database)).toBe(0);
-      expect(await identityTotal(s)).toBe(8);
-      expect(await identityTotal(s, "minute")).toBe(8);
+      expect(await identityTotal(s)).toBe(20);
+      expect(await identityTotal(s, "hour")).toBe(20);
+      expect(await identityTotal(s, "minute")).toBe(20);
     } finally {
       await s.close();
     }
@@ -185,7 +193,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       const deadline = Date.now() + 15_000;
       while ((await logCount(database)) > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
       expect(await logCount(database)).toBe(0);
-      expect(await rowCount(database)).toBe(10);
+      expect(await rowCount(database)).toBe(15);
       expect(await identityTotal(s)).toBe(15);
     } finally {
       await s.close();
@@ -203,9 +211,9 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       const keys = Array.from({ length: 10 }, (_, i) => `key_${unique(`s${i}`)}`);
       for (let seq = 1; seq <= 5; seq++) await s.writeUsage(batchOf(keys, seq), { writer: "w-s", seq });
       await s.rollUpUsage();
-      // 10 keys × (minute, day), not × 5 batches: one pack per bucket, 10 rows each.
-      expect((ops as { data: string }[]).map((p) => (JSON.parse(p.data) as unknown[]).length)).toEqual([10, 10]);
-      expect(await rowCount(database)).toBe(20);
+      // 10 keys × (minute, hour, day), not × 5 batches: one pack per bucket, 10 rows each.
+      expect((ops as { data: string }[]).map((p) => (JSON.parse(p.data) as unknown[]).length)).toEqual([10, 10, 10]);
+      expect(await rowCount(database)).toBe(30);
       expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5));
       // The next roll-up starts from the rows this one left (no read of the usage collection), and stays exact.
       const finds: string[] = [];
@@ -215,7 +223,7 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
       await s.writeUsage(batchOf(keys, 7), { writer: "w-s", seq: 6 });
       await s.rollUpUsage();
       expect(finds.filter((c) => c === "usage")).toEqual([]);
-      expect(await rowCount(database)).toBe(20);
+      expect(await rowCount(database)).toBe(30);
       expect(await identityTotal(s)).toBe(10 * (1 + 2 + 3 + 4 + 5 + 7));
       expect(await identityTotal(s, "minute")).toBe(10 * (1 + 2 + 3 + 4 + 5 + 7));
     } finally {

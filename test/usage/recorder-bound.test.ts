@@ -47,20 +47,21 @@ describe("usage recorder memory bound", () => {
     const at = Date.UTC(2026, 10, 23, 12, 0, 30);
     for (const k of ["key_a", "key_b", "key_c"]) recorder.record(verification(k), input, at);
     await expect(recorder.flush()).rejects.toThrow("store down");
-    expect(recorder.pendingEntries()).toBe(9); // the failed batch: three keys × minute, hour, day rows
+    expect(recorder.pendingEntries()).toBe(3); // the failed batch: three keys' minute rows
 
     // New entries while the failed batch waits (it is kept apart, as one batch):
     // up to maxPending of them, then new ones are dropped; a pending one still counts.
     for (const k of ["key_a", "key_d", "key_e", "key_f", "key_g"]) recorder.record(verification(k), input, at);
     recorder.record(verification("key_d"), input, at);
     expect(dropped).toBe(2);
-    expect(recorder.pendingEntries()).toBe(9 + 3);
+    expect(recorder.pendingEntries()).toBe(3 + 3);
 
     down = false;
     await recorder.flush();
     expect(recorder.pendingEntries()).toBe(0);
     const minuteTotals = new Map<string, number>();
-    for (const r of written) if (r.granularity === "minute") minuteTotals.set(r.keyId, (minuteTotals.get(r.keyId) ?? 0) + r.counts.total);
+    expect(new Set(written.map((r) => r.granularity))).toEqual(new Set(["minute"]));
+    for (const r of written) minuteTotals.set(r.keyId, (minuteTotals.get(r.keyId) ?? 0) + r.counts.total);
     expect(Object.fromEntries(minuteTotals)).toEqual({ key_a: 2, key_b: 1, key_c: 1, key_d: 2, key_e: 1 });
   });
 });

@@ -11,15 +11,9 @@ import { emptyCounts, type Counts, type UsageRow } from "../../src/domain/usage.
 import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/harness.js";
 import { DAY, describeWith, floorTo, HOUR, MINUTE } from "./support.js";
 
+/** One minute's verifications of a key, as the recorder writes them (the store derives the hour and day rows). */
 function rolledUp(at: number, keyId: string, c: Partial<Counts>): UsageRow[] {
-  return (["minute", "hour", "day"] as const).map((g) => ({
-    granularity: g,
-    bucket: floorTo(at, { minute: MINUTE, hour: HOUR, day: DAY }[g]),
-    keyId,
-    identityId: null,
-    tag: "",
-    counts: { ...emptyCounts(), ...c },
-  }));
+  return [{ granularity: "minute", bucket: floorTo(at, MINUTE), keyId, identityId: null, tag: "", counts: { ...emptyCounts(), ...c } }];
 }
 
 describeWith("MONGODB_URI", mongoUri(), "usage writer slots (MongoDB store)", () => {

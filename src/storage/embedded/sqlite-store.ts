@@ -115,7 +115,7 @@ function wrap<T>(fn: () => T): T {
 export class SqliteStore implements Store {
   readonly kind = "embedded" as const;
   /** One process owns the file: nothing is shared, and every write is a transaction. */
-  readonly capabilities: StoreCapabilities = { shared: false, atomicUpdates: true, derivesCoarseUsage: true };
+  readonly capabilities: StoreCapabilities = { shared: false, atomicUpdates: true };
   private db!: Database.Database;
   /** Usage counts and last-used times are written by a worker thread with its own connection. */
   private readonly usage: UsageWriter;

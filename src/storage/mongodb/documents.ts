@@ -58,7 +58,12 @@ export type UsagePackDoc = { _id: string; s: string; g: string; b: number; seq: 
  * a read by identity or key finds the documents that hold one of its rows.
  * Documents from before `data` hold `rows`.
  */
-export type UsageLogDoc = { _id: string; slot: string; seq: number; data?: string; i?: string[]; k?: string[]; rows?: UsageLogRow[] };
+/**
+ * A usage log document. `m: 1`: its rows are minute rows, whose hour and day rows
+ * the readers derive (usage.ts, logRows); documents without it (earlier releases)
+ * hold every granularity's rows.
+ */
+export type UsageLogDoc = { _id: string; slot: string; seq: number; m?: 1; data?: string; i?: string[]; k?: string[]; rows?: UsageLogRow[] };
 export type ActivityDoc = { _id: string; lastUsedAt: number };
 /** Bucketed layout: the last-used times of the keys of one id bucket (keys.ts), `t.<key id>` in ms. */
 export type LastUsedDoc = { _id: string; t: Record<string, number> };

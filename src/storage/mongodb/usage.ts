@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import type { Collection } from "mongodb";
 import { InvalidArgumentError } from "../../domain/errors.js";
-import { COUNTERS, emptyCounts, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
+import { COUNTERS, emptyCounts, withCoarserRows, type Counts, type Granularity, type UsageQuery, type UsageRow } from "../../domain/usage.js";
 import { isDuplicateCode, isDuplicateKey } from "./errors.js";
 import type { MongoContext } from "./context.js";
 import type { Slot } from "./usage-slots.js";
@@ -42,14 +42,19 @@ function toLogRow(r: UsageRow): LogRow {
   return { g: r.granularity, b: r.bucket, k: r.keyId, i: r.identityId, t: r.tag, n: countList(r.counts) };
 }
 
-/** A log document of `rows` (usage_log): the rows as JSON text, and the identities and keys they count. */
+/** A log document of minute `rows` (usage_log): the rows as JSON text, and the identities and keys they count. */
 function toLogDoc(_id: string, slot: string, seq: number, rows: UsageRow[]): UsageLogDoc {
-  return { _id, slot, seq, ...idLists(rows), data: JSON.stringify(rows.map(toLogRow)) };
+  return { _id, slot, seq, m: 1, ...idLists(rows), data: JSON.stringify(rows.map(toLogRow)) };
 }
 
-/** The rows of a log document (`data`, or `rows` in documents from before it). */
+/**
+ * The rows a log document counts: its minute rows with the hour and day rows
+ * they add up to (`m`), or the rows of every granularity that documents of
+ * earlier releases hold (`data`, or `rows` before it).
+ */
 function logRows(d: UsageLogDoc): LogRow[] {
-  return d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []);
+  const rows = d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []);
+  return d.m === 1 ? withCoarserRows(rows.map(fromLogRow)).map(toLogRow) : rows;
 }
 
 /** Rows a usage pack holds at most: a roll-up writes each bucket's rows of its slot as packs of this many. */
@@ -161,8 +166,10 @@ export class MongoUsage {
 
   constructor(private readonly ctx: MongoContext) {}
 
+  /** Minute rows: their hour and day rows are derived where the log is read (logRows). */
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
+    for (const r of rows) if (r.granularity !== "minute") throw new Error(`the MongoDB store derives ${r.granularity} rows itself; writeUsage takes minute rows`);
     return this.exclusive(() => this.logBatch(rows, batch));
   }
 
