@@ -49,21 +49,3 @@ export function emptyCounts(): Counts {
 export function addCounts(into: Counts, from: Counts): void {
   for (const c of COUNTERS) into[c] += from[c];
 }
-
-/** Minute rows with the hour and day rows they add up to (the MongoDB store's usage log holds minute rows only). */
-export function withCoarserRows(minuteRows: UsageRow[]): UsageRow[] {
-  const out = new Map<string, UsageRow>();
-  for (const m of minuteRows) {
-    for (const g of ["minute", "hour", "day"] as Granularity[]) {
-      const bucket = m.bucket - (m.bucket % BUCKET_MS[g]);
-      const id = `${g}|${bucket}|${m.keyId}|${m.identityId ?? ""}|${m.tag}`;
-      let r = out.get(id);
-      if (!r) {
-        r = { granularity: g, bucket, keyId: m.keyId, identityId: m.identityId, tag: m.tag, counts: emptyCounts() };
-        out.set(id, r);
-      }
-      addCounts(r.counts, m.counts);
-    }
-  }
-  return [...out.values()];
-}

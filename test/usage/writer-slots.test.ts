@@ -9,7 +9,7 @@ import { afterAll, beforeAll, expect, it } from "vitest";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { emptyCounts, type Counts, type UsageRow } from "../../src/domain/usage.js";
 import { dropDatabase, mongoUri, randomDatabaseName, unique } from "../support/harness.js";
-import { DAY, describeWith, floorTo, HOUR, MINUTE } from "./support.js";
+import { DAY, describeWith, floorTo, MINUTE } from "./support.js";
 
 /** One minute's verifications of a key, as the recorder writes them (the store derives the hour and day rows). */
 function rolledUp(at: number, keyId: string, c: Partial<Counts>): UsageRow[] {
