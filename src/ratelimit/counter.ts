@@ -27,20 +27,22 @@ function backendError(kind: RateLimitCounter["kind"], err: unknown): never {
 export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimitCounter {
   const now = opts.now ?? Date.now;
   const limiter = new RateLimiterMemory({ points: Number.MAX_SAFE_INTEGER, duration: 60, keyPrefix: "lk" });
-  const queues = new Map<string, Promise<unknown>>();
+  // Per counter key being worked on, the calls waiting for it, in order: a call
+  // on a free key runs at once (no promise of its own), a call on a busy one
+  // waits its turn, and each hands the key to the next when it is done.
+  const waiting = new Map<string, (() => void)[]>();
   /** Runs `fn` after every earlier call on `key`. */
-  function serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
-    const prev = queues.get(key) ?? Promise.resolve();
-    const run = prev.then(fn, fn);
-    const tail = run.then(
-      () => undefined,
-      () => undefined,
-    );
-    queues.set(key, tail);
-    void tail.then(() => {
-      if (queues.get(key) === tail) queues.delete(key);
-    });
-    return run;
+  async function serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const queue = waiting.get(key);
+    if (queue) await new Promise<void>((turn) => queue.push(turn));
+    else waiting.set(key, []);
+    try {
+      return await fn();
+    } finally {
+      const next = waiting.get(key)!.shift();
+      if (next) next();
+      else waiting.delete(key);
+    }
   }
   // A record past its end (its clean-up timer not yet run) counts as an empty window.
   const totalOf = (res: RateLimiterRes | null) => (res && res.msBeforeNext > 0 ? res.consumedPoints : 0);
