@@ -87,6 +87,8 @@ interface Held {
   window: number;
 }
 
+/** What spending from no balance comes to (never changed by its readers). */
+const UNLIMITED: SpendResult = Object.freeze({ ok: true, remaining: null }) as SpendResult;
 const NO_LIMITS: Ratelimit[] = [];
 
 function checkInput(input: VerifyInput): void {
@@ -256,7 +258,7 @@ export function createVerifier(deps: {
     key: KeyRecord,
     identity: IdentityRecord | null,
   ): Promise<SpendResult> {
-    if (owner === null) return { ok: true, remaining: null };
+    if (owner === null) return UNLIMITED;
     if (trust !== null) {
       // The store cannot be reached and the balance is the cached one: admitted on trust, within the allowance.
       const admitted = trust.admit(owner.target, owner.credits, cost, t, "keyId" in owner.target ? { keyHash: key.hash } : { identityId: identity?.id });
@@ -313,7 +315,8 @@ export function createVerifier(deps: {
       if (deadline !== undefined && deadline - monotonic() <= margin) {
         throw new DeadlineExceededError("too little of the call's deadline was left to commit the verification; nothing was spent");
       }
-      credits = await spend(owner, cost, t, signal, key, identity);
+      // No balance to spend from (the usual case): no store call, and no await.
+      credits = owner === null ? UNLIMITED : await spend(owner, cost, t, signal, key, identity);
     } catch (err) {
       await giveBack(limits.held);
       throw err;

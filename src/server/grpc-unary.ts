@@ -306,6 +306,27 @@ class CallValues implements ContextValues {
   }
 }
 
+/** The handler's result as interceptors see it (Connect's UnaryResponse); headers and trailers are allocated only if read. */
+class LeanResponse {
+  readonly stream = false;
+  readonly service: DescService;
+  readonly method: DescMethod;
+  constructor(
+    private readonly call: UnaryCall,
+    m: Method,
+    readonly message: unknown,
+  ) {
+    this.service = m.service;
+    this.method = m.methodDesc;
+  }
+  get header(): Headers {
+    return this.call.responseHeader();
+  }
+  get trailer(): Headers {
+    return this.call.responseTrailer();
+  }
+}
+
 /** The request interceptors see (Connect's UnaryRequest), with its lazy url and signal on a prototype. */
 class LeanRequest {
   readonly stream = false;
@@ -509,26 +530,10 @@ class UnaryCall implements LeanCall, LazyCallSignal {
 
   /** The handler's result as interceptors see it; headers and trailers are allocated only if read. */
   response(message: unknown): UnaryResponse {
-    const call = this;
-    return (this.baseResponse = {
-      stream: false,
-      service: this.method.service,
-      method: this.method.methodDesc,
-      get header() {
-        return (call.header ??= new Headers());
-      },
-      get trailer() {
-        return (call.trailer ??= new Headers());
-      },
-      message,
-    } as unknown as UnaryResponse);
+    return (this.baseResponse = new LeanResponse(this, this.method, message) as unknown as UnaryResponse);
   }
 
-  /** ctx.timeoutMs(). */
-  timeLeft(): number | undefined {
-    return this.deadline === 0 ? undefined : this.deadline - performance.now();
-  }
-
+  /** The response headers, allocated on first use (by a handler, an interceptor or respond). */
   responseHeader(): Headers {
     return (this.header ??= new Headers());
   }
@@ -536,6 +541,12 @@ class UnaryCall implements LeanCall, LazyCallSignal {
   responseTrailer(): Headers {
     return (this.trailer ??= new Headers());
   }
+
+  /** ctx.timeoutMs(). */
+  timeLeft(): number | undefined {
+    return this.deadline === 0 ? undefined : this.deadline - performance.now();
+  }
+
 
   getUrl(): string {
     return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);
