@@ -236,25 +236,14 @@ function fixedOf(keyId: string, m: Init): Fixed {
   const known = fixedByKey.get(keyId);
   if (known && sameFixed(known, m)) return known;
   pos = 0;
-  str(3, keyId);
-  str(4, m.name);
-  writeStruct(5, m.meta as JsonObject | undefined);
-  writeTimestamp(6, m.expiresAt as Timestamp | undefined);
-  if (m.enabled) tag(7, WireType.Varint), varint(1);
+  writeFieldsTo7(m);
   const a = pos;
-  for (const p of m.permissions ?? []) string(9, p);
-  const id = m.identity;
-  if (id) {
-    const at = fork(10);
-    str(1, id.id);
-    str(2, id.externalId);
-    writeStruct(3, id.meta as JsonObject | undefined);
-    join(at);
-  }
+  writeFields9And10(m);
   const b = pos;
   str(12, m.apiId);
   const bytes = Buffer.from(buf.subarray(0, pos));
   const t = m.expiresAt as Timestamp | undefined;
+  const id = m.identity;
   const f: Fixed = {
     name: m.name,
     apiId: m.apiId,
@@ -271,6 +260,28 @@ function fixedOf(keyId: string, m: Init): Fixed {
   else if (fixedByKey.size >= FIXED_MAX) fixedByKey.delete(fixedByKey.keys().next().value!);
   fixedByKey.set(keyId, f);
   return f;
+}
+
+/** Fields 3–7: key id, name, meta, expiry, enabled. */
+function writeFieldsTo7(m: Init): void {
+  str(3, m.keyId);
+  str(4, m.name);
+  writeStruct(5, m.meta as JsonObject | undefined);
+  writeTimestamp(6, m.expiresAt as Timestamp | undefined);
+  if (m.enabled) tag(7, WireType.Varint), varint(1);
+}
+
+/** Fields 9 and 10: permissions, identity. */
+function writeFields9And10(m: Init): void {
+  for (const p of m.permissions ?? []) string(9, p);
+  const id = m.identity;
+  if (id) {
+    const at = fork(10);
+    str(1, id.id);
+    str(2, id.externalId);
+    writeStruct(3, id.meta as JsonObject | undefined);
+    join(at);
+  }
 }
 
 function segment(b: Buffer, from: number, to: number): void {
@@ -290,28 +301,13 @@ export function encodeVerifyKeyResponse(m: Init, reserve = 0): Uint8Array {
     varint64(m.code);
   }
   if (fixed) segment(fixed.bytes, 0, fixed.a);
-  else {
-    str(4, m.name);
-    writeStruct(5, m.meta as JsonObject | undefined);
-    writeTimestamp(6, m.expiresAt as Timestamp | undefined);
-    if (m.enabled) tag(7, WireType.Varint), varint(1);
-  }
+  else writeFieldsTo7(m);
   if (m.creditsRemaining !== undefined) {
     tag(8, WireType.Varint);
     int64(m.creditsRemaining);
   }
   if (fixed) segment(fixed.bytes, fixed.a, fixed.b);
-  else {
-    for (const p of m.permissions ?? []) string(9, p);
-    const id = m.identity;
-    if (id) {
-      const at = fork(10);
-      str(1, id.id);
-      str(2, id.externalId);
-      writeStruct(3, id.meta as JsonObject | undefined);
-      join(at);
-    }
-  }
+  else writeFields9And10(m);
   for (const r of m.ratelimits ?? []) {
     const at = fork(11);
     str(1, r.name);
