@@ -52,9 +52,12 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   const { store, logger, options } = deps;
   const flushAt = options.flushAt ?? 20_000;
   const maxPending = options.maxPending ?? 500_000;
-  // Pending entries by key id (a string the verification cache shares, so no key
-  // is built and hashed per call), each key's few entries (minute, identity, tag) in a list.
+  // Pending untagged entries by key id (a string the verification cache shares,
+  // so no key is built and hashed per call), each key's entries — one per minute
+  // and identity, so one or two — in a list; tagged entries, whose number per key
+  // is the caller's to choose, by a string of all four.
   let pending = new Map<string, Pending[]>();
+  let tagged = new Map<string, Pending>();
   let pendingCount = 0;
   let lastUsed = new Map<string, number>();
   // The last_used_at this process last wrote (or is writing) per key, for keys
@@ -76,16 +79,23 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   let unsent: { rows: UsageRow[]; seq: number } | null = null;
 
   function add(minute: number, keyId: string, identityId: string | null, tag: string, outcome: CounterName, credits: number) {
-    const list = pending.get(keyId);
     let e: Pending | undefined;
-    if (list) {
-      for (let i = 0; i < list.length; i++) {
-        const x = list[i];
-        if (x.minute === minute && x.tag === tag && x.identityId === identityId) {
-          e = x;
-          break;
+    let list: Pending[] | undefined;
+    let id = "";
+    if (tag === "") {
+      list = pending.get(keyId);
+      if (list) {
+        for (let i = 0; i < list.length; i++) {
+          const x = list[i];
+          if (x.minute === minute && x.identityId === identityId) {
+            e = x;
+            break;
+          }
         }
       }
+    } else {
+      id = `${minute}|${keyId}|${identityId ?? ""}|${tag}`;
+      e = tagged.get(id);
     }
     if (!e) {
       if (pendingCount >= maxPending) {
@@ -93,7 +103,8 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
         return;
       }
       e = { minute, keyId, identityId, tag, counts: emptyCounts() };
-      if (list) list.push(e);
+      if (tag !== "") tagged.set(id, e);
+      else if (list) list.push(e);
       else pending.set(keyId, [e]);
       pendingCount++;
     }
@@ -121,9 +132,11 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
   }
 
   /** The pending entries as minute rows (the store derives hour and day rows from them). */
-  function rows(byKey: Iterable<Pending[]>): UsageRow[] {
+  function rows(): UsageRow[] {
     const minutes: UsageRow[] = [];
-    for (const list of byKey) for (const e of list) minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
+    const row = (e: Pending) => minutes.push({ granularity: "minute", bucket: e.minute, keyId: e.keyId, identityId: e.identityId, tag: e.tag, counts: e.counts });
+    for (const list of pending.values()) list.forEach(row);
+    tagged.forEach(row);
     return minutes;
   }
 
@@ -134,8 +147,9 @@ export function createUsageRecorder(deps: { store: UsageStore; logger: Logger; o
         unsent = null;
       }
       if (pendingCount > 0) {
-        const batch = { rows: rows(pending.values()), seq: ++seq };
+        const batch = { rows: rows(), seq: ++seq };
         pending = new Map();
+        tagged = new Map();
         pendingCount = 0;
         unsent = batch;
         await store.writeUsage(batch.rows, { writer, seq: batch.seq });
