@@ -168,6 +168,19 @@ describe("embedded store: hour and day usage rows rolled up from minute rows", (
     expect(await read("hour", H1, H2 + HOUR)).toEqual([[H1, "", 1, 0], [H2, "", 2, 0]]);
   });
 
+  it("opens a database while another connection holds its write lock (the CLI beside a running server's usage worker)", async () => {
+    const holder = new Database(path);
+    holder.exec("BEGIN IMMEDIATE");
+    try {
+      const beside = new SqliteStore(path);
+      await beside.init();
+      await beside.close();
+    } finally {
+      holder.exec("ROLLBACK");
+      holder.close();
+    }
+  });
+
   it("refuses rows other than minute rows, writing nothing", async () => {
     await expect(store.writeUsage([minute(F, { total: 1 }), { ...minute(F, { total: 1 }), granularity: "hour", bucket: H1 }], { writer: "w", seq: 99 })).rejects.toThrow(/minute rows/);
     expect(stored("minute")).toEqual([]);

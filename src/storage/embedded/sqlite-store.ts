@@ -136,7 +136,10 @@ export class SqliteStore implements Store {
     // lock. A transaction that finds the lock taken is retried asynchronously (tx).
     this.db.pragma("busy_timeout = 0");
     this.db.exec(SCHEMA);
-    this.db.exec(WATERMARK_INIT);
+    // Once per database: a write, so only when missing (the CLI opens the file
+    // beside a running server, whose usage worker may hold the write lock), and
+    // through tx, which waits for the lock.
+    if (!this.db.prepare("SELECT 1 FROM settings WHERE name = ?").get(WATERMARK)) await this.tx(() => this.db.exec(WATERMARK_INIT));
     this.rollup = usageRollup(this.db);
   }
 
