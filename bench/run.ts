@@ -688,13 +688,17 @@ async function mongoRun(
 async function main() {
   const work = mkdtempSync(join(tmpdir(), "latchkey-bench-"));
   const lines: string[] = [];
+  /** Prints the report, and under BENCH_PROFILE writes when each measured run was (windows.json). */
+  const report = (out: string[]) => {
+    if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
+    process.stdout.write(out.join("\n") + "\n");
+  };
   if (process.env.BENCH_ONLY === "cold") {
     try {
       if (!process.env.MONGODB_URI) throw new Error("BENCH_ONLY=cold needs MONGODB_URI");
       const c = await coldKeys(work);
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY}`, "", "| run | calls/s | p50 ms | p99 ms | server CPU µs/call | of which main thread | errors | |", "|---|---|---|---|---|---|---|---|", ...coldRows(c), "", coldNote(c));
-      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
-      process.stdout.write(lines.join("\n") + "\n");
+      report(lines);
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
@@ -723,8 +727,7 @@ async function main() {
         "|---|---|---|---|---|---|---|",
         ...rows,
       );
-      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
-      process.stdout.write(lines.join("\n") + "\n");
+      report(lines);
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
@@ -752,8 +755,7 @@ async function main() {
         "",
         `${mongo.note}; MongoDB${process.env.REDIS_URL ? " + Redis" : ""} ÷ embedded = ${(mongo.peak.rps / embedded.rps).toFixed(2)} (target ≥ 0.8)`,
       );
-      if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
-      process.stdout.write(lines.join("\n") + "\n");
+      report(lines);
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
@@ -766,7 +768,7 @@ async function main() {
       lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY} split over two instances`, "", "| run | calls/s | p50 ms | p99 ms | | errors | |", "|---|---|---|---|---|---|---|");
       for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
       lines.push("", `shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis backend), ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (store backend). ${hot.exactness}`);
-      process.stdout.write(lines.join("\n") + "\n");
+      report(lines);
     } finally {
       rmSync(work, { recursive: true, force: true });
     }
@@ -909,8 +911,7 @@ async function main() {
         : `Hot identity: ${hotNote}`,
     );
     lines.push(cold ? coldNote(cold) : "Cold keys: skipped: MONGODB_URI not set");
-    process.stdout.write(lines.join("\n") + "\n");
-    if (PROFILE_DIR) writeFileSync(join(PROFILE_DIR, "windows.json"), JSON.stringify(windows, null, 1));
+    report(lines);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

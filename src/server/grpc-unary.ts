@@ -284,10 +284,6 @@ interface LeanContext {
 }
 
 /**
- * The handler context of a lean call. A class, not an object literal: a literal
- * with getters builds its accessors and closures anew for every call.
- */
-/**
  * Context values as Connect's createContextValues keeps them (on the object,
  * under each key's symbol), with the methods on a prototype: the object literal
  * it returns makes three functions per call.
@@ -306,18 +302,25 @@ class CallValues implements ContextValues {
   }
 }
 
-/** The handler's result as interceptors see it (Connect's UnaryResponse); headers and trailers are allocated only if read. */
-class LeanResponse {
+/** What Connect's UnaryRequest and UnaryResponse share: a unary call of one method. */
+class LeanMessage {
   readonly stream = false;
   readonly service: DescService;
   readonly method: DescMethod;
+  constructor(m: Method) {
+    this.service = m.service;
+    this.method = m.methodDesc;
+  }
+}
+
+/** The handler's result as interceptors see it (Connect's UnaryResponse); headers and trailers are allocated only if read. */
+class LeanResponse extends LeanMessage {
   constructor(
     private readonly call: UnaryCall,
     m: Method,
     readonly message: unknown,
   ) {
-    this.service = m.service;
-    this.method = m.methodDesc;
+    super(m);
   }
   get header(): Headers {
     return this.call.responseHeader();
@@ -328,11 +331,8 @@ class LeanResponse {
 }
 
 /** The request interceptors see (Connect's UnaryRequest), with its lazy url and signal on a prototype. */
-class LeanRequest {
-  readonly stream = false;
+class LeanRequest extends LeanMessage {
   readonly requestMethod = "POST";
-  readonly service: DescService;
-  readonly method: DescMethod;
   constructor(
     readonly call: UnaryCall,
     m: Method,
@@ -340,8 +340,7 @@ class LeanRequest {
     readonly contextValues: ContextValues,
     readonly message: unknown,
   ) {
-    this.service = m.service;
-    this.method = m.methodDesc;
+    super(m);
   }
   get url(): string {
     return this.call.getUrl();
@@ -351,6 +350,10 @@ class LeanRequest {
   }
 }
 
+/**
+ * The handler context of a lean call. A class, not an object literal: a literal
+ * with getters builds its accessors and closures anew for every call.
+ */
 class LeanHandlerContext implements LeanContext {
   readonly method: DescMethod;
   readonly service: DescService;
@@ -546,7 +549,6 @@ class UnaryCall implements LeanCall, LazyCallSignal {
   timeLeft(): number | undefined {
     return this.deadline === 0 ? undefined : this.deadline - performance.now();
   }
-
 
   getUrl(): string {
     return (this.url ??= `http://${this.raw[":authority"] ?? "localhost"}${this.raw[":path"]}`);

@@ -147,7 +147,7 @@ describe("hand-written VerifyKeyResponse encoder", () => {
     same({ ...base, name: "renamed", identity: { ...base.identity, id: "id_2" } }, "another identity");
   });
 
-  it("keeps the fixed fields of at most 20,000 keys and writes a dropped key's anew", () => {
+  it("writes a key's fields right after 20,000 other keys (its kept encoding dropped), and again after a change", () => {
     const init = (i: number, name: string) => ({ valid: true, code: VerificationCode.VALID, keyId: `key_many_${i}`, name, apiId: "api", enabled: true, permissions: ["p"] });
     const bytesOf = (i: number, name: string) => Buffer.from(encodeVerifyKeyResponse(init(i, name)));
     for (let i = 0; i <= 20_000; i++) bytesOf(i, "n");

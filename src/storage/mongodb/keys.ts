@@ -116,7 +116,8 @@ export class MongoKeys {
       }
       const buckets = [...new Set(keys.map((k) => idBucket(k.id)))];
       const held = buckets.length === 1 ? [await this.ctx.lastUsed.findOne({ _id: buckets[0] })].filter((d) => d !== null) : await this.ctx.lastUsed.find({ _id: { $in: buckets } }).toArray();
-      for (const d of held) for (const k of keys) later(k.id, d.t?.[k.id]);
+      const byBucket = new Map(held.map((d) => [d._id, d]));
+      for (const k of keys) later(k.id, byBucket.get(idBucket(k.id))?.t?.[k.id]);
     });
     for (const k of keys) later(k.id, this.pendingLastUsed.get(k.id));
     return keys.map((k) => ({ ...k, lastUsedAt: at.get(k.id) ?? k.lastUsedAt }));
