@@ -4,7 +4,8 @@
  * shared pool; instance A reaches the store (and Redis) through proxies that
  * delay everything it sends; an UpdateCredits INCREMENT is acknowledged by A;
  * then A is killed with SIGKILL while one of its spends is on the wire (held by
- * the proxy), and B carries on alone. Once B has stopped gracefully (writing
+ * the proxy), and B carries on alone until the balance is used up (how much of
+ * it is left at the kill depends on how fast the slowed A is beside B). Once B has stopped gracefully (writing
  * balances back), the stored balance must account for every VALID answer and
  * the increment: never more VALID than the balance or the pool allows, never
  * below zero, nothing acknowledged lost. Meanwhile a third key (credits of its
@@ -33,6 +34,7 @@ const BALANCE = 150;
 const INCREMENT = 100;
 const POOL = 120;
 const CALLS = 400; // per identity, over both instances
+const MAX_CREDIT_CALLS = 2_000; // on the shared balance, should B never see it used up
 const WORKERS = 6; // concurrent callers per instance
 
 type Outcome = {
@@ -105,6 +107,15 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           let issuedAll: (() => void) | null = null;
           let revokedAt = 0;
 
+          // The pool gets CALLS calls. The shared balance gets at least CALLS, and more until B has
+          // answered USAGE_EXCEEDED to a call sent after A's kill (at most MAX_CREDIT_CALLS): how much
+          // of the balance is spent before the increment depends on how fast A (slowed by its proxies)
+          // is beside B, and B must use up what A left.
+          let exhaustedAfterKill = false;
+          /** Set with the increment: when A, not caught mid-spend by then, is killed all the same. */
+          let enoughIssued = () => false;
+          const done = (which: "credits" | "pool") =>
+            issued[which] >= CALLS && (which === "pool" || exhaustedAfterKill || issued.credits >= MAX_CREDIT_CALLS);
           const worker = async (instance: "A" | "B", n: number) => {
             for (let i = n; ; i++) {
               if (instance === "A" && aDead) return;
@@ -112,17 +123,18 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
               // second and a half after the disable; then the shared credits and pool (and that key).
               const revocationPhase = revokedAt === 0 || Date.now() < revokedAt + 1500;
               const which = revocationPhase ? "revoked" : (["credits", "pool", "revoked"] as const)[i % 3];
-              if (which !== "revoked" && issued[which] >= CALLS) {
-                if (issued.credits >= CALLS && issued.pool >= CALLS) return;
+              if (which !== "revoked" && done(which)) {
+                if (done("credits") && done("pool")) return;
                 continue;
               }
               if (which !== "revoked") issued[which]++;
-              if (issued.credits >= CALLS && issued.pool >= CALLS) issuedAll?.();
+              if (enoughIssued()) issuedAll?.();
               const start = Date.now();
               try {
                 const res = await call(instance, "VerifyKey", { key: keys[which][i % keys[which].length] });
                 const limit = (res.ratelimits as Msg[])[0];
                 outcomes.push({ identity: which, instance, code: res.code, resetAt: limit ? String(limit.reset_at?.seconds) : null, error: null, start, at: Date.now() });
+                if (which === "credits" && instance === "B" && killedAt > 0 && start > killedAt && res.code === "VERIFICATION_CODE_USAGE_EXCEEDED") exhaustedAfterKill = true;
               } catch (err) {
                 outcomes.push({ identity: which, instance, code: null, resetAt: null, error: (err as Error).message, start, at: Date.now() });
               }
@@ -142,6 +154,8 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
             while (outcomes.filter((o) => o.instance === "A" && o.identity !== "revoked" && o.code).length < 60) await new Promise((r) => setTimeout(r, 5));
             await call("A", "UpdateCredits", { identity_id: creditsId.id, operation: "CREDITS_OPERATION_INCREMENT", value: String(INCREMENT) });
             incremented = true;
+            const callsAtIncrement = issued.credits;
+            enoughIssued = () => issued.pool >= CALLS && issued.credits >= Math.max(CALLS, callsAtIncrement + 3 * INCREMENT);
             const spendOnTheWire =
               backend === "redis"
                 ? redisProxy.holdWhen((chunk) => chunk.includes(`:cr:i:${creditsId.id}`))
@@ -150,7 +164,7 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
             let finish!: () => void;
             allIssued = new Promise<void>((r) => (finish = r));
             issuedAll = finish;
-            if (issued.credits >= CALLS && issued.pool >= CALLS) finish();
+            if (enoughIssued()) finish();
             killedMidSpend = await Promise.race([spendOnTheWire.then(() => true), allIssued.then(() => false)]);
             aDead = true;
             killedAt = Date.now();
