@@ -56,7 +56,9 @@ export class MongoCredits {
   private async readCredits(ref: { coll: Collection<CreditsDoc>; id: string; keyId?: string } | null): Promise<CreditsDoc | null> {
     if (!ref) return null;
     const d = await ref.coll.findOne({ _id: ref.id });
-    return d && (!ref.keyId || (d.keyId ?? d._id) === ref.keyId) ? d : null;
+    if (!d || (ref.keyId && (d.keyId ?? d._id) !== ref.keyId)) return null;
+    // A slim bucketed key document (toBucketedKeyDoc) has no `credits` when it has no balance, and its hash is its `_id`.
+    return { ...d, credits: d.credits ?? null, hash: d.hash ?? (d.keyId !== undefined ? d._id : undefined) };
   }
 
   /**

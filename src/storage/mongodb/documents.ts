@@ -22,7 +22,13 @@ export type IdentityDoc = Omit<IdentityRecord, "id" | "meta"> & { _id: string; m
  * A key. Indexed layout: `_id` is the key id. Bucketed layout (ferretdb.ts):
  * `_id` is the hash and `keyId` the key id.
  */
-export type KeyDoc = Omit<KeyRecord, "id" | "meta"> & { _id: string; keyId?: string; meta: string } & StoreFields;
+export type KeyDoc = Omit<KeyRecord, "id" | "meta" | SlimKeyField> & { _id: string; keyId?: string; meta: string } & Partial<Pick<KeyRecord, SlimKeyField>> & StoreFields;
+/**
+ * Fields a bucketed key document leaves out when they say nothing (see
+ * toBucketedKeyDoc): the hash (it is the `_id`), the last-used time (kept in
+ * `key_last_used`), and an empty expiry, balance or rate-limit list.
+ */
+type SlimKeyField = "hash" | "expiresAt" | "credits" | "ratelimits" | "lastUsedAt";
 /** Bucketed layout: how a key is found by id, and when it was last used. */
 export type KeyIdDoc = { _id: string; hash: string; lastUsedAt?: number };
 export type RootKeyDoc = Omit<RootKeyRecord, "id"> & { _id: string };
@@ -67,7 +73,10 @@ export type UsageLogDoc = { _id: string; slot: string; seq: number; m?: 1; data?
 export type ActivityDoc = { _id: string; lastUsedAt: number };
 /** Bucketed layout: the last-used times of the keys of one id bucket (keys.ts), `t.<key id>` in ms. */
 export type LastUsedDoc = { _id: string; t: Record<string, number> };
-/** The document holding a balance, as the credit methods read it. */
+/**
+ * The document holding a balance, as the credit methods read it (readCredits in
+ * credits.ts fills in what a slim key document leaves out: no balance, its hash).
+ */
 export type CreditsDoc = { _id: string; keyId?: string; credits: Credits | null; hash?: string; creditsKeyId?: string | null } & StoreFields;
 
 /**
@@ -107,13 +116,39 @@ export function toKeyDoc(r: KeyRecord): KeyDoc {
   const { id, meta, ...rest } = r;
   return { _id: id, meta: JSON.stringify(meta), ...rest };
 }
-/** The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` = its id. */
+/**
+ * The stored form of a key in the bucketed layout: `_id` = its hash, `keyId` =
+ * its id, without the fields SlimKeyField names when they are empty — FerretDB
+ * parses every document of a bucket for each `_id` lookup, so a cold
+ * verification costs it less the smaller they are (docs/performance.md, step
+ * 8g). Documents written before hold them all; fromKeyDoc reads both.
+ */
 export function toBucketedKeyDoc(r: KeyRecord): KeyDoc {
-  return { ...toKeyDoc(r), _id: r.hash, keyId: r.id };
+  const { id, hash, meta, lastUsedAt: _lastUsed, expiresAt, credits, ratelimits, ...rest } = r;
+  const d: KeyDoc = { _id: hash, keyId: id, meta: JSON.stringify(meta), ...rest };
+  if (expiresAt !== null) d.expiresAt = expiresAt;
+  if (credits !== null) d.credits = credits;
+  if (ratelimits.length > 0) d.ratelimits = ratelimits;
+  return d;
+}
+/** A key document with the fields a slim one leaves out filled in. */
+export type FullKeyDoc = KeyDoc & Pick<KeyRecord, SlimKeyField>;
+/** `d` with the fields toBucketedKeyDoc leaves out filled in (the hash is the `_id` there). */
+export function fullKeyDoc(d: KeyDoc): FullKeyDoc {
+  return { ...d, hash: d.hash ?? d._id, expiresAt: d.expiresAt ?? null, credits: d.credits ?? null, ratelimits: d.ratelimits ?? [], lastUsedAt: d.lastUsedAt ?? null };
 }
 export function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
+  const { _id, keyId, meta, hash, expiresAt, credits, ratelimits, lastUsedAt, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
+  return {
+    id: keyId ?? _id,
+    hash: hash ?? _id,
+    meta: JSON.parse(meta) as JsonObject,
+    expiresAt: expiresAt ?? null,
+    credits: credits ?? null,
+    ratelimits: ratelimits ?? [],
+    lastUsedAt: lastUsedAt ?? null,
+    ...rest,
+  };
 }
 export function fromFeedDoc(d: FeedDoc): Change {
   const base = { seq: d.seq, keys: d.keys, identities: d.identities };

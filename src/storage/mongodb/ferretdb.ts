@@ -107,6 +107,17 @@ export function createKeyBuckets(client: MongoClient, database: string) {
       const { suffix, collection } = keyHashLocation(hash);
       return collectionOf(hashDbs.get(suffix)!, collection) as unknown as Collection<T>;
     },
+    /**
+     * The key document with this hash, or null: one `find` command with the
+     * `_id` filter FerretDB pushes down. Sent as a command rather than through
+     * `findOne`, which builds a cursor around the same command (its client-side
+     * cost per cold lookup: docs/performance.md, step 8g).
+     */
+    async findByHash<T extends Document>(hash: string): Promise<T | null> {
+      const { suffix, collection } = keyHashLocation(hash);
+      const res = await hashDbs.get(suffix)!.command({ find: collection, filter: { _id: hash }, limit: 1, singleBatch: true, batchSize: 1 });
+      return ((res.cursor as { firstBatch?: T[] } | undefined)?.firstBatch?.[0] ?? null) as T | null;
+    },
     /** The bucket holding the id pointer of the key with this id. */
     byId<T extends Document>(id: string): Collection<T> {
       return collectionOf(idDb, keyIdCollection(id)) as unknown as Collection<T>;

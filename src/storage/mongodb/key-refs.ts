@@ -1,5 +1,5 @@
 import type { Collection } from "mongodb";
-import type { KeyDoc, KeyIdDoc, KeyRef } from "./documents.js";
+import { fullKeyDoc, type FullKeyDoc, type KeyDoc, type KeyIdDoc, type KeyRef } from "./documents.js";
 import { groupBy } from "./util.js";
 import { HASH_OF_ID_MAX, hashBucketKey, idBucket, keyIdCollection } from "./ferretdb.js";
 import type { MongoContext } from "./context.js";
@@ -57,10 +57,10 @@ export class MongoKeyRefs {
    * `_id` is the hash: after a key is deleted, its hash could be another key's,
    * so the id is checked.)
    */
-  async readKey(ref: KeyRef | null): Promise<KeyDoc | null> {
+  async readKey(ref: KeyRef | null): Promise<FullKeyDoc | null> {
     if (!ref) return null;
     const d = await ref.coll.findOne({ _id: ref._id });
-    return d && (d.keyId ?? d._id) === ref.id ? d : null;
+    return d && (d.keyId ?? d._id) === ref.id ? fullKeyDoc(d) : null;
   }
 
   /**
@@ -70,8 +70,9 @@ export class MongoKeyRefs {
    */
   async findKeys(filter: Record<string, unknown>): Promise<{ id: string; hash: string }[]> {
     if (this.ctx.layout === "indexed") {
+      // Indexed documents always hold their hash (its unique index).
       const docs = await this.ctx.keys.find(filter, { projection: { _id: 1, hash: 1 } }).toArray();
-      return docs.map((d) => ({ id: d._id, hash: d.hash }));
+      return docs.map((d) => ({ id: d._id, hash: d.hash! }));
     }
     const out: { id: string; hash: string }[] = [];
     for (const coll of await this.ctx.buckets.hashBuckets<KeyDoc>()) {

@@ -2,7 +2,7 @@ import { UnavailableError } from "../../domain/errors.js";
 import type { KeyPatch, KeyRecord } from "../../domain/types.js";
 import type { KeyFilter, PageQuery } from "../store.js";
 import { FENCE, fenceFilter } from "./lease-lock.js";
-import { fromKeyDoc, keyTargets, setOf, toBucketedKeyDoc, toKeyDoc, type KeyDoc } from "./documents.js";
+import { fromKeyDoc, keyTargets, setOf, toBucketedKeyDoc, toKeyDoc, type FullKeyDoc, type KeyDoc } from "./documents.js";
 import { isDuplicateKey } from "./errors.js";
 import { hashBucketKey, idBucket, keyIdCollection } from "./ferretdb.js";
 import { eachLimited, groupBy } from "./util.js";
@@ -137,7 +137,7 @@ export class MongoKeys {
 
   /** One read: on the bucketed layout an `_id` lookup in one bucket (ferretdb.ts), on the indexed one the hash index. */
   async getKeyByHash(hash: string): Promise<KeyRecord | null> {
-    const d = await this.ctx.run(() => (this.ctx.layout === "indexed" ? this.ctx.keys.findOne({ hash }) : this.keyRefs.keyHashColl(hash).findOne({ _id: hash })));
+    const d = await this.ctx.run(() => (this.ctx.layout === "indexed" ? this.ctx.keys.findOne({ hash }) : this.ctx.buckets.findByHash<KeyDoc>(hash)));
     if (!d) return null;
     const rec = fromKeyDoc(d);
     this.keyRefs.rememberHash(rec.id, rec.hash);
@@ -201,7 +201,7 @@ export class MongoKeys {
   async rerollKey(oldId: string, next: KeyRecord, oldExpiresAt: number, now: number): Promise<KeyRecord | null> {
     const { creditsKeyId: _ignored, ...base } = next;
     // A key that itself spends from another passes that on; else its own balance moves.
-    const withBalanceOf = (o: KeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
+    const withBalanceOf = (o: FullKeyDoc): KeyRecord => (o.creditsKeyId ? { ...base, credits: null, creditsKeyId: o.creditsKeyId } : { ...base, credits: o.credits });
     return this.ctx.run(() =>
       this.ctx.locked(`key:${oldId}`, async () => {
         const ref = await this.keyRefs.keyRef(oldId);
