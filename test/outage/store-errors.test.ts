@@ -36,17 +36,17 @@ describeWith("MONGODB_URI", mongodbUri(), "MongoDB errors", () => {
           return Reflect.get(target, prop, target);
         },
       });
-    // The collection a lookup by hash reads: `keys`, or a bucket of FerretDB's bucketed layout (docs/storage-layout.md).
-    const fields = ts.store as unknown as { layout: string; keys: object; buckets: { byHash: (hash: string) => object } };
+    // What a lookup by hash reads: `keys`, or on FerretDB's bucketed layout one find command in a bucket (docs/storage-layout.md).
+    const fields = ts.store as unknown as { layout: string; keys: object; buckets: { findByHash: (hash: string) => Promise<unknown> } };
     const { keys, buckets } = fields;
-    const byHash = buckets?.byHash;
-    if (fields.layout === "bucketed") buckets.byHash = (hash) => poolCleared(byHash.call(buckets, hash));
+    const findByHash = buckets?.findByHash;
+    if (fields.layout === "bucketed") buckets.findByHash = () => Promise.reject(new PoolClearedOnNetworkError("Connection to 127.0.0.1:27017 interrupted due to server monitor timeout"));
     else fields.keys = poolCleared(keys);
     try {
       await expect(ts.store.getKeyByHash("0".repeat(64))).rejects.toBeInstanceOf(StoreUnreachableError);
     } finally {
       fields.keys = keys;
-      if (buckets) buckets.byHash = byHash;
+      if (buckets) buckets.findByHash = findByHash;
     }
   });
 });
