@@ -197,7 +197,8 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
           const validAfterRevoke = valid("revoked").filter((o) => o.start > revokedAt);
           const worstDelay = Math.max(0, ...validAfterRevoke.map((o) => o.start - revokedAt));
           const servedAfter = (i: "A" | "B") => of("revoked").filter((o) => o.instance === i && o.code && o.start > revokedAt + 1000).length;
-          process.stdout.write(
+          // Printed, and named in every assertion below: CI shows only the end of a failing run's output.
+          const figures =
             `[fault test, credits backend ${backend}] credits: ${valid("credits").length} VALID of ${of("credits").length} calls ` +
               `(${unknown("credits").length} without an answer: A killed), balance ${total} → stored ${remaining}; ` +
               `pool: ${valid("pool").length} VALID of ${of("pool").length} (limit ${POOL} per window, per window: ${[...perWindow.values()].join(", ")}); ` +
@@ -205,26 +206,26 @@ describeWith("MONGODB_URI", mongodbUri(), "faults across two instances", () =>
               `A killed ${killedMidSpend ? "while its spend was held on the wire" : "after the callers finished"}; ` +
               `B's first VALID on the shared balance ${resumed ? resumed.at - killedAt : "—"} ms after the kill; ` +
               `revocation: the last VALID for the disabled key was sent ${worstDelay} ms after the disable was acknowledged ` +
-              `(${validAfterRevoke.length} VALID sent after it; answers to calls sent over 1 s after it: A ${servedAfter("A")}, B ${servedAfter("B")}, all DISABLED)\n`,
-          );
+              `(${validAfterRevoke.length} VALID sent after it; answers to calls sent over 1 s after it: A ${servedAfter("A")}, B ${servedAfter("B")}, all DISABLED)\n`;
+          process.stdout.write(figures);
 
           // Revoked stays revoked: no VALID for a call sent over a second after the disable, on either instance.
-          expect(worstDelay, "ms between the acknowledged disable and the last VALID call sent").toBeLessThanOrEqual(1000);
-          expect(servedAfter("A"), "A served the disabled key for over a second after the disable").toBeGreaterThan(0);
-          expect(of("revoked").filter((o) => o.code && o.start > revokedAt + 1000 && o.code !== "VERIFICATION_CODE_DISABLED")).toEqual([]);
+          expect(worstDelay, `ms between the acknowledged disable and the last VALID call sent; ${figures}`).toBeLessThanOrEqual(1000);
+          expect(servedAfter("A"), `A served the disabled key for over a second after the disable; ${figures}`).toBeGreaterThan(0);
+          expect(of("revoked").filter((o) => o.code && o.start > revokedAt + 1000 && o.code !== "VERIFICATION_CODE_DISABLED"), figures).toEqual([]);
           // Never more VALID than the balance (with the acknowledged increment) or the pool.
-          expect(valid("credits").length).toBeLessThanOrEqual(total);
-          for (const n of perWindow.values()) expect(n).toBeLessThanOrEqual(POOL);
+          expect(valid("credits").length, figures).toBeLessThanOrEqual(total);
+          for (const n of perWindow.values()) expect(n, figures).toBeLessThanOrEqual(POOL);
           // Never below zero.
-          expect(remaining).toBeGreaterThanOrEqual(0);
+          expect(remaining, figures).toBeGreaterThanOrEqual(0);
           // Nothing acknowledged lost: every VALID answer and the increment are in the
           // balance; only calls that got no answer may or may not have spent.
-          expect(remaining).toBeLessThanOrEqual(total - valid("credits").length);
-          expect(remaining).toBeGreaterThanOrEqual(total - valid("credits").length - unknown("credits").length);
+          expect(remaining, figures).toBeLessThanOrEqual(total - valid("credits").length);
+          expect(remaining, figures).toBeGreaterThanOrEqual(total - valid("credits").length - unknown("credits").length);
           // The balance was used up: B went on after A died.
-          expect(remaining).toBe(0);
-          expect(of("credits").some((o) => o.code === "VERIFICATION_CODE_USAGE_EXCEEDED")).toBe(true);
-          expect(of("pool").some((o) => o.code === "VERIFICATION_CODE_RATE_LIMITED")).toBe(true);
+          expect(remaining, figures).toBe(0);
+          expect(of("credits").some((o) => o.code === "VERIFICATION_CODE_USAGE_EXCEEDED"), figures).toBe(true);
+          expect(of("pool").some((o) => o.code === "VERIFICATION_CODE_RATE_LIMITED"), figures).toBe(true);
         }, 180_000);
       });
     }
