@@ -249,16 +249,15 @@ export function createVerifier(deps: {
     return null;
   }
 
-  /** Spends credits (the commit point); the store writes nothing once `signal` has aborted. */
+  /** Spends credits from a balance (the commit point); the store writes nothing once `signal` has aborted. */
   async function spend(
-    owner: { target: CreditsTarget; credits: Credits } | null,
+    owner: { target: CreditsTarget; credits: Credits },
     cost: number,
     t: number,
     signal: CallSignal | undefined,
     key: KeyRecord,
     identity: IdentityRecord | null,
   ): Promise<SpendResult> {
-    if (owner === null) return UNLIMITED;
     if (trust !== null) {
       // The store cannot be reached and the balance is the cached one: admitted on trust, within the allowance.
       const admitted = trust.admit(owner.target, owner.credits, cost, t, "keyId" in owner.target ? { keyHash: key.hash } : { identityId: identity?.id });

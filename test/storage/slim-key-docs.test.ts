@@ -74,6 +74,13 @@ describeWith("MONGODB_URI", mongodbUri(), "slim key documents on the bucketed la
     expect(await store.spendCredits({ keyId: record.id }, 1, null)).toMatchObject({ ok: true, remaining: null });
   });
 
+  it("keeps the last-used time of a key loaded in bulk (beside its id, not in the slim document)", async () => {
+    const { record } = keyRecord({ lastUsedAt: Date.now() - 60_000 });
+    await store.loadKeys([record]);
+    expect(await stored(record.hash)).not.toHaveProperty("lastUsedAt");
+    expect((await store.getKey(record.id))!.lastUsedAt).toBe(record.lastUsedAt);
+  });
+
   it("spends nothing from a key without a balance, and a balance set later is kept and spent", async () => {
     const { record } = keyRecord();
     await store.createKey(record);

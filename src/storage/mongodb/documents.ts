@@ -138,17 +138,8 @@ export function fullKeyDoc(d: KeyDoc): FullKeyDoc {
   return { ...d, hash: d.hash ?? d._id, expiresAt: d.expiresAt ?? null, credits: d.credits ?? null, ratelimits: d.ratelimits ?? [], lastUsedAt: d.lastUsedAt ?? null };
 }
 export function fromKeyDoc(d: KeyDoc): KeyRecord {
-  const { _id, keyId, meta, hash, expiresAt, credits, ratelimits, lastUsedAt, [FENCE]: _fence, creditsSeq: _seq, ...rest } = d;
-  return {
-    id: keyId ?? _id,
-    hash: hash ?? _id,
-    meta: JSON.parse(meta) as JsonObject,
-    expiresAt: expiresAt ?? null,
-    credits: credits ?? null,
-    ratelimits: ratelimits ?? [],
-    lastUsedAt: lastUsedAt ?? null,
-    ...rest,
-  };
+  const { _id, keyId, meta, [FENCE]: _fence, creditsSeq: _seq, ...rest } = fullKeyDoc(d);
+  return { id: keyId ?? _id, meta: JSON.parse(meta) as JsonObject, ...rest };
 }
 export function fromFeedDoc(d: FeedDoc): Change {
   const base = { seq: d.seq, keys: d.keys, identities: d.identities };

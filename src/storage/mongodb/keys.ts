@@ -83,7 +83,8 @@ export class MongoKeys {
       }
       // Buckets written 8 at a time: most of the time here is FerretDB creating thousands of collections.
       await eachLimited([...groupBy(records, (r) => keyIdCollection(r.id)).values()], 8, (group) =>
-        this.keyRefs.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash }))),
+        // A last-used time goes with the id pointer, where reads find it (a bucketed key document has none).
+        this.keyRefs.keyIdColl(group[0].id).insertMany(group.map((r) => ({ _id: r.id, hash: r.hash, ...(r.lastUsedAt !== null ? { lastUsedAt: r.lastUsedAt } : {}) }))),
       );
       await eachLimited([...groupBy(records, (r) => hashBucketKey(r.hash)).values()], 8, (group) =>
         this.keyRefs.keyHashColl(group[0].hash).insertMany(group.map(toBucketedKeyDoc)),
