@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -31,7 +31,11 @@ import type { Store } from "../src/storage/store.js";
  *   the cold-key runs), BENCH_ONLY=mongo (one embedded peak and the MongoDB
  *   runs: MongoDB ÷ embedded alone; BENCH_MONGO_ENV='{"NAME":"value"}' adds
  *   settings to that MongoDB server), BENCH_ONLY=usage (embedded peaks with
- *   usage counting on and off, alternated, CPU per call per thread), BENCH_PROFILE=<dir> (every server runs under `node
+ *   usage counting on and off, alternated, CPU per call per thread),
+ *   BENCH_ONLY=paired (only issue 11's paired rounds, BENCH_ROUNDS [5] of
+ *   them, each server's CPU per call split by thread; BENCH_AB=<another
+ *   checkout, built> measures its server too, in every round, with node
+ *   options BENCH_AB_NODE_ARGS if set), BENCH_PROFILE=<dir> (every server runs under `node
  *   --cpu-prof` into <dir>, and <dir>/windows.json says when each measured run
  *   was; summarise with `node dist/bench/profile-stages.js <dir>`; CPU figures
  *   of such a run include the profiler's cost).
@@ -726,6 +730,69 @@ async function main() {
         "| usage counting | calls/s | server CPU µs/call | main thread | usage writer (WorkerThread) | GC helpers (V8Worker) | other threads |",
         "|---|---|---|---|---|---|---|",
         ...rows,
+      );
+      report(lines);
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+    return;
+  }
+  if (process.env.BENCH_ONLY === "paired") {
+    // Issue 11's paired rounds alone (BENCH_ROUNDS of them, default 5), with each server's CPU per call split by thread.
+    try {
+      const healthData = join(work, "health.json");
+      writeFileSync(healthData, JSON.stringify({ service: "" }));
+      const { dataDir, md, verifyData } = await seedEmbedded(work);
+      // BENCH_AB=<another checkout, built>: its server too, on a copy of the same data, measured in every round after this one's.
+      const other = process.env.BENCH_AB ? resolve(process.env.BENCH_AB) : null;
+      if (other) cpSync(dataDir, `${dataDir}-ab`, { recursive: true });
+      const srv = await start(LATCHKEY_ARGS, { ...serverEnvIn(work), LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: dataDir });
+      const nodeArgsB = (process.env.BENCH_AB_NODE_ARGS ?? "").split(" ").filter(Boolean);
+      const srvB = other ? await start([...nodeArgsB, join(other, LATCHKEY_ARGS[0]!), ...LATCHKEY_ARGS.slice(1)], { ...serverEnvIn(work), LATCHKEY_STORE: "embedded", LATCHKEY_DATA_DIR: `${dataDir}-ab` }) : null;
+      await warmUp(srv, md, verifyData, KEYS);
+      if (srvB) await warmUp(srvB, md, verifyData, KEYS);
+      const g = await start(["dist/bench/baseline-grpcjs.js"]);
+      ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s", warmup: true });
+      const split = (pid: number, run: () => Result) => {
+        const before = threadSeconds(pid);
+        const r = run();
+        const after = threadSeconds(pid);
+        const per = (names: string[]) => Math.round(([...after.keys()].filter((n) => names.length === 0 ? !["MainThread", "WorkerThread", "V8Worker"].includes(n) : names.includes(n)).reduce((t, n) => t + (after.get(n) ?? 0) - (before.get(n) ?? 0), 0) * 1e6) / Math.max(1, r.ok));
+        return { r, main: per(["MainThread"]), worker: per(["WorkerThread"]), gc: per(["V8Worker"]), other: per([]) };
+      };
+      const rows: string[] = [];
+      const cpu: number[] = [];
+      const rps: number[] = [];
+      const cpuB: number[] = [];
+      const rpsB: number[] = [];
+      const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
+      for (let i = 0; i < rounds; i++) {
+        const a = split(g.proc.pid!, () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData));
+        const b = split(srv.proc.pid!, () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
+        cpu.push(b.r.cpuUs / a.r.cpuUs);
+        rps.push(b.r.rps / a.r.rps);
+        const t = (x: typeof a) => `${Math.round(x.r.rps)} | ${Math.round(x.r.cpuUs)} (${x.main}/${x.worker}/${x.gc}/${x.other})`;
+        rows.push(`| ${i + 1} | ${t(a)} | ${t(b)} | ${cpu[i]!.toFixed(2)} | ${rps[i]!.toFixed(2)} |`);
+        if (srvB) {
+          const c = split(srvB.proc.pid!, () => ghz(srvB, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
+          cpuB.push(c.r.cpuUs / a.r.cpuUs);
+          rpsB.push(c.r.rps / a.r.rps);
+          rows.push(`| ${i + 1} (${other}) | | | ${t(c)} | ${cpuB[i]!.toFixed(2)} | ${rpsB[i]!.toFixed(2)} |`);
+        }
+      }
+      await stop(g.proc);
+      await stop(srv.proc);
+      if (srvB) await stop(srvB.proc);
+      const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+      lines.push(
+        `ghz ${DURATION}, concurrency ${CONCURRENCY}; CPU µs/call (main / worker threads / GC helpers / other)`,
+        "",
+        "| round | grpc-js calls/s | grpc-js µs/call | VerifyKey calls/s | VerifyKey µs/call | CPU ratio | calls/s ratio |",
+        "|---|---|---|---|---|---|---|",
+        ...rows,
+        "",
+        `median CPU ratio ${median(cpu).toFixed(2)} (target ≤ 1.3), median calls/s ratio ${median(rps).toFixed(2)} (target ≥ 0.8)`,
+        ...(other ? [`${other}: median CPU ratio ${median(cpuB).toFixed(2)}, median calls/s ratio ${median(rpsB).toFixed(2)}`] : []),
       );
       report(lines);
     } finally {
