@@ -4,8 +4,6 @@ import type { LazyCallSignal } from "../domain/verify.js";
 
 /** The authenticated caller, set by the auth interceptor. */
 export const principalKey = createContextKey<Principal | null>(null, { description: "authenticated root key" });
-/** Request id for logs: the caller's `x-request-id`, or a generated one. */
-export const requestIdKey = createContextKey<string>("", { description: "request id" });
 
 /**
  * Set by the lean gRPC path: the call's state, cheaper to ask than ctx.signal,

@@ -16,12 +16,14 @@ import {
 import type { RootKeyAuthenticator } from "../domain/root-keys.js";
 import type { Logger } from "../observability/logger.js";
 import { fastSeries, type Metrics } from "../observability/metrics.js";
-import { principalKey, requestIdKey } from "./context.js";
+import { principalKey } from "./context.js";
 import { badRequestDetail } from "./status-details.js";
 
-// Request ids: a per-process random prefix and a counter — unique, and cheap on the hot path.
+// Request ids for log lines: the caller's `x-request-id`, else a per-process random
+// prefix and a counter — made only when a line is logged, not for every call.
 const ID_PREFIX = randomBytes(6).toString("hex");
 let idCounter = 0;
+const requestIdOf = (header: Headers) => header.get("x-request-id")?.slice(0, 128) || `${ID_PREFIX}-${(++idCounter).toString(36)}`;
 
 /** Services that answer without a root key. */
 const PUBLIC_SERVICES = new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]);
@@ -53,7 +55,7 @@ export function toConnectError(err: unknown): { error: ConnectError; internal: b
 }
 
 /**
- * Outermost: request id, domain-error mapping, logging and metrics. Unknown
+ * Outermost: domain-error mapping, logging (with a request id) and metrics. Unknown
  * errors become INTERNAL with a generic message and are logged with the request id.
  */
 export function createObservabilityInterceptor(deps: { logger: Logger; metrics: Metrics }): Interceptor {
@@ -73,23 +75,21 @@ export function createObservabilityInterceptor(deps: { logger: Logger; metrics: 
     let m = byMethod.get(req.method);
     if (!m) byMethod.set(req.method, (m = { name: `${req.service.typeName}/${req.method.name}`, codes: new Map() }));
     const method = m.name;
-    const requestId = req.header.get("x-request-id")?.slice(0, 128) || `${ID_PREFIX}-${(++idCounter).toString(36)}`;
-    req.contextValues.set(requestIdKey, requestId);
     let code = "ok";
     try {
       return await next(req);
     } catch (err) {
       const { error, internal } = toConnectError(err);
       code = Code[error.code];
-      if (internal) deps.logger.error({ requestId, method, err }, "internal error");
-      else if (error.code === Code.Unavailable) deps.logger.warn({ requestId, method, reason: error.rawMessage }, "unavailable");
+      if (internal) deps.logger.error({ requestId: requestIdOf(req.header), method, err }, "internal error");
+      else if (error.code === Code.Unavailable) deps.logger.warn({ requestId: requestIdOf(req.header), method, reason: error.rawMessage }, "unavailable");
       throw error;
     } finally {
       const seconds = (performance.now() - started) / 1000;
       const series = seriesOf(m, code);
       series.requests.inc();
       series.duration.observe(seconds);
-      if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId, method, code, ms: seconds * 1000 }, "rpc");
+      if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId: requestIdOf(req.header), method, code, ms: seconds * 1000 }, "rpc");
     }
   };
 }

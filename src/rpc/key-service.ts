@@ -2,7 +2,6 @@ import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
 import type { Verification, Verifier } from "../domain/verify.js";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
 import { InvalidArgumentError } from "../domain/errors.js";
@@ -37,6 +36,12 @@ const CODES: Record<Verification["code"], VerificationCode> = {
   USAGE_EXCEEDED: VerificationCode.USAGE_EXCEEDED,
 };
 
+/** A Timestamp as a plain init object: `timestampFromMs` builds a message through `create`, per rate limit and call. */
+const timestampInit = (ms: number) => {
+  const seconds = Math.floor(ms / 1000);
+  return { seconds: BigInt(seconds), nanos: (ms - seconds * 1000) * 1_000_000 };
+};
+
 /** The response of a verification: key data only for a found key. */
 export function verificationToProto(v: Verification): MessageInitShape<typeof VerifyKeyResponseSchema> {
   const k = v.key;
@@ -57,7 +62,7 @@ export function verificationToProto(v: Verification): MessageInitShape<typeof Ve
       name: r.name,
       limit: BigInt(r.limit),
       remaining: BigInt(r.remaining),
-      resetAt: timestampFromMs(r.resetAt),
+      resetAt: timestampInit(r.resetAt),
       exceeded: r.exceeded,
     })),
   };
