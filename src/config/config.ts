@@ -46,7 +46,7 @@ export const SETTINGS = {
   maxHeaderBytes: { env: "LATCHKEY_MAX_HEADER_BYTES", default: "16384", doc: "Largest request header block (HTTP/1.1 headers, HTTP/2 header list)." },
   headersTimeoutMs: { env: "LATCHKEY_HEADERS_TIMEOUT_MS", default: "10000", doc: "Time a new connection has to finish its TLS handshake and send the HTTP/2 preface and SETTINGS or the first HTTP/1.1 request headers, and each HTTP/1.1 request its headers; slower connections are closed." },
   requestTimeoutMs: { env: "LATCHKEY_REQUEST_TIMEOUT_MS", default: "30000", doc: "Time a call's request (headers and body) has to arrive whole; an HTTP/2 stream still sending is reset, an HTTP/1.1 request gets 408. At least LATCHKEY_HEADERS_TIMEOUT_MS." },
-  idleTimeoutMs: { env: "LATCHKEY_IDLE_TIMEOUT_MS", default: "65000", doc: "An HTTP/2 connection without open calls or traffic, or an HTTP/1.1 keep-alive connection between requests, is closed after this long (longer than the 60 s of common load balancers, so they close first)." },
+  idleTimeoutMs: { env: "LATCHKEY_IDLE_TIMEOUT_MS", default: "65000", doc: "An HTTP/2 connection without open calls (pings do not keep it open), or an HTTP/1.1 keep-alive connection between requests, is closed after this long (longer than the 60 s of common load balancers, so they close first)." },
   maxHealthWatchers: { env: "LATCHKEY_MAX_HEALTH_WATCHERS", default: "1000", doc: "Most concurrent health Watch streams on one instance; more are refused with RESOURCE_EXHAUSTED." },
 } as const;
 

@@ -91,7 +91,9 @@ const noop = () => undefined;
 
 /** Open streams of an HTTP/2 session, kept on the session itself. */
 const OPEN_STREAMS = Symbol("open streams");
-type Session = http2.ServerHttp2Session & { [OPEN_STREAMS]?: number } & Proven;
+/** Since when (the sweep's clock) a session has had no open stream. */
+const IDLE_SINCE = Symbol("idle since");
+type Session = http2.ServerHttp2Session & { [OPEN_STREAMS]?: number; [IDLE_SINCE]?: number } & Proven;
 /** The TCP socket under a connection (the same socket without TLS). */
 const RAW = Symbol("raw socket");
 type Proven = { [RAW]?: net.Socket };
@@ -222,14 +224,21 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   // within requestTimeoutMs. One coarse sweep for all streams instead of a
   // timer per call: an entry costs a Map insertion and deletion.
   const arriving = new Map<http2.ServerHttp2Stream, number>();
-  const sweepEvery = Math.max(10, Math.min(1000, Math.floor(limits.requestTimeoutMs / 4)));
+  // The same sweep closes idle HTTP/2 sessions: no open stream for idleTimeoutMs
+  // (as grpc-go's MaxConnectionIdle counts it). Node's own session timeout would
+  // do it with a timer refreshed on every frame and write, several per call.
+  const sweepEvery = Math.max(10, Math.min(1000, Math.floor(limits.requestTimeoutMs / 4), Math.floor(limits.idleTimeoutMs / 4)));
   let clock = 0;
+  const sessions = new Set<Session>();
   const sweeper = setInterval(() => {
     clock += sweepEvery;
     for (const [stream, since] of arriving) {
       if (clock - since < limits.requestTimeoutMs) continue;
       arriving.delete(stream);
       if (clientStillSending(stream) && !stream.closed) stream.close(NGHTTP2_CANCEL);
+    }
+    for (const session of sessions) {
+      if (session[OPEN_STREAMS] === 0 && clock - (session[IDLE_SINCE] ?? clock) >= limits.idleTimeoutMs && !session.closed && !session.destroyed) session.close();
     }
   }, sweepEvery);
   sweeper.unref();
@@ -244,19 +253,12 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   // objects for every stream, including those the lean handler serves.
   h2.on("stream", onStream);
   h2.on("sessionError", noop);
-  // Idle sessions: Node calls this after idleTimeoutMs without a frame. A
-  // session with open streams (a quiet health Watch) is not idle: look again later.
-  const onIdle = function (this: Session) {
-    if ((this[OPEN_STREAMS] ?? 0) > 0) this.setTimeout(limits.idleTimeoutMs, onIdle);
-    else this.close();
-  };
-  const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (session: Session) => {
     session[OPEN_STREAMS] = 0;
+    session[IDLE_SINCE] = clock;
     session[RAW] = dispatching;
     sessions.add(session);
     session.on("error", noop);
-    session.setTimeout(limits.idleTimeoutMs, onIdle);
     // The client's SETTINGS must follow the preface within headersTimeoutMs.
     const handshake = setTimeout(() => session.destroy(), limits.headersTimeoutMs);
     handshake.unref();
@@ -270,7 +272,7 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
   function onStreamClose(this: Stream) {
     arriving.delete(this);
     const session = this[SESSION];
-    if (session && session[OPEN_STREAMS]) session[OPEN_STREAMS]--;
+    if (session && session[OPEN_STREAMS] && --session[OPEN_STREAMS] === 0) session[IDLE_SINCE] = clock;
   }
 
   function onStream(stream: Stream, headers: http2.IncomingHttpHeaders, _flags: number, rawHeaders: string[]) {

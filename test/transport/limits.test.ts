@@ -316,6 +316,23 @@ describe("with short timeouts, silent and half-open connections are closed", () 
     expect(received.length).toBeGreaterThan(0);
   });
 
+  it("an HTTP/2 connection that sends only PINGs, after the idle timeout: pings are not calls", async () => {
+    const c = connect(server.port);
+    c.on("error", () => undefined);
+    const closed = new Promise<void>((r) => c.once("close", () => r()));
+    let pongs = 0;
+    const pinger = setInterval(() => {
+      if (!c.closed && !c.destroyed) c.ping((err) => (err ? undefined : pongs++));
+    }, 100);
+    try {
+      expect(await responseWithin(closed.then(() => true), 10_000), "the pinging connection stayed open").toBe(true);
+      expect(pongs, "the server answered no ping before closing").toBeGreaterThan(0);
+    } finally {
+      clearInterval(pinger);
+      c.destroy();
+    }
+  });
+
   it("an idle HTTP/1.1 keep-alive connection after a response", async () => {
     const received = await closedByServer(Buffer.from("GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"));
     expect(received).toMatch(/^HTTP\/1.1 401/);
