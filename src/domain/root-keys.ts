@@ -120,7 +120,14 @@ export function createRootKeyAuthenticator(deps: {
   let lastHeader = "";
   let lastToken = "";
 
-  return async function authenticate(header: string | null): Promise<Principal> {
+  /** The principal of a header whose root key was checked valid and is still cached, without a promise; else undefined. */
+  function cached(header: string | null): Principal | undefined {
+    if (!header || header !== lastHeader) return undefined;
+    const known = valid.get(lastToken);
+    return known && known.until > now() ? known.principal : undefined;
+  }
+
+  async function authenticate(header: string | null): Promise<Principal> {
     if (!header) throw new UnauthenticatedError("missing authorization header: send `authorization: Bearer <root key>`");
     let token: string;
     if (header === lastHeader) token = lastToken;
@@ -156,7 +163,8 @@ export function createRootKeyAuthenticator(deps: {
     }
     if (!principal) throw new UnauthenticatedError("invalid root key");
     return principal;
-  };
+  }
+  return Object.assign(authenticate, { cached });
 }
 
 export type RootKeyAuthenticator = ReturnType<typeof createRootKeyAuthenticator>;

@@ -94,12 +94,22 @@ export function createObservabilityInterceptor(deps: { logger: Logger; metrics: 
   };
 }
 
-/** Authenticates the root key of every call to a Latchkey service. */
+/**
+ * Authenticates the root key of every call to a Latchkey service. A root key
+ * the authenticator holds as checked (the usual case) is taken without a promise.
+ */
 export function createAuthInterceptor(authenticate: RootKeyAuthenticator): Interceptor {
-  return (next) => async (req) => {
-    if (!PUBLIC_SERVICES.has(req.service.typeName)) {
-      req.contextValues.set(principalKey, await authenticate(req.header.get("authorization")));
+  return (next) => (req) => {
+    if (PUBLIC_SERVICES.has(req.service.typeName)) return next(req);
+    const header = req.header.get("authorization");
+    const principal = authenticate.cached(header);
+    if (principal !== undefined) {
+      req.contextValues.set(principalKey, principal);
+      return next(req);
     }
-    return next(req);
+    return authenticate(header).then((p) => {
+      req.contextValues.set(principalKey, p);
+      return next(req);
+    });
   };
 }

@@ -58,7 +58,10 @@ export interface ServerOptions {
    * call's protocol. Without it every call is admitted (the interceptors still
    * run).
    */
-  authenticate?: (authorization: string | null) => Promise<unknown>;
+  authenticate?: ((authorization: string | null) => Promise<unknown>) & {
+    /** What a root key checked before and still cached comes to, without a promise; undefined when it must be checked. */
+    cached?: (authorization: string | null) => unknown;
+  };
   /** Services that need no root key (default: health and reflection). */
   publicServices?: ReadonlySet<string>;
   limits?: Partial<TransportLimits>;
@@ -301,8 +304,9 @@ export function createServer(opts: ServerOptions): LatchkeyServer {
       return refuseStream(stream, headers, new ConnectError("internal error", Code.Internal));
     }
     if (isPublic || !authenticate) return admit(stream, headers, rawHeaders, call, isPublic);
-    const auth = headers.authorization;
-    authenticate(typeof auth === "string" ? auth : null).then(
+    const auth = typeof headers.authorization === "string" ? headers.authorization : null;
+    if (authenticate.cached?.(auth) !== undefined) return admit(stream, headers, rawHeaders, call, false);
+    authenticate(auth).then(
       () => admit(stream, headers, rawHeaders, call, false),
       (err) => {
         const e = rejected(err, headers[":path"]);

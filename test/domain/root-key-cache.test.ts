@@ -136,6 +136,32 @@ describe("root-key authentication under a flood of made-up keys", () => {
     expect(lookups).toHaveLength(2);
   });
 
+  it("answers without a promise (cached) only a header checked valid and still within its cache time", async () => {
+    const auth = authenticator({ validEntries: 10, invalidEntries: 50, unknownLookupsPerSecond: 5 });
+    const key = await realKey();
+    const other = await realKey();
+    expect(auth.cached(bearer(key))).toBeUndefined(); // never checked
+    expect(auth.cached(null)).toBeUndefined();
+    const principal = await auth(bearer(key));
+    expect(auth.cached(bearer(key))).toBe(principal);
+    expect(auth.cached(bearer(other))).toBeUndefined();
+    await auth(bearer(other));
+    expect(auth.cached(bearer(key))).toBeUndefined(); // the last header only: the full check answers the rest
+    expect(auth.cached(bearer(other))?.rootKeyId).not.toBe(principal.rootKeyId);
+    // A made-up key after a valid one: not answered from the valid key's entry.
+    expect(await refusal(auth(bearer(madeUp())))).toBe(UnauthenticatedError.name);
+    expect(auth.cached(bearer(other))).toBeUndefined();
+    // Revoked: once the entry is due, the cached answer stops and the full check refuses.
+    await auth(bearer(key));
+    const rec = (await ts.store.listRootKeys()).find((r) => r.id === principal.rootKeyId)!;
+    await ts.store.deleteRootKey(rec.id);
+    expect(auth.cached(bearer(key))).toBe(principal);
+    clock += CACHE_MS + 1;
+    expect(auth.cached(bearer(key))).toBeUndefined();
+    expect(await refusal(auth(bearer(key)))).toBe(UnauthenticatedError.name);
+    expect(auth.cached(bearer(key))).toBeUndefined();
+  });
+
   it("refuses malformed keys and bad checksums without a lookup or a budget token", async () => {
     const auth = authenticator({ validEntries: 10, invalidEntries: 50, unknownLookupsPerSecond: 1 });
     const key = madeUp();
