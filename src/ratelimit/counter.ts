@@ -20,53 +20,66 @@ function backendError(kind: RateLimitCounter["kind"], err: unknown): never {
 
 /**
  * In-process counting with rate-limiter-flexible's memory limiter as the store
- * of window counts. Its `consume` adds first and refuses after, so a take here
- * reads the count and adds only when it fits; calls on one counter key are
- * queued so that no other call runs between the read and the add.
+ * of window counts. Its `consume` counts a refused call too, so calls on one
+ * counter key are queued and a take adds its cost, then — only if the total no
+ * longer fits — takes it back before the next call on that key runs: no call
+ * ever sees a count a refused call left behind.
  */
 export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimitCounter {
   const now = opts.now ?? Date.now;
   const limiter = new RateLimiterMemory({ points: Number.MAX_SAFE_INTEGER, duration: 60, keyPrefix: "lk" });
-  // Per counter key being worked on, the calls waiting for it, in order: a call
-  // on a free key runs at once (no promise of its own), a call on a busy one
-  // waits its turn, and each hands the key to the next when it is done.
-  const waiting = new Map<string, (() => void)[]>();
-  /** Runs `fn` after every earlier call on `key`. */
-  async function serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
-    const queue = waiting.get(key);
-    if (queue) await new Promise<void>((turn) => queue.push(turn));
-    else waiting.set(key, []);
-    try {
-      return await fn();
-    } finally {
-      const next = waiting.get(key)!.shift();
-      if (next) next();
-      else waiting.delete(key);
-    }
+  // Counter keys being worked on, with the calls waiting for each, in order (null:
+  // none waiting, so an uncontended call allocates no list and no promise of its
+  // own); each call hands the key to the next when it is done.
+  const busy = new Map<string, (() => void)[] | null>();
+  /** Resolves once the calls on `key` before this one are done; `release` must follow. */
+  function turn(key: string): Promise<void> {
+    let queue = busy.get(key);
+    if (!queue) busy.set(key, (queue = []));
+    const q = queue;
+    return new Promise<void>((go) => q.push(go));
+  }
+  function release(key: string): void {
+    const next = busy.get(key)?.shift();
+    if (next) next();
+    else busy.delete(key);
   }
   // A record past its end (its clean-up timer not yet run) counts as an empty window.
   const totalOf = (res: RateLimiterRes | null) => (res && res.msBeforeNext > 0 ? res.consumedPoints : 0);
   return {
     kind: "memory",
-    take(key, cost, limit, durationMs) {
+    async take(key, cost, limit, durationMs) {
       const t = now();
       const window = windowOf(t, durationMs);
       const k = `${key}:${window}`;
-      return serial(k, async () => {
-        const total = totalOf(await limiter.get(k));
+      if (busy.has(k)) await turn(k);
+      else busy.set(k, null);
+      try {
         const resetAt = (window + 1) * durationMs;
-        if (!fits(total, cost, limit) || cost === 0) return { ok: fits(total, cost, limit), total, window, resetAt };
+        if (cost === 0) {
+          const total = totalOf(await limiter.get(k));
+          return { ok: fits(total, cost, limit), total, window, resetAt };
+        }
         const res = await limiter.penalty(k, cost, { customDuration: keepSeconds(window, durationMs, t) });
-        return { ok: true, total: res.consumedPoints, window, resetAt };
-      });
+        if (res.consumedPoints <= limit) return { ok: true, total: res.consumedPoints, window, resetAt };
+        // Refused: the cost goes back before any other call on this key runs.
+        await limiter.reward(k, cost, { customDuration: keepSeconds(window, durationMs, t) });
+        return { ok: false, total: res.consumedPoints - cost, window, resetAt };
+      } finally {
+        release(k);
+      }
     },
-    refund(key, cost, _durationMs, window) {
-      if (cost <= 0) return Promise.resolve();
+    async refund(key, cost, _durationMs, window) {
+      if (cost <= 0) return;
       const k = `${key}:${window}`;
-      return serial(k, async () => {
+      if (busy.has(k)) await turn(k);
+      else busy.set(k, null);
+      try {
         const total = totalOf(await limiter.get(k));
         if (total > 0) await limiter.reward(k, Math.min(cost, total));
-      });
+      } finally {
+        release(k);
+      }
     },
   };
 }
