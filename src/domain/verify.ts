@@ -90,6 +90,10 @@ interface Held {
 /** What spending from no balance comes to (never changed by its readers). */
 const UNLIMITED: SpendResult = Object.freeze({ ok: true, remaining: null }) as SpendResult;
 const NO_LIMITS: Ratelimit[] = [];
+/** A verification's rate-limit results when it applied none (shared; never changed by its readers). */
+const NO_RESULTS: AppliedRatelimit[] = Object.freeze([]) as unknown as AppliedRatelimit[];
+/** What taking no limits comes to (shared, like NO_RESULTS). */
+const NO_LIMITS_TAKEN: { ok: boolean; results: AppliedRatelimit[]; held: Held[] } = Object.freeze({ ok: true, results: NO_RESULTS, held: Object.freeze([]) as unknown as Held[] });
 
 function checkInput(input: VerifyInput): void {
   if (input.key === "") throw new InvalidArgumentError("key", "is required");
@@ -152,14 +156,20 @@ export function createVerifier(deps: {
   const margin = deps.commitMarginMs ?? 1;
   const parseQuery = createPermissionQueryCache();
 
+  /** The answer; the balance left is the cached one unless the spend said otherwise. Built field by field (no spread: it runs per call). */
   function answer(
     code: VerificationCode,
     key: KeyRecord | null,
     identity: IdentityRecord | null,
-    extra: Partial<Verification> = {},
+    ratelimits: AppliedRatelimit[] = NO_RESULTS,
+    creditsRemaining?: number | null,
+    spent = 0,
   ): Verification {
-    const credits = key?.credits ?? identity?.credits ?? null;
-    return { code, key, identity, creditsRemaining: credits ? credits.remaining : null, ratelimits: [], spent: 0, ...extra };
+    if (creditsRemaining === undefined) {
+      const credits = key?.credits ?? identity?.credits ?? null;
+      creditsRemaining = credits ? credits.remaining : null;
+    }
+    return { code, key, identity, creditsRemaining, ratelimits, spent };
   }
 
   /**
@@ -301,8 +311,8 @@ export function createVerifier(deps: {
     if (query && !evaluatePermissionQuery(query, key.permissions)) return answer("INSUFFICIENT_PERMISSIONS", key, identity);
 
     signal?.throwIfAborted();
-    const limits = applied.length > 0 ? await takeLimits(applied) : { ok: true, results: [], held: [] };
-    if (!limits.ok) return answer("RATE_LIMITED", key, identity, { ratelimits: limits.results });
+    const limits = applied.length > 0 ? await takeLimits(applied) : NO_LIMITS_TAKEN;
+    if (!limits.ok) return answer("RATE_LIMITED", key, identity, limits.results);
 
     const cost = input.cost ?? 1;
     const owner = creditsOwner(key, identity);
@@ -333,13 +343,9 @@ export function createVerifier(deps: {
     if (!credits.ok) {
       await giveBack(limits.held);
       const results = limits.results.map((r, i) => ({ ...r, remaining: Math.min(r.limit, r.remaining + applied[i].cost) }));
-      return answer("USAGE_EXCEEDED", key, identity, { ratelimits: results, creditsRemaining: credits.remaining });
+      return answer("USAGE_EXCEEDED", key, identity, results, credits.remaining);
     }
-    return answer("VALID", key, identity, {
-      ratelimits: limits.results,
-      creditsRemaining: credits.remaining,
-      spent: credits.remaining === null ? 0 : cost,
-    });
+    return answer("VALID", key, identity, limits.results, credits.remaining, credits.remaining === null ? 0 : cost);
   }
 
   /**

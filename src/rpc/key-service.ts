@@ -1,7 +1,7 @@
 import type { HandlerContext, ServiceImpl } from "@connectrpc/connect";
 import { CreditsOperation, KeyService } from "../../gen/latchkey/v1/key_service_pb.js";
 import { VerificationCode } from "../../gen/latchkey/v1/usage_pb.js";
-import type { Verification, Verifier } from "../domain/verify.js";
+import type { Verification, Verifier, VerifyInput } from "../domain/verify.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { VerifyKeyResponseSchema } from "../../gen/latchkey/v1/key_service_pb.js";
 import { InvalidArgumentError } from "../domain/errors.js";
@@ -10,6 +10,7 @@ import type { CreditsOp, KeyPatch } from "../domain/types.js";
 import type { UsageReader } from "../domain/usage-reader.js";
 import { MAX_KEY_LENGTH } from "../domain/key-format.js";
 import { callSignalKey, principalOf } from "./context.js";
+import { grpcTimeoutUnitMs } from "./grpc-timeout.js";
 import { usageReportToProto, usageRequestOf } from "./usage-convert.js";
 import { withWellFormedRequests } from "./well-formed.js";
 import { creditsToProto, durationToMs, keyToProto, maskPaths, ms, toCredits, toMeta, toMs, toNumber, toRatelimits } from "./convert.js";
@@ -35,6 +36,8 @@ const CODES: Record<Verification["code"], VerificationCode> = {
   RATE_LIMITED: VerificationCode.RATE_LIMITED,
   USAGE_EXCEEDED: VerificationCode.USAGE_EXCEEDED,
 };
+
+const NO_RATELIMITS: VerifyInput["ratelimits"] = Object.freeze([]) as unknown as VerifyInput["ratelimits"];
 
 /** A Timestamp as a plain init object: `timestampFromMs` builds a message through `create`, per rate limit and call. */
 const timestampInit = (ms: number) => {
@@ -68,8 +71,6 @@ export function verificationToProto(v: Verification): MessageInitShape<typeof Ve
   };
 }
 
-const GRPC_TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
-
 /**
  * What is surely left of the call's deadline, for the verification's commit
  * point: a gRPC client rounds its timeout UP to the header's unit (grpcio sends
@@ -78,9 +79,9 @@ const GRPC_TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, 
  */
 function commitTimeoutMs(ctx: HandlerContext): number | undefined {
   const timeoutMs = ctx.timeoutMs();
-  const m = /^(\d{1,8})([HMSmun])$/.exec(ctx.requestHeader.get("grpc-timeout") ?? "");
-  if (timeoutMs === undefined || !m) return timeoutMs;
-  return Math.max(0, timeoutMs - GRPC_TIMEOUT_UNIT_MS[m[2]]);
+  if (timeoutMs === undefined) return undefined;
+  const unit = grpcTimeoutUnitMs(ctx.requestHeader.get("grpc-timeout") ?? "");
+  return unit === undefined ? timeoutMs : Math.max(0, timeoutMs - unit);
 }
 
 /** KeyService: translates protobuf to domain calls and back. */
@@ -195,7 +196,7 @@ export function createKeyService(deps: {
         key: req.key,
         apiId: req.apiId,
         permissions: req.permissions,
-        ratelimits: req.ratelimits.map((r, i) => ({
+        ratelimits: req.ratelimits.length === 0 ? NO_RATELIMITS : req.ratelimits.map((r, i) => ({
           name: r.name,
           cost: r.cost === undefined ? null : toNumber(`ratelimits[${i}].cost`, r.cost),
         })),

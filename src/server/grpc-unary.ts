@@ -15,6 +15,7 @@ import http2 from "node:http2";
 import { performance } from "node:perf_hooks";
 import type { LazyCallSignal } from "../domain/verify.js";
 import { callSignalKey } from "../rpc/context.js";
+import { parseGrpcTimeout } from "../rpc/grpc-timeout.js";
 import { clientStillSending, grpcStatusHeaders, stopUpload, tooLarge } from "./admission.js";
 
 /*
@@ -85,13 +86,9 @@ const PRE_ADMISSION_BYTES = 16 * 1024;
  */
 const CALL_OVER = new DOMException("This operation was aborted", "AbortError");
 
-const TIMEOUT_UNIT_MS: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
-
 /** grpc-timeout: at most 8 digits and a unit; null when invalid. */
 function parseTimeout(v: string | undefined): number | undefined | null {
-  if (v === undefined) return undefined;
-  const m = /^(\d{1,8})([HMSmun])$/.exec(v);
-  return m ? Number(m[1]) * TIMEOUT_UNIT_MS[m[2]] : null;
+  return v === undefined ? undefined : parseGrpcTimeout(v);
 }
 
 function hasEntries(h: Headers): boolean {
