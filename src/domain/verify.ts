@@ -71,7 +71,6 @@ export interface LazyCallSignal {
   toAbortSignal(): AbortSignal;
 }
 
-const abortSignalOf = (s: CallSignal | undefined): AbortSignal | undefined => (s === undefined || s instanceof AbortSignal ? s : s.toAbortSignal());
 
 /** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
 interface Call {
@@ -272,11 +271,11 @@ export function createVerifier(deps: {
       // The store cannot be reached and the balance is the cached one: admitted on trust, within the allowance.
       const admitted = trust.admit(owner.target, owner.credits, cost, t, "keyId" in owner.target ? { keyHash: key.hash } : { identityId: identity?.id });
       if (admitted !== null) return admitted;
-      const spent = await store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
+      const spent = await store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
       if (spent.remaining !== null) trust.observe(owner.target, spent.remaining, spent.refilledAt ?? null);
       return spent;
     }
-    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), abortSignalOf(signal));
+    return store.spendCredits(owner.target, cost, refillDueAt(owner.credits, t), signal);
   }
 
   async function run(principal: Principal, input: VerifyInput, t: number, call: Call): Promise<Verification> {

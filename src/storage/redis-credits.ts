@@ -15,7 +15,7 @@ import type {
 import type { Logger } from "../observability/logger.js";
 import type { UsageQuery, UsageRow } from "../domain/usage.js";
 import type { MongoStore } from "./mongodb/mongo-store.js";
-import type { Change, KeyFilter, PageQuery, SpendResult, Store, StoreCapabilities } from "./store.js";
+import type { Change, CommitSignal, KeyFilter, PageQuery, SpendResult, Store, StoreCapabilities } from "./store.js";
 
 /** How long close() keeps trying to write this instance's balances back. */
 const CLOSE_FLUSH_MS = 10_000;
@@ -298,7 +298,7 @@ export class RedisCreditsStore implements Store {
     return true;
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     const first = memberOf(target);
     for (let tries = 0; tries < 10; tries++) {
       signal?.throwIfAborted(); // the commit point: the script is the write

@@ -8,7 +8,8 @@ import type { StoreProbe } from "../domain/ports/store-probe.js";
 import type { UsageStore } from "../domain/ports/usage-store.js";
 
 export type { Change, ChangeFeed, ChangeTargets } from "../domain/ports/change-feed.js";
-export type { CreditLedger, SpendResult } from "../domain/ports/credit-ledger.js";
+export type { CommitSignal, CreditLedger, SpendResult } from "../domain/ports/credit-ledger.js";
+export { abortSignalOf } from "../domain/ports/credit-ledger.js";
 export type { IdentityRepository, PageQuery } from "../domain/ports/identities.js";
 export type { KeyFilter, KeyRepository } from "../domain/ports/keys.js";
 export type { RootKeyRepository } from "../domain/ports/root-keys.js";

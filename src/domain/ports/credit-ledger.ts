@@ -8,6 +8,25 @@ import type { Credits, CreditsOp, CreditsTarget } from "../types.js";
 export type SpendResult = { ok: boolean; remaining: number; refilledAt?: number | null } | { ok: true; remaining: null };
 
 /**
+ * What a credit spend is told about its verification's call: whether it has
+ * ended (AbortSignal satisfies this; so does the lean gRPC path's call state,
+ * which makes an AbortSignal only when `toAbortSignal` is asked — an
+ * AbortController per spend is measurable on the hot path).
+ */
+export interface CommitSignal {
+  readonly aborted: boolean;
+  readonly reason: unknown;
+  throwIfAborted(): void;
+  toAbortSignal?(): AbortSignal;
+}
+
+/** An AbortSignal for `signal`, made only if it is not one already. */
+export function abortSignalOf(signal: CommitSignal | undefined): AbortSignal | undefined {
+  if (signal === undefined || signal instanceof AbortSignal) return signal;
+  return signal.toAbortSignal?.();
+}
+
+/**
  * Where credit balances are kept. The rule (a due refill first, then the spend
  * or operation) is the domain's (src/domain/credits.ts); a ledger applies it to
  * the stored balance atomically, inside its transaction, lock or conditional
@@ -34,9 +53,11 @@ export interface CreditLedger {
    * `signal` is the verification's: once it has aborted, the store writes
    * nothing and rejects with its reason. The store checks it at the last
    * moment before the write (after waiting for a lock, for instance): that
-   * write is the verification's commit point.
+   * write is the verification's commit point. It is an AbortSignal or the
+   * lean gRPC path's cheaper call state (CommitSignal); a store that must be
+   * told when it aborts asks `toAbortSignal()` for one.
    */
-  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult>;
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult>;
 
   /**
    * Gives back `cost` credits a spend took (a verification whose call ended

@@ -18,7 +18,7 @@ import { BUCKET_MS, type Counts, type UsageQuery, type UsageRow } from "../../do
 import { asStoreError } from "./sqlite-errors.js";
 import { UsageWriter } from "./usage-writer.js";
 import { COUNTER_COLUMNS, usageRollup, WATERMARK, WATERMARK_INIT, type UsageRollup } from "./usage-rollup.js";
-import type { Change, ChangeTargets, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
+import type { Change, ChangeTargets, KeyFilter, PageQuery, CommitSignal, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS identities (
@@ -171,7 +171,7 @@ export class SqliteStore implements Store {
    * for up to BUSY_WAIT_MS; then UNAVAILABLE. With `signal`, a transaction not yet
    * begun when it aborts is not run: the call rejects with its reason.
    */
-  private async tx<T>(fn: () => T, signal?: AbortSignal): Promise<T> {
+  private async tx<T>(fn: () => T, signal?: CommitSignal): Promise<T> {
     const deadline = Date.now() + BUSY_WAIT_MS;
     for (let pause = 1; ; pause = Math.min(pause * 2, 16)) {
       signal?.throwIfAborted();
@@ -389,7 +389,7 @@ export class SqliteStore implements Store {
     });
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     return this.tx(() => {
       const { rec, isKey, gone } = this.creditsRecord(target);
       if (gone) return { ok: false, remaining: 0 };

@@ -2,7 +2,7 @@ import type { Collection } from "mongodb";
 import { FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type { Credits, CreditsOp, CreditsTarget } from "../../domain/types.js";
 import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
-import type { RefillDue, SpendResult } from "../store.js";
+import { abortSignalOf, type CommitSignal, type RefillDue, type SpendResult } from "../store.js";
 import { FENCE, fenceFilter } from "./lease-lock.js";
 import { identityTargets, keyTargets, type CreditsDoc } from "./documents.js";
 import type { MongoKeyRefs } from "./key-refs.js";
@@ -140,9 +140,10 @@ export class MongoCredits {
     });
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     return this.ctx.run(() =>
-      this.ctx.creditWrites === "conditional" ? this.spendConditionally(target, cost, refill, signal) : this.spendLocked(target, { cost, refill, signal }),
+      // A spend that queues for the lock is told when its call ends: that needs an AbortSignal.
+      this.ctx.creditWrites === "conditional" ? this.spendConditionally(target, cost, refill, signal) : this.spendLocked(target, { cost, refill, signal: abortSignalOf(signal) }),
     );
   }
 
@@ -329,7 +330,7 @@ export class MongoCredits {
    * document's update with its filter atomically; the refill is a compare-and-set
    * on the refill time. Also run on FerretDB in CI, with one writer.
    */
-  private async spendConditionally(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+  private async spendConditionally(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     let current = target;
     let due = refill;
     for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {

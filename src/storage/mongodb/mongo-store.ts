@@ -9,7 +9,7 @@ import type {
   RootKeyRecord,
 } from "../../domain/types.js";
 import type { UsageQuery, UsageRow } from "../../domain/usage.js";
-import type { Change, KeyFilter, PageQuery, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
+import type { Change, KeyFilter, PageQuery, CommitSignal, RefillDue, SpendResult, Store, StoreCapabilities } from "../store.js";
 import { MongoContext } from "./context.js";
 import { MongoChangeFeed } from "./change-feed.js";
 import { MongoKeys } from "./keys.js";
@@ -156,7 +156,7 @@ export class MongoStore extends MongoContext implements Store {
   updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
     return this.creditPart.updateCredits(target, op, now, refill);
   }
-  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: AbortSignal): Promise<SpendResult> {
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     return this.creditPart.spendCredits(target, cost, refill, signal);
   }
   returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
