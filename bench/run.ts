@@ -17,8 +17,9 @@ import type { Store } from "../src/storage/store.js";
  * the same do-nothing call through Latchkey's own transport (baseline-lean.ts)
  * and on the real server; VerifyKey over Connect JSON on HTTP/1.1
  * (http1-load.ts); the issue-11 targets as ratios of this run (CPU and calls/s:
- * the median of three paired rounds, grpc-js's peak then VerifyKey's, both
- * servers up, so that the machine's drift weighs on both sides).
+ * the median of five paired rounds, grpc-js's peak and VerifyKey's one right
+ * after the other in alternating order, both servers up, so that the machine's
+ * drift weighs on both sides).
  * Settings come from the environment (defaults in brackets):
  *   BENCH_DURATION [10s], BENCH_CONCURRENCY [50], BENCH_CONNECTIONS [1],
  *   BENCH_IDENTITIES [1000], BENCH_KEYS [10000], MONGODB_URI and REDIS_URL for
@@ -58,7 +59,9 @@ const MONGO_KEYS = Math.min(KEYS, Number(process.env.BENCH_MONGO_KEYS ?? KEYS));
 const COLD_KEYS = Number(process.env.BENCH_COLD_KEYS ?? 100_000);
 const progress = (msg: string) => process.stderr.write(`bench: ${msg}\n`);
 /** Paired grpc-js / VerifyKey peak rounds the issue-11 CPU and calls/s ratios are the median of. */
-const PAIRED_ROUNDS = 3;
+const PAIRED_ROUNDS = 5;
+/** Paired rounds (no credits, shared credits) of the hot-identity run; its ratio is their median. */
+const HOT_ROUNDS = 3;
 const PROFILE_DIR = process.env.BENCH_PROFILE ? resolve(process.env.BENCH_PROFILE) : null;
 /** Measured runs, on the monotonic clock every process shares (µs, as in a .cpuprofile): what bench/profile-stages.ts reads. */
 const windows: { profile: string; run: string; fromUs: number; toUs: number; calls: number; cpuUs: number }[] = [];
@@ -479,18 +482,23 @@ interface Pair {
   errors: number;
   p50: number;
   p99: number;
+  /** CPU of both instances per call answered (µs). */
+  cpuUs: number;
 }
 
 /** The mean of runs (calls/s, latencies), and their total calls and errors. */
 function meanOf(runs: Pair[]): Pair {
   const mean = (f: (p: Pair) => number) => runs.reduce((n, r) => n + f(r), 0) / runs.length;
-  return { rps: mean((r) => r.rps), p50: mean((r) => r.p50), p99: mean((r) => r.p99), ok: runs.reduce((n, r) => n + r.ok, 0), errors: runs.reduce((n, r) => n + r.errors, 0) };
+  return { rps: mean((r) => r.rps), p50: mean((r) => r.p50), p99: mean((r) => r.p99), cpuUs: mean((r) => r.cpuUs), ok: runs.reduce((n, r) => n + r.ok, 0), errors: runs.reduce((n, r) => n + r.errors, 0) };
 }
 
 interface HotIdentity {
   plain: Pair;
   credits: Pair;
   storeCredits: Pair;
+  /** Shared credits (redis backend) ÷ no credits, calls/s: the median of the paired rounds' ratios, and each of them. */
+  ratio: number;
+  ratios: number[];
   rows: [string, Pair][];
   exactness: string;
 }
@@ -553,22 +561,34 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
   /** Both instances under load at once; the sum of what they served. */
   const both = async (servers: { port: number; proc: ChildProcess }[], file: string, label: string, duration = DURATION): Promise<Pair> => {
     progress(`hot identity: ${label}, 2 instances × ${half} concurrent for ${duration}`);
+    const cpuBefore = servers.reduce((t, srv) => t + cpuSeconds(srv.proc.pid!), 0);
     const [a, b] = await Promise.all(servers.map((srv) => ghzAsync(srv, call, proto, file, { metadata: md, duration, concurrency: half })));
-    return { rps: a.rps + b.rps, ok: a.ok + b.ok, errors: a.errors + b.errors, p50: Math.max(a.p50, b.p50), p99: Math.max(a.p99, b.p99) };
+    const cpu = servers.reduce((t, srv) => t + cpuSeconds(srv.proc.pid!), 0) - cpuBefore;
+    return { rps: a.rps + b.rps, ok: a.ok + b.ok, errors: a.errors + b.errors, p50: Math.max(a.p50, b.p50), p99: Math.max(a.p99, b.p99), cpuUs: (cpu * 1e6) / Math.max(1, a.ok + b.ok) };
   };
 
   // The redis credits backend (the default with Redis and MongoDB).
   let servers = [await start(LATCHKEY_ARGS, env), await start(LATCHKEY_ARGS, env)];
   await both(servers, files.plain, "warm-up", "2s");
   const creditsWarm = await both(servers, files.credits, "warm-up", "2s");
-  // Alternated, two rounds each: this machine's speed drifts between runs minutes apart.
+  // Paired rounds, in alternating order (which goes first changes each round):
+  // this machine's speed drifts by ±30 % within minutes; the ratio is the median
+  // of the rounds' ratios, as for issue 11's.
   const rounds: { plain: Pair[]; credits: Pair[] } = { plain: [], credits: [] };
-  for (let round = 0; round < 2; round++) {
-    rounds.plain.push(await both(servers, files.plain, `keys without credits (round ${round + 1})`));
-    rounds.credits.push(await both(servers, files.credits, `shared credits, redis credits backend (round ${round + 1})`));
+  for (let round = 0; round < HOT_ROUNDS; round++) {
+    const plainRun = () => both(servers, files.plain, `keys without credits (round ${round + 1})`);
+    const creditsRun = () => both(servers, files.credits, `shared credits, redis credits backend (round ${round + 1})`);
+    if (round % 2 === 0) {
+      rounds.plain.push(await plainRun());
+      rounds.credits.push(await creditsRun());
+    } else {
+      rounds.credits.push(await creditsRun());
+      rounds.plain.push(await plainRun());
+    }
   }
   const plain = meanOf(rounds.plain);
   const credits = meanOf(rounds.credits);
+  const ratios = rounds.credits.map((c, i) => c.rps / rounds.plain[i]!.rps);
   for (const srv of servers) await stop(srv.proc); // a graceful stop writes balances back
   // The store credits backend: every spend is a lease-locked read and write (FerretDB).
   servers = [await start(LATCHKEY_ARGS, { ...env, LATCHKEY_CREDITS_BACKEND: "store" }), await start(LATCHKEY_ARGS, { ...env, LATCHKEY_CREDITS_BACKEND: "store" })];
@@ -586,9 +606,11 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
     plain,
     credits,
     storeCredits,
+    ratio: [...ratios].sort((x, y) => x - y)[Math.floor(ratios.length / 2)]!,
+    ratios,
     rows: [
-      ["VerifyKey, hot identity, no credits, 2 instances (mean of 2 runs)", plain],
-      ["VerifyKey, hot identity, shared credits (redis backend), 2 instances (mean of 2 runs)", credits],
+      [`VerifyKey, hot identity, no credits, 2 instances (mean of ${HOT_ROUNDS} runs)`, plain],
+      [`VerifyKey, hot identity, shared credits (redis backend), 2 instances (mean of ${HOT_ROUNDS} runs)`, credits],
       ["VerifyKey, hot identity, shared credits (store backend), 2 instances", storeCredits],
     ],
     exactness:
@@ -767,8 +789,17 @@ async function main() {
       const rpsB: number[] = [];
       const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
       for (let i = 0; i < rounds; i++) {
-        const a = split(g.proc.pid!, () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData));
-        const b = split(srv.proc.pid!, () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
+        const grpcjsPeak = () => split(g.proc.pid!, () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData));
+        const verifyPeak = () => split(srv.proc.pid!, () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
+        // Alternating order, as the full run's paired rounds.
+        let a, b;
+        if (i % 2 === 0) {
+          a = grpcjsPeak();
+          b = verifyPeak();
+        } else {
+          b = verifyPeak();
+          a = grpcjsPeak();
+        }
         cpu.push(b.r.cpuUs / a.r.cpuUs);
         rps.push(b.r.rps / a.r.rps);
         const t = (x: typeof a) => `${Math.round(x.r.rps)} | ${Math.round(x.r.cpuUs)} (${x.main}/${x.worker}/${x.gc}/${x.other})`;
@@ -832,9 +863,9 @@ async function main() {
     try {
       if (!process.env.MONGODB_URI || !process.env.REDIS_URL) throw new Error("BENCH_ONLY=hot needs MONGODB_URI and REDIS_URL");
       const hot = await hotIdentity(work);
-      lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY} split over two instances`, "", "| run | calls/s | p50 ms | p99 ms | | errors | |", "|---|---|---|---|---|---|---|");
-      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  | ${r.errors} |  |`);
-      lines.push("", `shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis backend), ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (store backend). ${hot.exactness}`);
+      lines.push(`ghz ${DURATION}, concurrency ${CONCURRENCY} split over two instances`, "", "| run | calls/s | p50 ms | p99 ms | CPU of both instances µs/call | errors | |", "|---|---|---|---|---|---|---|");
+      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} | ${r.errors} |  |`);
+      lines.push("", `shared credits ÷ no credits = median of ${hot.ratios.map((x) => x.toFixed(2)).join(", ")} = ${hot.ratio.toFixed(2)} (redis backend), ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (store backend). ${hot.exactness}`);
       report(lines);
     } finally {
       rmSync(work, { recursive: true, force: true });
@@ -876,15 +907,22 @@ async function main() {
       const rounds: { grpcjs: Result; verify: Result }[] = [];
       if (more) {
         // The issue-11 ratios from paired rounds: the grpc-js do-nothing server and
-        // this one both up, their peaks measured one right after the other, three
-        // times, so that a change in the machine's speed between the two
-        // measurements (this machine drifts by ±30 % within minutes) weighs on both.
+        // this one both up, their peaks measured one right after the other,
+        // PAIRED_ROUNDS times, so that a change in the machine's speed between the
+        // two measurements (this machine drifts by ±30 % within minutes) weighs on
+        // both; which one goes first alternates, so neither is always the later one.
         const g = await start(["dist/bench/baseline-grpcjs.js"]);
         ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData, { duration: "2s", warmup: true });
         for (let i = 0; i < PAIRED_ROUNDS; i++) {
-          const grpcjs = ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
-          const verify = ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
-          rounds.push({ grpcjs, verify });
+          const grpcjsPeak = () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
+          const verifyPeak = () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
+          if (i % 2 === 0) {
+            const grpcjs = grpcjsPeak();
+            rounds.push({ grpcjs, verify: verifyPeak() });
+          } else {
+            const verify = verifyPeak();
+            rounds.push({ grpcjs: grpcjsPeak(), verify });
+          }
         }
         await stop(g.proc);
         // The do-nothing call on the real server: transport plus the whole interceptor chain (metrics, request id, logging).
@@ -939,7 +977,7 @@ async function main() {
     }
     if (cold) lines.push(...coldRows(cold));
     if (hot) {
-      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} |  |  | ${r.errors} |  |`);
+      for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} |  | ${r.errors} |  |`);
     }
     const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
     const paired = embedded.rounds;
@@ -951,7 +989,7 @@ async function main() {
     const met = (ok: boolean) => (ok ? "met" : "NOT met");
     lines.push(
       "",
-      `Paired rounds (issue 11): the grpc-js do-nothing peak, then VerifyKey's peak on the embedded store, ${PAIRED_ROUNDS} times, both servers up:`,
+      `Paired rounds (issue 11): the grpc-js do-nothing peak and VerifyKey's peak on the embedded store one right after the other (grpc-js first in odd rounds, VerifyKey first in even ones), ${PAIRED_ROUNDS} times, both servers up:`,
       "",
       "| round | grpc-js calls/s | grpc-js µs/call | VerifyKey calls/s | VerifyKey µs/call | CPU ratio | calls/s ratio |",
       "|---|---|---|---|---|---|---|",
@@ -973,7 +1011,7 @@ async function main() {
       `MongoDB run: ${mongoNote}${mongo ? `; MongoDB${process.env.REDIS_URL ? " + Redis" : ""} ÷ embedded = ${(mongo.peak.rps / embedded.peak.rps).toFixed(2)} (target ≥ 0.8)` : ""}`,
       `Cache memory: ${memory.bytesPerKey ?? "?"} bytes of heap per cached key (${memory.keys} keys, ${memory.identities} identities)`,
       hot
-        ? `Hot identity, two instances (FerretDB + Redis): shared credits ÷ no credits = ${(hot.credits.rps / hot.plain.rps).toFixed(2)} (redis credits backend); ` +
+        ? `Hot identity, two instances (FerretDB + Redis): shared credits ÷ no credits = median of the paired rounds ${hot.ratios.map((x) => x.toFixed(2)).join(", ")} = ${hot.ratio.toFixed(2)} (redis credits backend; CPU of both instances ${Math.round(hot.credits.cpuUs)} against ${Math.round(hot.plain.cpuUs)} µs per call); ` +
             `store credits backend ÷ no credits = ${(hot.storeCredits.rps / hot.plain.rps).toFixed(2)} (target for the default, redis: ≥ 0.8). ${hot.exactness}`
         : `Hot identity: ${hotNote}`,
     );
