@@ -578,13 +578,9 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
   for (let round = 0; round < HOT_ROUNDS; round++) {
     const plainRun = () => both(servers, files.plain, `keys without credits (round ${round + 1})`);
     const creditsRun = () => both(servers, files.credits, `shared credits, redis credits backend (round ${round + 1})`);
-    if (round % 2 === 0) {
-      rounds.plain.push(await plainRun());
-      rounds.credits.push(await creditsRun());
-    } else {
-      rounds.credits.push(await creditsRun());
-      rounds.plain.push(await plainRun());
-    }
+    const [p, c] = await inTurnAsync(round, plainRun, creditsRun);
+    rounds.plain.push(p);
+    rounds.credits.push(c);
   }
   const plain = meanOf(rounds.plain);
   const credits = meanOf(rounds.credits);
@@ -645,6 +641,30 @@ function combined(runs: Result[]): Result {
     ok,
     errors: runs.reduce((n, r) => n + r.errors, 0),
   };
+}
+
+/**
+ * One paired round: both measurements one right after the other, `a` first in
+ * even rounds (0, 2, …) and `b` first in odd ones, so that neither side is always
+ * the later one while the machine's speed drifts.
+ */
+function inTurn<A, B>(round: number, a: () => A, b: () => B): [A, B] {
+  if (round % 2 === 0) {
+    const first = a();
+    return [first, b()];
+  }
+  const first = b();
+  return [a(), first];
+}
+
+/** inTurn for measurements that are awaited. */
+async function inTurnAsync<A, B>(round: number, a: () => Promise<A>, b: () => Promise<B>): Promise<[A, B]> {
+  if (round % 2 === 0) {
+    const first = await a();
+    return [first, await b()];
+  }
+  const first = await b();
+  return [await a(), first];
 }
 
 /** Paired MongoDB / embedded windows of the MongoDB run. */
@@ -740,13 +760,8 @@ async function mongoRun(
   for (let i = 0; i < MONGO_ROUNDS; i++) {
     const mongoWindow = () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, storePids: pids, duration: windowDuration });
     const embeddedWindow = () => ghz(embSrv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", emb.verifyData, { metadata: emb.md });
-    if (i % 2 === 0) {
-      const mongo = mongoWindow();
-      rounds.push({ mongo, embedded: embeddedWindow() });
-    } else {
-      const embedded = embeddedWindow();
-      rounds.push({ mongo: mongoWindow(), embedded });
-    }
+    const [mongo, embedded] = inTurn(i, mongoWindow, embeddedWindow);
+    rounds.push({ mongo, embedded });
   }
   await stop(embSrv.proc);
   const peak = combined(rounds.map((r) => r.mongo));
@@ -845,14 +860,7 @@ async function main() {
         const grpcjsPeak = () => split(g.proc.pid!, () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData));
         const verifyPeak = () => split(srv.proc.pid!, () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
         // Alternating order, as the full run's paired rounds.
-        let a, b;
-        if (i % 2 === 0) {
-          a = grpcjsPeak();
-          b = verifyPeak();
-        } else {
-          b = verifyPeak();
-          a = grpcjsPeak();
-        }
+        const [a, b] = inTurn(i, grpcjsPeak, verifyPeak);
         cpu.push(b.r.cpuUs / a.r.cpuUs);
         rps.push(b.r.rps / a.r.rps);
         const t = (x: typeof a) => `${Math.round(x.r.rps)} | ${Math.round(x.r.cpuUs)} (${x.main}/${x.worker}/${x.gc}/${x.other})`;
@@ -966,13 +974,8 @@ async function main() {
         for (let i = 0; i < PAIRED_ROUNDS; i++) {
           const grpcjsPeak = () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
           const verifyPeak = () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
-          if (i % 2 === 0) {
-            const grpcjs = grpcjsPeak();
-            rounds.push({ grpcjs, verify: verifyPeak() });
-          } else {
-            const verify = verifyPeak();
-            rounds.push({ grpcjs: grpcjsPeak(), verify });
-          }
+          const [grpcjs, verify] = inTurn(i, grpcjsPeak, verifyPeak);
+          rounds.push({ grpcjs, verify });
         }
         await stop(g.proc);
         // The do-nothing call on the real server: transport plus the whole interceptor chain (metrics, request id, logging).
