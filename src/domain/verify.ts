@@ -1,5 +1,5 @@
 import type { OutageCredits } from "./outage-credits.js";
-import type { CreditLedger, SpendResult } from "./ports/credit-ledger.js";
+import type { CommitSignal, CreditLedger, SpendResult } from "./ports/credit-ledger.js";
 import type { RateLimitCounter, Taken } from "./ports/rate-limit-counter.js";
 import type { VerificationCache } from "./ports/verification-cache.js";
 import type { Principal } from "./access.js";
@@ -64,13 +64,10 @@ interface Applied {
  */
 export type CallSignal = AbortSignal | LazyCallSignal;
 
-export interface LazyCallSignal {
-  readonly aborted: boolean;
-  readonly reason: unknown;
-  throwIfAborted(): void;
+/** The lean path's call state: what a credit spend is told (CommitSignal), with an AbortSignal made on request. */
+export interface LazyCallSignal extends CommitSignal {
   toAbortSignal(): AbortSignal;
 }
-
 
 /** The call a verification runs for: its signal, and its deadline on the monotonic clock. */
 interface Call {

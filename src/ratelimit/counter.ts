@@ -32,8 +32,15 @@ export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimi
   // none waiting, so an uncontended call allocates no list and no promise of its
   // own); each call hands the key to the next when it is done.
   const busy = new Map<string, (() => void)[] | null>();
-  /** Resolves once the calls on `key` before this one are done; `release` must follow. */
-  function turn(key: string): Promise<void> {
+  /**
+   * Takes `key`: at once (undefined) when no call holds it, else a promise that
+   * resolves at this call's turn. `release` must follow.
+   */
+  function acquire(key: string): Promise<void> | undefined {
+    if (!busy.has(key)) {
+      busy.set(key, null);
+      return undefined;
+    }
     let queue = busy.get(key);
     if (!queue) busy.set(key, (queue = []));
     const q = queue;
@@ -52,8 +59,8 @@ export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimi
       const t = now();
       const window = windowOf(t, durationMs);
       const k = `${key}:${window}`;
-      if (busy.has(k)) await turn(k);
-      else busy.set(k, null);
+      const wait = acquire(k);
+      if (wait) await wait;
       try {
         const resetAt = (window + 1) * durationMs;
         if (cost === 0) {
@@ -72,8 +79,8 @@ export function createMemoryCounter(opts: { now?: () => number } = {}): RateLimi
     async refund(key, cost, _durationMs, window) {
       if (cost <= 0) return;
       const k = `${key}:${window}`;
-      if (busy.has(k)) await turn(k);
-      else busy.set(k, null);
+      const wait = acquire(k);
+      if (wait) await wait;
       try {
         const total = totalOf(await limiter.get(k));
         if (total > 0) await limiter.reward(k, Math.min(cost, total));

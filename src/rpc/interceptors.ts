@@ -76,20 +76,22 @@ export function createObservabilityInterceptor(deps: { logger: Logger; metrics: 
     if (!m) byMethod.set(req.method, (m = { name: `${req.service.typeName}/${req.method.name}`, codes: new Map() }));
     const method = m.name;
     let code = "ok";
+    // Made for the first log line of the call, and the same for every line after it.
+    let requestId: string | undefined;
     try {
       return await next(req);
     } catch (err) {
       const { error, internal } = toConnectError(err);
       code = Code[error.code];
-      if (internal) deps.logger.error({ requestId: requestIdOf(req.header), method, err }, "internal error");
-      else if (error.code === Code.Unavailable) deps.logger.warn({ requestId: requestIdOf(req.header), method, reason: error.rawMessage }, "unavailable");
+      if (internal) deps.logger.error({ requestId: (requestId = requestIdOf(req.header)), method, err }, "internal error");
+      else if (error.code === Code.Unavailable) deps.logger.warn({ requestId: (requestId = requestIdOf(req.header)), method, reason: error.rawMessage }, "unavailable");
       throw error;
     } finally {
       const seconds = (performance.now() - started) / 1000;
       const series = seriesOf(m, code);
       series.requests.inc();
       series.duration.observe(seconds);
-      if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId: requestIdOf(req.header), method, code, ms: seconds * 1000 }, "rpc");
+      if (deps.logger.isLevelEnabled("debug")) deps.logger.debug({ requestId: requestId ?? requestIdOf(req.header), method, code, ms: seconds * 1000 }, "rpc");
     }
   };
 }

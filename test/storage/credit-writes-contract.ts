@@ -8,6 +8,7 @@ import { FailedPreconditionError } from "../../src/domain/errors.js";
 import { newId } from "../../src/domain/ids.js";
 import type { Credits, CreditsTarget, KeyRecord } from "../../src/domain/types.js";
 import type { Store } from "../../src/storage/store.js";
+import { callState } from "../support/call-state.js";
 import { identityRecord, keyRecord } from "../support/records.js";
 
 const DAY = 86_400_000;
@@ -42,6 +43,21 @@ export function creditWritesContract(open: () => Promise<{ store: Store; close: 
     expect(await store.spendCredits({ keyId: k.id }, 2, null)).toMatchObject({ ok: true, remaining: 0 });
     expect(await store.spendCredits({ keyId: k.id }, 1, null)).toMatchObject({ ok: false, remaining: 0 });
     expect(await left(k.id)).toEqual({ remaining: 0, refill: null });
+  });
+
+  it("writes nothing once the spend's call has ended, told by an AbortSignal or by the lean path's call state", async () => {
+    const k = await key({ remaining: 5, refill: null });
+    const ended = new Error("the call's deadline passed");
+    const controller = new AbortController();
+    controller.abort(ended);
+    await expect(store.spendCredits({ keyId: k.id }, 1, null, controller.signal)).rejects.toBe(ended);
+    const call = callState();
+    call.end(ended);
+    await expect(store.spendCredits({ keyId: k.id }, 1, null, call.signal)).rejects.toBe(ended);
+    expect(await left(k.id)).toEqual({ remaining: 5, refill: null });
+    // A call still open spends as usual.
+    const open = callState();
+    expect(await store.spendCredits({ keyId: k.id }, 1, null, open.signal)).toMatchObject({ ok: true, remaining: 4 });
   });
 
   it("spends nothing from an unlimited balance or a target that does not exist", async () => {

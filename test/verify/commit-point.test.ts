@@ -20,6 +20,7 @@ import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import type { Store } from "../../src/storage/store.js";
 import { dropMongoDatabase, runCli, startServer, uniqueName, type ServerProcess } from "../integration/support.js";
 import { openTestStore, randomDatabaseName, type StoreKind, type TestStore } from "../support/harness.js";
+import { callState } from "../support/call-state.js";
 import { keyRecord } from "../support/records.js";
 import { isMongoCommand, startTcpProxy, type TcpProxy } from "../support/tcp-proxy.js";
 import { gated, observed } from "./gates.js";
@@ -189,6 +190,25 @@ describeWith("MONGODB_URI", mongodbUri(), "the commit point while a spend waits 
       const call = new AbortController();
       const spend = store.spendCredits({ keyId: k.record.id }, 1, null, call.signal);
       call.abort(new Error("deadline passed"));
+      await expect(spend).rejects.toThrow("deadline passed");
+    } finally {
+      clearInterval(beating);
+      await locks.deleteOne({ _id: `key:${k.record.id}` });
+    }
+    expect(await store.spendCredits({ keyId: k.record.id }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
+  });
+
+  it("leaves the lock queue at once when the lean path's call state (not an AbortSignal) ends, and the spend is never written", async () => {
+    const k = keyRecord({ credits: { remaining: 5, refill: null } });
+    await store.createKey(k.record);
+    const locks = store.client.db(database).collection<{ _id: string; token: string; beat: number }>("locks");
+    await locks.insertOne({ _id: `key:${k.record.id}`, token: "other-process", beat: 0 });
+    const beating = setInterval(() => void locks.updateOne({ _id: `key:${k.record.id}` }, { $inc: { beat: 1 } }), 100);
+    try {
+      const call = callState();
+      const spend = store.spendCredits({ keyId: k.record.id }, 1, null, call.signal);
+      expect(call.madeSignals()).toBe(1); // the queued spend asked for an AbortSignal to hear the end by
+      call.end(new Error("deadline passed"));
       await expect(spend).rejects.toThrow("deadline passed");
     } finally {
       clearInterval(beating);
