@@ -179,7 +179,8 @@ describeWith("MONGODB_URI", mongodbUri(), "the commit point while a spend waits 
     await store.close();
   });
 
-  it("leaves the lock queue at once when its signal aborts, and the spend is never written", async () => {
+  /** A key with 5 credits whose balance lock another, live process holds while `fn` runs; then the lock is let go. */
+  async function whileLockHeldElsewhere(fn: (keyId: string) => Promise<void>): Promise<string> {
     const k = keyRecord({ credits: { remaining: 5, refill: null } });
     await store.createKey(k.record);
     // Another process holds the balance's lock, and shows it is alive.
@@ -187,34 +188,33 @@ describeWith("MONGODB_URI", mongodbUri(), "the commit point while a spend waits 
     await locks.insertOne({ _id: `key:${k.record.id}`, token: "other-process", beat: 0 });
     const beating = setInterval(() => void locks.updateOne({ _id: `key:${k.record.id}` }, { $inc: { beat: 1 } }), 100);
     try {
-      const call = new AbortController();
-      const spend = store.spendCredits({ keyId: k.record.id }, 1, null, call.signal);
-      call.abort(new Error("deadline passed"));
-      await expect(spend).rejects.toThrow("deadline passed");
+      await fn(k.record.id);
     } finally {
       clearInterval(beating);
       await locks.deleteOne({ _id: `key:${k.record.id}` });
     }
-    expect(await store.spendCredits({ keyId: k.record.id }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
+    return k.record.id;
+  }
+
+  it("leaves the lock queue at once when its signal aborts, and the spend is never written", async () => {
+    const keyId = await whileLockHeldElsewhere(async (id) => {
+      const call = new AbortController();
+      const spend = store.spendCredits({ keyId: id }, 1, null, call.signal);
+      call.abort(new Error("deadline passed"));
+      await expect(spend).rejects.toThrow("deadline passed");
+    });
+    expect(await store.spendCredits({ keyId }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
   });
 
   it("leaves the lock queue at once when the lean path's call state (not an AbortSignal) ends, and the spend is never written", async () => {
-    const k = keyRecord({ credits: { remaining: 5, refill: null } });
-    await store.createKey(k.record);
-    const locks = store.client.db(database).collection<{ _id: string; token: string; beat: number }>("locks");
-    await locks.insertOne({ _id: `key:${k.record.id}`, token: "other-process", beat: 0 });
-    const beating = setInterval(() => void locks.updateOne({ _id: `key:${k.record.id}` }, { $inc: { beat: 1 } }), 100);
-    try {
+    const keyId = await whileLockHeldElsewhere(async (id) => {
       const call = callState();
-      const spend = store.spendCredits({ keyId: k.record.id }, 1, null, call.signal);
+      const spend = store.spendCredits({ keyId: id }, 1, null, call.signal);
       expect(call.madeSignals()).toBe(1); // the queued spend asked for an AbortSignal to hear the end by
       call.end(new Error("deadline passed"));
       await expect(spend).rejects.toThrow("deadline passed");
-    } finally {
-      clearInterval(beating);
-      await locks.deleteOne({ _id: `key:${k.record.id}` });
-    }
-    expect(await store.spendCredits({ keyId: k.record.id }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
+    });
+    expect(await store.spendCredits({ keyId }, 1, null)).toMatchObject({ ok: true, remaining: 4 });
   });
 });
 
