@@ -578,7 +578,7 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
   for (let round = 0; round < HOT_ROUNDS; round++) {
     const plainRun = () => both(servers, files.plain, `keys without credits (round ${round + 1})`);
     const creditsRun = () => both(servers, files.credits, `shared credits, redis credits backend (round ${round + 1})`);
-    const [p, c] = await inTurnAsync(round, plainRun, creditsRun);
+    const [p, c] = await inTurn(round, plainRun, creditsRun);
     rounds.plain.push(p);
     rounds.credits.push(c);
   }
@@ -602,7 +602,7 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
     plain,
     credits,
     storeCredits,
-    ratio: [...ratios].sort((x, y) => x - y)[Math.floor(ratios.length / 2)]!,
+    ratio: median(ratios),
     ratios,
     rows: [
       [`VerifyKey, hot identity, no credits, 2 instances (mean of ${HOT_ROUNDS} runs)`, plain],
@@ -643,22 +643,17 @@ function combined(runs: Result[]): Result {
   };
 }
 
+/** The middle value (the upper of the two middle ones for an even count). */
+function median(xs: number[]): number {
+  return [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+}
+
 /**
  * One paired round: both measurements one right after the other, `a` first in
  * even rounds (0, 2, …) and `b` first in odd ones, so that neither side is always
  * the later one while the machine's speed drifts.
  */
-function inTurn<A, B>(round: number, a: () => A, b: () => B): [A, B] {
-  if (round % 2 === 0) {
-    const first = a();
-    return [first, b()];
-  }
-  const first = b();
-  return [a(), first];
-}
-
-/** inTurn for measurements that are awaited. */
-async function inTurnAsync<A, B>(round: number, a: () => Promise<A>, b: () => Promise<B>): Promise<[A, B]> {
+async function inTurn<A, B>(round: number, a: () => A | Promise<A>, b: () => B | Promise<B>): Promise<[A, B]> {
   if (round % 2 === 0) {
     const first = await a();
     return [first, await b()];
@@ -760,7 +755,7 @@ async function mongoRun(
   for (let i = 0; i < MONGO_ROUNDS; i++) {
     const mongoWindow = () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", mVerifyData, { metadata: mmd, storePids: pids, duration: windowDuration });
     const embeddedWindow = () => ghz(embSrv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", emb.verifyData, { metadata: emb.md });
-    const [mongo, embedded] = inTurn(i, mongoWindow, embeddedWindow);
+    const [mongo, embedded] = await inTurn(i, mongoWindow, embeddedWindow);
     rounds.push({ mongo, embedded });
   }
   await stop(embSrv.proc);
@@ -860,7 +855,7 @@ async function main() {
         const grpcjsPeak = () => split(g.proc.pid!, () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData));
         const verifyPeak = () => split(srv.proc.pid!, () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md }));
         // Alternating order, as the full run's paired rounds.
-        const [a, b] = inTurn(i, grpcjsPeak, verifyPeak);
+        const [a, b] = await inTurn(i, grpcjsPeak, verifyPeak);
         cpu.push(b.r.cpuUs / a.r.cpuUs);
         rps.push(b.r.rps / a.r.rps);
         const t = (x: typeof a) => `${Math.round(x.r.rps)} | ${Math.round(x.r.cpuUs)} (${x.main}/${x.worker}/${x.gc}/${x.other})`;
@@ -875,7 +870,6 @@ async function main() {
       await stop(g.proc);
       await stop(srv.proc);
       if (srvB) await stop(srvB.proc);
-      const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
       lines.push(
         `ghz ${DURATION}, concurrency ${CONCURRENCY}; CPU µs/call (main / worker threads / GC helpers / other)`,
         "",
@@ -974,7 +968,7 @@ async function main() {
         for (let i = 0; i < PAIRED_ROUNDS; i++) {
           const grpcjsPeak = () => ghz(g, "grpc.health.v1.Health.Check", "grpc/health/v1/health.proto", healthData);
           const verifyPeak = () => ghz(srv, "latchkey.v1.KeyService.VerifyKey", "latchkey/v1/key_service.proto", verifyData, { metadata: md });
-          const [grpcjs, verify] = inTurn(i, grpcjsPeak, verifyPeak);
+          const [grpcjs, verify] = await inTurn(i, grpcjsPeak, verifyPeak);
           rounds.push({ grpcjs, verify });
         }
         await stop(g.proc);
@@ -1032,7 +1026,6 @@ async function main() {
     if (hot) {
       for (const [name, r] of hot.rows) lines.push(`| ${name} | ${Math.round(r.rps)} | ${r.p50.toFixed(2)} | ${r.p99.toFixed(2)} | ${Math.round(r.cpuUs)} |  | ${r.errors} |  |`);
     }
-    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
     const paired = embedded.rounds;
     const cpuRatios = paired.map((r) => r.verify.cpuUs / r.grpcjs.cpuUs);
     const rpsRatios = paired.map((r) => r.verify.rps / r.grpcjs.rps);
