@@ -14,7 +14,7 @@ import { createRedisClient } from "./redis.js";
  * latchkey_ratelimit_pools_shared (0), without stopping the server.
  */
 export function createCounter(
-  config: Pick<Config, "ratelimitBackend" | "redisUrl" | "mongodbDatabase">,
+  config: Pick<Config, "ratelimitBackend" | "ratelimitLeaseMax" | "redisUrl" | "mongodbDatabase">,
   store: Store,
   logger?: Logger,
 ): { counter: RateLimitCounter; close: () => Promise<void>; shared: boolean } {
@@ -37,11 +37,13 @@ export function createCounter(
   switch (backend) {
     case "redis": {
       const client = createRedisClient(config.redisUrl!);
-      const counter = createRedisCounter(client);
+      const counter = createRedisCounter(client, { leaseMax: config.ratelimitLeaseMax });
       return {
         counter,
         close: async () => {
           counter.stop();
+          // Unused leased tokens go back to their windows, for the other instances.
+          await counter.returnLeases().catch(() => undefined);
           await client.quit().catch(() => client.disconnect());
         },
         shared: true,

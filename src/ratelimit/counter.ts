@@ -120,13 +120,50 @@ return {consumed, redis.call('pttl', KEYS[1])}
 /** How many limiters (one per distinct limit value) are kept; older ones are dropped first. */
 const MAX_LIMITERS = 1024;
 
+/** A lease takes at most this share of what its window has left (1/64)… */
+const LEASE_SHARE = 64;
+/** …and only when that is at least this many tokens: near the limit, or for a small limit, every call goes to Redis. */
+const LEASE_MIN = 8;
+/** Most pools with a lease held at once by one process (past it, new pools take per call). */
+const MAX_LEASES = 100_000;
+
+/**
+ * Tokens of one window of one pool that this process took in Redis ahead of
+ * its calls and hands out itself (docs/credits.md, "Rate-limit leases"). Redis
+ * counts them as taken, so however many processes lease, no window admits more
+ * than its limit.
+ */
+interface Lease {
+  window: number;
+  limit: number;
+  durationMs: number;
+  /** Leased tokens not handed out yet. */
+  left: number;
+  /** The window's count in Redis after this process's last round trip for it (what it leased included). */
+  total: number;
+  /** Whether that round trip leased: if not, the pool is near its limit and refunds go back to Redis. */
+  active: boolean;
+  /** A round trip that leases, in flight: other takes on the pool wait for it instead of leasing too. */
+  pending: Promise<void> | null;
+}
+
 /**
  * Counts in Redis, shared by every instance. Windows follow Redis's clock: the
  * offset of this process's clock to Redis `TIME` is measured at start and every
  * minute, so all instances agree on window boundaries to within a round trip.
+ *
+ * With `leaseMax` > 0 a take that goes to Redis also takes up to that many
+ * tokens ahead (at most 1/64 of what the window has left, and only when that
+ * is at least 8), which the next takes on the pool in the same window use
+ * without a round trip; refunds go back to the lease. `returnLeases` gives
+ * what is left back to Redis (a graceful stop).
  */
-export function createRedisCounter(client: Redis, opts: { now?: () => number } = {}): RateLimitCounter & { syncClock(): Promise<void>; stop(): void } {
+export function createRedisCounter(
+  client: Redis,
+  opts: { now?: () => number; leaseMax?: number } = {},
+): RateLimitCounter & { syncClock(): Promise<void>; stop(): void; returnLeases(): Promise<void> } {
   const localNow = opts.now ?? Date.now;
+  const leaseMax = opts.leaseMax ?? 0;
   let offset = 0;
   const limiters = new Map<number, RateLimiterAbstract>();
   const limiterFor = (limit: number) => {
@@ -152,38 +189,152 @@ export function createRedisCounter(client: Redis, opts: { now?: () => number } =
     timer = setInterval(() => void syncClock().catch(() => undefined), 60_000);
     timer.unref();
   }
+  const now = () => localNow() + offset;
+
+  /** Adds `points` to window `k` if they fit under `limit`: the window's count after it, or (refused) as it is. */
+  async function redisTake(k: string, points: number, limit: number, window: number, durationMs: number, t: number): Promise<{ ok: boolean; total: number }> {
+    try {
+      const res = await limiterFor(limit).consume(k, points, { customDuration: keepSeconds(window, durationMs, t) });
+      return { ok: true, total: res.consumedPoints };
+    } catch (err) {
+      // A RateLimiterRes is the script's refusal: nothing was added.
+      if (err instanceof RateLimiterRes) return { ok: false, total: err.consumedPoints - points };
+      return backendError("redis", err);
+    }
+  }
+  async function redisRefund(key: string, cost: number, durationMs: number, window: number): Promise<void> {
+    try {
+      await limiterFor(1).reward(`${key}:${window}`, cost, { customDuration: keepSeconds(window, durationMs, now()) });
+    } catch (err) {
+      backendError("redis", err);
+    }
+  }
+
+  const leases = new Map<string, Lease>();
+  let made = 0;
+  /** Tokens a lease may take ahead when the window would be at `after` without them (0: none). */
+  const leaseSize = (limit: number, after: number) => {
+    const n = Math.min(leaseMax, Math.floor((limit - after) / LEASE_SHARE));
+    return n >= LEASE_MIN ? n : 0;
+  };
+  /** Forgets a lease; what it still holds of a window not yet over goes back to Redis. */
+  function drop(key: string, l: Lease): void {
+    if (leases.get(key) === l) leases.delete(key);
+    if (l.left > 0 && windowOf(now(), l.durationMs) === l.window) void redisRefund(key, l.left, l.durationMs, l.window).catch(() => undefined);
+    l.left = 0;
+  }
+  /** Leases of windows that are over hold nothing anyone can use. */
+  function sweep(): void {
+    const t = now();
+    for (const [key, l] of leases) if (!l.pending && windowOf(t, l.durationMs) !== l.window) leases.delete(key);
+  }
+
+  /** A take that goes to Redis, leasing ahead when the window has room (one such round trip per pool at a time). */
+  async function takeInRedis(key: string, cost: number, limit: number, durationMs: number, window: number, t: number): Promise<{ ok: boolean; total: number }> {
+    let l = leases.get(key);
+    const held = l?.left ?? 0; // fewer than cost: used by this call if Redis admits the rest
+    const need = cost - held;
+    let extra = leaseSize(limit, (l?.total ?? 0) + need);
+    if (!l && extra > 0 && leases.size < MAX_LEASES) {
+      if (++made % 1024 === 0) sweep();
+      l = { window, limit, durationMs, left: 0, total: 0, active: false, pending: null };
+      leases.set(key, l);
+    }
+    if (!l) return redisTake(`${key}:${window}`, cost, limit, window, durationMs, t);
+    const lease = l;
+    lease.left -= held; // reserved for this call until Redis answers
+    const k = `${key}:${window}`;
+    const run = async () => {
+      try {
+        let r = await redisTake(k, need + extra, limit, window, durationMs, t);
+        if (!r.ok && extra > 0) {
+          // Other processes took most of the window: no lease, just this call.
+          extra = 0;
+          r = await redisTake(k, need, limit, window, durationMs, t);
+        }
+        lease.total = r.total;
+        lease.active = extra > 0;
+        if (!r.ok) {
+          lease.left += held;
+          return { ok: false, total: r.total - lease.left };
+        }
+        lease.left += extra;
+        if (leases.get(key) !== lease) drop(key, lease); // replaced meanwhile (a changed limit): the lease goes back
+        return { ok: true, total: r.total - lease.left };
+      } catch (err) {
+        lease.left += held;
+        throw err;
+      }
+    };
+    if (extra === 0) return run();
+    const p = run();
+    const settled = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    lease.pending = settled;
+    try {
+      return await p;
+    } finally {
+      if (lease.pending === settled) lease.pending = null;
+    }
+  }
+
   return {
     kind: "redis",
     syncClock,
     stop: () => {
       if (timer) clearInterval(timer);
     },
+    async returnLeases() {
+      const t = now();
+      const held = [...leases].filter(([, l]) => l.left > 0 && windowOf(t, l.durationMs) === l.window);
+      leases.clear();
+      await Promise.all(held.map(([key, l]) => redisRefund(key, l.left, l.durationMs, l.window)));
+    },
     async take(key, cost, limit, durationMs) {
-      const t = localNow() + offset;
+      const t = now();
       const window = windowOf(t, durationMs);
-      const k = `${key}:${window}`;
       const resetAt = (window + 1) * durationMs;
-      const limiter = limiterFor(limit);
-      try {
-        if (cost === 0) {
-          const total = (await limiter.get(k))?.consumedPoints ?? 0;
-          return { ok: total < limit, total, window, resetAt };
-        }
-        const res = await limiter.consume(k, cost, { customDuration: keepSeconds(window, durationMs, t) });
-        return { ok: true, total: res.consumedPoints, window, resetAt };
-      } catch (err) {
-        // A RateLimiterRes is the script's refusal: nothing was added.
-        if (err instanceof RateLimiterRes) return { ok: false, total: err.consumedPoints - cost, window, resetAt };
-        return backendError("redis", err);
+      let l = leases.get(key);
+      if (l && (l.window !== window || l.limit !== limit || l.durationMs !== durationMs)) {
+        // Another window, or the pool's limit or duration changed: the lease is void.
+        drop(key, l);
+        l = undefined;
       }
+      if (cost === 0) {
+        try {
+          const total = ((await limiterFor(limit).get(`${key}:${window}`))?.consumedPoints ?? 0) - (l?.left ?? 0);
+          return { ok: total < limit, total, window, resetAt };
+        } catch (err) {
+          return backendError("redis", err);
+        }
+      }
+      while (l) {
+        if (l.left >= cost) {
+          l.left -= cost;
+          return { ok: true, total: l.total - l.left, window, resetAt };
+        }
+        if (!l.pending) break;
+        await l.pending;
+        l = leases.get(key);
+        if (l && (l.window !== window || l.limit !== limit || l.durationMs !== durationMs)) {
+          drop(key, l);
+          l = undefined;
+        }
+      }
+      const r = await takeInRedis(key, cost, limit, durationMs, window, t);
+      return { ok: r.ok, total: r.total, window, resetAt };
     },
     async refund(key, cost, durationMs, window) {
       if (cost <= 0) return;
-      try {
-        await limiterFor(1).reward(`${key}:${window}`, cost, { customDuration: keepSeconds(window, durationMs, localNow() + offset) });
-      } catch (err) {
-        backendError("redis", err);
+      const l = leases.get(key);
+      if (l && l.active && l.window === window && l.durationMs === durationMs && windowOf(now(), durationMs) === window) {
+        // Still counted in Redis as this process's: it goes back to the lease.
+        l.left += cost;
+        return;
       }
+      await redisRefund(key, cost, durationMs, window);
     },
   };
 }

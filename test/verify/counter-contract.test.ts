@@ -173,7 +173,7 @@ describeWith("MONGODB_URI", mongodbUri(), "mongodb rate-limit counter", () => {
       await store.init();
       try {
         expect(store.flavor).toBe("ferretdb");
-        const base = { redisUrl: null, mongodbDatabase: "x" };
+        const base = { redisUrl: null, mongodbDatabase: "x", ratelimitLeaseMax: 0 };
         expect(() => createCounter({ ...base, ratelimitBackend: "mongodb" }, store)).toThrow(/needs MongoDB/);
         expect(createCounter({ ...base, ratelimitBackend: "auto" }, store).counter.kind).toBe("memory");
       } finally {
@@ -192,6 +192,12 @@ describeWith("REDIS_URL", redisUrl(), "redis rate-limit counter", () => {
     const client = createRedisClient(redisUrl()!);
     return { counter: createRedisCounter(client, { now }), close: async () => void (await client.quit()) };
   });
+
+  describe("with leases (LATCHKEY_RATELIMIT_LEASE_MAX, the server's default): the contract's limits are too small to lease, so nothing changes", () =>
+    counterContract(async (now) => {
+      const client = createRedisClient(redisUrl()!);
+      return { counter: createRedisCounter(client, { now, leaseMax: 1000 }), close: async () => void (await client.quit()) };
+    }));
 
   it("follows Redis's clock: windows agree with Redis TIME, not with a skewed process clock", async () => {
     const client = createRedisClient(redisUrl()!);

@@ -6,9 +6,11 @@
  * Admission is exact: `take` adds the cost only when it fits under the limit, in
  * one atomic step of the backend, so a call is refused only when it alone does
  * not fit — never because a concurrent refused call's tokens are counted for a
- * moment. `refund` gives tokens back to the window they were taken from, named
+ * moment (with the Redis backend's leases: or when the rest of the window is
+ * leased by other instances; never more than the limit either way).
+ * `refund` gives tokens back to the window they were taken from, named
  * by its number, or nowhere when that window has ended: a refund never lowers
- * the next window. See docs/credits.md ("Rate-limit windows").
+ * the next window. See docs/credits.md ("Rate-limit windows", "Rate-limit leases").
  */
 export interface RateLimitCounter {
   readonly kind: "memory" | "mongodb" | "redis";
