@@ -45,10 +45,16 @@ const CLOSE_FLUSH_MS = 10_000;
  * be spent again (with appendfsync everysec: of about a second).
  */
 
-/** State fields of a balance in Redis: r remaining, u unlimited, lr last refill, to moved-to key id, n sequence. */
+/**
+ * Spends from one balance, in order, each cost if it still fits (what that many
+ * SPEND calls back to back would do, in one atomic step). State fields of a
+ * balance in Redis: r remaining, u unlimited, lr last refill, to moved-to key
+ * id, n sequence. ARGV: prefix, refill period start ('' for none), refill
+ * amount, now, then the costs. Returns {'b', lr, ok1, r1, ok2, r2, …} (ok 1 or
+ * 0, r the balance after that spend), or {'unl'}, {'miss', member}, {'gone'}.
+ */
 const SPEND = `
 local key = KEYS[1]
-local cost = tonumber(ARGV[2])
 for hop = 0, 8 do
   local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
   if not st[5] then return {'miss', string.sub(key, string.len(ARGV[1]) + 1)} end
@@ -60,24 +66,32 @@ for hop = 0, 8 do
     local r = tonumber(st[1])
     local lr = st[3] or ''
     local changed = false
-    if ARGV[3] ~= '' and st[3] and tonumber(st[3]) < tonumber(ARGV[3]) then
-      r = tonumber(ARGV[4])
-      lr = ARGV[3]
+    if ARGV[2] ~= '' and st[3] and tonumber(st[3]) < tonumber(ARGV[2]) then
+      r = tonumber(ARGV[3])
+      lr = ARGV[2]
       redis.call('hset', key, 'lr', lr)
       changed = true
     end
-    local ok = r >= cost
-    if ok and cost > 0 then
-      r = r - cost
-      changed = true
+    local out = {'b', lr}
+    for i = 5, #ARGV do
+      local cost = tonumber(ARGV[i])
+      if r >= cost then
+        if cost > 0 then
+          r = r - cost
+          changed = true
+        end
+        out[#out + 1] = 1
+      else
+        out[#out + 1] = 0
+      end
+      out[#out + 1] = r
     end
     if changed then
       redis.call('hset', key, 'r', r)
       redis.call('hincrby', key, 'n', 1)
-      redis.call('zadd', KEYS[2], 'NX', ARGV[5], string.sub(key, string.len(ARGV[1]) + 1))
+      redis.call('zadd', KEYS[2], 'NX', ARGV[4], string.sub(key, string.len(ARGV[1]) + 1))
     end
-    if ok then return {'ok', r, lr} end
-    return {'no', r, lr}
+    return out
   end
 end
 return {'gone'}
@@ -180,7 +194,7 @@ return 0
 `;
 
 type LedgerRedis = Redis & {
-  lkCreditsSpend(key: string, dirty: string, prefix: string, cost: number, periodStart: string, amount: number, now: number): Promise<[string, number?, string?]>;
+  lkCreditsSpend(key: string, dirty: string, prefix: string, periodStart: string, amount: number, now: number, ...costs: number[]): Promise<(string | number)[]>;
   lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
@@ -195,6 +209,14 @@ export interface RedisCreditsOptions {
   logger?: Logger;
   /** Closes the Redis client on close() (when this store created it). */
   ownsClient?: boolean;
+}
+
+/** A spend waiting for the one in flight on its balance (spendCredits). */
+interface QueuedSpend {
+  cost: number;
+  signal: CommitSignal | undefined;
+  resolve: (r: SpendResult) => void;
+  reject: (err: unknown) => void;
 }
 
 const memberOf = (t: CreditsTarget) => ("keyId" in t ? `k:${t.keyId}` : `i:${t.identityId}`);
@@ -218,6 +240,8 @@ export class RedisCreditsStore implements Store {
   /** The write-back pass in flight, and the one queued behind it (see flush()). */
   private flushing: Promise<void> | null = null;
   private queued: Promise<void> | null = null;
+  /** Per balance (and refill due) with a spend in flight from this instance: the spends waiting for it. */
+  private readonly spending = new Map<string, QueuedSpend[]>();
 
   constructor(
     readonly inner: MongoStore,
@@ -298,22 +322,85 @@ export class RedisCreditsStore implements Store {
     return true;
   }
 
-  async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
-    const first = memberOf(target);
-    for (let tries = 0; tries < 10; tries++) {
-      signal?.throwIfAborted(); // the commit point: the script is the write
-      const [status, value, lr] = await this.r(() =>
-        this.redis.lkCreditsSpend(this.key(first), this.dirty, this.prefix, cost, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now()),
-      );
-      const refilledAt = lr ? Number(lr) : null;
-      if (status === "ok") return { ok: true, remaining: Number(value), refilledAt };
-      if (status === "no") return { ok: false, remaining: Number(value), refilledAt };
-      if (status === "unl") return { ok: true, remaining: null };
-      if (status === "gone") return { ok: false, remaining: 0 };
-      const missing = String(value);
-      if (!(await this.load(missing))) return missing === first ? { ok: true, remaining: null } : { ok: false, remaining: 0 };
+  /**
+   * Spends from a balance. While a spend of the same balance (and the same
+   * refill due) is in flight from this instance, spends queue, and go out
+   * together when it returns: one script for all of them, each spent in order
+   * if it fits — as exact as one script each, at a round trip per batch
+   * instead of per call (docs/credits.md, "One hot balance"). A queued spend's
+   * call that ended before its batch went out spends nothing (the commit point
+   * is when the script is sent).
+   */
+  spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
+    const member = memberOf(target);
+    const group = refill ? `${member}|${refill.periodStart}|${refill.amount}` : member;
+    return new Promise<SpendResult>((resolve, reject) => {
+      const spend: QueuedSpend = { cost, signal, resolve, reject };
+      const queue = this.spending.get(group);
+      if (queue) {
+        queue.push(spend);
+        return;
+      }
+      this.spending.set(group, []);
+      void this.spendBatch(group, member, refill, [spend]);
+    });
+  }
+
+  /**
+   * One script spending the costs of `batch` in order from the balance of
+   * `member` (loading it first if it is not in Redis); then the spends that
+   * queued meanwhile, as the next batch.
+   */
+  private async spendBatch(group: string, member: string, refill: RefillDue | null, batch: QueuedSpend[]): Promise<void> {
+    const settle = (r: SpendResult) => batch.forEach((q) => q.resolve(r));
+    try {
+      for (let tries = 0; ; tries++) {
+        // The commit point: the script is the write. A call that has ended spends nothing.
+        batch = batch.filter((q) => {
+          try {
+            q.signal?.throwIfAborted();
+            return true;
+          } catch (err) {
+            q.reject(err);
+            return false;
+          }
+        });
+        if (batch.length === 0) break;
+        if (tries >= 10) throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+        const costs = batch.map((q) => q.cost);
+        const res = await this.r(() =>
+          this.redis.lkCreditsSpend(this.key(member), this.dirty, this.prefix, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now(), ...costs),
+        );
+        const status = res[0];
+        if (status === "b") {
+          const refilledAt = res[1] === "" ? null : Number(res[1]);
+          batch.forEach((q, i) => q.resolve({ ok: Number(res[2 + 2 * i]) === 1, remaining: Number(res[3 + 2 * i]), refilledAt }));
+          break;
+        }
+        if (status === "unl") {
+          settle({ ok: true, remaining: null });
+          break;
+        }
+        if (status === "gone") {
+          settle({ ok: false, remaining: 0 });
+          break;
+        }
+        const missing = String(res[1]);
+        if (!(await this.load(missing))) {
+          settle(missing === member ? { ok: true, remaining: null } : { ok: false, remaining: 0 });
+          break;
+        }
+      }
+    } catch (err) {
+      for (const q of batch) q.reject(err);
     }
-    throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+    const queued = this.spending.get(group)!;
+    if (queued.length === 0) {
+      this.spending.delete(group);
+      return;
+    }
+    this.spending.set(group, []);
+    void this.spendBatch(group, member, refill, queued);
   }
 
   async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {

@@ -223,6 +223,109 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
         await a.flush();
         expect((await a.inner.getKey(next.id))!.credits!.remaining).toBe(0);
       });
+
+      describe("spends of one balance while one is in flight go out together", () => {
+        type Spend = (...args: unknown[]) => Promise<(string | number)[]>;
+        /**
+         * A gate in front of the instance's spend script: every call is recorded
+         * with its costs; the first `hold` calls wait until the test releases
+         * them, and `fail` makes the next call fail.
+         */
+        function gateScript(s: RedisCreditsStore, hold: number) {
+          const holder = s as unknown as { redis: { lkCreditsSpend: Spend } };
+          const redis = holder.redis;
+          const calls: number[][] = [];
+          const held: (() => void)[] = [];
+          const gate = { calls, release: () => held.splice(0).forEach((go) => go()), fail: false };
+          const gated = async (...args: unknown[]) => {
+            calls.push(args.slice(6).map(Number));
+            if (gate.fail) {
+              gate.fail = false;
+              throw new Error("injected: connection reset");
+            }
+            if (calls.length <= hold) await new Promise<void>((go) => held.push(go));
+            return redis.lkCreditsSpend(...args);
+          };
+          // In front of the client, not patched into it (its auto-pipelining calls its own methods).
+          holder.redis = new Proxy(redis, {
+            get: (target, name) => {
+              if (name === "lkCreditsSpend") return gated;
+              const v = Reflect.get(target, name, target) as unknown;
+              return typeof v === "function" ? v.bind(target) : v;
+            },
+          });
+          return gate;
+        }
+        const settled = () => new Promise((r) => setImmediate(r));
+
+        it("admits exactly the balance in order, in one script for all that queued behind the first", async () => {
+          const a = await start();
+          const k = await keyWith(a, 5);
+          await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
+          const gate = gateScript(a, 1);
+          const spends = Array.from({ length: 8 }, () => a.spendCredits({ keyId: k.id }, 1, null));
+          await settled();
+          expect(gate.calls).toEqual([[1]]); // the others wait for it
+          gate.release();
+          const res = await Promise.all(spends);
+          expect(gate.calls).toEqual([[1], [1, 1, 1, 1, 1, 1, 1]]);
+          expect(res.map((r) => [r.ok, r.remaining])).toEqual([
+            [true, 4],
+            [true, 3],
+            [true, 2],
+            [true, 1],
+            [true, 0],
+            [false, 0],
+            [false, 0],
+            [false, 0],
+          ]);
+          expect((await a.getKey(k.id))!.credits!.remaining).toBe(0);
+        });
+
+        it("spends nothing for a queued call that ended before its batch went out, and the rest of the batch spends", async () => {
+          const a = await start();
+          const k = await keyWith(a, 10);
+          await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
+          const gate = gateScript(a, 1);
+          const ended = new AbortController();
+          const first = a.spendCredits({ keyId: k.id }, 1, null);
+          const gone = a.spendCredits({ keyId: k.id }, 4, null, ended.signal);
+          const kept = a.spendCredits({ keyId: k.id }, 2, null);
+          await settled();
+          ended.abort(new Error("the client went away"));
+          gate.release();
+          await expect(gone).rejects.toThrow("the client went away");
+          expect(await first).toMatchObject({ ok: true, remaining: 9 });
+          expect(await kept).toMatchObject({ ok: true, remaining: 7 });
+          expect(gate.calls).toEqual([[1], [2]]);
+          expect((await a.getKey(k.id))!.credits!.remaining).toBe(7);
+        });
+
+        it("fails only the batch whose script failed; what queued behind it still spends", async () => {
+          const a = await start();
+          const k = await keyWith(a, 10);
+          await a.spendCredits({ keyId: k.id }, 1, null); // loaded in Redis
+          const gate = gateScript(a, 0);
+          gate.fail = true;
+          const failed = a.spendCredits({ keyId: k.id }, 3, null);
+          const queued = a.spendCredits({ keyId: k.id }, 2, null);
+          await expect(failed).rejects.toThrow(/credits \(redis\): injected/);
+          expect(await queued).toMatchObject({ ok: true, remaining: 7 });
+          expect((await a.getKey(k.id))!.credits!.remaining).toBe(7);
+        });
+
+        it("keeps balances apart: spends of another key do not wait for this one's", async () => {
+          const a = await start();
+          const k1 = await keyWith(a, 10);
+          const k2 = await keyWith(a, 10);
+          await a.spendCredits({ keyId: k2.id }, 1, null);
+          const gate = gateScript(a, 1);
+          const held = a.spendCredits({ keyId: k1.id }, 1, null);
+          expect(await a.spendCredits({ keyId: k2.id }, 1, null)).toMatchObject({ ok: true, remaining: 8 });
+          gate.release();
+          expect(await held).toMatchObject({ ok: true, remaining: 9 });
+        });
+      });
     });
   }),
 );
