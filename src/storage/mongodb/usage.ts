@@ -10,6 +10,41 @@ import type { UsageDoc, UsageLogDoc, UsageLogRow as LogRow, UsagePackDoc, UsageP
 /** A document holding versions of rows: a pack, or a single-row version from before packs. */
 type VersionDoc = { id: string; g: string; b: number; seq: number; single: boolean };
 
+/**
+ * Rows of one writer slot by granularity, bucket and row key (`rowKey`): a
+ * roll-up looks each log row up three times (its minute, hour and day rows),
+ * with one short key made once per log row, where a whole row id per lookup
+ * was most of the roll-up's time (docs/performance.md, step 8j).
+ */
+type SlotRows<T> = Map<string, Map<number, Map<string, T>>>;
+/** A row version: the row and the seq of the version (or of the roll-up) it is from. */
+type Versioned = { row: UsageRow; seq: number };
+/** A row within its granularity and bucket: key, identity and tag. */
+const rowKey = (keyId: string, identityId: string | null, tag: string) => `${keyId}|${identityId ?? ""}|${tag}`;
+
+function rowsIn<T>(rows: SlotRows<T>, g: string, b: number, create: true): Map<string, T>;
+function rowsIn<T>(rows: SlotRows<T>, g: string, b: number, create?: false): Map<string, T> | undefined;
+function rowsIn<T>(rows: SlotRows<T>, g: string, b: number, create = false): Map<string, T> | undefined {
+  let byBucket = rows.get(g);
+  if (!byBucket) {
+    if (!create) return undefined;
+    rows.set(g, (byBucket = new Map()));
+  }
+  let m = byBucket.get(b);
+  if (!m && create) byBucket.set(b, (m = new Map()));
+  return m;
+}
+
+/**
+ * A roll-up takes in tens of thousands of log rows (30 s of flushes under load);
+ * it lets the event loop run verifications between slices of this many, and
+ * between log documents, instead of holding it for the whole roll-up (hundreds
+ * of milliseconds; docs/performance.md, step 8j). Inserts and roll-ups still
+ * take turns (exclusive), so nothing else touches the slot meanwhile.
+ */
+const ROLLUP_SLICE = 2000;
+const breather = () => new Promise<void>((go) => setImmediate(go));
+
 /** Rows per usage log document (a batch larger than this is written as several parts). */
 const LOG_ROWS_PER_DOC = 5000;
 /** Default: how often a process applies its writer slot's log to the rows. */
@@ -162,7 +197,7 @@ export class MongoUsage {
    * a scan of the usage collection per granularity). Dropped by anything that
    * may change them behind it: a roll-up that fails, a prune, another lease.
    */
-  private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: Map<string, { row: UsageRow; seq: number }>; docs: VersionDoc[] }>();
+  private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: SlotRows<Versioned>; docs: VersionDoc[] }>();
   private rolling: Promise<void> | null = null;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
   private tail: Promise<unknown> = Promise.resolve();
@@ -264,16 +299,28 @@ export class MongoUsage {
     const docs = (await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id }).toArray())).filter((d) => d.seq < doubt);
     if (docs.length === 0) return;
     const seq = Math.max(...docs.map((d) => d.seq));
-    const parts = new Map<string, { row: UsageRow; from: { seq: number; counts: Counts }[] }>();
-    const since = new Map<string, number>(); // per granularity, the oldest bucket the log touches
+    // The log's rows as stored (minute rows, or every granularity in documents of earlier releases),
+    // and per granularity the oldest bucket they touch.
+    const logs: { seq: number; minute: boolean; rows: LogRow[] }[] = [];
     for (const d of docs) {
-      for (const l of logRows(d)) {
-        const r = fromLogRow(l);
-        const id = rowId(slot.id, r);
-        let p = parts.get(id);
-        if (!p) parts.set(id, (p = { row: r, from: [] }));
-        p.from.push({ seq: d.seq, counts: r.counts });
-        since.set(r.granularity, Math.min(since.get(r.granularity) ?? Infinity, r.bucket));
+      logs.push({ seq: d.seq, minute: d.m === 1, rows: d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []) });
+      await breather();
+    }
+    const since = new Map<string, number>();
+    const touch = (g: string, b: number) => {
+      const have = since.get(g);
+      if (have === undefined || b < have) since.set(g, b);
+    };
+    for (const l of logs) {
+      let min = Infinity;
+      for (const r of l.rows) {
+        if (!l.minute) touch(r.g, r.b);
+        else if (r.b < min) min = r.b;
+      }
+      if (l.minute && min !== Infinity) {
+        touch("minute", min);
+        touch("hour", min - (min % BUCKET_MS.hour));
+        touch("day", min - (min % BUCKET_MS.day));
       }
     }
     const base = slot.rowSeq(0);
@@ -281,26 +328,59 @@ export class MongoUsage {
     this.known.delete(slot.id); // until this roll-up completes
     const covered = !!k && k.base === base && [...since].every(([g, b]) => (k.from.get(g) ?? Infinity) <= b);
     const inRange = (g: string, b: number) => since.has(g) && b >= since.get(g)!;
-    const { rows: newest, docs: old } = covered
-      ? { rows: new Map([...k!.rows].filter(([, v]) => inRange(v.row.granularity, v.row.bucket))), docs: k!.docs.filter((d) => inRange(d.g, d.b)) }
-      : await this.versions(slot.id, since);
-    const after = new Map<string, { row: UsageRow; seq: number }>();
-    const buckets = new Map<string, UsageRow[]>();
-    for (const id of new Set([...newest.keys(), ...parts.keys()])) {
-      const have = newest.get(id);
-      const p = parts.get(id);
-      const row: UsageRow = { ...(have?.row ?? p!.row), counts: { ...(have?.row.counts ?? emptyCounts()) } };
-      for (const f of p?.from ?? []) if (f.seq > (have?.seq ?? -1)) for (const c of COUNTERS) row.counts[c] += f.counts[c];
-      after.set(id, { row, seq: Math.max(seq, have?.seq ?? -1) });
-      const at = `${row.granularity}|${row.bucket}`;
-      const list = buckets.get(at);
-      if (list) list.push(row);
-      else buckets.set(at, [row]);
+    // Every row of the slot from `since` on: its newest version (what this process's last roll-up left, or read back).
+    const { rows: newest, docs: old } = covered ? { rows: k!.rows, docs: k!.docs.filter((d) => inRange(d.g, d.b)) } : await this.versions(slot.id, since);
+    // The new version of each row: its newest version plus the log rows of documents above that version's seq.
+    const after: SlotRows<Versioned & { from: number }> = new Map();
+    const add = (g: Granularity, b: number, key: string, r: LogRow, from: number) => {
+      const m = rowsIn(after, g, b, true);
+      let e = m.get(key);
+      if (!e) {
+        const have = rowsIn(newest, g, b)?.get(key);
+        const row: UsageRow = { granularity: g, bucket: b, keyId: r.k, identityId: r.i ?? null, tag: r.t, counts: have ? { ...have.row.counts } : emptyCounts() };
+        m.set(key, (e = { row, seq: Math.max(seq, have?.seq ?? -1), from: have?.seq ?? -1 }));
+      }
+      if (from > e.from) {
+        const c = e.row.counts;
+        for (let j = 0; j < COUNTERS.length; j++) c[COUNTERS[j]] += r.n[j] ?? 0;
+      }
+    };
+    let done = 0;
+    for (const l of logs) {
+      for (const r of l.rows) {
+        if (++done % ROLLUP_SLICE === 0) await breather();
+        // `i ?? null`: FerretDB may leave a null out.
+        const key = rowKey(r.k, r.i ?? null, r.t);
+        if (!l.minute) {
+          add(r.g as Granularity, r.b, key, r, l.seq);
+          continue;
+        }
+        add("minute", r.b, key, r, l.seq);
+        add("hour", r.b - (r.b % BUCKET_MS.hour), key, r, l.seq);
+        add("day", r.b - (r.b % BUCKET_MS.day), key, r, l.seq);
+      }
+    }
+    // Rows in those buckets the log did not count: written again as they are.
+    for (const [g, byBucket] of newest) {
+      for (const [b, rows] of byBucket) {
+        if (!inRange(g, b)) continue;
+        const m = rowsIn(after, g, b, true);
+        for (const [key, have] of rows) {
+          if (!m.has(key)) m.set(key, { row: { ...have.row, counts: { ...have.row.counts } }, seq: Math.max(seq, have.seq), from: have.seq });
+        }
+      }
     }
     const chunkRows = this.ctx.opts.usageRollupChunk ?? 500;
     const packSize = Math.min(PACK_ROWS, chunkRows);
     const made: { doc: UsagePackDoc; rows: number }[] = [];
-    for (const rows of buckets.values()) made.push(...toPacks(slot.id, rows, seq, packSize));
+    for (const byBucket of after.values()) {
+      for (const rows of byBucket.values()) {
+        const list: UsageRow[] = [];
+        for (const e of rows.values()) list.push(e.row);
+        for (const m of toPacks(slot.id, list, seq, packSize)) made.push(m);
+        await breather();
+      }
+    }
     const packs = made.map((m) => m.doc);
     const hash = createHash("sha256");
     for (const p of packs) hash.update(p._id).update("\u0000").update(p.data).update("\u0000");
@@ -324,12 +404,14 @@ export class MongoUsage {
   }
 
   /** The newest version of each row of the slot from bucket `since[g]` on, per granularity, and the documents holding versions there. */
-  private async versions(slot: string, since: Map<string, number>): Promise<{ rows: Map<string, { row: UsageRow; seq: number }>; docs: VersionDoc[] }> {
-    const newest = new Map<string, { row: UsageRow; seq: number }>();
+  private async versions(slot: string, since: Map<string, number>): Promise<{ rows: SlotRows<Versioned>; docs: VersionDoc[] }> {
+    const newest: SlotRows<Versioned> = new Map();
     const held: VersionDoc[] = [];
-    const offer = (id: string, row: UsageRow, v: number) => {
-      const have = newest.get(id);
-      if (!have || have.seq < v) newest.set(id, { row, seq: v });
+    const offer = (row: UsageRow, v: number) => {
+      const m = rowsIn(newest, row.granularity, row.bucket, true);
+      const key = rowKey(row.keyId, row.identityId, row.tag);
+      const have = m.get(key);
+      if (!have || have.seq < v) m.set(key, { row, seq: v });
     };
     for (const [g, b] of since) {
       // `s: null`: rows written before versions carry no slot (their _id starts with it).
@@ -338,16 +420,13 @@ export class MongoUsage {
         if (d.data !== undefined) {
           if (d.s !== slot) continue;
           held.push({ id: d._id, g: d.g, b: d.b, seq: d.seq, single: false });
-          for (const pr of packRows(d)) {
-            const row = fromPackRow(d, pr);
-            offer(rowId(slot, row), row, d.seq);
-          }
+          for (const pr of packRows(d)) offer(fromPackRow(d, pr), d.seq);
           continue;
         }
         const id = d.r ?? String(d._id);
         if (!id.startsWith(`${slot}|`)) continue;
         if (d.s === slot) held.push({ id: d._id, g: d.g, b: d.b, seq: d.seq ?? 0, single: true });
-        offer(id, fromRowDoc(d), d.seq ?? 0);
+        offer(fromRowDoc(d), d.seq ?? 0);
       }
     }
     return { rows: newest, docs: held };
@@ -356,7 +435,7 @@ export class MongoUsage {
   /** Whether a roll-up took batch `seq` in (its rows have a version at or above it). */
   private async rolledPast(slot: string, r: UsageRow, seq: number): Promise<boolean> {
     const v = await this.versions(slot, new Map([[r.granularity, r.bucket]]));
-    return (v.rows.get(rowId(slot, r))?.seq ?? -1) >= seq;
+    return (rowsIn(v.rows, r.granularity, r.bucket)?.get(rowKey(r.keyId, r.identityId, r.tag))?.seq ?? -1) >= seq;
   }
 
   /** A roll-up run again: the packs it inserted before are duplicates, and skipped. */
