@@ -323,11 +323,12 @@ export class RedisCreditsStore implements Store {
   }
 
   /**
-   * Spends from a balance. While a spend of the same balance (and the same
-   * refill due) is in flight from this instance, spends queue, and go out
-   * together when it returns: one script for all of them, each spent in order
-   * if it fits — as exact as one script each, at a round trip per batch
-   * instead of per call (docs/credits.md, "One hot balance"). A queued spend's
+   * Spends from a balance. Spends of the same balance (and the same refill
+   * due) made in one turn of the event loop go out together at its end
+   * (setImmediate), and while such a batch is in flight from this instance the
+   * next ones queue and go out together when it returns: one script for all of
+   * them, each spent in order if it fits — as exact as one script each, at a
+   * round trip per batch instead of per call (docs/credits.md, "One hot balance"). A queued spend's
    * call that ended before its batch went out spends nothing (the commit point
    * is when the script is sent).
    */
@@ -341,8 +342,12 @@ export class RedisCreditsStore implements Store {
         queue.push(spend);
         return;
       }
-      this.spending.set(group, []);
-      void this.spendBatch(group, member, refill, [spend]);
+      const batch = [spend];
+      this.spending.set(group, batch);
+      setImmediate(() => {
+        this.spending.set(group, []);
+        void this.spendBatch(group, member, refill, batch);
+      });
     });
   }
 

@@ -239,11 +239,11 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           const gate = { calls, release: () => held.splice(0).forEach((go) => go()), fail: false };
           const gated = async (...args: unknown[]) => {
             calls.push(args.slice(6).map(Number));
+            if (calls.length <= hold) await new Promise<void>((go) => held.push(go));
             if (gate.fail) {
               gate.fail = false;
               throw new Error("injected: connection reset");
             }
-            if (calls.length <= hold) await new Promise<void>((go) => held.push(go));
             return redis.lkCreditsSpend(...args);
           };
           // In front of the client, not patched into it (its auto-pipelining calls its own methods).
@@ -263,7 +263,9 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           const k = await keyWith(a, 5);
           await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
           const gate = gateScript(a, 1);
-          const spends = Array.from({ length: 8 }, () => a.spendCredits({ keyId: k.id }, 1, null));
+          const spends = [a.spendCredits({ keyId: k.id }, 1, null)];
+          await settled();
+          spends.push(...Array.from({ length: 7 }, () => a.spendCredits({ keyId: k.id }, 1, null)));
           await settled();
           expect(gate.calls).toEqual([[1]]); // the others wait for it
           gate.release();
@@ -289,6 +291,7 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           const gate = gateScript(a, 1);
           const ended = new AbortController();
           const first = a.spendCredits({ keyId: k.id }, 1, null);
+          await settled();
           const gone = a.spendCredits({ keyId: k.id }, 4, null, ended.signal);
           const kept = a.spendCredits({ keyId: k.id }, 2, null);
           await settled();
@@ -305,13 +308,32 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           const a = await start();
           const k = await keyWith(a, 10);
           await a.spendCredits({ keyId: k.id }, 1, null); // loaded in Redis
-          const gate = gateScript(a, 0);
+          const gate = gateScript(a, 1);
           gate.fail = true;
           const failed = a.spendCredits({ keyId: k.id }, 3, null);
+          await settled();
           const queued = a.spendCredits({ keyId: k.id }, 2, null);
+          await settled();
+          gate.release();
           await expect(failed).rejects.toThrow(/credits \(redis\): injected/);
           expect(await queued).toMatchObject({ ok: true, remaining: 7 });
           expect((await a.getKey(k.id))!.credits!.remaining).toBe(7);
+        });
+
+        it("sends the spends of one balance made in one turn of the event loop as one script", async () => {
+          const a = await start();
+          const k = await keyWith(a, 10);
+          await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
+          const gate = gateScript(a, 0);
+          const res = await Promise.all([3, 1, 4, 1, 5].map((cost) => a.spendCredits({ keyId: k.id }, cost, null)));
+          expect(gate.calls).toEqual([[3, 1, 4, 1, 5]]);
+          expect(res.map((r) => [r.ok, r.remaining])).toEqual([
+            [true, 7],
+            [true, 6],
+            [true, 2],
+            [true, 1],
+            [false, 1],
+          ]);
         });
 
         it("keeps balances apart: spends of another key do not wait for this one's", async () => {
