@@ -8,6 +8,7 @@
  * afterEach (also when the test fails). Needs MONGODB_URI, and REDIS_URL for
  * the Redis backend: skipped locally without them, failing in CI.
  */
+import { Redis } from "ioredis";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import {
   dropMongoDatabase,
@@ -110,6 +111,29 @@ function sharedLimitSuite(backend: "redis" | "mongodb"): void {
     const codes = await verifyAcross(p, keys, 60);
     expect(count(codes, VALID)).toBe(20);
     expect(count(codes, "VERIFICATION_CODE_RATE_LIMITED")).toBe(40);
+  }, 60_000);
+
+  if (backend !== "redis") return;
+
+  it("admits exactly 1,000 of 1,300 verifications over both processes against a 1,000-per-hour limit they lease in blocks (docs/credits.md, \"Rate-limit leases\")", async () => {
+    const p = pair();
+    const { id, keys } = await identityWithKeys(p, 3, {
+      ratelimits: [{ name: "requests", limit: "1000", duration: { seconds: "3600" }, auto_apply: true }],
+    });
+    const redis = new Redis(redisUrl()!);
+    try {
+      const window = Math.floor(Date.now() / 3_600_000);
+      const inRedis = async () => Number((await redis.get(`lk:i:${id}:requests:3600000:${window}`)) ?? 0);
+      const codes = await verifyAcross(p, keys, 50);
+      // Each process took tokens ahead with its first take: Redis counts more than the 50 answered.
+      expect(await inRedis()).toBeGreaterThan(50);
+      for (let wave = 1; wave < 26; wave++) codes.push(...(await verifyAcross(p, keys, 50)));
+      expect(count(codes, VALID)).toBe(1000);
+      expect(count(codes, "VERIFICATION_CODE_RATE_LIMITED")).toBe(300);
+      expect(await inRedis()).toBe(1000);
+    } finally {
+      redis.disconnect();
+    }
   }, 60_000);
 }
 
