@@ -211,6 +211,9 @@ export interface RedisCreditsOptions {
   ownsClient?: boolean;
 }
 
+/** Most spends one script takes (more wait for the next): a script holds Redis while it runs. */
+const SPEND_BATCH_MAX = 500;
+
 /** A spend waiting for the one in flight on its balance (spendCredits). */
 interface QueuedSpend {
   cost: number;
@@ -344,10 +347,8 @@ export class RedisCreditsStore implements Store {
       }
       const batch = [spend];
       this.spending.set(group, batch);
-      setImmediate(() => {
-        this.spending.set(group, []);
-        void this.spendBatch(group, member, refill, batch);
-      });
+      // What is left in `batch` past SPEND_BATCH_MAX waits, in the map, for the next script.
+      setImmediate(() => void this.spendBatch(group, member, refill, batch.splice(0, SPEND_BATCH_MAX)));
     });
   }
 
@@ -404,8 +405,7 @@ export class RedisCreditsStore implements Store {
       this.spending.delete(group);
       return;
     }
-    this.spending.set(group, []);
-    void this.spendBatch(group, member, refill, queued);
+    void this.spendBatch(group, member, refill, queued.splice(0, SPEND_BATCH_MAX));
   }
 
   async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {

@@ -336,6 +336,18 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           ]);
         });
 
+        it("sends at most 500 spends in one script; the rest go out in the next", async () => {
+          const a = await start();
+          const k = await keyWith(a, 1000);
+          await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
+          const gate = gateScript(a, 0);
+          const res = await Promise.all(Array.from({ length: 1200 }, () => a.spendCredits({ keyId: k.id }, 1, null)));
+          expect(gate.calls.map((c) => c.length)).toEqual([500, 500, 200]);
+          expect(res.filter((r) => r.ok)).toHaveLength(1000);
+          expect(res.slice(0, 1000).map((r) => r.remaining)).toEqual(Array.from({ length: 1000 }, (_, i) => 999 - i));
+          expect((await a.getKey(k.id))!.credits!.remaining).toBe(0);
+        });
+
         it("keeps balances apart: spends of another key do not wait for this one's", async () => {
           const a = await start();
           const k1 = await keyWith(a, 10);
