@@ -295,7 +295,7 @@ function ghzAsync(
   call: string,
   proto: string,
   dataFile: string,
-  opts: { metadata?: Record<string, string>; duration?: string; concurrency: number },
+  opts: { metadata?: Record<string, string>; duration?: string; concurrency: number; label?: string },
 ): Promise<{ rps: number; ok: number; errors: number; p50: number; p99: number; codes: Record<string, number> }> {
   const args = [
     "--insecure",
@@ -310,6 +310,7 @@ function ghzAsync(
   ];
   if (opts.metadata) args.push("--metadata", JSON.stringify(opts.metadata));
   args.push(`127.0.0.1:${server.port}`);
+  const fromUs = monoUs();
   return new Promise((resolve, reject) => {
     const proc = spawn(findTool("ghz"), args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
@@ -322,6 +323,8 @@ function ghzAsync(
         const pct = (p: number) => (r.latencyDistribution?.find((d) => d.percentage === p)?.latency ?? NaN) / 1e6;
         const codes = r.statusCodeDistribution ?? {};
         const errors = Object.entries(codes).reduce((n, [k, v]) => (["OK", "Canceled", "Unavailable"].includes(k) ? n : n + v), 0);
+        // Under BENCH_PROFILE: this server's window (its CPU per call is not measured per server here).
+        record(server, `${call}${opts.label ? ` (${opts.label})` : ""}`, fromUs, monoUs(), codes.OK ?? 0, NaN);
         resolve({ rps: r.rps, ok: codes.OK ?? 0, errors, p50: pct(50), p99: pct(99), codes });
       } catch {
         reject(new Error(`ghz failed: ${err}`));
@@ -562,7 +565,7 @@ async function hotIdentity(work: string): Promise<HotIdentity> {
   const both = async (servers: { port: number; proc: ChildProcess }[], file: string, label: string, duration = DURATION): Promise<Pair> => {
     progress(`hot identity: ${label}, 2 instances × ${half} concurrent for ${duration}`);
     const cpuBefore = servers.reduce((t, srv) => t + cpuSeconds(srv.proc.pid!), 0);
-    const [a, b] = await Promise.all(servers.map((srv) => ghzAsync(srv, call, proto, file, { metadata: md, duration, concurrency: half })));
+    const [a, b] = await Promise.all(servers.map((srv) => ghzAsync(srv, call, proto, file, { metadata: md, duration, concurrency: half, label })));
     const cpu = servers.reduce((t, srv) => t + cpuSeconds(srv.proc.pid!), 0) - cpuBefore;
     return { rps: a.rps + b.rps, ok: a.ok + b.ok, errors: a.errors + b.errors, p50: Math.max(a.p50, b.p50), p99: Math.max(a.p99, b.p99), cpuUs: (cpu * 1e6) / Math.max(1, a.ok + b.ok) };
   };
