@@ -143,8 +143,13 @@ interface Lease {
   total: number;
   /** Whether that round trip leased: if not, the pool is near its limit and refunds go back to Redis. */
   active: boolean;
-  /** A round trip that leases, in flight: other takes on the pool wait for it instead of leasing too. */
-  pending: Promise<void> | null;
+  /**
+   * A round trip that leases, in flight: other takes on the pool wait for it
+   * instead of leasing too. It settles to the error it failed with, if it did:
+   * the takes that waited fail with it too, rather than each trying again in
+   * turn against a backend that just failed.
+   */
+  pending: Promise<unknown> | null;
 }
 
 /**
@@ -270,7 +275,7 @@ export function createRedisCounter(
     const p = run();
     const settled = p.then(
       () => undefined,
-      () => undefined,
+      (err: unknown) => err,
     );
     lease.pending = settled;
     try {
@@ -316,7 +321,8 @@ export function createRedisCounter(
           return { ok: true, total: l.total - l.left, window, resetAt };
         }
         if (!l.pending) break;
-        await l.pending;
+        const failed = await l.pending;
+        if (failed !== undefined) throw failed;
         l = leases.get(key);
         if (l && (l.window !== window || l.limit !== limit || l.durationMs !== durationMs)) {
           drop(key, l);

@@ -12,6 +12,7 @@ import { randomBytes } from "node:crypto";
 import { afterAll, beforeAll, beforeEach, expect, it } from "vitest";
 import type { Redis } from "ioredis";
 import { createRedisClient } from "../../src/app/redis.js";
+import { UnavailableError } from "../../src/domain/errors.js";
 import { createRedisCounter } from "../../src/ratelimit/counter.js";
 import { describeWith, redisUrl } from "./support.js";
 
@@ -155,6 +156,29 @@ describeWith("REDIS_URL", redisUrl(), "rate-limit leases (redis counter)", () =>
     await p.returnLeases();
     expect(await inRedis(k)).toBe(7);
     expect(await p.take(k, 1, 1_000_000, MINUTE)).toMatchObject({ ok: true, total: 8 });
+  });
+
+  it("fails the takes waiting for a lease with UNAVAILABLE when that round trip fails, at once and not one after another; the next take tries Redis again", async () => {
+    // A gate in front of the limiter's script (rate-limiter-flexible's `rlflxIncr`):
+    // the first call fails (the backend went away); the client itself is not patched.
+    let calls = 0;
+    const gated = new Proxy(a, {
+      get: (target, name) => {
+        if (name === "rlflxIncr") {
+          return (...args: unknown[]) => (++calls === 1 ? Promise.reject(new Error("injected: connection reset")) : (target as unknown as { rlflxIncr: (...x: unknown[]) => Promise<unknown> }).rlflxIncr(...args));
+        }
+        const v = Reflect.get(target, name, target) as unknown;
+        return typeof v === "function" ? v.bind(target) : v;
+      },
+    });
+    const p = createRedisCounter(gated, { now: () => clock.now, leaseMax: 100 });
+    const k = fresh("down");
+    const res = await Promise.allSettled(Array.from({ length: 20 }, () => p.take(k, 1, 1_000_000, MINUTE)));
+    expect(res.map((r) => r.status)).toEqual(Array(20).fill("rejected"));
+    for (const r of res) expect((r as PromiseRejectedResult).reason).toBeInstanceOf(UnavailableError);
+    expect(calls).toBe(1); // one round trip for the twenty
+    expect(await p.take(k, 1, 1_000_000, MINUTE)).toMatchObject({ ok: true, total: 1 });
+    expect(await inRedis(k)).toBe(101);
   });
 
   it("reads a pool's count with cost 0 without what this process still holds", async () => {
