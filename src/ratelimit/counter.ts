@@ -188,6 +188,11 @@ export function createRedisCounter(
     const after = localNow();
     offset = Number(s) * 1000 + Math.floor(Number(us) / 1000) - (before + after) / 2;
   };
+  // rate-limiter-flexible defines its script command on the client when its first
+  // limiter is made; an auto-pipeline already open in that turn of the event loop
+  // (this clock sync, a credit spend) lacks it, and the take failed ("pipeline[functionName]
+  // is not a function"). So one limiter is made now, before any command is sent.
+  limiterFor(1);
   let timer: NodeJS.Timeout | null = null;
   if (!opts.now) {
     syncClock().catch(() => undefined);

@@ -199,6 +199,19 @@ describeWith("REDIS_URL", redisUrl(), "redis rate-limit counter", () => {
       return { counter: createRedisCounter(client, { now, leaseMax: 1000 }), close: async () => void (await client.quit()) };
     }));
 
+  it("admits a first take made in the same turn of the event loop as another command on its client (its clock sync)", async () => {
+    // rate-limiter-flexible defines its script on the client with its first limiter;
+    // an auto-pipeline opened earlier in the same turn lacked it and the take failed.
+    const client = createRedisClient(redisUrl()!);
+    try {
+      const counter = createRedisCounter(client); // sends TIME at once
+      expect(await counter.take(fresh("first-turn"), 1, 10, MINUTE)).toMatchObject({ ok: true, total: 1 });
+      counter.stop();
+    } finally {
+      await client.quit();
+    }
+  });
+
   it("follows Redis's clock: windows agree with Redis TIME, not with a skewed process clock", async () => {
     const client = createRedisClient(redisUrl()!);
     try {
