@@ -100,6 +100,9 @@ describe("configuration", () => {
       ["MONGODB_URI", "http://db:27017"],
       ["LATCHKEY_MONGODB_DATABASE", "has space"],
       ["LATCHKEY_MONGODB_DATABASE", "x".repeat(64)],
+      ["LATCHKEY_RATELIMIT_LEASE_MAX", "-1"],
+      ["LATCHKEY_RATELIMIT_LEASE_MAX", "2.5"],
+      ["LATCHKEY_RATELIMIT_LEASE_MAX", "1000000001"],
     ])("when %s is %j", (name, value) => {
       expect(configError({ [name]: value }).message).toContain(name);
     });

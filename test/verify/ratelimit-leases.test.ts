@@ -11,9 +11,11 @@
 import { randomBytes } from "node:crypto";
 import { afterAll, beforeAll, beforeEach, expect, it } from "vitest";
 import type { Redis } from "ioredis";
+import { createCounter } from "../../src/app/counters.js";
 import { createRedisClient } from "../../src/app/redis.js";
 import { UnavailableError } from "../../src/domain/errors.js";
 import { createRedisCounter } from "../../src/ratelimit/counter.js";
+import type { Store } from "../../src/storage/store.js";
 import { describeWith, redisUrl } from "./support.js";
 
 const MINUTE = 60_000;
@@ -179,6 +181,23 @@ describeWith("REDIS_URL", redisUrl(), "rate-limit leases (redis counter)", () =>
     expect(calls).toBe(1); // one round trip for the twenty
     expect(await p.take(k, 1, 1_000_000, MINUTE)).toMatchObject({ ok: true, total: 1 });
     expect(await inRedis(k)).toBe(101);
+  });
+
+  it("takes LATCHKEY_RATELIMIT_LEASE_MAX from the configuration: 0 takes every call in Redis", async () => {
+    const store = { capabilities: { shared: true, atomicUpdates: true, counterClient: null } } as unknown as Store;
+    for (const [leaseMax, counted] of [
+      [0, 1],
+      [100, 101],
+    ]) {
+      const made = createCounter({ ratelimitBackend: "redis", ratelimitLeaseMax: leaseMax, redisUrl: redisUrl()!, mongodbDatabase: "x" }, store);
+      try {
+        const k = fresh(`config-${leaseMax}`);
+        const r = await made.counter.take(k, 1, 1_000_000, MINUTE);
+        expect(await inRedis(k, r.window)).toBe(counted);
+      } finally {
+        await made.close();
+      }
+    }
   });
 
   it("reads a pool's count with cost 0 without what this process still holds", async () => {
