@@ -233,6 +233,13 @@ export function createRedisCounter(
     if (l.left > 0 && windowOf(now(), l.durationMs) === l.window) void redisRefund(key, l.left, l.durationMs, l.window).catch(() => undefined);
     l.left = 0;
   }
+  /** The pool's lease if it is for this window, limit and duration; another one is void, and dropped. */
+  function leaseFor(key: string, window: number, limit: number, durationMs: number): Lease | undefined {
+    const l = leases.get(key);
+    if (!l || (l.window === window && l.limit === limit && l.durationMs === durationMs)) return l;
+    drop(key, l);
+    return undefined;
+  }
   /** Leases of windows that are over hold nothing anyone can use. */
   function sweep(): void {
     const t = now();
@@ -241,6 +248,7 @@ export function createRedisCounter(
 
   /** A take that goes to Redis, leasing ahead when the window has room (one such round trip per pool at a time). */
   async function takeInRedis(key: string, cost: number, limit: number, durationMs: number, window: number, t: number): Promise<{ ok: boolean; total: number }> {
+    const k = `${key}:${window}`;
     let l = leases.get(key);
     const held = l?.left ?? 0; // fewer than cost: used by this call if Redis admits the rest
     const need = cost - held;
@@ -250,10 +258,9 @@ export function createRedisCounter(
       l = { window, limit, durationMs, left: 0, total: 0, active: false, pending: null };
       leases.set(key, l);
     }
-    if (!l) return redisTake(`${key}:${window}`, cost, limit, window, durationMs, t);
+    if (!l) return redisTake(k, cost, limit, window, durationMs, t);
     const lease = l;
     lease.left -= held; // reserved for this call until Redis answers
-    const k = `${key}:${window}`;
     const run = async () => {
       try {
         let r = await redisTake(k, need + extra, limit, window, durationMs, t);
@@ -306,12 +313,8 @@ export function createRedisCounter(
       const t = now();
       const window = windowOf(t, durationMs);
       const resetAt = (window + 1) * durationMs;
-      let l = leases.get(key);
-      if (l && (l.window !== window || l.limit !== limit || l.durationMs !== durationMs)) {
-        // Another window, or the pool's limit or duration changed: the lease is void.
-        drop(key, l);
-        l = undefined;
-      }
+      // A lease of another window, or from before the pool's limit or duration changed, is void.
+      let l = leaseFor(key, window, limit, durationMs);
       if (cost === 0) {
         try {
           const total = ((await limiterFor(limit).get(`${key}:${window}`))?.consumedPoints ?? 0) - (l?.left ?? 0);
@@ -328,11 +331,7 @@ export function createRedisCounter(
         if (!l.pending) break;
         const failed = await l.pending;
         if (failed !== undefined) throw failed;
-        l = leases.get(key);
-        if (l && (l.window !== window || l.limit !== limit || l.durationMs !== durationMs)) {
-          drop(key, l);
-          l = undefined;
-        }
+        l = leaseFor(key, window, limit, durationMs);
       }
       const r = await takeInRedis(key, cost, limit, durationMs, window, t);
       return { ok: r.ok, total: r.total, window, resetAt };
