@@ -82,22 +82,36 @@ function toLogDoc(_id: string, slot: string, seq: number, rows: UsageRow[]): Usa
   return { _id, slot, seq, m: 1, ...idLists(rows), data: JSON.stringify(rows.map(toLogRow)) };
 }
 
+/** A log document's rows as stored: minute rows (`m`), or rows of every granularity in documents of earlier releases (`data`, or `rows` before it). */
+function parseLog(d: UsageLogDoc): { minute: boolean; rows: LogRow[] } {
+  return { minute: d.m === 1, rows: d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []) };
+}
+
 /**
- * The rows a log document counts: its minute rows with the hour and day rows
- * they add up to (`m`), or the rows of every granularity that documents of
- * earlier releases hold (`data`, or `rows` before it).
+ * Calls `fn` for each row that stored rows `from`–`to` of a log document count
+ * in: a minute row counts in its minute, hour and day buckets (three calls with
+ * the same row), a row of an earlier release's document in its own.
  */
-function logRows(d: UsageLogDoc): LogRow[] {
-  const rows = d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []);
-  if (d.m !== 1) return rows;
-  // Three rows a minute row, not summed here: every reader adds up the rows of one id.
-  const out: LogRow[] = new Array(rows.length * 3);
-  for (let i = 0; i < rows.length; i++) {
-    const r = rows[i];
-    out[i * 3] = r;
-    out[i * 3 + 1] = { ...r, g: "hour", b: r.b - (r.b % BUCKET_MS.hour) };
-    out[i * 3 + 2] = { ...r, g: "day", b: r.b - (r.b % BUCKET_MS.day) };
+function eachCounted(log: { minute: boolean; rows: LogRow[] }, fn: (g: Granularity, b: number, r: LogRow) => void, from = 0, to = log.rows.length): void {
+  const end = Math.min(to, log.rows.length);
+  for (let i = from; i < end; i++) {
+    const r = log.rows[i];
+    if (!log.minute) {
+      fn(r.g as Granularity, r.b, r);
+      continue;
+    }
+    fn("minute", r.b, r);
+    fn("hour", r.b - (r.b % BUCKET_MS.hour), r);
+    fn("day", r.b - (r.b % BUCKET_MS.day), r);
   }
+}
+
+/** The rows a log document counts (eachCounted), as rows; not summed here: every reader adds up the rows of one id. */
+function logRows(d: UsageLogDoc): LogRow[] {
+  const log = parseLog(d);
+  if (!log.minute) return log.rows;
+  const out: LogRow[] = [];
+  eachCounted(log, (g, b, r) => out.push(g === "minute" ? r : { ...r, g, b }));
   return out;
 }
 
@@ -299,29 +313,18 @@ export class MongoUsage {
     const docs = (await this.ctx.run(() => this.ctx.usageLog.find({ slot: slot.id }).toArray())).filter((d) => d.seq < doubt);
     if (docs.length === 0) return;
     const seq = Math.max(...docs.map((d) => d.seq));
-    // The log's rows as stored (minute rows, or every granularity in documents of earlier releases),
-    // and per granularity the oldest bucket they touch.
+    // The log's rows, and per granularity the oldest bucket they count in.
     const logs: { seq: number; minute: boolean; rows: LogRow[] }[] = [];
-    for (const d of docs) {
-      logs.push({ seq: d.seq, minute: d.m === 1, rows: d.data !== undefined ? (JSON.parse(d.data) as LogRow[]) : (d.rows ?? []) });
-      await breather();
-    }
     const since = new Map<string, number>();
     const touch = (g: string, b: number) => {
       const have = since.get(g);
       if (have === undefined || b < have) since.set(g, b);
     };
-    for (const l of logs) {
-      let min = Infinity;
-      for (const r of l.rows) {
-        if (!l.minute) touch(r.g, r.b);
-        else if (r.b < min) min = r.b;
-      }
-      if (l.minute && min !== Infinity) {
-        touch("minute", min);
-        touch("hour", min - (min % BUCKET_MS.hour));
-        touch("day", min - (min % BUCKET_MS.day));
-      }
+    for (const d of docs) {
+      const log = { seq: d.seq, ...parseLog(d) };
+      logs.push(log);
+      eachCounted(log, touch);
+      await breather();
     }
     const base = slot.rowSeq(0);
     const k = this.known.get(slot.id);
@@ -345,19 +348,19 @@ export class MongoUsage {
         for (let j = 0; j < COUNTERS.length; j++) c[COUNTERS[j]] += r.n[j] ?? 0;
       }
     };
-    let done = 0;
     for (const l of logs) {
-      for (const r of l.rows) {
-        if (++done % ROLLUP_SLICE === 0) await breather();
+      // One row key per log row, for its minute, hour and day rows alike.
+      let last: LogRow | null = null;
+      let key = "";
+      const count = (g: Granularity, b: number, r: LogRow) => {
         // `i ?? null`: FerretDB may leave a null out.
-        const key = rowKey(r.k, r.i ?? null, r.t);
-        if (!l.minute) {
-          add(r.g as Granularity, r.b, key, r, l.seq);
-          continue;
-        }
-        add("minute", r.b, key, r, l.seq);
-        add("hour", r.b - (r.b % BUCKET_MS.hour), key, r, l.seq);
-        add("day", r.b - (r.b % BUCKET_MS.day), key, r, l.seq);
+        if (r !== last) key = rowKey(r.k, r.i ?? null, r.t);
+        last = r;
+        add(g, b, key, r, l.seq);
+      };
+      for (let i = 0; i < l.rows.length; i += ROLLUP_SLICE) {
+        eachCounted(l, count, i, i + ROLLUP_SLICE);
+        await breather();
       }
     }
     // Rows in those buckets the log did not count: written again as they are.
