@@ -1,4 +1,5 @@
 import { Redis } from "ioredis";
+import { SPEND_NOW } from "../storage/redis-credits.js";
 
 /**
  * The Redis client a server uses for rate-limit counters and credit balances.
@@ -10,10 +11,13 @@ import { Redis } from "ioredis";
  * 42 → 12 µs and the server's main thread 174 → 123 µs. Each command still runs
  * on its own in Redis (a pipeline is not a transaction), so the atomicity of
  * the Lua scripts is unchanged; MULTI and the other commands ioredis keeps out
- * of auto-pipelines go out as before.
+ * of auto-pipelines go out as before. One command is kept out: the credit
+ * spend a single hot balance sends alone (SPEND_NOW), for which a pipeline of
+ * one costs the client more than the command (docs/credits.md, "One hot
+ * balance"); spends of several balances in one turn still go out together.
  */
 export function createRedisClient(url: string): Redis {
-  const client = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true, enableAutoPipelining: true });
+  const client = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true, enableAutoPipelining: true, autoPipeliningIgnoredCommands: [SPEND_NOW] });
   client.on("error", () => undefined); // surfaced per call as UNAVAILABLE
   return client;
 }

@@ -11,7 +11,7 @@ import { createRedisClient } from "../../src/app/redis.js";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { KeyRecord } from "../../src/domain/types.js";
 import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
-import { RedisCreditsStore } from "../../src/storage/redis-credits.js";
+import { RedisCreditsStore, SPEND_NOW } from "../../src/storage/redis-credits.js";
 import type { Store } from "../../src/storage/store.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
 import { identityRecord, keyRecord } from "../support/records.js";
@@ -238,7 +238,7 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           const held: (() => void)[] = [];
           const gate = { calls, release: () => held.splice(0).forEach((go) => go()), fail: false };
           const gated = async (...args: unknown[]) => {
-            calls.push(args.slice(6).map(Number));
+            calls.push(String(args[6]).split(",").map(Number));
             if (calls.length <= hold) await new Promise<void>((go) => held.push(go));
             if (gate.fail) {
               gate.fail = false;
@@ -247,9 +247,10 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
             return redis.lkCreditsSpend(...args);
           };
           // In front of the client, not patched into it (its auto-pipelining calls its own methods).
+          // Both names of the script: the one a lone batch goes by, and the auto-pipelined one.
           holder.redis = new Proxy(redis, {
             get: (target, name) => {
-              if (name === "lkCreditsSpend") return gated;
+              if (name === "lkCreditsSpend" || name === SPEND_NOW) return gated;
               const v = Reflect.get(target, name, target) as unknown;
               return typeof v === "function" ? v.bind(target) : v;
             },
@@ -346,6 +347,31 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           expect(res.filter((r) => r.ok)).toHaveLength(1000);
           expect(res.slice(0, 1000).map((r) => r.remaining)).toEqual(Array.from({ length: 1000 }, (_, i) => 999 - i));
           expect((await a.getKey(k.id))!.credits!.remaining).toBe(0);
+        });
+
+        it("writes the batches of several balances made in one turn to Redis at once, and a lone balance's batch in one write", async () => {
+          const a = await start();
+          const ks = [await keyWith(a, 10), await keyWith(a, 10), await keyWith(a, 10)];
+          for (const k of ks) await a.spendCredits({ keyId: k.id }, 0, null); // loaded in Redis
+          // Every write to the client's socket, counted.
+          const stream = (a as unknown as { redis: { stream: { write: (...args: unknown[]) => boolean } } }).redis.stream;
+          const write = stream.write;
+          let writes = 0;
+          stream.write = function (this: unknown, ...args: unknown[]) {
+            writes++;
+            return write.apply(this, args);
+          };
+          try {
+            const res = await Promise.all(ks.flatMap((k) => [a.spendCredits({ keyId: k.id }, 1, null), a.spendCredits({ keyId: k.id }, 2, null)]));
+            expect(res.map((r) => [r.ok, r.remaining])).toEqual(ks.flatMap(() => [[true, 9], [true, 7]]));
+            expect(writes).toBe(1);
+            writes = 0;
+            const lone = await Promise.all([a.spendCredits({ keyId: ks[0]!.id }, 3, null), a.spendCredits({ keyId: ks[0]!.id }, 4, null)]);
+            expect(lone.map((r) => r.remaining)).toEqual([4, 0]);
+            expect(writes).toBe(1);
+          } finally {
+            stream.write = write;
+          }
         });
 
         it("keeps balances apart: spends of another key do not wait for this one's", async () => {
