@@ -12,9 +12,9 @@ import { SPEND_NOW } from "../storage/redis-credits.js";
  * on its own in Redis (a pipeline is not a transaction), so the atomicity of
  * the Lua scripts is unchanged; MULTI and the other commands ioredis keeps out
  * of auto-pipelines go out as before. One command is kept out: the credit
- * spend a single hot balance sends alone (SPEND_NOW), for which a pipeline of
- * one costs the client more than the command (docs/credits.md, "One hot
- * balance"); spends of several balances in one turn still go out together.
+ * spend of the only balance an instance is spending from (SPEND_NOW), which
+ * auto-pipelining would hold for another turn of the event loop to make a
+ * pipeline of one (docs/credits.md, "One hot balance").
  */
 export function createRedisClient(url: string): Redis {
   const client = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true, enableAutoPipelining: true, autoPipeliningIgnoredCommands: [SPEND_NOW] });

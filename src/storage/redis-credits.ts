@@ -257,8 +257,6 @@ export class RedisCreditsStore implements Store {
   private queued: Promise<void> | null = null;
   /** Per balance (and refill due) with a spend in flight from this instance: the spends waiting for it. */
   private readonly spending = new Map<string, QueuedSpend[]>();
-  /** The balances whose first batch goes out at the end of this turn (dispatch()). */
-  private ready: { group: string; member: string; refill: RefillDue | null }[] = [];
 
   constructor(
     readonly inner: MongoStore,
@@ -360,22 +358,11 @@ export class RedisCreditsStore implements Store {
         queue.push(spend);
         return;
       }
-      this.spending.set(group, [spend]);
-      if (this.ready.push({ group, member, refill }) === 1) setImmediate(() => this.dispatch());
+      const batch = [spend];
+      this.spending.set(group, batch);
+      // What is left in `batch` past SPEND_BATCH_MAX waits, in the map, for the next script.
+      setImmediate(() => void this.spendBatch(group, member, refill, batch.splice(0, SPEND_BATCH_MAX)));
     });
-  }
-
-  /**
-   * Sends the first batch of each balance scheduled this turn, with what queued
-   * for it by now (at most SPEND_BATCH_MAX; the rest waits in the map for the
-   * next script), all in one callback: the client's auto-pipelining writes
-   * their scripts in one go (with a callback each, it would write each on its
-   * own: Node runs the next-tick queue between them).
-   */
-  private dispatch(): void {
-    const ready = this.ready;
-    this.ready = [];
-    for (const { group, member, refill } of ready) void this.spendBatch(group, member, refill, this.spending.get(group)!.splice(0, SPEND_BATCH_MAX));
   }
 
   /**
@@ -402,9 +389,9 @@ export class RedisCreditsStore implements Store {
         let costs = String(batch[0]!.cost);
         for (let i = 1; i < batch.length; i++) costs += "," + batch[i]!.cost;
         // The only balance this instance is spending from (one hot customer) sends its
-        // script as a plain command: a pipeline of one costs the client more than the
-        // command itself. Several balances' scripts issued in one turn go out
-        // auto-pipelined, in one write (docs/credits.md, "One hot balance").
+        // script as a plain command, written at once: auto-pipelining would hold it for
+        // another turn of the event loop and build a pipeline of one. Several balances'
+        // scripts go out auto-pipelined, in one write (docs/credits.md, "One hot balance").
         const spend = this.spending.size === 1 ? this.redis.lkCreditsSpendNow : this.redis.lkCreditsSpend;
         const res = await this.r(() =>
           spend.call(this.redis, this.key(member), this.dirty, this.prefix, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now(), costs),
