@@ -337,6 +337,25 @@ describeWith("MONGODB_URI", mongodbUri(), "redis credits backend", () =>
           ]);
         });
 
+        it("counts a batch's remainders from the refilled balance when the batch applies a due refill", async () => {
+          const a = await start();
+          const i = identityRecord({ credits: { remaining: 1, refill: { interval: "daily", amount: 5, refillDay: null, lastRefillAt: today - DAY } } });
+          await a.createIdentity(i);
+          await a.spendCredits({ identityId: i.id }, 0, null); // loaded in Redis, not refilled
+          const gate = gateScript(a, 0);
+          const due = { periodStart: today, amount: 5 };
+          const res = await Promise.all([2, 2, 2, 1].map((cost) => a.spendCredits({ identityId: i.id }, cost, due)));
+          expect(gate.calls).toEqual([[2, 2, 2, 1]]);
+          expect(res.map((r) => [r.ok, r.remaining, r.refilledAt])).toEqual([
+            [true, 3, today],
+            [true, 1, today],
+            [false, 1, today],
+            [true, 0, today],
+          ]);
+          await a.flush();
+          expect((await a.inner.getIdentity(i.id))!.credits).toEqual({ remaining: 0, refill: { ...i.credits!.refill!, lastRefillAt: today } });
+        });
+
         it("sends at most 500 spends in one script; the rest go out in the next", async () => {
           const a = await start();
           const k = await keyWith(a, 1000);
