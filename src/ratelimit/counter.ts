@@ -227,11 +227,16 @@ export function createRedisCounter(
     const n = Math.min(leaseMax, Math.floor((limit - after) / LEASE_SHARE));
     return n >= LEASE_MIN ? n : 0;
   };
-  /** Forgets a lease; what it still holds of a window not yet over goes back to Redis. */
+  /** What a lease still holds of a window not yet over, given back to Redis (nothing to give: undefined). */
+  function giveBack(key: string, l: Lease): Promise<void> | undefined {
+    const left = l.left;
+    l.left = 0;
+    return left > 0 && windowOf(now(), l.durationMs) === l.window ? redisRefund(key, left, l.durationMs, l.window) : undefined;
+  }
+  /** Forgets a lease, giving back what it holds. */
   function drop(key: string, l: Lease): void {
     if (leases.get(key) === l) leases.delete(key);
-    if (l.left > 0 && windowOf(now(), l.durationMs) === l.window) void redisRefund(key, l.left, l.durationMs, l.window).catch(() => undefined);
-    l.left = 0;
+    void giveBack(key, l)?.catch(() => undefined);
   }
   /** The pool's lease if it is for this window, limit and duration; another one is void, and dropped. */
   function leaseFor(key: string, window: number, limit: number, durationMs: number): Lease | undefined {
@@ -304,10 +309,9 @@ export function createRedisCounter(
       if (timer) clearInterval(timer);
     },
     async returnLeases() {
-      const t = now();
-      const held = [...leases].filter(([, l]) => l.left > 0 && windowOf(t, l.durationMs) === l.window);
+      const held = [...leases];
       leases.clear();
-      await Promise.all(held.map(([key, l]) => redisRefund(key, l.left, l.durationMs, l.window)));
+      await Promise.all(held.map(([key, l]) => giveBack(key, l)));
     },
     async take(key, cost, limit, durationMs) {
       const t = now();
