@@ -28,7 +28,7 @@ export function createServerStore(config: Config, logger?: Logger): Store {
   const guard = guardStore(store, { probeTimeoutMs: config.storeProbeTimeoutMs, failFastMs: config.storeFailFastMs }, logger);
   if (config.creditsBackend !== "redis" || !(store instanceof MongoStore)) return guard.store;
   const client = createRedisClient(config.redisUrl!);
-  const ledger = new RedisCreditsStore(guard.store as MongoStore, client, { flushMs: config.creditsFlushMs, logger, ownsClient: true });
+  const ledger = new RedisCreditsStore(guard.store as MongoStore, client, { flushMs: config.creditsFlushMs, leaseMax: config.creditsLeaseMax, logger, ownsClient: true });
   return guard.wrap(ledger, ["spendCredits", "returnCredits"]);
 }
 

@@ -39,7 +39,8 @@ const CLOSE_FLUSH_MS = 10_000;
  * TTL; Redis must not evict them (noeviction or a volatile-* policy).
  *
  * What a crash costs: a Latchkey instance killed at any point loses nothing —
- * the balance lives in Redis, and any instance writes it back. Redis losing its
+ * the balance lives in Redis, and any instance writes it back — but the unused
+ * part of its credit leases (at most leaseMax per balance; see spendBatch()). Redis losing its
  * data (restart without persistence) reloads balances from MongoDB as last
  * written back: the spends of at most one flush interval are forgotten and may
  * be spent again (with appendfsync everysec: of about a second).
@@ -49,18 +50,25 @@ const CLOSE_FLUSH_MS = 10_000;
  * Spends from one balance, in order, each cost if it still fits (what that many
  * SPEND calls back to back would do, in one atomic step). State fields of a
  * balance in Redis: r remaining, u unlimited, lr last refill, to moved-to key
- * id, n sequence. ARGV: prefix, refill period start ('' for none), refill
- * amount, now, the costs joined by commas. Returns {'b', lr, r, oks} — r the
- * balance before the first of these spends (after a refill), oks one '1' or '0'
- * per spend (spent or not; each spent one's cost comes off r in turn) — or
- * {'unl'}, {'miss', member}, {'gone'}. (One argument and one reply string for a
- * batch, not two array elements a spend: what ioredis and Redis parse and
- * write per spend.)
+ * id, n sequence; and for credit leases (docs/credits.md, "Credit leases") le
+ * the lease epoch (a return must name it; SET and MOVE change it), lc leases
+ * out, lx when the last of them expires (Redis's clock, ms), fz no grants
+ * before (an update waiting for leases). ARGV: prefix, refill period start
+ * ('' for none), refill amount, now, the costs joined by commas, the lease
+ * asked for (0: none), its lifetime (ms), and the lease this instance gives
+ * back with the batch: its epoch ('' for none), its refill time, its unused
+ * credits. Returns {'b', lr, r, oks, lease, le} — r the balance before the
+ * first of these spends (after a refill and the lease given back), oks one '1'
+ * or '0' per spend (spent or not; each spent one's cost comes off r in turn),
+ * lease the credits granted after the spends (0: none; only when at most 1/64
+ * of what is left and at least 8) — or {'unl'}, {'miss', member}, {'gone'}.
+ * (One argument and one reply string for a batch, not two array elements a
+ * spend: what ioredis and Redis parse and write per spend.)
  */
 const SPEND = `
 local key = KEYS[1]
 for hop = 0, 8 do
-  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n')
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n', 'le', 'lc', 'lx', 'fz')
   if not st[5] then return {'miss', string.sub(key, string.len(ARGV[1]) + 1)} end
   if st[4] then
     key = ARGV[1] .. 'k:' .. st[4]
@@ -76,6 +84,19 @@ for hop = 0, 8 do
       redis.call('hset', key, 'lr', lr)
       changed = true
     end
+    local le = st[6] or '0'
+    local lc = tonumber(st[7] or '0')
+    if ARGV[8] ~= '' and ARGV[8] == le then
+      if lc > 0 then
+        lc = lc - 1
+        redis.call('hset', key, 'lc', lc)
+      end
+      local unused = tonumber(ARGV[10])
+      if unused > 0 and ARGV[9] == lr then
+        r = r + unused
+        changed = true
+      end
+    end
     local before = r
     local oks = {}
     for c in string.gmatch(ARGV[5], '[^,]+') do
@@ -90,7 +111,24 @@ for hop = 0, 8 do
         oks[#oks + 1] = '0'
       end
     end
-    local out = {'b', lr, before, table.concat(oks)}
+    local lease = 0
+    if tonumber(ARGV[6]) > 0 then
+      local t = redis.call('time')
+      local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      if not st[9] or tonumber(st[9]) <= now then
+        lease = math.min(tonumber(ARGV[6]), math.floor(r / 64))
+        if lease >= 8 then
+          r = r - lease
+          changed = true
+          redis.call('hset', key, 'lc', lc + 1)
+          local x = now + tonumber(ARGV[7])
+          if not st[8] or tonumber(st[8]) < x then redis.call('hset', key, 'lx', x) end
+        else
+          lease = 0
+        end
+      end
+    end
+    local out = {'b', lr, before, table.concat(oks), lease, le}
     if changed then
       redis.call('hset', key, 'r', r)
       redis.call('hincrby', key, 'n', 1)
@@ -100,6 +138,35 @@ for hop = 0, 8 do
   end
 end
 return {'gone'}
+`;
+
+/**
+ * Gives back what is left of a lease: follows moves; if the balance's lease
+ * epoch is still ARGV[2], counts the lease in, and adds ARGV[4] to a limited
+ * balance whose refill time is still ARGV[3] ('' for none). ARGV[5]: now.
+ * Returns 1 when credits were added.
+ */
+const RETURN_LEASE = `
+local key = KEYS[1]
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n', 'le', 'lc')
+  if not st[5] then return 0 end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  elseif (st[6] or '0') ~= ARGV[2] then
+    return 0
+  else
+    if tonumber(st[7] or '0') > 0 then redis.call('hincrby', key, 'lc', -1) end
+    if st[1] and not st[2] and (st[3] or '') == ARGV[3] and tonumber(ARGV[4]) > 0 then
+      redis.call('hincrby', key, 'r', ARGV[4])
+      redis.call('hincrby', key, 'n', 1)
+      redis.call('zadd', KEYS[2], 'NX', ARGV[5], string.sub(key, string.len(ARGV[1]) + 1))
+      return 1
+    end
+    return 0
+  end
+end
+return 0
 `;
 
 /**
@@ -153,39 +220,65 @@ return {'gone'}
 
 /**
  * Sets a balance: if ARGV[1] (expected n) is '' or equals n, replaces r/u/lr
- * with the pairs from ARGV[5], drops any move, increments n and marks it dirty.
- * Returns the new n, or -1 when n had moved.
+ * with the pairs from ARGV[5], drops any move, increments n and the lease
+ * epoch and marks it dirty: returns {n}. {-1} when n had moved. While leases
+ * are out and the last of them has not expired by ARGV[4] ms (Redis's clock),
+ * nothing is set: no more leases are granted for a while (fz) and it returns
+ * {-2, ms to wait}.
  */
 const SET = `
-local n = tonumber(redis.call('hget', KEYS[1], 'n') or '0')
-if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= n then return -1 end
-redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'to')
+local st = redis.call('hmget', KEYS[1], 'n', 'lc', 'lx')
+local n = tonumber(st[1] or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= n then return {-1} end
+if tonumber(st[2] or '0') > 0 then
+  local t = redis.call('time')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local wait = tonumber(st[3] or '0') + tonumber(ARGV[4]) - now
+  if wait > 0 then
+    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
+    return {-2, wait}
+  end
+end
+redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'to', 'lc', 'lx', 'fz')
+redis.call('hincrby', KEYS[1], 'le', 1)
 for i = 5, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
 n = n + 1
 redis.call('hset', KEYS[1], 'n', n)
 redis.call('zadd', KEYS[2], 'NX', ARGV[2], ARGV[3])
-return n
+return {n}
 `;
 
 /**
  * A reroll: the old key's balance moves to the new key, and the old key points
- * at it. KEYS: old, new, dirty. ARGV: new key id, now, old member, new member.
- * Nothing when the old balance is not loaded (MongoDB already holds the move).
+ * at it; both get the next lease epoch. KEYS: old, new, dirty. ARGV: new key
+ * id, now, old member, new member, the leases' grace (ms). Nothing when the old
+ * balance is not loaded (MongoDB already holds the move): 0. Waits for leases
+ * out as SET does: {-2, ms to wait}.
  */
 const MOVE = `
-local st = redis.call('hmget', KEYS[1], 'r', 'u', 'lr', 'to', 'n')
+local st = redis.call('hmget', KEYS[1], 'r', 'u', 'lr', 'to', 'n', 'le', 'lc', 'lx')
 if not st[5] then return 0 end
+if tonumber(st[7] or '0') > 0 then
+  local t = redis.call('time')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local wait = tonumber(st[8] or '0') + tonumber(ARGV[5]) - now
+  if wait > 0 then
+    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
+    return {-2, wait}
+  end
+end
 local n = tonumber(st[5]) + 1
+local le = tonumber(st[6] or '0') + 1
 redis.call('del', KEYS[2])
 if st[4] then
-  redis.call('hset', KEYS[2], 'to', st[4], 'n', n)
+  redis.call('hset', KEYS[2], 'to', st[4], 'n', n, 'le', le)
   return 1
 end
 if st[2] then redis.call('hset', KEYS[2], 'u', '1') else redis.call('hset', KEYS[2], 'r', st[1]) end
 if st[3] then redis.call('hset', KEYS[2], 'lr', st[3]) end
-redis.call('hset', KEYS[2], 'n', n)
-redis.call('hdel', KEYS[1], 'r', 'u', 'lr')
-redis.call('hset', KEYS[1], 'to', ARGV[1], 'n', n)
+redis.call('hset', KEYS[2], 'n', n, 'le', le)
+redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'lc', 'lx', 'fz')
+redis.call('hset', KEYS[1], 'to', ARGV[1], 'n', n, 'le', le)
 redis.call('zadd', KEYS[3], 'NX', ARGV[2], ARGV[3])
 redis.call('zadd', KEYS[3], 'NX', ARGV[2], ARGV[4])
 return 1
@@ -199,13 +292,14 @@ return 0
 `;
 
 type LedgerRedis = Redis & {
-  lkCreditsSpend(key: string, dirty: string, prefix: string, periodStart: string, amount: number, now: number, costs: string): Promise<(string | number)[]>;
-  lkCreditsSpendNow(key: string, dirty: string, prefix: string, periodStart: string, amount: number, now: number, costs: string): Promise<(string | number)[]>;
+  lkCreditsSpend(key: string, dirty: string, ...args: (string | number)[]): Promise<(string | number)[]>;
+  lkCreditsSpendNow(key: string, dirty: string, ...args: (string | number)[]): Promise<(string | number)[]>;
+  lkCreditsReturnLease(key: string, dirty: string, prefix: string, epoch: string, lr: string, unused: number, now: number): Promise<number>;
   lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
-  lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, reserved: string, ...pairs: (string | number)[]): Promise<number>;
-  lkCreditsMove(oldKey: string, newKey: string, dirty: string, newId: string, now: number, oldMember: string, newMember: string): Promise<number>;
+  lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, graceMs: number, ...pairs: (string | number)[]): Promise<number[]>;
+  lkCreditsMove(oldKey: string, newKey: string, dirty: string, newId: string, now: number, oldMember: string, newMember: string, graceMs: number): Promise<number | number[]>;
   lkCreditsClean(dirty: string, state: string, member: string, n: string): Promise<number>;
 };
 
@@ -215,6 +309,14 @@ export interface RedisCreditsOptions {
   logger?: Logger;
   /** Closes the Redis client on close() (when this store created it). */
   ownsClient?: boolean;
+  /**
+   * Most credits of a balance this instance takes ahead in one round trip and
+   * spends itself (a lease; docs/credits.md, "Credit leases"). 0 (the default
+   * here; the server's is LATCHKEY_CREDITS_LEASE_MAX): none.
+   */
+  leaseMax?: number;
+  /** How long this instance spends from a lease, from before it asked for it (ms). */
+  leaseMs?: number;
 }
 
 /**
@@ -225,6 +327,61 @@ export const SPEND_NOW = "lkCreditsSpendNow";
 
 /** Most spends one script takes (more wait for the next): a script holds Redis while it runs. */
 const SPEND_BATCH_MAX = 500;
+
+/** How long an instance spends from a credit lease, unless told otherwise (ms). */
+export const CREDIT_LEASE_MS = 250;
+/**
+ * How long past a lease's expiry in Redis an update waits for the holder to
+ * give back what it did not spend before counting it spent (ms): the holder
+ * stops spending at its own expiry, measured from before it asked, and gives
+ * the rest back at once.
+ */
+const LEASE_GRACE_MS = 100;
+/** How often an update waiting for leases asks again whether they are back (ms). */
+const LEASE_POLL_MS = 20;
+/** How long an update waits for leases at most before answering UNAVAILABLE (ms). */
+const LEASE_WAIT_MAX_MS = 10_000;
+const DAY_MS = 86_400_000;
+
+/**
+ * A block of a balance granted to this instance by the spend script, which
+ * spends from it without a round trip until it is used up or expires, then
+ * gives back the rest (docs/credits.md, "Credit leases").
+ */
+interface Lease {
+  member: string;
+  /** Credits left in it, and spent from it (what sizes the next one). */
+  left: number;
+  used: number;
+  /**
+   * performance.now() from which it is not spent from: its lifetime counted
+   * from before it was asked for (so before Redis counts it), and never past
+   * the next UTC midnight (every refill period starts at one).
+   */
+  until: number;
+  /** The balance's lease epoch and refill time at the grant: what a return names. */
+  epoch: string;
+  lr: string;
+  /** The balance in Redis after the grant: a spend from the lease answers base + left. */
+  base: number;
+  refilledAt: number | null;
+  timer: NodeJS.Timeout | null;
+}
+
+/** The lease asked for with a batch: none for a lone spend, else sized to what this instance spends. */
+function leaseAsk(max: number, batch: QueuedSpend[], prev: Lease | undefined): number {
+  if (max === 0 || (batch.length < 2 && prev === undefined)) return 0;
+  let cost = 0;
+  for (const q of batch) cost += q.cost;
+  return Math.min(max, prev === undefined ? 8 * cost : 2 * (prev.used + cost));
+}
+
+/** ms from `now` to the next UTC midnight. */
+export function msToUtcMidnight(now: number): number {
+  return DAY_MS - (now % DAY_MS);
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** A spend waiting for the one in flight on its balance (spendCredits). */
 interface QueuedSpend {
@@ -257,6 +414,10 @@ export class RedisCreditsStore implements Store {
   private queued: Promise<void> | null = null;
   /** Per balance (and refill due) with a spend in flight from this instance: the spends waiting for it. */
   private readonly spending = new Map<string, QueuedSpend[]>();
+  /** Per balance (and refill due): the lease this instance spends from. */
+  private readonly leases = new Map<string, Lease>();
+  private readonly leaseMax: number;
+  private readonly leaseMs: number;
 
   constructor(
     readonly inner: MongoStore,
@@ -264,10 +425,13 @@ export class RedisCreditsStore implements Store {
     private readonly opts: RedisCreditsOptions,
   ) {
     this.redis = redis as LedgerRedis;
+    this.leaseMax = opts.leaseMax ?? 0;
+    this.leaseMs = opts.leaseMs ?? CREDIT_LEASE_MS;
     this.redis.defineCommand("lkCreditsSpend", { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand(SPEND_NOW, { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand("lkCreditsLoad", { numberOfKeys: 1, lua: LOAD });
     this.redis.defineCommand("lkCreditsReturn", { numberOfKeys: 2, lua: RETURN });
+    this.redis.defineCommand("lkCreditsReturnLease", { numberOfKeys: 2, lua: RETURN_LEASE });
     this.redis.defineCommand("lkCreditsRead", { numberOfKeys: 1, lua: READ });
     this.redis.defineCommand("lkCreditsSet", { numberOfKeys: 2, lua: SET });
     this.redis.defineCommand("lkCreditsMove", { numberOfKeys: 3, lua: MOVE });
@@ -305,6 +469,8 @@ export class RedisCreditsStore implements Store {
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    // What is left of this instance's leases goes back first (else it is lost until an update).
+    await Promise.all([...this.leases.keys()].map((group) => this.endLease(group)));
     // Any instance writes balances back; writing this one's share now is a courtesy. The
     // calls are drained by now, so a pass started after this point (flush() waits for one
     // in flight first) writes every spend this instance made.
@@ -333,7 +499,8 @@ export class RedisCreditsStore implements Store {
   private async load(member: string): Promise<boolean> {
     const d = await this.inner.readCreditsHolder(targetOf(member));
     if (!d) return false;
-    const pairs = d.creditsKeyId ? ["to", d.creditsKeyId] : pairsOf(d.credits);
+    // A fresh lease epoch: a lease granted before Redis lost the balance is not given back into it.
+    const pairs = [...(d.creditsKeyId ? ["to", d.creditsKeyId] : pairsOf(d.credits)), "le", Date.now()];
     await this.r(() => this.redis.lkCreditsLoad(this.key(member), d.seq, ...pairs));
     return true;
   }
@@ -351,6 +518,16 @@ export class RedisCreditsStore implements Store {
   spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     const member = memberOf(target);
     const group = refill ? `${member}|${refill.periodStart}|${refill.amount}` : member;
+    const lease = this.leases.get(group);
+    if (lease !== undefined && lease.left >= cost && performance.now() < lease.until) {
+      // From this instance's lease, without a round trip: the commit point is here.
+      try {
+        signal?.throwIfAborted();
+      } catch (err) {
+        return Promise.reject(err);
+      }
+      return Promise.resolve(this.fromLease(lease, cost));
+    }
     return new Promise<SpendResult>((resolve, reject) => {
       const spend: QueuedSpend = { cost, signal, resolve, reject };
       const queue = this.spending.get(group);
@@ -365,13 +542,25 @@ export class RedisCreditsStore implements Store {
     });
   }
 
+  private fromLease(lease: Lease, cost: number): SpendResult {
+    lease.left -= cost;
+    lease.used += cost;
+    return { ok: true, remaining: lease.base + lease.left, refilledAt: lease.refilledAt };
+  }
+
   /**
    * One script spending the costs of `batch` in order from the balance of
-   * `member` (loading it first if it is not in Redis); then the spends that
-   * queued meanwhile, as the next batch.
+   * `member` (loading it first if it is not in Redis), giving back what is left
+   * of this instance's lease on it and asking for the next; then the spends
+   * that queued meanwhile — from that lease as far as it goes, the rest as the
+   * next batch.
    */
   private async spendBatch(group: string, member: string, refill: RefillDue | null, batch: QueuedSpend[]): Promise<void> {
     const settle = (r: SpendResult) => batch.forEach((q) => q.resolve(r));
+    // The lease this instance holds on the balance goes back with the batch.
+    let prev = this.leases.get(group);
+    if (prev !== undefined) this.dropLease(group, prev);
+    let giving: Lease | undefined;
     try {
       for (let tries = 0; ; tries++) {
         // The commit point: the script is the write. A call that has ended spends nothing.
@@ -384,18 +573,41 @@ export class RedisCreditsStore implements Store {
             return false;
           }
         });
-        if (batch.length === 0) break;
+        if (batch.length === 0) {
+          if (prev !== undefined) await this.returnLease(prev);
+          break;
+        }
         if (tries >= 10) throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
-        let costs = String(batch[0]!.cost);
+        let costs = batch.length === 0 ? "" : String(batch[0]!.cost);
         for (let i = 1; i < batch.length; i++) costs += "," + batch[i]!.cost;
+        const ask = leaseAsk(this.leaseMax, batch, prev);
         // The only balance this instance is spending from (one hot customer) sends its
         // script as a plain command, written at once: auto-pipelining would hold it for
         // another turn of the event loop and build a pipeline of one. Several balances'
         // scripts go out auto-pipelined, in one write (docs/credits.md, "One hot balance").
         const spend = this.spending.size === 1 ? this.redis.lkCreditsSpendNow : this.redis.lkCreditsSpend;
+        const sentAt = performance.now();
+        const lifetime = Math.min(this.leaseMs, msToUtcMidnight(Date.now()));
+        giving = prev;
+        prev = undefined; // given back by this script, or lost with the balance if Redis no longer holds it
         const res = await this.r(() =>
-          spend.call(this.redis, this.key(member), this.dirty, this.prefix, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, Date.now(), costs),
+          spend.call(
+            this.redis,
+            this.key(member),
+            this.dirty,
+            this.prefix,
+            refill ? String(refill.periodStart) : "",
+            refill?.amount ?? 0,
+            Date.now(),
+            costs,
+            ask,
+            this.leaseMs,
+            giving?.epoch ?? "",
+            giving?.lr ?? "",
+            giving?.left ?? 0,
+          ),
         );
+        giving = undefined;
         const status = res[0];
         if (status === "b") {
           const refilledAt = res[1] === "" ? null : Number(res[1]);
@@ -407,6 +619,13 @@ export class RedisCreditsStore implements Store {
             const ok = oks.charCodeAt(i) === 49; // "1"
             if (ok) remaining -= q.cost;
             q.resolve({ ok, remaining, refilledAt });
+          }
+          const granted = Number(res[4]);
+          if (granted > 0) {
+            const lease: Lease = { member, left: granted, used: 0, until: sentAt + lifetime, epoch: String(res[5]), lr: String(res[1]), base: remaining - granted, refilledAt, timer: null };
+            lease.timer = setTimeout(() => void this.endLease(group, lease), Math.max(0, lease.until - performance.now()));
+            lease.timer.unref();
+            this.leases.set(group, lease);
           }
           break;
         }
@@ -426,13 +645,72 @@ export class RedisCreditsStore implements Store {
       }
     } catch (err) {
       for (const q of batch) q.reject(err);
+      if (giving !== undefined || prev !== undefined) this.logLeaseLost(err);
     }
     const queued = this.spending.get(group)!;
+    const lease = this.leases.get(group);
+    if (lease !== undefined) {
+      // In order, from the lease as far as it goes (a call that has ended spends nothing).
+      let served = 0;
+      for (const q of queued) {
+        if (q.signal?.aborted) {
+          q.reject(q.signal.reason);
+        } else if (lease.left >= q.cost && performance.now() < lease.until) {
+          q.resolve(this.fromLease(lease, q.cost));
+        } else {
+          break;
+        }
+        served++;
+      }
+      queued.splice(0, served);
+    }
     if (queued.length === 0) {
       this.spending.delete(group);
       return;
     }
     void this.spendBatch(group, member, refill, queued.splice(0, SPEND_BATCH_MAX));
+  }
+
+  /** Takes a lease out of use (its timer stopped); what is left of it goes back with the caller's script. */
+  private dropLease(group: string, lease: Lease): void {
+    if (this.leases.get(group) === lease) this.leases.delete(group);
+    if (lease.timer) clearTimeout(lease.timer);
+    lease.timer = null;
+  }
+
+  /** Ends this instance's lease on a balance (expired, or the store closing): what is left goes back. */
+  private async endLease(group: string, lease = this.leases.get(group)): Promise<void> {
+    if (lease === undefined || this.leases.get(group) !== lease) return;
+    this.dropLease(group, lease);
+    try {
+      await this.returnLease(lease);
+    } catch (err) {
+      this.logLeaseLost(err);
+    }
+  }
+
+  private returnLease(lease: Lease): Promise<number> {
+    return this.r(() => this.redis.lkCreditsReturnLease(this.key(lease.member), this.dirty, this.prefix, lease.epoch, lease.lr, lease.left, Date.now()));
+  }
+
+  /**
+   * Runs an update script until it is applied: one that finds leases out (and
+   * not yet expired) answers {-2, ms}, and has stopped further grants; this
+   * waits for their holders to give them back or for them to expire.
+   */
+  private async untilLeasesBack<T>(run: () => Promise<T>): Promise<Exclude<T, number[]> | number> {
+    const until = performance.now() + LEASE_WAIT_MAX_MS;
+    for (;;) {
+      const res = await this.r(run);
+      if (!Array.isArray(res)) return res as Exclude<T, number[]>;
+      if (res[0] !== -2) return Number(res[0]);
+      if (performance.now() >= until) throw new UnavailableError("credits (redis): leases of this balance are still out; retry");
+      await sleep(Math.min(LEASE_POLL_MS, Number(res[1]) + 1));
+    }
+  }
+
+  private logLeaseLost(err: unknown): void {
+    this.opts.logger?.warn({ err: (err as Error).message }, "credits (redis): what was left of a lease could not be given back; it stays spent");
   }
 
   async returnCredits(target: CreditsTarget, cost: number, refilledAt: number | null): Promise<boolean> {
@@ -467,7 +745,7 @@ export class RedisCreditsStore implements Store {
       };
       // The rule, from the domain: a due refill first, then the operation.
       const next = applyCreditsOp(current, op, refill);
-      const n = await this.r(() => this.redis.lkCreditsSet(this.key(cur.member), this.dirty, cur.n, Date.now(), cur.member, "", ...pairsOf(next)));
+      const n = await this.untilLeasesBack(() => this.redis.lkCreditsSet(this.key(cur.member), this.dirty, cur.n, Date.now(), cur.member, LEASE_GRACE_MS, ...pairsOf(next)));
       if (n < 0) continue; // a spend changed it meanwhile: again, on the new balance
       // Written through before it is acknowledged (the write-back would get there too).
       await this.inner.persistCredits(holder, { remaining: next?.remaining ?? null, lastRefillAt: next?.refill?.lastRefillAt }, n, {
@@ -481,7 +759,7 @@ export class RedisCreditsStore implements Store {
 
   /** After a write that set a record's credits in MongoDB: Redis takes the new balance. */
   private async replace(member: string, credits: Credits | null): Promise<void> {
-    await this.r(() => this.redis.lkCreditsSet(this.key(member), this.dirty, "", Date.now(), member, "", ...pairsOf(credits)));
+    await this.untilLeasesBack(() => this.redis.lkCreditsSet(this.key(member), this.dirty, "", Date.now(), member, LEASE_GRACE_MS, ...pairsOf(credits)));
   }
 
   /** Records as stored, with the balances Redis holds. */
@@ -637,8 +915,8 @@ export class RedisCreditsStore implements Store {
     const stored = await this.inner.rerollKey(oldId, next, oldExpiresAt, now);
     if (!stored) return null;
     // MongoDB holds the move; Redis moves the live balance (spent meanwhile or not).
-    await this.r(() =>
-      this.redis.lkCreditsMove(this.key(`k:${oldId}`), this.key(`k:${next.id}`), this.dirty, next.id, Date.now(), `k:${oldId}`, `k:${next.id}`),
+    await this.untilLeasesBack(() =>
+      this.redis.lkCreditsMove(this.key(`k:${oldId}`), this.key(`k:${next.id}`), this.dirty, next.id, Date.now(), `k:${oldId}`, `k:${next.id}`, LEASE_GRACE_MS),
     );
     return this.key1(stored);
   }

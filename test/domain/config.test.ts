@@ -103,6 +103,9 @@ describe("configuration", () => {
       ["LATCHKEY_RATELIMIT_LEASE_MAX", "-1"],
       ["LATCHKEY_RATELIMIT_LEASE_MAX", "2.5"],
       ["LATCHKEY_RATELIMIT_LEASE_MAX", "1000000001"],
+      ["LATCHKEY_CREDITS_LEASE_MAX", "-1"],
+      ["LATCHKEY_CREDITS_LEASE_MAX", "2.5"],
+      ["LATCHKEY_CREDITS_LEASE_MAX", "1000000001"],
     ])("when %s is %j", (name, value) => {
       expect(configError({ [name]: value }).message).toContain(name);
     });

@@ -171,6 +171,35 @@ describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB d
       const { identity } = await p.call(1, "identities", "GetIdentity", { id });
       expect(identity.credits.remaining).toBe("0");
     }, 60_000);
+
+    it("leases a busy balance to both processes without admitting more than it; a kill -9 strands at most one lease, and an update waits it out (docs/credits.md, \"Credit leases\")", async () => {
+      const p = pair();
+      const BALANCE = 3_000;
+      const { id, keys } = await identityWithKeys(p, 3, { credits: { remaining: String(BALANCE) } });
+      const codes: string[] = [];
+      for (let wave = 0; wave < 12; wave++) codes.push(...(await verifyAcross(p, keys, 100)));
+      const redis = new Redis(redisUrl()!);
+      try {
+        const state = await redis.hgetall((await redis.keys(`lk:*:cr:i:${id}`))[0]!);
+        expect(state.lx, "a lease was granted (its expiry recorded)").toBeDefined();
+      } finally {
+        redis.disconnect();
+      }
+      // A dies with whatever lease it holds; B spends the rest until the balance is used up.
+      await p.servers[0].kill("SIGKILL");
+      for (let i = 0; i < BALANCE && !codes.includes("VERIFICATION_CODE_USAGE_EXCEEDED"); i++) codes.push((await p.verify(1, keys[i % 3])).code as string);
+      const valid = count(codes, VALID);
+      process.stdout.write(`[credit leases, two processes] ${valid} VALID of ${codes.length} against ${BALANCE}; stranded by the kill: ${BALANCE - valid}\n`);
+      expect(valid).toBeLessThanOrEqual(BALANCE);
+      // What A's lease held and A did not spend: at most one lease (1/64 of what was left, ≤ LATCHKEY_CREDITS_LEASE_MAX).
+      expect(BALANCE - valid).toBeLessThanOrEqual(Math.ceil(BALANCE / 64));
+      expect((await p.call(1, "identities", "GetIdentity", { id })).identity.credits.remaining).toBe("0");
+      // An increment waits until A's dead lease has expired, then holds exactly.
+      const { credits } = await p.call(1, "keys", "UpdateCredits", { identity_id: id, operation: "CREDITS_OPERATION_INCREMENT", value: "25" });
+      expect(credits.remaining).toBe("25");
+      const after = await Promise.all(Array.from({ length: 40 }, (_, i) => p.verify(1, keys[i % 3])));
+      expect(count(after.map((r) => r.code as string), VALID)).toBe(25);
+    }, 60_000);
   });
 
   describe("caching and revocation", () => {
