@@ -219,6 +219,23 @@ return {'gone'}
 `;
 
 /**
+ * Lua for an update of the balance at KEYS[1]: while leases are out (`lc`) and
+ * the last of them (expiring at `lx`, Redis's clock) has not expired by `grace`
+ * ms, it stops further grants for a while (fz) and returns {-2, ms to wait}
+ * instead of going on.
+ */
+const leasesOutLua = (lc: string, lx: string, grace: string) => `
+if tonumber(${lc} or '0') > 0 then
+  local t = redis.call('time')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local wait = tonumber(${lx} or '0') + tonumber(${grace}) - now
+  if wait > 0 then
+    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
+    return {-2, wait}
+  end
+end`;
+
+/**
  * Sets a balance: if ARGV[1] (expected n) is '' or equals n, replaces r/u/lr
  * with the pairs from ARGV[5], drops any move, increments n and the lease
  * epoch and marks it dirty: returns {n}. {-1} when n had moved. While leases
@@ -230,15 +247,7 @@ const SET = `
 local st = redis.call('hmget', KEYS[1], 'n', 'lc', 'lx')
 local n = tonumber(st[1] or '0')
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= n then return {-1} end
-if tonumber(st[2] or '0') > 0 then
-  local t = redis.call('time')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local wait = tonumber(st[3] or '0') + tonumber(ARGV[4]) - now
-  if wait > 0 then
-    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
-    return {-2, wait}
-  end
-end
+${leasesOutLua("st[2]", "st[3]", "ARGV[4]")}
 redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'to', 'lc', 'lx', 'fz')
 redis.call('hincrby', KEYS[1], 'le', 1)
 for i = 5, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -258,15 +267,7 @@ return {n}
 const MOVE = `
 local st = redis.call('hmget', KEYS[1], 'r', 'u', 'lr', 'to', 'n', 'le', 'lc', 'lx')
 if not st[5] then return 0 end
-if tonumber(st[7] or '0') > 0 then
-  local t = redis.call('time')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local wait = tonumber(st[8] or '0') + tonumber(ARGV[5]) - now
-  if wait > 0 then
-    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
-    return {-2, wait}
-  end
-end
+${leasesOutLua("st[7]", "st[8]", "ARGV[5]")}
 local n = tonumber(st[5]) + 1
 local le = tonumber(st[6] or '0') + 1
 redis.call('del', KEYS[2])

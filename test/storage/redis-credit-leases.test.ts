@@ -15,7 +15,7 @@ import { MongoStore } from "../../src/storage/mongodb/mongo-store.js";
 import { RedisCreditsStore, SPEND_NOW, msToUtcMidnight } from "../../src/storage/redis-credits.js";
 import type { SpendResult } from "../../src/storage/store.js";
 import { dropDatabase, randomDatabaseName } from "../support/harness.js";
-import { identityRecord } from "../support/records.js";
+import { identityRecord, keyRecord } from "../support/records.js";
 import { describeWith, mongodbUri, redisUrl } from "../verify/support.js";
 import { creditWritesContract } from "./credit-writes-contract.js";
 
@@ -78,6 +78,12 @@ async function instance(database: string, opts: { leaseMax?: number; leaseMs?: n
 }
 
 const ones = (n: number) => Array.from({ length: n }, () => 1);
+
+/** The fields of a balance in Redis (see the scripts in src/storage/redis-credits.ts). */
+async function redisState(s: RedisCreditsStore, member: string): Promise<Record<string, string>> {
+  const { redis, prefix } = s as unknown as { redis: { hgetall(key: string): Promise<Record<string, string>> }; prefix: string };
+  return redis.hgetall(prefix + member);
+}
 
 describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)", () =>
   describeWith("REDIS_URL", redisUrl(), "on Redis", () => {
@@ -258,6 +264,22 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
       expect(await b.store.spendCredits(t, 1, { periodStart: today + DAY, amount: 5_000 })).toMatchObject({ ok: true, remaining: 4_999, refilledAt: today + DAY });
       await stop(a);
       expect(await balance(b.store, t)).toBe(4_999);
+    });
+
+    it("moves a rerolled key's balance only once the leases on it are back, with what they did not spend", async () => {
+      const a = await start();
+      const b = await start();
+      const { record: old } = keyRecord({ credits: { remaining: 10_000, refill: null } });
+      await a.store.createKey(old);
+      await Promise.all(ones(10).map((c) => a.store.spendCredits({ keyId: old.id }, c, null))); // A leases 80
+      const { record: next } = keyRecord({ apiId: old.apiId, credits: old.credits });
+      const reroll = b.store.rerollKey(old.id, next, Date.now() + 60_000, Date.now());
+      await vi.waitUntil(async () => (await redisState(b.store, `k:${old.id}`)).fz !== undefined, { timeout: 5_000, interval: 5 });
+      expect(await a.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 10_000 - 11 });
+      await stop(a); // 79 back
+      await reroll;
+      expect((await b.store.getKey(next.id))!.credits!.remaining).toBe(10_000 - 11);
+      expect(await b.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 10_000 - 12 });
     });
 
     it("asks for no lease near an empty balance: the last 512 credits are spent in Redis, spend by spend", async () => {
