@@ -514,7 +514,9 @@ export class RedisCreditsStore implements Store {
    * them, each spent in order if it fits — as exact as one script each, at a
    * round trip per batch instead of per call (docs/credits.md, "One hot balance"). A queued spend's
    * call that ended before its batch went out spends nothing (the commit point
-   * is when the script is sent).
+   * is when the script is sent). With a lease of this balance that covers the
+   * cost and has not expired, the spend is taken from it, without a round trip
+   * (docs/credits.md, "Credit leases").
    */
   spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
     const member = memberOf(target);
