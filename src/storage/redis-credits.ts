@@ -60,7 +60,7 @@ const CLOSE_FLUSH_MS = 10_000;
  * credits. Returns {'b', lr, r, oks, lease, le} — r the balance before the
  * first of these spends (after a refill and the lease given back), oks one '1'
  * or '0' per spend (spent or not; each spent one's cost comes off r in turn),
- * lease the credits granted after the spends (0: none; only when at most 1/64
+ * lease the credits granted after the spends (0: none; only when at most 1/1,024
  * of what is left and at least 8) — or {'unl'}, {'miss', member}, {'gone'}.
  * (One argument and one reply string for a batch, not two array elements a
  * spend: what ioredis and Redis parse and write per spend.)
@@ -116,7 +116,7 @@ for hop = 0, 8 do
       local t = redis.call('time')
       local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       if not st[9] or tonumber(st[9]) <= now then
-        lease = math.min(tonumber(ARGV[6]), math.floor(r / 64))
+        lease = math.min(tonumber(ARGV[6]), math.floor(r / 1024))
         if lease >= 8 then
           r = r - lease
           changed = true

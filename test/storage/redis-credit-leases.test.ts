@@ -130,70 +130,70 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
 
     it("spends from a lease without a round trip once spends come in batches; each answer counts down, and what is left goes back at close", async () => {
       const a = await start();
-      const t = await withCredits(a.store, 100_000);
+      const t = await withCredits(a.store, 1_000_000);
       await a.store.spendCredits(t, 0, null); // loaded in Redis
       a.spends.length = 0;
-      expect((await a.store.spendCredits(t, 1, null)).remaining).toBe(99_999); // a lone spend asks for no lease
+      expect((await a.store.spendCredits(t, 1, null)).remaining).toBe(999_999); // a lone spend asks for no lease
       expect(a.spends).toEqual(["1"]);
       const batch = await spendAll(a.store, t, ones(10)); // one turn: one script, which asks for 8 × 10
-      expect(batch.map((r) => r.remaining)).toEqual([99_998, 99_997, 99_996, 99_995, 99_994, 99_993, 99_992, 99_991, 99_990, 99_989]);
+      expect(batch.map((r) => r.remaining)).toEqual([999_998, 999_997, 999_996, 999_995, 999_994, 999_993, 999_992, 999_991, 999_990, 999_989]);
       expect(a.spends).toHaveLength(2);
-      expect(await balance(a.store, t), "Redis holds the balance less the 80 leased").toBe(99_909);
+      expect(await balance(a.store, t), "Redis holds the balance less the 80 leased").toBe(999_909);
       const fromLease: SpendResult[] = [];
       for (let i = 0; i < 80; i++) fromLease.push(await a.store.spendCredits(t, 1, null));
       expect(a.spends, "80 spends from the lease: no script").toHaveLength(2);
-      expect(fromLease.map((r) => [r.ok, r.remaining])).toEqual(Array.from({ length: 80 }, (_, i) => [true, 99_988 - i]));
+      expect(fromLease.map((r) => [r.ok, r.remaining])).toEqual(Array.from({ length: 80 }, (_, i) => [true, 999_988 - i]));
       // The 81st does not fit: a script, which gives back the empty lease and asks for 2 × (80 + 1).
-      expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true, remaining: 99_908 });
+      expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true, remaining: 999_908 });
       expect(a.spends).toHaveLength(3);
-      expect(await balance(a.store, t)).toBe(99_908 - 162);
+      expect(await balance(a.store, t)).toBe(999_908 - 162);
       await a.store.spendCredits(t, 5, null);
       await stop(a);
       const b = await start();
-      expect(await balance(b.store, t), "what the lease did not spend came back at close").toBe(100_000 - 1 - 10 - 80 - 1 - 5);
+      expect(await balance(b.store, t), "what the lease did not spend came back at close").toBe(1_000_000 - 1 - 10 - 80 - 1 - 5);
       await b.store.flush();
-      expect((await b.store.inner.getIdentity(t.identityId))!.credits!.remaining).toBe(100_000 - 97);
+      expect((await b.store.inner.getIdentity(t.identityId))!.credits!.remaining).toBe(1_000_000 - 97);
     });
 
-    it("never admits more than the balance over two instances leasing it, and what they admitted plus what is left is the balance", async () => {
+    it("never admits more than the balance over two instances leasing it (50,000 spends of 40,000), and what they admitted plus what is left is the balance", async () => {
       const a = await start();
       const b = await start();
-      const t = await withCredits(a.store, 6_000);
+      const t = await withCredits(a.store, 40_000);
       const results: SpendResult[] = [];
-      for (let wave = 0; wave < 40; wave++) {
+      for (let wave = 0; wave < 250; wave++) {
         results.push(...(await Promise.all([a, b].flatMap((s) => ones(100).map((c) => s.store.spendCredits(t, c, null))))));
       }
       const admitted = results.filter((r) => r.ok).length;
-      expect(admitted).toBeLessThanOrEqual(6_000);
+      expect(admitted).toBeLessThanOrEqual(40_000);
       expect(a.spends.length + b.spends.length, "leases took most spends off Redis").toBeLessThan(results.length / 4);
       for (const s of [a, b]) await stop(s);
       const c = await start();
-      expect(admitted + (await balance(c.store, t))).toBe(6_000);
+      expect(admitted + (await balance(c.store, t))).toBe(40_000);
     });
 
     it("gives nothing back from a spend whose call ended: it spends nothing from the lease", async () => {
       const a = await start();
-      const t = await withCredits(a.store, 10_000);
+      const t = await withCredits(a.store, 1_000_000);
       await spendAll(a.store, t, ones(4)); // a lease of 32
       const ended = new AbortController();
       ended.abort(new Error("the client went away"));
       await expect(a.store.spendCredits(t, 3, null, ended.signal)).rejects.toThrow("the client went away");
-      expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true, remaining: 10_000 - 5 });
+      expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true, remaining: 1_000_000 - 5 });
       await stop(a);
       const b = await start();
-      expect(await balance(b.store, t)).toBe(10_000 - 5);
+      expect(await balance(b.store, t)).toBe(1_000_000 - 5);
     });
 
     it("stops spending from a lease at its lifetime and gives back the rest by itself", async () => {
       const a = await start({ leaseMs: 50 });
-      const t = await withCredits(a.store, 10_000);
+      const t = await withCredits(a.store, 1_000_000);
       await a.store.spendCredits(t, 0, null); // loaded in Redis
       a.spends.length = 0;
       const back = a.returned();
       await spendAll(a.store, t, ones(4)); // a lease of 32, for 50 ms
-      expect(await balance(a.store, t)).toBe(10_000 - 4 - 32);
+      expect(await balance(a.store, t)).toBe(1_000_000 - 4 - 32);
       await back;
-      expect(await balance(a.store, t)).toBe(10_000 - 4);
+      expect(await balance(a.store, t)).toBe(1_000_000 - 4);
       await a.store.spendCredits(t, 1, null);
       expect(a.spends, "the expired lease is not spent from").toEqual(["1,1,1,1", "1"]);
     });
@@ -202,7 +202,7 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
       expect(msToUtcMidnight(today + DAY - 10)).toBe(10);
       expect(msToUtcMidnight(today)).toBe(DAY);
       const a = await start({ leaseMs: 60_000 });
-      const t = await withCredits(a.store, 10_000);
+      const t = await withCredits(a.store, 1_000_000);
       vi.spyOn(Date, "now").mockReturnValue(today + DAY - 5); // 5 ms before midnight
       await spendAll(a.store, t, ones(4));
       vi.restoreAllMocks();
@@ -214,9 +214,9 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
     it("makes an update wait until the leases out are back: spends from a lease come before it, none after", async () => {
       const a = await start();
       const b = await start();
-      const t = await withCredits(a.store, 10_000);
+      const t = await withCredits(a.store, 1_000_000);
       await spendAll(a.store, t, ones(10)); // A leases 80 (for a minute)
-      expect(await balance(b.store, t)).toBe(10_000 - 10 - 80);
+      expect(await balance(b.store, t)).toBe(1_000_000 - 10 - 80);
       let applied = false;
       const update = b.store.updateCredits(t, { op: "set", value: 0 }, Date.now(), null).then((r) => {
         applied = true;
@@ -240,25 +240,25 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
     it("lets an update through once a dead instance's lease has expired, and refuses that lease afterwards", async () => {
       const a = await start({ leaseMs: 200 });
       const b = await start();
-      const t = await withCredits(a.store, 10_000);
+      const t = await withCredits(a.store, 1_000_000);
       await spendAll(a.store, t, ones(10)); // A leases 80, for 200 ms
       // A dies: its lease is never given back.
       const leases = (a.store as unknown as { leases: Map<string, { timer: NodeJS.Timeout | null }> }).leases;
       const lost = [...leases.values()][0]!;
       clearTimeout(lost.timer!);
       leases.clear();
-      expect(await b.store.updateCredits(t, { op: "increment", value: 1_000 }, Date.now(), null)).toEqual({ remaining: 10_000 - 90 + 1_000, refill: null });
+      expect(await b.store.updateCredits(t, { op: "increment", value: 1_000 }, Date.now(), null)).toEqual({ remaining: 1_000_000 - 90 + 1_000, refill: null });
       expect(b.sets).toBeGreaterThan(1); // it waited
       // A late return of the lease (a stalled process come back) names the epoch before the update: refused.
       const back = (a.store as unknown as { returnLease(l: unknown): Promise<number> }).returnLease(lost);
       expect(await back).toBe(0);
-      expect(await balance(b.store, t), "the dead lease's 80 stay spent").toBe(10_000 - 90 + 1_000);
+      expect(await balance(b.store, t), "the dead lease's 80 stay spent").toBe(1_000_000 - 90 + 1_000);
     });
 
     it("gives nothing back into a balance refilled after the lease was granted", async () => {
       const a = await start();
       const b = await start();
-      const t = await withCredits(a.store, 10_000, { interval: "daily", amount: 5_000, refillDay: null, lastRefillAt: today });
+      const t = await withCredits(a.store, 1_000_000, { interval: "daily", amount: 5_000, refillDay: null, lastRefillAt: today });
       await spendAll(a.store, t, ones(10)); // A leases 80 in today's period
       // The next period's refill, applied by B's spend.
       expect(await b.store.spendCredits(t, 1, { periodStart: today + DAY, amount: 5_000 })).toMatchObject({ ok: true, remaining: 4_999, refilledAt: today + DAY });
@@ -269,26 +269,26 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
     it("moves a rerolled key's balance only once the leases on it are back, with what they did not spend", async () => {
       const a = await start();
       const b = await start();
-      const { record: old } = keyRecord({ credits: { remaining: 10_000, refill: null } });
+      const { record: old } = keyRecord({ credits: { remaining: 1_000_000, refill: null } });
       await a.store.createKey(old);
       await Promise.all(ones(10).map((c) => a.store.spendCredits({ keyId: old.id }, c, null))); // A leases 80
       const { record: next } = keyRecord({ apiId: old.apiId, credits: old.credits });
       const reroll = b.store.rerollKey(old.id, next, Date.now() + 60_000, Date.now());
       await vi.waitUntil(async () => (await redisState(b.store, `k:${old.id}`)).fz !== undefined, { timeout: 5_000, interval: 5 });
-      expect(await a.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 10_000 - 11 });
+      expect(await a.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 1_000_000 - 11 });
       await stop(a); // 79 back
       await reroll;
-      expect((await b.store.getKey(next.id))!.credits!.remaining).toBe(10_000 - 11);
-      expect(await b.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 10_000 - 12 });
+      expect((await b.store.getKey(next.id))!.credits!.remaining).toBe(1_000_000 - 11);
+      expect(await b.store.spendCredits({ keyId: old.id }, 1, null)).toMatchObject({ ok: true, remaining: 1_000_000 - 12 });
     });
 
-    it("asks for no lease near an empty balance: the last 512 credits are spent in Redis, spend by spend", async () => {
+    it("grants no lease near an empty balance: the last 8,192 credits are spent in Redis", async () => {
       const a = await start();
-      const t = await withCredits(a.store, 600);
-      const res = await spendAll(a.store, t, ones(100)); // 500 left: 1/64 of it is under 8
+      const t = await withCredits(a.store, 8_200);
+      const res = await spendAll(a.store, t, ones(100)); // 8,100 left: 1/1,024 of it is under 8
       expect(res.every((r) => r.ok)).toBe(true);
       expect((a.store as unknown as { leases: Map<string, unknown> }).leases.size).toBe(0);
-      expect(await balance(a.store, t)).toBe(500);
+      expect(await balance(a.store, t)).toBe(8_100);
     });
 
     it("does not lease with LATCHKEY_CREDITS_LEASE_MAX=0", async () => {
