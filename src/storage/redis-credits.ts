@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
 import type { Redis } from "ioredis";
-import { applyCreditsOp, type RefillDue } from "../domain/credits.js";
+import type { RefillDue } from "../domain/credits.js";
 import { FailedPreconditionError, StoreUnreachableError, UnavailableError } from "../domain/errors.js";
 import type {
   Credits,
@@ -219,21 +219,83 @@ return {'gone'}
 `;
 
 /**
- * Lua for an update of the balance at KEYS[1]: while leases are out (`lc`) and
+ * Lua for an update of the balance at `key` (KEYS[1]): while leases are out (`lc`) and
  * the last of them (expiring at `lx`, Redis's clock) has not expired by `grace`
  * ms, it stops further grants for a while (fz) and returns {-2, ms to wait}
  * instead of going on.
  */
-const leasesOutLua = (lc: string, lx: string, grace: string) => `
+const leasesOutLua = (lc: string, lx: string, grace: string, key = "KEYS[1]") => `
 if tonumber(${lc} or '0') > 0 then
   local t = redis.call('time')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local wait = tonumber(${lx} or '0') + tonumber(${grace}) - now
   if wait > 0 then
-    redis.call('hset', KEYS[1], 'fz', now + wait + 5000)
+    redis.call('hset', ${key}, 'fz', now + wait + 5000)
     return {-2, wait}
   end
 end`;
+
+/**
+ * UpdateCredits, in one step: follows moves, applies a due refill (as SPEND
+ * does), then the operation — ARGV[3] 'set' (to ARGV[4]), 'unl' (unlimited),
+ * 'inc' or 'dec' (by ARGV[4], a decrement stopping at zero) — the rule of
+ * domain/credits.ts applyCreditsOp, kept in step by the shared store tests.
+ * A set or a decrement first waits for the leases out (an increment cannot
+ * admit more than the balance) and moves the lease epoch on. ARGV: prefix,
+ * now, op, value, refill period start ('' for none), refill amount, the
+ * leases' grace (ms). Returns {'ok', n, member, r ('' when unlimited), lr},
+ * {-2, ms to wait}, {'unl'} (inc/dec of an unlimited balance), {'miss',
+ * member} or {'gone'}. (It was a read, the rule in JavaScript and a
+ * compare-and-set on n: on a balance spent from all the time, n always moved
+ * in between, and the update failed.)
+ */
+const UPDATE = `
+local key = KEYS[1]
+for hop = 0, 8 do
+  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n', 'lc', 'lx')
+  local member = string.sub(key, string.len(ARGV[1]) + 1)
+  if not st[5] then return {'miss', member} end
+  if st[4] then
+    key = ARGV[1] .. 'k:' .. st[4]
+  else
+    local op = ARGV[3]
+    if st[2] and (op == 'inc' or op == 'dec') then return {'unl'} end
+    if op ~= 'inc' then
+${leasesOutLua("st[6]", "st[7]", "ARGV[7]", "key")}
+      redis.call('hdel', key, 'lc', 'lx', 'fz')
+      redis.call('hincrby', key, 'le', 1)
+    end
+    local r = tonumber(st[1] or '0')
+    local lr = st[3]
+    if not st[2] and ARGV[5] ~= '' and st[3] and tonumber(st[3]) < tonumber(ARGV[5]) then
+      r = tonumber(ARGV[6])
+      lr = ARGV[5]
+    end
+    local n = tonumber(st[5]) + 1
+    local out = ''
+    if op == 'unl' then
+      redis.call('hdel', key, 'r', 'lr')
+      redis.call('hset', key, 'u', '1')
+    else
+      if op == 'set' then
+        r = tonumber(ARGV[4])
+      elseif op == 'inc' then
+        r = math.min(r + tonumber(ARGV[4]), 9007199254740991)
+      else
+        r = math.max(0, r - tonumber(ARGV[4]))
+      end
+      redis.call('hdel', key, 'u')
+      redis.call('hset', key, 'r', r)
+      if lr then redis.call('hset', key, 'lr', lr) end
+      out = string.format('%.0f', r)
+    end
+    redis.call('hset', key, 'n', n)
+    redis.call('zadd', KEYS[2], 'NX', ARGV[2], member)
+    return {'ok', n, member, out, lr or ''}
+  end
+end
+return {'gone'}
+`;
 
 /**
  * Sets a balance: if ARGV[1] (expected n) is '' or equals n, replaces r/u/lr
@@ -300,6 +362,7 @@ type LedgerRedis = Redis & {
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
   lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, graceMs: number, ...pairs: (string | number)[]): Promise<number[]>;
+  lkCreditsUpdate(key: string, dirty: string, prefix: string, now: number, op: string, value: number, periodStart: string, amount: number, graceMs: number): Promise<(string | number)[]>;
   lkCreditsMove(oldKey: string, newKey: string, dirty: string, newId: string, now: number, oldMember: string, newMember: string, graceMs: number): Promise<number | number[]>;
   lkCreditsClean(dirty: string, state: string, member: string, n: string): Promise<number>;
 };
@@ -435,6 +498,7 @@ export class RedisCreditsStore implements Store {
     this.redis.defineCommand("lkCreditsReturnLease", { numberOfKeys: 2, lua: RETURN_LEASE });
     this.redis.defineCommand("lkCreditsRead", { numberOfKeys: 1, lua: READ });
     this.redis.defineCommand("lkCreditsSet", { numberOfKeys: 2, lua: SET });
+    this.redis.defineCommand("lkCreditsUpdate", { numberOfKeys: 2, lua: UPDATE });
     this.redis.defineCommand("lkCreditsMove", { numberOfKeys: 3, lua: MOVE });
     this.redis.defineCommand("lkCreditsClean", { numberOfKeys: 2, lua: CLEAN });
   }
@@ -701,12 +765,11 @@ export class RedisCreditsStore implements Store {
    * not yet expired) answers {-2, ms}, and has stopped further grants; this
    * waits for their holders to give them back or for them to expire.
    */
-  private async untilLeasesBack<T>(run: () => Promise<T>): Promise<Exclude<T, number[]> | number> {
+  private async untilLeasesBack<T>(run: () => Promise<T>): Promise<T> {
     const until = performance.now() + LEASE_WAIT_MAX_MS;
     for (;;) {
       const res = await this.r(run);
-      if (!Array.isArray(res)) return res as Exclude<T, number[]>;
-      if (res[0] !== -2) return Number(res[0]);
+      if (!Array.isArray(res) || res[0] !== -2) return res;
       if (performance.now() >= until) throw new UnavailableError("credits (redis): leases of this balance are still out; retry");
       await sleep(Math.min(LEASE_POLL_MS, Number(res[1]) + 1));
     }
@@ -723,41 +786,34 @@ export class RedisCreditsStore implements Store {
     return given === 1;
   }
 
-  /** The balance behind `member` (following moves), loading what is missing. */
-  private async read(member: string): Promise<{ member: string; n: string; credits: { remaining: number; lastRefillAt: number | null } | null } | "missing" | "gone"> {
-    for (let tries = 0; tries < 10; tries++) {
-      const res = await this.r(() => this.redis.lkCreditsRead(this.key(member), this.prefix));
-      if (res[0] === "r") return { member: res[4], n: res[3], credits: { remaining: Number(res[1]), lastRefillAt: res[2] === "" ? null : Number(res[2]) } };
-      if (res[0] === "u") return { member: res[2], n: res[1], credits: null };
-      if (res[0] === "gone") return "gone";
-      if (!(await this.load(res[1]))) return res[1] === member ? "missing" : "gone";
-    }
-    throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
-  }
-
   async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
-    for (let tries = 0; tries < 20; tries++) {
-      const cur = await this.read(memberOf(target));
-      if (cur === "missing") return undefined;
-      if (cur === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
-      const holder = targetOf(cur.member);
-      const rule = (await this.inner.readCreditsHolder(holder))?.credits?.refill ?? null;
-      const current: Credits | null = cur.credits && {
-        remaining: cur.credits.remaining,
-        refill: rule && { ...rule, lastRefillAt: cur.credits.lastRefillAt ?? rule.lastRefillAt },
-      };
-      // The rule, from the domain: a due refill first, then the operation.
-      const next = applyCreditsOp(current, op, refill);
-      const n = await this.untilLeasesBack(() => this.redis.lkCreditsSet(this.key(cur.member), this.dirty, cur.n, Date.now(), cur.member, LEASE_GRACE_MS, ...pairsOf(next)));
-      if (n < 0) continue; // a spend changed it meanwhile: again, on the new balance
-      // Written through before it is acknowledged (the write-back would get there too).
-      await this.inner.persistCredits(holder, { remaining: next?.remaining ?? null, lastRefillAt: next?.refill?.lastRefillAt }, n, {
-        updatedAt: now,
-        recordChange: true,
-      });
-      return next;
+    const member = memberOf(target);
+    const [name, value] = op.op === "set" ? (op.value === null ? ["unl", 0] : ["set", op.value]) : [op.op === "increment" ? "inc" : "dec", op.value];
+    // The rule, applied by the script in one step (a set or a decrement waits for leases out).
+    let res: (string | number)[];
+    for (let tries = 0; ; tries++) {
+      if (tries >= 10) throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
+      res = await this.untilLeasesBack(() =>
+        this.redis.lkCreditsUpdate(this.key(member), this.dirty, this.prefix, Date.now(), name, value, refill ? String(refill.periodStart) : "", refill?.amount ?? 0, LEASE_GRACE_MS),
+      );
+      if (res[0] !== "miss") break;
+      if (!(await this.load(String(res[1])))) {
+        if (res[1] === member) return undefined;
+        throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+      }
     }
-    throw new UnavailableError("credits (redis): the balance kept changing; retry");
+    if (res[0] === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+    if (res[0] === "unl") throw new FailedPreconditionError("credits are unlimited; SET a balance first");
+    const [, n, holderMember, remaining, lr] = res as [string, number, string, string, string];
+    const holder = targetOf(holderMember);
+    const rule = (await this.inner.readCreditsHolder(holder))?.credits?.refill ?? null;
+    const next: Credits | null = name === "unl" ? null : { remaining: Number(remaining), refill: rule && { ...rule, lastRefillAt: lr === "" ? rule.lastRefillAt : Number(lr) } };
+    // Written through before it is acknowledged (the write-back would get there too).
+    await this.inner.persistCredits(holder, { remaining: next?.remaining ?? null, lastRefillAt: next?.refill?.lastRefillAt }, Number(n), {
+      updatedAt: now,
+      recordChange: true,
+    });
+    return next;
   }
 
   /** After a write that set a record's credits in MongoDB: Redis takes the new balance. */

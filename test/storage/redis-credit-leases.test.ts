@@ -30,8 +30,8 @@ interface Counted {
   /** Lease returns sent on their own (expiry, close); resolves `returned` each time. */
   returns: number;
   returned: () => Promise<void>;
-  /** Update scripts sent (a set that found leases out counts too). */
-  sets: number;
+  /** Update scripts sent (UpdateCredits's, and the set after a write of credits; one that found leases out counts too). */
+  updates: number;
 }
 
 /** One "instance" with leases on, its Redis scripts counted (in front of the client: its auto-pipelining calls its own methods). */
@@ -47,7 +47,7 @@ async function instance(database: string, opts: { leaseMax?: number; leaseMs?: n
     spends: [],
     returns: 0,
     returned: () => new Promise<void>((r) => (wake = r)),
-    sets: 0,
+    updates: 0,
   };
   holder.redis = new Proxy(redis, {
     get: (target, name) => {
@@ -66,9 +66,9 @@ async function instance(database: string, opts: { leaseMax?: number; leaseMs?: n
           wake?.();
           return res;
         };
-      if (name === "lkCreditsSet")
+      if (name === "lkCreditsUpdate" || name === "lkCreditsSet")
         return (...args: unknown[]) => {
-          counted.sets++;
+          counted.updates++;
           return fn(...args);
         };
       return fn;
@@ -223,7 +223,7 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
         return r;
       });
       // B's set found the lease out and stopped further grants; it asks again until the lease is back.
-      await vi.waitUntil(() => b.sets >= 3, { timeout: 5_000, interval: 5 });
+      await vi.waitUntil(() => b.updates >= 3, { timeout: 5_000, interval: 5 });
       expect(applied).toBe(false);
       expect(await a.store.spendCredits(t, 1, null), "A's lease, before the update").toMatchObject({ ok: true });
       // A lone batch while grants are stopped gets no lease.
@@ -237,7 +237,7 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
       expect((await c.store.spendCredits(t, 1, null)).ok).toBe(false);
     });
 
-    it("lets an update through once a dead instance's lease has expired, and refuses that lease afterwards", async () => {
+    it("lets a decrement through once a dead instance's lease has expired, and refuses that lease afterwards", async () => {
       const a = await start({ leaseMs: 200 });
       const b = await start();
       const t = await withCredits(a.store, 1_000_000);
@@ -247,12 +247,47 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
       const lost = [...leases.values()][0]!;
       clearTimeout(lost.timer!);
       leases.clear();
-      expect(await b.store.updateCredits(t, { op: "increment", value: 1_000 }, Date.now(), null)).toEqual({ remaining: 1_000_000 - 90 + 1_000, refill: null });
-      expect(b.sets).toBeGreaterThan(1); // it waited
+      expect(await b.store.updateCredits(t, { op: "decrement", value: 1_000 }, Date.now(), null)).toEqual({ remaining: 1_000_000 - 90 - 1_000, refill: null });
+      expect(b.updates).toBeGreaterThan(1); // it waited
       // A late return of the lease (a stalled process come back) names the epoch before the update: refused.
       const back = (a.store as unknown as { returnLease(l: unknown): Promise<number> }).returnLease(lost);
       expect(await back).toBe(0);
-      expect(await balance(b.store, t), "the dead lease's 80 stay spent").toBe(1_000_000 - 90 + 1_000);
+      expect(await balance(b.store, t), "the dead lease's 80 stay spent").toBe(1_000_000 - 90 - 1_000);
+    });
+
+    it("applies an increment at once, leases out or not (it cannot admit more than the balance), and their rest still comes back", async () => {
+      const a = await start();
+      const b = await start();
+      const t = await withCredits(a.store, 1_000_000);
+      await spendAll(a.store, t, ones(10)); // A leases 80 (for a minute)
+      expect(await b.store.updateCredits(t, { op: "increment", value: 1_000 }, Date.now(), null)).toEqual({ remaining: 1_000_000 - 90 + 1_000, refill: null });
+      expect(b.updates).toBe(1);
+      expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true });
+      await stop(a);
+      expect(await balance(b.store, t)).toBe(1_000_000 - 11 + 1_000);
+    });
+
+    it("updates a balance that two instances spend from all the time: every update goes through, and the balance counts them all exactly", async () => {
+      const a = await start({ leaseMs: 100 });
+      const b = await start({ leaseMs: 100 });
+      const t = await withCredits(a.store, 1_000_000);
+      let running = true;
+      let admitted = 0;
+      const load = async (s: Counted) => {
+        while (running) for (const r of await Promise.all(ones(25).map((c) => s.store.spendCredits(t, c, null)))) if (r.ok) admitted++;
+      };
+      const loads = [load(a), load(b)];
+      await vi.waitUntil(() => admitted > 2_000, { timeout: 10_000, interval: 5 });
+      // Before, each was a read and a compare-and-set on the balance's sequence number, which the
+      // spends moved in between every time: "the balance kept changing; retry", all five.
+      for (const op of [{ op: "increment", value: 1_000 }, { op: "decrement", value: 300 }, { op: "increment", value: 50 }] as const) {
+        await b.store.updateCredits(t, op, Date.now(), null);
+      }
+      running = false;
+      await Promise.all(loads);
+      for (const s of [a, b]) await stop(s);
+      const c = await start();
+      expect(await balance(c.store, t)).toBe(1_000_000 + 1_000 - 300 + 50 - admitted);
     });
 
     it("gives nothing back into a balance refilled after the lease was granted", async () => {
