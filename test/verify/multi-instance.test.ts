@@ -9,7 +9,7 @@
  * the Redis backend: skipped locally without them, failing in CI.
  */
 import { Redis } from "ioredis";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import {
   dropMongoDatabase,
   grpcClients,
@@ -38,7 +38,7 @@ interface Pair {
  * new database with the given rate-limit backend, and a root key made with the
  * CLI against the same database.
  */
-function usePair(backend: "redis" | "mongodb"): () => Pair {
+function usePair(backend: "redis" | "mongodb", extraEnv: Record<string, string> = {}): () => Pair {
   let pair: Pair | undefined;
   let database = "";
   const servers: ServerProcess[] = [];
@@ -51,6 +51,7 @@ function usePair(backend: "redis" | "mongodb"): () => Pair {
       LATCHKEY_MONGODB_DATABASE: database,
       LATCHKEY_RATELIMIT_BACKEND: backend,
       LATCHKEY_METRICS_PORT: "0",
+      ...extraEnv,
     };
     if (backend === "redis") env.LATCHKEY_REDIS_URL = redisUrl()!;
     const created = await runCli(["root-keys", "create", "--name", "t", "--permission", "*"], env);
@@ -202,6 +203,37 @@ describeWith("MONGODB_URI", mongodbUri(), "two server processes on one MongoDB d
       expect(count(after.map((r) => r.code as string), VALID)).toBe(25);
       expect((await p.call(1, "identities", "GetIdentity", { id })).identity.credits.remaining).toBe("0");
     }, 60_000);
+
+  });
+
+  describe("credits, updated while both processes verify (with leases, and with LATCHKEY_CREDITS_LEASE_MAX=0)", () => {
+    for (const leaseMax of ["1000", "0"]) {
+      describe(`LATCHKEY_CREDITS_LEASE_MAX=${leaseMax}`, () => {
+        const pair = usePair("redis", { LATCHKEY_CREDITS_LEASE_MAX: leaseMax });
+        it("tops up a balance both processes verify against all the time: every UpdateCredits goes through, and the balance counts every VALID", async () => {
+          const p = pair();
+          const BALANCE = 1_000_000;
+          const { id, keys } = await identityWithKeys(p, 3, { credits: { remaining: String(BALANCE) } });
+          let running = true;
+          let valid = 0;
+          const load = async (i: number, n: number) => {
+            for (let k = n; running; k++) if ((await p.verify(i, keys[k % 3])).code === VALID) valid++;
+          };
+          const loads = Array.from({ length: 16 }, (_, n) => load(n % 2, n));
+          await vi.waitUntil(() => valid > 500, { timeout: 10_000, interval: 10 });
+          const updates: string[] = [];
+          for (const [operation, value] of [["CREDITS_OPERATION_INCREMENT", "1000"], ["CREDITS_OPERATION_DECREMENT", "300"], ["CREDITS_OPERATION_INCREMENT", "50"]] as const) {
+            updates.push((await p.call(updates.length % 2, "keys", "UpdateCredits", { identity_id: id, operation, value })).credits.remaining as string);
+          }
+          running = false;
+          await Promise.all(loads);
+          expect(updates).toHaveLength(3);
+          // A decrement by 0 waits for the leases out, as every decrement does: then the balance is exact.
+          const { credits } = await p.call(0, "keys", "UpdateCredits", { identity_id: id, operation: "CREDITS_OPERATION_DECREMENT", value: "0" });
+          expect(Number(credits.remaining)).toBe(BALANCE + 1_000 - 300 + 50 - valid);
+        }, 60_000);
+      });
+    }
   });
 
   describe("caching and revocation", () => {
