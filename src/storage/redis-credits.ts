@@ -298,24 +298,22 @@ return {'gone'}
 `;
 
 /**
- * Sets a balance: if ARGV[1] (expected n) is '' or equals n, replaces r/u/lr
- * with the pairs from ARGV[5], drops any move, increments n and the lease
- * epoch and marks it dirty: returns {n}. {-1} when n had moved. While leases
- * are out and the last of them has not expired by ARGV[4] ms (Redis's clock),
- * nothing is set: no more leases are granted for a while (fz) and it returns
- * {-2, ms to wait}.
+ * Sets a balance (after a write that set a record's credits in MongoDB):
+ * replaces r/u/lr with the pairs from ARGV[4], drops any move, increments n
+ * and the lease epoch and marks it dirty: returns {n}. ARGV: now, member, the
+ * leases' grace (ms), pairs. While leases are out and the last of them has
+ * not expired by the grace (Redis's clock), nothing is set: no more leases are
+ * granted for a while (fz) and it returns {-2, ms to wait}.
  */
 const SET = `
 local st = redis.call('hmget', KEYS[1], 'n', 'lc', 'lx')
-local n = tonumber(st[1] or '0')
-if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= n then return {-1} end
-${leasesOutLua("st[2]", "st[3]", "ARGV[4]")}
+${leasesOutLua("st[2]", "st[3]", "ARGV[3]")}
 redis.call('hdel', KEYS[1], 'r', 'u', 'lr', 'to', 'lc', 'lx', 'fz')
 redis.call('hincrby', KEYS[1], 'le', 1)
-for i = 5, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
-n = n + 1
+for i = 4, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(st[1] or '0') + 1
 redis.call('hset', KEYS[1], 'n', n)
-redis.call('zadd', KEYS[2], 'NX', ARGV[2], ARGV[3])
+redis.call('zadd', KEYS[2], 'NX', ARGV[1], ARGV[2])
 return {n}
 `;
 
@@ -361,7 +359,7 @@ type LedgerRedis = Redis & {
   lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
-  lkCreditsSet(key: string, dirty: string, expected: string, now: number, member: string, graceMs: number, ...pairs: (string | number)[]): Promise<number[]>;
+  lkCreditsSet(key: string, dirty: string, now: number, member: string, graceMs: number, ...pairs: (string | number)[]): Promise<number[]>;
   lkCreditsUpdate(key: string, dirty: string, prefix: string, now: number, op: string, value: number, periodStart: string, amount: number, graceMs: number): Promise<(string | number)[]>;
   lkCreditsMove(oldKey: string, newKey: string, dirty: string, newId: string, now: number, oldMember: string, newMember: string, graceMs: number): Promise<number | number[]>;
   lkCreditsClean(dirty: string, state: string, member: string, n: string): Promise<number>;
@@ -818,7 +816,7 @@ export class RedisCreditsStore implements Store {
 
   /** After a write that set a record's credits in MongoDB: Redis takes the new balance. */
   private async replace(member: string, credits: Credits | null): Promise<void> {
-    await this.untilLeasesBack(() => this.redis.lkCreditsSet(this.key(member), this.dirty, "", Date.now(), member, LEASE_GRACE_MS, ...pairsOf(credits)));
+    await this.untilLeasesBack(() => this.redis.lkCreditsSet(this.key(member), this.dirty, Date.now(), member, LEASE_GRACE_MS, ...pairsOf(credits)));
   }
 
   /** Records as stored, with the balances Redis holds. */
