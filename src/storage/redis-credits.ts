@@ -57,8 +57,9 @@ const CLOSE_FLUSH_MS = 10_000;
  * ('' for none), refill amount, now, the costs joined by commas, the lease
  * asked for (0: none), its lifetime (ms), and the lease this instance gives
  * back with the batch: its epoch ('' for none), its refill time, its unused
- * credits. Returns {'b', lr, r, oks, lease, le} — r the balance before the
- * first of these spends (after a refill and the lease given back), oks one '1'
+ * credits (with no costs and no lease asked for: a lease given back alone).
+ * Returns {'b', lr, r, oks, lease, le} — r the balance before the first of
+ * these spends (after a refill and the lease given back), oks one '1'
  * or '0' per spend (spent or not; each spent one's cost comes off r in turn),
  * lease the credits granted after the spends (0: none; only when at most 1/1,024
  * of what is left and at least 8) — or {'unl'}, {'miss', member}, {'gone'}.
@@ -138,35 +139,6 @@ for hop = 0, 8 do
   end
 end
 return {'gone'}
-`;
-
-/**
- * Gives back what is left of a lease: follows moves; if the balance's lease
- * epoch is still ARGV[2], counts the lease in, and adds ARGV[4] to a limited
- * balance whose refill time is still ARGV[3] ('' for none). ARGV[5]: now.
- * Returns 1 when credits were added.
- */
-const RETURN_LEASE = `
-local key = KEYS[1]
-for hop = 0, 8 do
-  local st = redis.call('hmget', key, 'r', 'u', 'lr', 'to', 'n', 'le', 'lc')
-  if not st[5] then return 0 end
-  if st[4] then
-    key = ARGV[1] .. 'k:' .. st[4]
-  elseif (st[6] or '0') ~= ARGV[2] then
-    return 0
-  else
-    if tonumber(st[7] or '0') > 0 then redis.call('hincrby', key, 'lc', -1) end
-    if st[1] and not st[2] and (st[3] or '') == ARGV[3] and tonumber(ARGV[4]) > 0 then
-      redis.call('hincrby', key, 'r', ARGV[4])
-      redis.call('hincrby', key, 'n', 1)
-      redis.call('zadd', KEYS[2], 'NX', ARGV[5], string.sub(key, string.len(ARGV[1]) + 1))
-      return 1
-    end
-    return 0
-  end
-end
-return 0
 `;
 
 /**
@@ -355,7 +327,6 @@ return 0
 type LedgerRedis = Redis & {
   lkCreditsSpend(key: string, dirty: string, ...args: (string | number)[]): Promise<(string | number)[]>;
   lkCreditsSpendNow(key: string, dirty: string, ...args: (string | number)[]): Promise<(string | number)[]>;
-  lkCreditsReturnLease(key: string, dirty: string, prefix: string, epoch: string, lr: string, unused: number, now: number): Promise<number>;
   lkCreditsReturn(key: string, dirty: string, prefix: string, cost: number, refilledAt: string, now: number): Promise<number>;
   lkCreditsLoad(key: string, n: number, ...pairs: (string | number)[]): Promise<number>;
   lkCreditsRead(key: string, prefix: string): Promise<string[]>;
@@ -493,7 +464,6 @@ export class RedisCreditsStore implements Store {
     this.redis.defineCommand(SPEND_NOW, { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand("lkCreditsLoad", { numberOfKeys: 1, lua: LOAD });
     this.redis.defineCommand("lkCreditsReturn", { numberOfKeys: 2, lua: RETURN });
-    this.redis.defineCommand("lkCreditsReturnLease", { numberOfKeys: 2, lua: RETURN_LEASE });
     this.redis.defineCommand("lkCreditsRead", { numberOfKeys: 1, lua: READ });
     this.redis.defineCommand("lkCreditsSet", { numberOfKeys: 2, lua: SET });
     this.redis.defineCommand("lkCreditsUpdate", { numberOfKeys: 2, lua: UPDATE });
@@ -754,8 +724,16 @@ export class RedisCreditsStore implements Store {
     }
   }
 
-  private returnLease(lease: Lease): Promise<number> {
-    return this.r(() => this.redis.lkCreditsReturnLease(this.key(lease.member), this.dirty, this.prefix, lease.epoch, lease.lr, lease.left, Date.now()));
+  /**
+   * Gives back what is left of a lease on its own: the spend script with no
+   * spends and no lease asked for (a batch's script gives back the same way).
+   * 1 when credits were added (the epoch and refill time still the lease's).
+   */
+  private async returnLease(lease: Lease): Promise<number> {
+    const res = await this.r(() =>
+      this.redis.lkCreditsSpend(this.key(lease.member), this.dirty, this.prefix, "", 0, Date.now(), "", 0, this.leaseMs, lease.epoch, lease.lr, lease.left),
+    );
+    return res[0] === "b" && String(res[5]) === lease.epoch && String(res[1]) === lease.lr && lease.left > 0 ? 1 : 0;
   }
 
   /**

@@ -25,7 +25,7 @@ const today = Math.floor(Date.now() / DAY) * DAY;
 type Script = (...args: unknown[]) => Promise<unknown>;
 interface Counted {
   store: RedisCreditsStore;
-  /** Spend scripts sent (either name), with their costs. */
+  /** Spend scripts sent (either name) with spends in them, with their costs. */
   spends: string[];
   /** Lease returns sent on their own (expiry, close); resolves `returned` each time. */
   returns: number;
@@ -55,15 +55,14 @@ async function instance(database: string, opts: { leaseMax?: number; leaseMs?: n
       if (typeof v !== "function") return v;
       const fn = (v as Script).bind(target);
       if (name === "lkCreditsSpend" || name === SPEND_NOW)
-        return (...args: unknown[]) => {
-          counted.spends.push(String(args[6]));
-          return fn(...args);
-        };
-      if (name === "lkCreditsReturnLease")
         return async (...args: unknown[]) => {
+          // No costs: a lease given back on its own (expiry, close).
+          if (String(args[6]) !== "") counted.spends.push(String(args[6]));
           const res = await fn(...args);
-          counted.returns++;
-          wake?.();
+          if (String(args[6]) === "") {
+            counted.returns++;
+            wake?.();
+          }
           return res;
         };
       if (name === "lkCreditsUpdate" || name === "lkCreditsSet")
