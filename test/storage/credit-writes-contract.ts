@@ -136,6 +136,28 @@ export function creditWritesContract(open: () => Promise<{ store: Store; close: 
     expect(await store.spendCredits({ keyId: k.id }, 1, { periodStart: today, amount: 10 })).toMatchObject({ ok: true, remaining: 14 });
   });
 
+  it("updates a balance: a set keeps the refill rule, a decrement stops at zero, no arithmetic on an unlimited one", async () => {
+    const refill = { interval: "monthly" as const, amount: 1000, refillDay: 15, lastRefillAt: 123 };
+    const k = await key({ remaining: 10, refill });
+    const up = (op: Parameters<Store["updateCredits"]>[1], target: CreditsTarget = { keyId: k.id }) => store.updateCredits(target, op, Date.now(), null);
+    expect(await up({ op: "set", value: 77 })).toEqual({ remaining: 77, refill });
+    expect(await up({ op: "decrement", value: 100 })).toEqual({ remaining: 0, refill });
+    expect(await up({ op: "increment", value: 4 })).toEqual({ remaining: 4, refill });
+    expect(await up({ op: "increment", value: Number.MAX_SAFE_INTEGER })).toEqual({ remaining: Number.MAX_SAFE_INTEGER, refill });
+    expect(await left(k.id)).toEqual({ remaining: Number.MAX_SAFE_INTEGER, refill });
+    expect(await up({ op: "set", value: null })).toBeNull();
+    expect(await left(k.id)).toBeNull();
+    expect(await thrown(up({ op: "increment", value: 1 }))).toBeInstanceOf(FailedPreconditionError);
+    expect(await thrown(up({ op: "decrement", value: 1 }))).toBeInstanceOf(FailedPreconditionError);
+    expect(await up({ op: "set", value: 3 })).toEqual({ remaining: 3, refill: null });
+    const i = identityRecord({ credits: { remaining: 2, refill: null } });
+    await store.createIdentity(i);
+    expect(await up({ op: "decrement", value: 1 }, { identityId: i.id })).toEqual({ remaining: 1, refill: null });
+    expect((await store.getIdentity(i.id))!.credits).toEqual({ remaining: 1, refill: null });
+    expect(await up({ op: "set", value: 1 }, { keyId: newId("key") })).toBeUndefined();
+    expect(await up({ op: "decrement", value: 1 }, { identityId: newId("id") })).toBeUndefined();
+  });
+
   if (!opts.concurrent) return;
 
   it("admits exactly the balance from 40 concurrent spends, with a refill due to all of them", async () => {

@@ -1,7 +1,7 @@
 import type { Collection } from "mongodb";
 import { FailedPreconditionError, UnavailableError } from "../../domain/errors.js";
 import type { Credits, CreditsOp, CreditsTarget } from "../../domain/types.js";
-import { applyCreditsOp, spendFromBalance } from "../../domain/credits.js";
+import { applyCreditsOp, applyDueRefill, spendFromBalance } from "../../domain/credits.js";
 import { abortSignalOf, type CommitSignal, type RefillDue, type SpendResult } from "../store.js";
 import { FENCE, fenceFilter } from "./lease-lock.js";
 import { identityTargets, keyTargets, type CreditsDoc } from "./documents.js";
@@ -126,6 +126,7 @@ export class MongoCredits {
 
   async updateCredits(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
     return this.ctx.run(async () => {
+      if (this.ctx.creditWrites === "conditional") return this.updateConditionally(target, op, now, refill);
       const out = await this.rmwCredits(
         target,
         (doc) => {
@@ -138,6 +139,65 @@ export class MongoCredits {
       if (out === "gone") throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
       return out.result;
     });
+  }
+
+  /**
+   * MongoDB: UpdateCredits without a compare-and-set on the write counter,
+   * which every spend moves — so a balance spent from all the time can still
+   * be updated. The write pins only what its result depends on besides spends:
+   * that the balance is still here (not moved, limited or not as read) and its
+   * refill rule and refill time as read. A set, or an update that applies a due
+   * refill, writes the whole balance (spends before it are overwritten, as the
+   * operation says); an increment or a decrement leaves the arithmetic to the
+   * server (`$inc`), with the side of its bound in the filter (a decrement
+   * stops at zero, an increment at MAX_SAFE_INTEGER), so spends landing between
+   * the read and the write all count. It misses only when the balance crossed
+   * that bound, was refilled or moved meanwhile, and then reads again. Relies,
+   * like spendConditionally, on MongoDB applying a single document's update
+   * with its filter atomically; on FerretDB it runs with one writer only.
+   */
+  private async updateConditionally(target: CreditsTarget, op: CreditsOp, now: number, refill: RefillDue | null): Promise<Credits | null | undefined> {
+    let current = target;
+    for (let tries = 0, hops = 0; tries < MAX_CAS_TRIES; tries++) {
+      const ref = await this.creditsRef(current);
+      const cur = await this.readCredits(ref);
+      if (!ref || !cur) {
+        if (hops === 0) return undefined;
+        throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+      }
+      if (cur.creditsKeyId) {
+        if (++hops > MAX_CREDIT_HOPS) throw new FailedPreconditionError("this key's balance moved to a key that was deleted");
+        current = { keyId: cur.creditsKeyId };
+        continue;
+      }
+      const next = applyCreditsOp(cur.credits, op, refill); // throws for an increment of an unlimited balance
+      const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null };
+      if (cur.credits === null) filter.credits = null;
+      else filter["credits.refill"] = cur.credits.refill;
+      let update: Record<string, unknown>;
+      const relative = cur.credits !== null && op.op !== "set" && !applyDueRefill(cur.credits, refill).changed;
+      if (!relative || next === null) {
+        if (cur.credits !== null) filter.credits = { $ne: null };
+        update = { $set: { credits: next, updatedAt: now } };
+      } else {
+        const remaining = cur.credits!.remaining;
+        const n = op.value as number;
+        const field = "credits.remaining";
+        if (op.op === "increment") {
+          const room = Number.MAX_SAFE_INTEGER - n;
+          filter[field] = remaining <= room ? { $lte: room } : { $gt: room };
+          update = remaining <= room ? { $inc: { [field]: n }, $set: { updatedAt: now } } : { $set: { [field]: Number.MAX_SAFE_INTEGER, updatedAt: now } };
+        } else {
+          filter[field] = remaining >= n ? { $gte: n } : { $lt: n };
+          update = remaining >= n ? { $inc: { [field]: -n }, $set: { updatedAt: now } } : { $set: { [field]: 0, updatedAt: now } };
+        }
+      }
+      update.$inc = { ...(update.$inc as object | undefined), version: 1, [FENCE]: 1 };
+      const targets = "keyId" in current ? keyTargets({ id: current.keyId, hash: cur.hash! }) : identityTargets(ref.id);
+      const after = await this.ctx.changing(targets, (o) => ref.coll.findOneAndUpdate(filter, update, { returnDocument: "after", ...o }));
+      if (after) return after.credits ?? null;
+    }
+    throw new UnavailableError("the balance kept changing; retry");
   }
 
   async spendCredits(target: CreditsTarget, cost: number, refill: RefillDue | null, signal?: CommitSignal): Promise<SpendResult> {
