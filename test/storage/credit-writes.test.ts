@@ -52,7 +52,11 @@ describeWith("MONGODB_URI", mongodbUri(), "credit writes on MongoDB", () => {
   describe("with conditional updates, a balance spent from between an update's read and its write", () => {
     const DAY = 86_400_000;
     const today = Math.floor(Date.now() / DAY) * DAY;
-    async function underSpends(credits: Credits, ops: { op: CreditsOp; refill?: { periodStart: number; amount: number } }[]) {
+    async function underSpends(
+      credits: Credits,
+      ops: { op: CreditsOp; refill?: { periodStart: number; amount: number } }[],
+      spendRefill: { periodStart: number; amount: number } | null = null,
+    ) {
       const { store, close } = await mongo("conditional")();
       try {
         const identity = identityRecord({ credits });
@@ -68,7 +72,7 @@ describeWith("MONGODB_URI", mongodbUri(), "credit writes on MongoDB", () => {
           if (updating && !spending) {
             spending = true;
             try {
-              if ((await store.spendCredits(target, 1, null)).ok) spent++;
+              if ((await store.spendCredits(target, 1, spendRefill)).ok) spent++;
             } finally {
               spending = false;
             }
@@ -120,6 +124,15 @@ describeWith("MONGODB_URI", mongodbUri(), "credit writes on MongoDB", () => {
       expect(after!.refill).toEqual(daily(0, today).refill);
       expect(after!.remaining).toBeLessThanOrEqual(50);
       expect(after!.remaining).toBeGreaterThanOrEqual(50 - spent);
+    });
+
+    it("counts a spend that applied the day's refill between an increment's read and its write", async () => {
+      const daily = (remaining: number, lastRefillAt: number): Credits => ({ remaining, refill: { interval: "daily", amount: 10, refillDay: null, lastRefillAt } });
+      const due = { periodStart: today, amount: 10 };
+      // The update read yesterday's balance; the spend after that read refills (10) and takes 1; the update must add its 5 to that.
+      const { results, after, spent } = await underSpends(daily(1_000, today - DAY), [{ op: { op: "increment", value: 5 }, refill: due }], due);
+      expect(results[0]).toEqual(daily(10 + 5 - spent, today));
+      expect(after).toEqual(daily(10 + 5 - spent, today));
     });
   });
 });

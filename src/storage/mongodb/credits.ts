@@ -173,7 +173,9 @@ export class MongoCredits {
       const next = applyCreditsOp(cur.credits, op, refill); // throws for an increment of an unlimited balance
       const filter: Record<string, unknown> = { ...filterOf(ref), creditsKeyId: null };
       if (cur.credits === null) filter.credits = null;
-      else filter["credits.refill"] = cur.credits.refill;
+      else if (cur.credits.refill === null) filter["credits.refill"] = null;
+      // Field by field: an embedded document's equality would also compare the order of its fields.
+      else for (const [f, v] of Object.entries(cur.credits.refill)) filter[`credits.refill.${f}`] = v;
       let update: Record<string, unknown>;
       const relative = cur.credits !== null && op.op !== "set" && !applyDueRefill(cur.credits, refill).changed;
       if (!relative || next === null) {
