@@ -350,6 +350,8 @@ export interface RedisCreditsOptions {
   leaseMax?: number;
   /** How long this instance spends from a lease, from before it asked for it (ms). */
   leaseMs?: number;
+  /** A lease not spent from for this long goes back before its lifetime ends (ms). */
+  leaseIdleMs?: number;
 }
 
 /**
@@ -363,6 +365,13 @@ const SPEND_BATCH_MAX = 500;
 
 /** How long an instance spends from a credit lease, unless told otherwise (ms). */
 export const CREDIT_LEASE_MS = 250;
+/**
+ * A lease nothing was spent from for this long goes back at once, not at the
+ * end of its lifetime (ms): once a load stops, reads of the balance (which
+ * count other instances' leases as spent) are exact again this soon after,
+ * and an update waiting for the leases out goes through.
+ */
+export const CREDIT_LEASE_IDLE_MS = 25;
 /**
  * How long past a lease's expiry in Redis an update waits for the holder to
  * give back what it did not spend before counting it spent (ms): the holder
@@ -398,6 +407,8 @@ interface Lease {
   /** The balance in Redis after the grant: a spend from the lease answers base + left. */
   base: number;
   refilledAt: number | null;
+  /** performance.now() of the grant or of the last spend from it (an idle lease goes back early). */
+  lastAt: number;
   timer: NodeJS.Timeout | null;
 }
 
@@ -451,6 +462,7 @@ export class RedisCreditsStore implements Store {
   private readonly leases = new Map<string, Lease>();
   private readonly leaseMax: number;
   private readonly leaseMs: number;
+  private readonly leaseIdleMs: number;
 
   constructor(
     readonly inner: MongoStore,
@@ -460,6 +472,7 @@ export class RedisCreditsStore implements Store {
     this.redis = redis as LedgerRedis;
     this.leaseMax = opts.leaseMax ?? 0;
     this.leaseMs = opts.leaseMs ?? CREDIT_LEASE_MS;
+    this.leaseIdleMs = opts.leaseIdleMs ?? CREDIT_LEASE_IDLE_MS;
     this.redis.defineCommand("lkCreditsSpend", { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand(SPEND_NOW, { numberOfKeys: 2, lua: SPEND });
     this.redis.defineCommand("lkCreditsLoad", { numberOfKeys: 1, lua: LOAD });
@@ -554,14 +567,15 @@ export class RedisCreditsStore implements Store {
     const member = memberOf(target);
     const group = refill ? `${member}|${refill.periodStart}|${refill.amount}` : member;
     const lease = this.leases.get(group);
-    if (lease !== undefined && lease.left >= cost && performance.now() < lease.until) {
+    const now = lease === undefined ? 0 : performance.now();
+    if (lease !== undefined && lease.left >= cost && now < lease.until) {
       // From this instance's lease, without a round trip: the commit point is here.
       try {
         signal?.throwIfAborted();
       } catch (err) {
         return Promise.reject(err);
       }
-      return Promise.resolve(this.fromLease(lease, cost));
+      return Promise.resolve(this.fromLease(lease, cost, now));
     }
     return new Promise<SpendResult>((resolve, reject) => {
       const spend: QueuedSpend = { cost, signal, resolve, reject };
@@ -577,9 +591,10 @@ export class RedisCreditsStore implements Store {
     });
   }
 
-  private fromLease(lease: Lease, cost: number): SpendResult {
+  private fromLease(lease: Lease, cost: number, now: number): SpendResult {
     lease.left -= cost;
     lease.used += cost;
+    lease.lastAt = now;
     return { ok: true, remaining: lease.base + lease.left, refilledAt: lease.refilledAt };
   }
 
@@ -657,10 +672,9 @@ export class RedisCreditsStore implements Store {
           }
           const granted = Number(res[4]);
           if (granted > 0) {
-            const lease: Lease = { member, left: granted, used: 0, until: sentAt + lifetime, epoch: String(res[5]), lr: String(res[1]), base: remaining - granted, refilledAt, timer: null };
-            lease.timer = setTimeout(() => void this.endLease(group, lease), Math.max(0, lease.until - performance.now()));
-            lease.timer.unref();
+            const lease: Lease = { member, left: granted, used: 0, until: sentAt + lifetime, epoch: String(res[5]), lr: String(res[1]), base: remaining - granted, refilledAt, lastAt: performance.now(), timer: null };
             this.leases.set(group, lease);
+            this.armLease(group, lease);
           }
           break;
         }
@@ -691,7 +705,7 @@ export class RedisCreditsStore implements Store {
         if (q.signal?.aborted) {
           q.reject(q.signal.reason);
         } else if (lease.left >= q.cost && performance.now() < lease.until) {
-          q.resolve(this.fromLease(lease, q.cost));
+          q.resolve(this.fromLease(lease, q.cost, performance.now()));
         } else {
           break;
         }
@@ -704,6 +718,24 @@ export class RedisCreditsStore implements Store {
       return;
     }
     void this.spendBatch(group, member, refill, queued.splice(0, SPEND_BATCH_MAX));
+  }
+
+  /**
+   * Sets a lease's timer for the first moment it may end: its lifetime, or
+   * `leaseIdleMs` after the last spend from it. When the timer fires early and
+   * the lease was spent from meanwhile, it is set again (at most one timer a
+   * lease at a time, and none per spend).
+   */
+  private armLease(group: string, lease: Lease): void {
+    const check = () => {
+      lease.timer = null;
+      if (this.leases.get(group) !== lease) return;
+      const now = performance.now();
+      if (now >= lease.until || now - lease.lastAt >= this.leaseIdleMs) return void this.endLease(group, lease);
+      this.armLease(group, lease);
+    };
+    lease.timer = setTimeout(check, Math.max(0, Math.min(lease.until, lease.lastAt + this.leaseIdleMs) - performance.now()));
+    lease.timer.unref();
   }
 
   /** Takes a lease out of use (its timer stopped); what is left of it goes back with the caller's script. */

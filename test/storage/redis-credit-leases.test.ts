@@ -35,9 +35,17 @@ interface Counted {
 }
 
 /** One "instance" with leases on, its Redis scripts counted (in front of the client: its auto-pipelining calls its own methods). */
-async function instance(database: string, opts: { leaseMax?: number; leaseMs?: number } = {}): Promise<Counted> {
+async function instance(database: string, opts: { leaseMax?: number; leaseMs?: number; leaseIdleMs?: number } = {}): Promise<Counted> {
   const client = createRedisClient(redisUrl()!);
-  const store = new RedisCreditsStore(new MongoStore({ uri: mongodbUri()!, database }), client, { flushMs: 60_000, ownsClient: true, leaseMax: opts.leaseMax ?? 1000, leaseMs: opts.leaseMs ?? 60_000 });
+  // A lease goes back when idle only where a test says so (the tests hold leases across awaits).
+  const leaseMs = opts.leaseMs ?? 60_000;
+  const store = new RedisCreditsStore(new MongoStore({ uri: mongodbUri()!, database }), client, {
+    flushMs: 60_000,
+    ownsClient: true,
+    leaseMax: opts.leaseMax ?? 1000,
+    leaseMs,
+    leaseIdleMs: opts.leaseIdleMs ?? leaseMs,
+  });
   await store.init();
   const holder = store as unknown as { redis: Record<string | symbol, unknown> };
   const redis = holder.redis;
@@ -101,7 +109,7 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
 
     let database: string;
     const open: RedisCreditsStore[] = [];
-    const start = async (opts?: { leaseMax?: number; leaseMs?: number }) => {
+    const start = async (opts?: { leaseMax?: number; leaseMs?: number; leaseIdleMs?: number }) => {
       const c = await instance(database, opts);
       open.push(c.store);
       return c;
@@ -195,6 +203,22 @@ describeWith("MONGODB_URI", mongodbUri(), "credit leases (redis credits backend)
       expect(await balance(a.store, t)).toBe(1_000_000 - 4);
       await a.store.spendCredits(t, 1, null);
       expect(a.spends, "the expired lease is not spent from").toEqual(["1,1,1,1", "1"]);
+    });
+
+    it("gives back a lease nothing was spent from for leaseIdleMs, long before its lifetime ends", async () => {
+      const a = await start({ leaseMs: 60_000, leaseIdleMs: 30 });
+      const t = await withCredits(a.store, 1_000_000);
+      await a.store.spendCredits(t, 0, null); // loaded in Redis
+      a.spends.length = 0;
+      const back = a.returned();
+      await spendAll(a.store, t, ones(4)); // a lease of 32, for a minute
+      for (let i = 0; i < 10; i++) expect(await a.store.spendCredits(t, 1, null)).toMatchObject({ ok: true, remaining: 1_000_000 - 5 - i });
+      expect(a.spends, "the ten spends came from the lease").toEqual(["1,1,1,1"]);
+      await back; // without the idle return: only after the minute (the test times out)
+      expect(a.returns).toBe(1);
+      expect(await balance(a.store, t), "what the lease did not spend is back").toBe(1_000_000 - 14);
+      await a.store.spendCredits(t, 1, null);
+      expect(a.spends, "the lease given back is not spent from").toEqual(["1,1,1,1", "1"]);
     });
 
     it("ends a lease at the next UTC midnight, where every refill period starts", async () => {
