@@ -200,6 +200,41 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("leaves the older versions the timer's roll-ups replace for one delete later (on FerretDB each delete is a pass over the usage collection); reads stay exact meanwhile", async () => {
+    const untilRolled = async (s: MongoStore, database: string) => {
+      // Polled, not slept: the timer's roll-up empties the log.
+      const deadline = Date.now() + 15_000;
+      while ((await logCount(database)) > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      expect(await logCount(database)).toBe(0);
+      // The roll-up that emptied the log may still be deleting older versions: wait for it.
+      await (s as unknown as { usagePart: { rolling: Promise<void> | null } }).usagePart.rolling;
+    };
+    for (const deferMs of [600_000, 0]) {
+      const database = fresh();
+      const s = await open(database, { usageRollupMs: 50, usageSupersededDeleteMs: deferMs });
+      try {
+        const keys = Array.from({ length: 10 }, (_, i) => `key_${unique(`d${i}`)}`);
+        await s.writeUsage(batchOf(keys, 1), { writer: "w-d", seq: 1 });
+        await untilRolled(s, database);
+        expect(await rowCount(database)).toBe(30); // 10 keys × minute, hour, day
+        for (let seq = 2; seq <= 4; seq++) {
+          await s.writeUsage(batchOf(keys, seq), { writer: "w-d", seq });
+          await untilRolled(s, database);
+          // Deferred: every version so far is still there; the reads take each row's newest.
+          expect(await rowCount(database), `deleting after ${deferMs} ms`).toBe(deferMs > 0 ? 30 * seq : 30);
+          expect(await identityTotal(s)).toBe(10 * ((seq * (seq + 1)) / 2));
+          expect(await identityTotal(s, "minute")).toBe(10 * ((seq * (seq + 1)) / 2));
+        }
+        // An explicit roll-up deletes what was left at once.
+        await s.rollUpUsage();
+        expect(await rowCount(database)).toBe(30);
+        expect(await identityTotal(s)).toBe(100);
+      } finally {
+        await s.close();
+      }
+    }
+  });
+
   it("sums the batches of a roll-up into one increment per row", async () => {
     const database = fresh();
     const s = await open(database, { monitorCommands: true });

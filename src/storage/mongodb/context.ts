@@ -60,6 +60,8 @@ export interface MongoStoreOptions {
   usageRollupAfterChunk?: (applied: number) => void | Promise<void>;
   /** Tests: rows a usage roll-up applies per write (default 500). */
   usageRollupChunk?: number;
+  /** How long the timer's usage roll-ups leave the older versions' packs before deleting them together (usage.ts, rollUp); default 10 min. */
+  usageSupersededDeleteMs?: number;
   /**
    * How credits are written. "conditional": one conditional update per spend
    * (`remaining ≥ cost` in the filter, `$inc` in the update) and compare-and-set

@@ -97,7 +97,7 @@ export class MongoStore extends MongoContext implements Store {
     const every = this.opts.usageRollupMs ?? DEFAULT_USAGE_ROLLUP_MS;
     if (this.rollupTimer || every <= 0) return;
     this.rollupTimer = setInterval(() => {
-      void this.usagePart.rollUp().catch(() => undefined);
+      void this.usagePart.rollUp({ deferDeletes: true }).catch(() => undefined);
       void this.keyPart.flushLastUsed().catch(() => undefined);
     }, every);
     this.rollupTimer.unref();

@@ -117,6 +117,12 @@ function logRows(d: UsageLogDoc): LogRow[] {
 
 /** Rows a usage pack holds at most: a roll-up writes each bucket's rows of its slot as packs of this many. */
 const PACK_ROWS = 200;
+/**
+ * How long the timer's roll-ups leave the older versions' packs they replaced
+ * before deleting them together, and how many they leave at most (rollUp).
+ */
+const SUPERSEDED_DELETE_MS = 600_000;
+const SUPERSEDED_MAX = 5_000;
 
 /**
  * A bucket's rows as packs: sorted by identity, key and tag (so the rows of one
@@ -213,6 +219,12 @@ export class MongoUsage {
    */
   private readonly known = new Map<string, { base: number; from: Map<string, number>; rows: SlotRows<Versioned>; docs: VersionDoc[] }>();
   private rolling: Promise<void> | null = null;
+  /**
+   * Older versions' packs that the timer's roll-ups replaced and left for a
+   * later delete, and when the oldest of them was left (see rollUp).
+   */
+  private readonly superseded = new Set<string>();
+  private supersededAt = 0;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
   private tail: Promise<unknown> = Promise.resolve();
 
@@ -279,8 +291,17 @@ export class MongoUsage {
   /**
    * Applies the log of every slot this process writes with to the rows (one
    * roll-up at a time; a call during one waits for it and runs another).
+   *
+   * `deferDeletes` (the store's timer): the older versions' packs each roll-up
+   * replaces are deleted together every SUPERSEDED_DELETE_MS (or once
+   * SUPERSEDED_MAX wait), not by every roll-up — on FerretDB a delete by `_id`
+   * is a pass over the whole usage collection, whose cost grows with the history
+   * kept (docs/usage-storage.md, "Deletes on FerretDB"). Until then readers see
+   * two versions of a row and take the newer, as they do between a roll-up's
+   * insert and its delete. An explicit roll-up (rollUpUsage), pruning and close
+   * delete them at once.
    */
-  async rollUp(): Promise<void> {
+  async rollUp(opts: { deferDeletes?: boolean } = {}): Promise<void> {
     while (this.rolling) await this.rolling.catch(() => undefined);
     this.rolling = (async () => {
       for (const writer of this.writers) {
@@ -289,6 +310,8 @@ export class MongoUsage {
           await this.rollSlot(slot);
         });
       }
+      const due = this.superseded.size >= SUPERSEDED_MAX || performance.now() - this.supersededAt >= (this.ctx.opts.usageSupersededDeleteMs ?? SUPERSEDED_DELETE_MS);
+      if (this.superseded.size > 0 && (!opts.deferDeletes || due)) await this.deleteSuperseded();
     })().finally(() => {
       this.rolling = null;
     });
@@ -397,7 +420,9 @@ export class MongoUsage {
       applied += chunk.reduce((n, m) => n + m.rows, 0);
       await this.ctx.opts.usageRollupAfterChunk?.(applied);
     }
-    await this.deleteByIds(this.ctx.usage, old.filter((d) => d.seq < seq && !d.single).map((d) => d.id));
+    // Left for a later delete (see rollUp): readers take the newest version of a row.
+    if (this.superseded.size === 0) this.supersededAt = performance.now();
+    for (const d of old) if (d.seq < seq && !d.single) this.superseded.add(d.id);
     // Single-row versions from before packs: one range delete per granularity, once.
     for (const g of new Set(old.filter((d) => d.seq < seq && d.single).map((d) => d.g))) {
       await this.ctx.run(() => this.ctx.usage.deleteMany({ g, b: { $gte: since.get(g)! }, s: slot.id, seq: { $lt: seq }, data: { $exists: false } }));
@@ -433,6 +458,14 @@ export class MongoUsage {
       }
     }
     return { rows: newest, docs: held };
+  }
+
+  /** Deletes the older versions' packs roll-ups left (kept for the next try if the delete fails). */
+  private async deleteSuperseded(): Promise<void> {
+    const ids = [...this.superseded];
+    await this.deleteByIds(this.ctx.usage, ids);
+    for (const id of ids) this.superseded.delete(id);
+    this.supersededAt = performance.now();
   }
 
   /** Whether a roll-up took batch `seq` in (its rows have a version at or above it). */
@@ -526,7 +559,9 @@ export class MongoUsage {
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
     // This process's log first, so what is pruned is not read back from it.
     await this.rollUp();
-    this.known.clear();
+    // What the last roll-up left per slot stays good unless it reaches back into what is pruned
+    // (forgetting it costs the next roll-up a read of the usage collection per granularity).
+    for (const [slot, k] of this.known) if ((k.from.get(granularity) ?? Infinity) < before) this.known.delete(slot);
     await this.ctx.run(() => this.ctx.usage.deleteMany({ g: granularity, b: { $lt: before } }));
   }
 
