@@ -235,6 +235,32 @@ describeWith("MONGODB_URI", mongoUri(), "usage log and roll-up (MongoDB store)",
     }
   });
 
+  it("prunes a granularity again only once another bucket crossed the line, or rows below it were written since", async () => {
+    const database = fresh();
+    const s = await open(database, { monitorCommands: true });
+    let prunes = 0;
+    s.client.on("commandStarted", (e) => {
+      if (e.commandName === "delete" && e.command.delete === "usage" && Object.keys((e.command.deletes as { q: object }[])[0]!.q).includes("g")) prunes++;
+    });
+    try {
+      const hour = floorTo(AT, HOUR) - 10 * HOUR;
+      await s.pruneUsage("hour", hour + 5 * MINUTE);
+      await s.pruneUsage("hour", hour + 15 * MINUTE); // the same hour buckets are below both lines
+      expect(prunes).toBe(1);
+      await s.pruneUsage("hour", hour + HOUR + MINUTE); // the next hour's bucket crossed
+      expect(prunes).toBe(2);
+      // A batch counting in a bucket below the line: the next prune runs, and takes its hour rows.
+      const keys = [`key_${unique("p")}`];
+      await s.writeUsage(batchOf(keys, 4, hour - HOUR), { writer: "w-p", seq: 1 });
+      await s.pruneUsage("hour", hour + HOUR + 2 * MINUTE);
+      expect(prunes).toBe(3);
+      expect(await identityTotal(s, "hour")).toBe(0);
+      expect(await identityTotal(s, "minute")).toBe(4);
+    } finally {
+      await s.close();
+    }
+  });
+
   it("sums the batches of a roll-up into one increment per row", async () => {
     const database = fresh();
     const s = await open(database, { monitorCommands: true });

@@ -224,6 +224,8 @@ export class MongoUsage {
    * later delete, and when the oldest of them was left (see rollUp).
    */
   private readonly superseded = new Set<string>();
+  /** Per granularity, the bucket line of this process's last prune (see pruneUsage). */
+  private readonly prunedTo = new Map<string, number>();
   private supersededAt = 0;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
   private tail: Promise<unknown> = Promise.resolve();
@@ -239,7 +241,13 @@ export class MongoUsage {
   /** Minute rows: their hour and day rows are derived where the log is read (logRows). */
   async writeUsage(rows: UsageRow[], batch: { writer: string; seq: number }): Promise<void> {
     if (rows.length === 0) return;
-    for (const r of rows) if (r.granularity !== "minute") throw new Error(`the MongoDB store derives ${r.granularity} rows itself; writeUsage takes minute rows`);
+    let oldest = Infinity;
+    for (const r of rows) {
+      if (r.granularity !== "minute") throw new Error(`the MongoDB store derives ${r.granularity} rows itself; writeUsage takes minute rows`);
+      if (r.bucket < oldest) oldest = r.bucket;
+    }
+    // Rows below a line pruned already: the next prune of that granularity runs again.
+    for (const [g, line] of this.prunedTo) if (oldest < line * BUCKET_MS[g as Granularity]) this.prunedTo.delete(g);
     return this.exclusive(() => this.logBatch(rows, batch));
   }
 
@@ -557,12 +565,17 @@ export class MongoUsage {
   }
 
   async pruneUsage(granularity: "minute" | "hour" | "day", before: number): Promise<void> {
+    // Nothing new to prune until another bucket crosses the line (an hour's rows once an hour,
+    // not at every 10-minute prune): on FerretDB each prune is a pass over the usage collection.
+    const line = Math.ceil(before / BUCKET_MS[granularity]); // buckets below it: b < before
+    if (this.prunedTo.get(granularity) === line) return;
     // This process's log first, so what is pruned is not read back from it.
     await this.rollUp();
     // What the last roll-up left per slot stays good unless it reaches back into what is pruned
     // (forgetting it costs the next roll-up a read of the usage collection per granularity).
     for (const [slot, k] of this.known) if ((k.from.get(granularity) ?? Infinity) < before) this.known.delete(slot);
     await this.ctx.run(() => this.ctx.usage.deleteMany({ g: granularity, b: { $lt: before } }));
+    this.prunedTo.set(granularity, line);
   }
 
   /** Graceful stop: what the log holds is applied (what cannot be is left for the slot's next owner). */
