@@ -628,7 +628,7 @@ export class RedisCreditsStore implements Store {
           break;
         }
         if (tries >= 10) throw new UnavailableError("credits (redis): the balance could not be loaded; retry");
-        let costs = batch.length === 0 ? "" : String(batch[0]!.cost);
+        let costs = String(batch[0]!.cost);
         for (let i = 1; i < batch.length; i++) costs += "," + batch[i]!.cost;
         const ask = leaseAsk(this.leaseMax, batch, prev);
         // The only balance this instance is spending from (one hot customer) sends its
@@ -701,11 +701,12 @@ export class RedisCreditsStore implements Store {
     if (lease !== undefined) {
       // In order, from the lease as far as it goes (a call that has ended spends nothing).
       let served = 0;
+      const now = performance.now();
       for (const q of queued) {
         if (q.signal?.aborted) {
           q.reject(q.signal.reason);
-        } else if (lease.left >= q.cost && performance.now() < lease.until) {
-          q.resolve(this.fromLease(lease, q.cost, performance.now()));
+        } else if (lease.left >= q.cost && now < lease.until) {
+          q.resolve(this.fromLease(lease, q.cost, now));
         } else {
           break;
         }

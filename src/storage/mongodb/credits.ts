@@ -178,7 +178,7 @@ export class MongoCredits {
       else for (const [f, v] of Object.entries(cur.credits.refill)) filter[`credits.refill.${f}`] = v;
       let update: Record<string, unknown>;
       const relative = cur.credits !== null && op.op !== "set" && !applyDueRefill(cur.credits, refill).changed;
-      if (!relative || next === null) {
+      if (!relative) {
         if (cur.credits !== null) filter.credits = { $ne: null };
         update = { $set: { credits: next, updatedAt: now } };
       } else {

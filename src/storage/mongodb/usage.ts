@@ -225,7 +225,7 @@ export class MongoUsage {
    */
   private readonly superseded = new Set<string>();
   /** Per granularity, the bucket line of this process's last prune (see pruneUsage). */
-  private readonly prunedTo = new Map<string, number>();
+  private readonly prunedTo = new Map<Granularity, number>();
   private supersededAt = 0;
   /** Inserts and roll-ups one at a time: a roll-up never sees half of a batch's documents. */
   private tail: Promise<unknown> = Promise.resolve();
@@ -247,7 +247,7 @@ export class MongoUsage {
       if (r.bucket < oldest) oldest = r.bucket;
     }
     // Rows below a line pruned already: the next prune of that granularity runs again.
-    for (const [g, line] of this.prunedTo) if (oldest < line * BUCKET_MS[g as Granularity]) this.prunedTo.delete(g);
+    for (const [g, line] of this.prunedTo) if (oldest < line * BUCKET_MS[g]) this.prunedTo.delete(g);
     return this.exclusive(() => this.logBatch(rows, batch));
   }
 
